@@ -1,0 +1,98 @@
+// Operator schemas (TORCH_LIBRARY) and the pybind11 module `hipro_fast._C`
+// with build information and the non-tensor forest-layout helper.
+// Device implementations live in cpu/ and cuda/.
+#include <Python.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "forest_layout.h"
+#include "tree_index.h"
+
+namespace {
+
+torch::Tensor to_tensor(const std::vector<int64_t>& v) {
+  auto t = torch::empty({static_cast<int64_t>(v.size())}, torch::kInt64);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t;
+}
+
+pybind11::dict forest_layout_py(const std::vector<int64_t>& parents,
+                                const std::vector<std::vector<int64_t>>& sources,
+                                int64_t max_path_tokens) {
+  hipro::ForestLayout layout;
+  try {
+    layout = hipro::build_forest_layout(parents, sources, max_path_tokens);
+  } catch (const hipro::ForestLayoutError& e) {
+    // Python maps this to hipro_fast.ForestError with the culprit segment.
+    throw pybind11::value_error(std::string(e.what()) + " [segment=" +
+                                std::to_string(e.segment) + "]");
+  }
+  const int64_t num_segments = static_cast<int64_t>(layout.packed_to_input.size());
+  pybind11::dict d;
+  d["segment_table"] = to_tensor(layout.segment_table).view({num_segments, hipro::kSegCols});
+  d["packed_to_input"] = to_tensor(layout.packed_to_input);
+  d["input_to_packed"] = to_tensor(layout.input_to_packed);
+  d["token_segment"] = to_tensor(layout.token_segment);
+  d["token_position"] = to_tensor(layout.token_position);
+  d["token_ctx_row"] = to_tensor(layout.token_ctx_row);
+  d["token_vocab_id"] = to_tensor(layout.token_vocab_id);
+  d["max_path_tokens"] = layout.max_path_tokens;
+  return d;
+}
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["cpu"] = true;
+#ifdef HIPRO_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = std::string(HIPRO_CUDA_ARCHS);
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::string("");
+#endif
+  d["torch_version"] = std::string(TORCH_VERSION);
+  d["max_depth"] = hipro::kMaxDepth;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hipro_fast compiled ops: build info and forest layout";
+  m.def("build_info", &build_info, "What was compiled: CPU, CUDA and its archs.");
+  m.def("build_forest_layout", &forest_layout_py, pybind11::arg("parents"),
+        pybind11::arg("sources"), pybind11::arg("max_path_tokens"),
+        "Pack a prompt forest into the DFS-preorder token layout (see tree_index.h).");
+}
+
+TORCH_LIBRARY(hipro_fast, m) {
+  // out[t] = (ctx_row[t] >= 0 ? ctx_table[ctx_row[t]] : token_embedding[vocab_id[t]])
+  //          + positional_embedding[position[t]]
+  m.def(
+      "assemble_forest(Tensor ctx_table, Tensor token_embedding, Tensor positional_embedding, "
+      "Tensor token_ctx_row, Tensor token_vocab_id, Tensor token_position) -> Tensor");
+  // grad_ctx_table[r] = sum_{t : ctx_row[t] == r} grad_out[t]   (fp32 accumulation)
+  m.def(
+      "assemble_forest_backward(Tensor grad_out, Tensor token_ctx_row, int num_ctx_rows) "
+      "-> Tensor");
+  // Tree attention over packed q, k, v [T, H, D]; returns out [T, H, D] and the
+  // fp32 log-sum-exp [T, H] of the scaled scores.
+  m.def(
+      "tree_attention(Tensor q, Tensor k, Tensor v, Tensor segment_table, "
+      "Tensor token_segment, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "tree_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor segment_table, Tensor token_segment, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
+  // EOS gather + LayerNorm + projection + L2 normalisation.
+  // Returns features [P, E] (fp32), x_hat [P, W] (fp32, normalised pre-affine
+  // LayerNorm input), rstd [P] and the projection norm [P] (saved for backward).
+  m.def(
+      "pool_eos(Tensor x, Tensor eos_index, Tensor ln_weight, Tensor ln_bias, "
+      "Tensor projection, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradient w.r.t. x [T, W] (zero except at the EOS rows), in x's dtype.
+  m.def(
+      "pool_eos_backward(Tensor grad_features, Tensor features, Tensor x_hat, Tensor rstd, "
+      "Tensor proj_norm, Tensor ln_weight, Tensor projection, Tensor eos_index, "
+      "int num_tokens, ScalarType x_dtype) -> Tensor");
+}

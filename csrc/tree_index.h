@@ -1,0 +1,104 @@
+// Index math shared by the CPU and CUDA kernels of hipro_fast.
+//
+// A prompt forest is packed into T tokens laid out in DFS preorder of its
+// segments: a segment's tokens are contiguous, and its whole subtree (its own
+// tokens, then every descendant segment) occupies one contiguous token range.
+// The segment table is an int64 [S, 4] row-major tensor with the columns
+// below. Because of the preorder layout:
+//   * query token q in segment s sees its own segment causally,
+//     [offset(s), q], plus every ancestor segment in full;
+//   * key token k in segment s is seen by exactly the query tokens
+//     [k, subtree_end(s)) -- one contiguous range, which is what makes a
+//     deterministic key-centric backward (dK, dV) cheap.
+// Everything here is plain integer math so the CPU tests exercise exactly the
+// logic the GPU kernels run.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define HIPRO_HD __host__ __device__ __forceinline__
+#else
+#define HIPRO_HD inline
+#endif
+
+namespace hipro {
+
+constexpr int kSegCols = 4;
+constexpr int kColOffset = 0;      // first packed token of the segment
+constexpr int kColLength = 1;      // number of tokens in the segment (>= 1)
+constexpr int kColParent = 2;      // packed index of the parent segment, -1 for a root
+constexpr int kColSubtreeEnd = 3;  // one past the last packed token of the subtree
+
+// Longest root-to-segment chain the kernels support. Every segment holds at
+// least one token and a prompt fits the text context (77 for CLIP), so real
+// forests stay far below this; the layout builder enforces it.
+constexpr int kMaxDepth = 128;
+
+HIPRO_HD int64_t seg_offset(const int64_t* table, int64_t s) {
+  return table[s * kSegCols + kColOffset];
+}
+HIPRO_HD int64_t seg_length(const int64_t* table, int64_t s) {
+  return table[s * kSegCols + kColLength];
+}
+HIPRO_HD int64_t seg_parent(const int64_t* table, int64_t s) {
+  return table[s * kSegCols + kColParent];
+}
+HIPRO_HD int64_t seg_subtree_end(const int64_t* table, int64_t s) {
+  return table[s * kSegCols + kColSubtreeEnd];
+}
+
+// Fills [begins[i], ends[i]) with the key ranges visible to query token `q`
+// of segment `seg`, root first (the order the tokens have in the full prompt,
+// so float sums run in sequence order). Returns the number of ranges, or -1
+// when the chain is deeper than `max_ranges`.
+HIPRO_HD int visible_key_ranges(const int64_t* table, int64_t seg, int64_t q,
+                                int64_t* begins, int64_t* ends, int max_ranges) {
+  int depth = 0;
+  for (int64_t a = seg; a >= 0; a = seg_parent(table, a)) {
+    if (depth >= max_ranges) return -1;
+    ++depth;
+  }
+  int i = depth - 1;
+  begins[i] = seg_offset(table, seg);
+  ends[i] = q + 1;
+  for (int64_t a = seg_parent(table, seg); a >= 0; a = seg_parent(table, a)) {
+    --i;
+    begins[i] = seg_offset(table, a);
+    ends[i] = seg_offset(table, a) + seg_length(table, a);
+  }
+  return depth;
+}
+
+// Number of keys visible to query token q of segment seg.
+HIPRO_HD int64_t visible_key_count(const int64_t* table, int64_t seg, int64_t q) {
+  int64_t n = q + 1 - seg_offset(table, seg);
+  for (int64_t a = seg_parent(table, seg); a >= 0; a = seg_parent(table, a)) {
+    n += seg_length(table, a);
+  }
+  return n;
+}
+
+// One past the last query token that sees key token k of segment seg; the
+// first such query is k itself.
+HIPRO_HD int64_t visible_query_end(const int64_t* table, int64_t seg) {
+  return seg_subtree_end(table, seg);
+}
+
+// Whether query token q (in segment qseg) sees key token k (in segment kseg).
+// Used by tests and the brute-force checks, not by the hot loops.
+HIPRO_HD bool query_sees_key(const int64_t* table, int64_t qseg, int64_t q,
+                             int64_t kseg, int64_t k) {
+  if (kseg == qseg) return k <= q;
+  return k <= q && q < seg_subtree_end(table, kseg) &&
+         k >= seg_offset(table, kseg) &&
+         k < seg_offset(table, kseg) + seg_length(table, kseg) &&
+         q >= seg_offset(table, kseg) + seg_length(table, kseg);
+}
+
+// Token source encoding used by forest assembly: ctx_row[t] >= 0 reads row
+// ctx_row[t] of the packed context table; otherwise vocab_id[t] reads the
+// frozen token-embedding table.
+HIPRO_HD bool token_reads_context(int64_t ctx_row) { return ctx_row >= 0; }
+
+}  // namespace hipro
