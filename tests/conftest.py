@@ -1,0 +1,38 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests import oracle  # noqa: E402
+
+
+@pytest.fixture(params=["fused", "reference"])
+def backend(request, monkeypatch):
+    """Runs a test against the compiled ops and against the PyTorch fallback."""
+    if request.param == "reference":
+        monkeypatch.setenv("HIPRO_FAST_REFERENCE", "1")
+    else:
+        import hipro_fast
+
+        if not hipro_fast.build_info()["cpu"]:
+            pytest.fail(f"compiled extension missing: {hipro_fast.build_info()}")
+        monkeypatch.delenv("HIPRO_FAST_REFERENCE", raising=False)
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return oracle.tokenizer()
+
+
+@pytest.fixture(scope="session")
+def vit_b16():
+    torch.manual_seed(0)
+    return oracle.frozen_model("ViT-B-16")
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    return {name: oracle.tiny_clip(**cfg) for name, cfg in oracle.TINY_CONFIGS.items()}
