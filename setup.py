@@ -47,7 +47,7 @@ from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = Path(__file__).parent
-CPU_SOURCES = ["csrc/ops_registration.cpp", "csrc/forest_layout.cpp", *sorted(
+CPU_SOURCES = ["csrc/python_module.cpp", "csrc/op_schemas.cpp", "csrc/forest_layout.cpp", *sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
 CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
 
@@ -73,7 +73,9 @@ def _extension():
     return CppExtension("hipro_fast._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags})
 
 
+# HIPRO_SKIP_EXT=1 installs the package (metadata, console script) without
+# compiling; the Makefile then builds the extension in place, incrementally.
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("HIPRO_SKIP_EXT") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

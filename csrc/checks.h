@@ -2,7 +2,7 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include "tree_index.h"
 

@@ -101,4 +101,28 @@ HIPRO_HD bool query_sees_key(const int64_t* table, int64_t qseg, int64_t q,
 // frozen token-embedding table.
 HIPRO_HD bool token_reads_context(int64_t ctx_row) { return ctx_row >= 0; }
 
+// ---------------------------------------------------------------------------
+// Validation predicates (added for the CUDA ops). They mirror the host-side
+// check_tokens of cpu/tree_attention_cpu.cpp; the CUDA ops evaluate them in a
+// device-side validation kernel (no host sync), so a malformed table stops
+// with a kernel assertion instead of reading out of bounds. Every table the
+// layout builder produces passes them.
+
+// Row s of the segment table is safe for a forest of num_tokens tokens: its
+// tokens and subtree lie inside [0, num_tokens) and its parent comes earlier
+// in preorder (so every parent chain terminates and stays in range).
+HIPRO_HD bool segment_row_valid(const int64_t* table, int64_t s, int64_t num_tokens) {
+  const int64_t off = seg_offset(table, s);
+  const int64_t len = seg_length(table, s);
+  return off >= 0 && len >= 0 && off + len <= num_tokens &&
+         seg_subtree_end(table, s) <= num_tokens && seg_parent(table, s) < s;
+}
+
+// Token t names a segment inside [0, num_segments) that contains it.
+HIPRO_HD bool token_in_segment(const int64_t* table, int64_t num_segments, int64_t t,
+                               int64_t seg) {
+  return seg >= 0 && seg < num_segments && t >= seg_offset(table, seg) &&
+         t < seg_offset(table, seg) + seg_length(table, seg);
+}
+
 }  // namespace hipro

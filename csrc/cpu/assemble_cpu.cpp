@@ -1,7 +1,8 @@
 // Forest assembly on the CPU: one packed [T, W] buffer from context rows,
 // frozen token embeddings and positional embeddings.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "../checks.h"
 #include "../tree_index.h"

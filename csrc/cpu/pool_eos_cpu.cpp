@@ -1,7 +1,8 @@
 // EOS pooling on the CPU: gather each prompt's EOS row, LayerNorm, project
 // with the text projection, L2-normalise. All math in fp32 (fp64 for fp64).
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cmath>
 

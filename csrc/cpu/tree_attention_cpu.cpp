@@ -2,7 +2,8 @@
 // segments in full and to its own segment causally (see tree_index.h).
 // Scores, softmax and accumulation run in opmath (fp32 for half types).
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <limits>

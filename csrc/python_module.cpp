@@ -1,9 +1,7 @@
-// Operator schemas (TORCH_LIBRARY) and the pybind11 module `hipro_fast._C`
-// with build information and the non-tensor forest-layout helper.
-// Device implementations live in cpu/ and cuda/.
+// The pybind11 module `hipro_fast._C`: build information and the non-tensor
+// forest-layout helper. Operator schemas are in op_schemas.cpp.
 #include <Python.h>
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include "forest_layout.h"
 #include "tree_index.h"
@@ -63,36 +61,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_forest_layout", &forest_layout_py, pybind11::arg("parents"),
         pybind11::arg("sources"), pybind11::arg("max_path_tokens"),
         "Pack a prompt forest into the DFS-preorder token layout (see tree_index.h).");
-}
-
-TORCH_LIBRARY(hipro_fast, m) {
-  // out[t] = (ctx_row[t] >= 0 ? ctx_table[ctx_row[t]] : token_embedding[vocab_id[t]])
-  //          + positional_embedding[position[t]]
-  m.def(
-      "assemble_forest(Tensor ctx_table, Tensor token_embedding, Tensor positional_embedding, "
-      "Tensor token_ctx_row, Tensor token_vocab_id, Tensor token_position) -> Tensor");
-  // grad_ctx_table[r] = sum_{t : ctx_row[t] == r} grad_out[t]   (fp32 accumulation)
-  m.def(
-      "assemble_forest_backward(Tensor grad_out, Tensor token_ctx_row, int num_ctx_rows) "
-      "-> Tensor");
-  // Tree attention over packed q, k, v [T, H, D]; returns out [T, H, D] and the
-  // fp32 log-sum-exp [T, H] of the scaled scores.
-  m.def(
-      "tree_attention(Tensor q, Tensor k, Tensor v, Tensor segment_table, "
-      "Tensor token_segment, float scale) -> (Tensor, Tensor)");
-  m.def(
-      "tree_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, Tensor segment_table, Tensor token_segment, float scale) "
-      "-> (Tensor, Tensor, Tensor)");
-  // EOS gather + LayerNorm + projection + L2 normalisation.
-  // Returns features [P, E] (fp32), x_hat [P, W] (fp32, normalised pre-affine
-  // LayerNorm input), rstd [P] and the projection norm [P] (saved for backward).
-  m.def(
-      "pool_eos(Tensor x, Tensor eos_index, Tensor ln_weight, Tensor ln_bias, "
-      "Tensor projection, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Gradient w.r.t. x [T, W] (zero except at the EOS rows), in x's dtype.
-  m.def(
-      "pool_eos_backward(Tensor grad_features, Tensor features, Tensor x_hat, Tensor rstd, "
-      "Tensor proj_norm, Tensor ln_weight, Tensor projection, Tensor eos_index, "
-      "int num_tokens, ScalarType x_dtype) -> Tensor");
 }

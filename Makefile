@@ -1,0 +1,40 @@
+# Quick start: `make demo` (set up, build, run the default job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The package index here serves torch 2.14.1 (CUDA 13.0 build, runs on CPU too).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda /usr/local/cuda-*))
+MAX_JOBS ?= 2
+export HF_HUB_OFFLINE := 1
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+DEPS_STAMP := $(VENV)/.deps-installed
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+
+.PHONY: demo test test-python test-cpp build bench clean
+
+$(DEPS_STAMP): pyproject.toml requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -r requirements.txt
+	HIPRO_SKIP_EXT=1 $(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental in-place build of hipro_fast._C (FORCE_CUDA=1 adds the CUDA kernels).
+build: $(DEPS_STAMP)
+	CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$(MAX_JOBS) $(BIN)/python setup.py -q build_ext --inplace
+	$(BIN)/python -c "import hipro_fast; print('hipro_fast build:', hipro_fast.build_info())"
+
+test: build
+	$(BIN)/python -m pytest -q tests
+
+bench: build
+	$(BIN)/hipro bench
+
+demo: build
+	$(BIN)/hipro demo
+
+clean:
+	rm -rf build build-cmake hipro_fast/_C*.so *.egg-info

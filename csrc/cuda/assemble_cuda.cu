@@ -1,0 +1,165 @@
+// Forest assembly on CUDA; same semantics as cpu/assemble_cpu.cpp.
+//
+//   forward:  out[t, w] = (ctx_row[t] >= 0 ? ctx_table[ctx_row[t], w]
+//                                          : token_embedding[vocab_id[t], w])
+//                         + positional_embedding[position[t], w]
+//             one thread per output element (grid-stride loop over T * W),
+//             the sum in fp32 (fp64 for fp64) then rounded to the dtype.
+//   backward: grad_ctx[r] = sum over tokens t with ctx_row[t] == r of grad_out[t];
+//             one thread per grad_out element adding into an fp32 (fp64 for
+//             fp64) buffer with atomicAdd (context rows may repeat), then one
+//             cast to grad_out's dtype. The atomics make the summation order,
+//             and hence the last bits, vary run to run when rows repeat.
+//
+// Index checks: the CPU op validates the index tensors on the host. Doing that
+// here would need a device->host copy and a sync per call, so the kernels
+// check each index as they read it with a device-side assertion instead
+// (like ATen's own gather kernels): an out-of-range index stops the kernel
+// rather than reading out of bounds.
+#include "common.cuh"
+
+namespace hipro {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+__global__ void assemble_forest_kernel(const scalar_t* __restrict__ ctx,
+                                       const scalar_t* __restrict__ emb,
+                                       const scalar_t* __restrict__ pos,
+                                       const int64_t* __restrict__ ctx_row,
+                                       const int64_t* __restrict__ vocab_id,
+                                       const int64_t* __restrict__ position,
+                                       scalar_t* __restrict__ out, int64_t T, int64_t W,
+                                       int64_t R, int64_t V, int64_t L) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = T * W;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const int64_t t = i / W;
+    const int64_t w = i - t * W;
+    const int64_t r = ctx_row[t];
+    const scalar_t* src;
+    if (token_reads_context(r)) {
+      CUDA_KERNEL_ASSERT_MSG(r < R, "hipro_fast.assemble_forest: ctx row out of range");
+      src = ctx + r * W;
+    } else {
+      const int64_t vid = vocab_id[t];
+      CUDA_KERNEL_ASSERT_MSG(vid >= 0 && vid < V,
+                             "hipro_fast.assemble_forest: vocab id out of range");
+      src = emb + vid * W;
+    }
+    const int64_t p = position[t];
+    CUDA_KERNEL_ASSERT_MSG(p >= 0 && p < L, "hipro_fast.assemble_forest: position out of range");
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(src[w]) +
+                                   static_cast<acc_t>(pos[p * W + w]));
+  }
+}
+
+template <typename scalar_t>
+__global__ void assemble_forest_backward_kernel(const scalar_t* __restrict__ grad_out,
+                                                const int64_t* __restrict__ ctx_row,
+                                                at::opmath_type<scalar_t>* __restrict__ acc,
+                                                int64_t T, int64_t W, int64_t R) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = T * W;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const int64_t t = i / W;
+    const int64_t r = ctx_row[t];
+    if (!token_reads_context(r)) continue;
+    CUDA_KERNEL_ASSERT_MSG(r < R, "hipro_fast.assemble_forest_backward: ctx row out of range");
+    const int64_t w = i - t * W;
+    atomicAdd(acc + r * W + w, static_cast<acc_t>(grad_out[i]));
+  }
+}
+
+at::Tensor assemble_forest_cuda(const at::Tensor& ctx_table, const at::Tensor& token_embedding,
+                                const at::Tensor& positional_embedding,
+                                const at::Tensor& token_ctx_row, const at::Tensor& token_vocab_id,
+                                const at::Tensor& token_position) {
+  check_index_vector(token_ctx_row, "token_ctx_row", -1);
+  const int64_t T = token_ctx_row.numel();
+  check_index_vector(token_vocab_id, "token_vocab_id", T);
+  check_index_vector(token_position, "token_position", T);
+  TORCH_CHECK(ctx_table.dim() == 2 && token_embedding.dim() == 2 &&
+                  positional_embedding.dim() == 2,
+              "ctx_table, token_embedding, positional_embedding must be 2-D");
+  const int64_t W = ctx_table.size(1);
+  TORCH_CHECK(token_embedding.size(1) == W && positional_embedding.size(1) == W,
+              "width mismatch: ctx_table ", ctx_table.sizes(), ", token_embedding ",
+              token_embedding.sizes(), ", positional_embedding ", positional_embedding.sizes());
+  TORCH_CHECK(token_embedding.scalar_type() == ctx_table.scalar_type() &&
+                  positional_embedding.scalar_type() == ctx_table.scalar_type(),
+              "ctx_table, token_embedding and positional_embedding must share a dtype");
+  check_floating(ctx_table, "ctx_table");
+  check_on_device(ctx_table, ctx_table, "ctx_table");
+  check_on_device(token_embedding, ctx_table, "token_embedding");
+  check_on_device(positional_embedding, ctx_table, "positional_embedding");
+  check_on_device(token_ctx_row, ctx_table, "token_ctx_row");
+  check_on_device(token_vocab_id, ctx_table, "token_vocab_id");
+  check_on_device(token_position, ctx_table, "token_position");
+  const at::cuda::CUDAGuard guard(ctx_table.device());
+  const auto ctx = ctx_table.contiguous();
+  const auto emb = token_embedding.contiguous();
+  const auto pos = positional_embedding.contiguous();
+  const auto crow = token_ctx_row.contiguous();
+  const auto vid = token_vocab_id.contiguous();
+  const auto tpos = token_position.contiguous();
+  auto out = at::empty({T, W}, ctx_table.options());
+  if (T * W == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ctx.scalar_type(),
+                                  "assemble_forest_cuda", [&] {
+    assemble_forest_kernel<scalar_t><<<elementwise_blocks(T * W, kThreads), kThreads, 0,
+                                       stream>>>(
+        ctx.data_ptr<scalar_t>(), emb.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(),
+        crow.data_ptr<int64_t>(), vid.data_ptr<int64_t>(), tpos.data_ptr<int64_t>(),
+        out.data_ptr<scalar_t>(), T, W, ctx.size(0), emb.size(0), pos.size(0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor assemble_forest_backward_cuda(const at::Tensor& grad_out,
+                                         const at::Tensor& token_ctx_row,
+                                         int64_t num_ctx_rows) {
+  TORCH_CHECK(grad_out.dim() == 2, "grad_out must be [T, W]");
+  check_index_vector(token_ctx_row, "token_ctx_row", grad_out.size(0));
+  TORCH_CHECK(num_ctx_rows >= 0, "num_ctx_rows must be >= 0, got ", num_ctx_rows);
+  check_floating(grad_out, "grad_out");
+  check_on_device(grad_out, grad_out, "grad_out");
+  check_on_device(token_ctx_row, grad_out, "token_ctx_row");
+  const at::cuda::CUDAGuard guard(grad_out.device());
+  const int64_t T = grad_out.size(0), W = grad_out.size(1);
+  const auto g = grad_out.contiguous();
+  const auto crow = token_ctx_row.contiguous();
+  auto acc = at::zeros({num_ctx_rows, W},
+                       grad_out.options().dtype(acc_scalar_type(grad_out.scalar_type())));
+  if (T * W > 0) {  // launched even when R == 0 so a stray ctx row still asserts
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
+                                    "assemble_forest_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      assemble_forest_backward_kernel<scalar_t><<<elementwise_blocks(T * W, kThreads), kThreads,
+                                                  0, stream>>>(
+          g.data_ptr<scalar_t>(), crow.data_ptr<int64_t>(), acc.data_ptr<acc_t>(), T, W,
+          num_ctx_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return acc.to(grad_out.scalar_type());
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(hipro_fast, CUDA, m) {
+  m.impl("assemble_forest", &cuda::assemble_forest_cuda);
+  m.impl("assemble_forest_backward", &cuda::assemble_forest_backward_cuda);
+}
+
+}  // namespace hipro

@@ -1,0 +1,99 @@
+// Device helpers shared by the hipro_fast CUDA kernels: warp/block
+// reductions with a fixed summation order (so every kernel is deterministic
+// run to run), exp/log/sqrt overloads for the accumulation types, launch
+// sizing and host-side argument checks.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../checks.h"
+#include "../tree_index.h"
+
+namespace hipro {
+namespace cuda {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Sum over the 32 lanes of a warp. Butterfly (xor) exchange: every lane ends
+// with the bit-identical total (IEEE addition is commutative), which keeps
+// data-dependent branches on the result warp-uniform.
+template <typename T>
+__device__ __forceinline__ T warp_allreduce_sum(T v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(kFullMask, v, offset);
+  }
+  return v;
+}
+
+// Sum over a block whose size is a multiple of 32 (at most 1024); every
+// thread gets the total. `scratch` is shared memory of at least 33 elements.
+// Must be called by all threads of the block. Fixed order: deterministic.
+template <typename T>
+__device__ __forceinline__ T block_allreduce_sum(T v, T* scratch) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  v = warp_allreduce_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T s = lane < num_warps ? scratch[lane] : T(0);
+    s = warp_allreduce_sum(s);
+    if (lane == 0) scratch[kWarpSize] = s;
+  }
+  __syncthreads();
+  return scratch[kWarpSize];
+}
+
+__device__ __forceinline__ float dev_exp(float x) { return ::expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return ::exp(x); }
+__device__ __forceinline__ float dev_log(float x) { return ::logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return ::log(x); }
+__device__ __forceinline__ float dev_sqrt(float x) { return ::sqrtf(x); }
+__device__ __forceinline__ double dev_sqrt(double x) { return ::sqrt(x); }
+
+template <typename T>
+__device__ __forceinline__ T neg_infinity() {
+  return -static_cast<T>(INFINITY);
+}
+
+// Blocks for a grid-stride elementwise loop over n items.
+inline unsigned elementwise_blocks(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 20)));
+}
+
+// Accumulation dtype of the ops: fp64 for fp64, fp32 otherwise.
+inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+// Every tensor argument of a CUDA op must live on the same CUDA device (the
+// index tensors too: the kernels read them directly).
+inline void check_on_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be on ", ref.device(),
+              " like the other arguments, got ", t.device());
+}
+
+}  // namespace cuda
+}  // namespace hipro

@@ -1,0 +1,507 @@
+// Tree attention on CUDA. Same semantics as cpu/tree_attention_cpu.cpp: query
+// token q of segment s attends to every ancestor segment of s in full and to
+// its own segment causally; scores, softmax and accumulation run in fp32
+// (fp64 for fp64); lse is returned in that accumulation type.
+//
+// Thread mapping (all kernels use one warp per (token, head) row of D
+// elements; lane l holds elements d = l + 32 * i, i < NPL, so rows are read
+// coalesced and D may be any value up to 32 * 8 = 256):
+//   * forward:   one block per query token t; thread 0 fills the visible key
+//                ranges (visible_key_ranges) in shared memory once for all
+//                heads, then the block's warps loop over heads. Each warp
+//                streams over the visible keys, kKeysPerStep at a time
+//                (independent warp reductions for ILP), with an online
+//                (flash-style) softmax.
+//   * delta:     one warp per (t, h): delta = rowsum(dO * O).
+//   * dQ:        query-centric, same mapping as the forward; recomputes
+//                p = exp(s - lse) for each visible key.
+//   * dK, dV:    key-centric, one block per (key token j, head h); the block's
+//                kSplit warps split the queries that see j,
+//                [j, visible_query_end(seg(j))), round robin, then the
+//                per-warp partial sums are added in warp order through
+//                shared memory.
+// No atomics: every output element is written by exactly one thread after a
+// fixed-order reduction, so results are bitwise reproducible run to run.
+//
+// Index validation: the host-side checks of the CPU op need the index data on
+// the host (a device sync). Here a small validation kernel evaluates the same
+// predicates (segment_row_valid / token_in_segment in tree_index.h) on the
+// device before the attention kernels, on the same stream, and stops with a
+// device-side assertion on a malformed forest. Shapes, dtypes, devices and
+// contiguity are checked on the host with TORCH_CHECK.
+#include "common.cuh"
+
+namespace hipro {
+namespace cuda {
+namespace {
+
+constexpr int kAttnWarps = 4;           // warps per block in the fwd / dQ kernels
+constexpr int kAttnThreads = kAttnWarps * kWarpSize;
+constexpr int kSplit = 4;               // warps per (key, head) in the dK/dV kernel
+constexpr int kKeysPerStep = 4;         // keys per online-softmax step
+constexpr int kMaxElemsPerLane = 8;     // D <= 32 * 8 = 256
+constexpr int64_t kMaxHeadDim = kWarpSize * kMaxElemsPerLane;
+
+// ---------------------------------------------------------------------------
+// Validation.
+
+__global__ void validate_forest_kernel(const int64_t* __restrict__ table,
+                                       const int64_t* __restrict__ token_segment,
+                                       int64_t num_segments, int64_t num_tokens) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < num_segments + num_tokens; i += stride) {
+    if (i < num_segments) {
+      CUDA_KERNEL_ASSERT_MSG(segment_row_valid(table, i, num_tokens),
+                             "hipro_fast.tree_attention: malformed segment_table row");
+    } else {
+      const int64_t t = i - num_segments;
+      CUDA_KERNEL_ASSERT_MSG(token_in_segment(table, num_segments, t, token_segment[t]),
+                             "hipro_fast.tree_attention: token outside its segment");
+    }
+  }
+}
+
+void launch_validate(const at::Tensor& segment_table, const at::Tensor& token_segment,
+                     cudaStream_t stream) {
+  const int64_t S = segment_table.size(0), T = token_segment.numel();
+  if (S + T == 0) return;
+  constexpr int threads = 256;
+  validate_forest_kernel<<<elementwise_blocks(S + T, threads), threads, 0, stream>>>(
+      segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>(), S, T);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Thread 0 of the block writes the visible key ranges of query token t into
+// shared memory; returns their count to every thread.
+__device__ __forceinline__ int load_key_ranges(const int64_t* __restrict__ table,
+                                               const int64_t* __restrict__ token_segment,
+                                               int64_t t, int64_t* s_begin, int64_t* s_end,
+                                               int* s_count) {
+  if (threadIdx.x == 0) {
+    const int n = visible_key_ranges(table, token_segment[t], t, s_begin, s_end, kMaxDepth);
+    CUDA_KERNEL_ASSERT_MSG(n >= 0, "hipro_fast.tree_attention: forest deeper than kMaxDepth");
+    *s_count = n < 0 ? 0 : n;
+  }
+  __syncthreads();
+  return *s_count;
+}
+
+// Loads row `row` (D elements) into the lane's NPL registers (0 past D).
+template <int NPL, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, int64_t D, int lane,
+                                         acc_t (&reg)[NPL]) {
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    const int64_t d = lane + kWarpSize * i;
+    reg[i] = d < D ? static_cast<acc_t>(row[d]) : acc_t(0);
+  }
+}
+
+// The lane's share of dot(reg, row).
+template <int NPL, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t partial_dot(const acc_t (&reg)[NPL],
+                                             const scalar_t* __restrict__ row, int64_t D,
+                                             int lane) {
+  acc_t s = 0;
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    const int64_t d = lane + kWarpSize * i;
+    if (d < D) s += reg[i] * static_cast<acc_t>(row[d]);
+  }
+  return s;
+}
+
+// acc += alpha * row
+template <int NPL, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void axpy_row(acc_t alpha, const scalar_t* __restrict__ row, int64_t D,
+                                         int lane, acc_t (&acc)[NPL]) {
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    const int64_t d = lane + kWarpSize * i;
+    if (d < D) acc[i] += alpha * static_cast<acc_t>(row[d]);
+  }
+}
+
+template <int NPL, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_row(const acc_t (&reg)[NPL], acc_t mul, int64_t D, int lane,
+                                          scalar_t* __restrict__ row) {
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    const int64_t d = lane + kWarpSize * i;
+    if (d < D) row[d] = static_cast<scalar_t>(reg[i] * mul);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+
+template <typename scalar_t, int NPL>
+__global__ void __launch_bounds__(kAttnThreads)
+tree_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                          const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
+                          at::opmath_type<scalar_t>* __restrict__ lse,
+                          const int64_t* __restrict__ table,
+                          const int64_t* __restrict__ token_segment, int64_t H, int64_t D,
+                          at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ int64_t s_begin[kMaxDepth];
+  __shared__ int64_t s_end[kMaxDepth];
+  __shared__ int s_count;
+  const int64_t t = blockIdx.x;
+  const int num_ranges = load_key_ranges(table, token_segment, t, s_begin, s_end, &s_count);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+
+  for (int64_t h = warp; h < H; h += kAttnWarps) {
+    const int64_t item = t * H + h;
+    acc_t qr[NPL];
+    load_row<NPL>(q + item * D, D, lane, qr);
+    acc_t o[NPL];
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) o[i] = 0;
+    acc_t m = neg_infinity<acc_t>();  // running max of the scaled scores
+    acc_t l = 0;                      // running sum of exp(score - m)
+
+    for (int r = 0; r < num_ranges; ++r) {
+      const int64_t key_end = s_end[r];
+      for (int64_t j0 = s_begin[r]; j0 < key_end; j0 += kKeysPerStep) {
+        acc_t s[kKeysPerStep];
+#pragma unroll
+        for (int b = 0; b < kKeysPerStep; ++b) {
+          const int64_t j = j0 + b;
+          s[b] = j < key_end ? partial_dot<NPL>(qr, k + (j * H + h) * D, D, lane) : acc_t(0);
+        }
+#pragma unroll
+        for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+#pragma unroll
+          for (int b = 0; b < kKeysPerStep; ++b) s[b] += __shfl_xor_sync(kFullMask, s[b], offset);
+        }
+        // Every lane holds identical scores, so the branches below are uniform.
+        acc_t m_new = m;
+#pragma unroll
+        for (int b = 0; b < kKeysPerStep; ++b) {
+          if (j0 + b < key_end) {
+            s[b] *= scale;
+            m_new = s[b] > m_new ? s[b] : m_new;
+          }
+        }
+        const acc_t corr = m == neg_infinity<acc_t>() ? acc_t(0) : dev_exp(m - m_new);
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) o[i] *= corr;
+#pragma unroll
+        for (int b = 0; b < kKeysPerStep; ++b) {
+          const int64_t j = j0 + b;
+          if (j < key_end) {
+            const acc_t p = dev_exp(s[b] - m_new);
+            l += p;
+            axpy_row<NPL>(p, v + (j * H + h) * D, D, lane, o);
+          }
+        }
+        m = m_new;
+      }
+    }
+    store_row<NPL>(o, acc_t(1) / l, D, lane, out + item * D);
+    if (lane == 0) lse[item] = m + dev_log(l);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+
+// delta[t, h] = dot(dO[t, h], O[t, h]); one warp per row.
+template <typename scalar_t>
+__global__ void attention_delta_kernel(const scalar_t* __restrict__ grad_out,
+                                       const scalar_t* __restrict__ out,
+                                       at::opmath_type<scalar_t>* __restrict__ delta,
+                                       int64_t rows, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) +
+                      threadIdx.x / kWarpSize;
+  if (row >= rows) return;  // whole warp leaves together
+  acc_t s = 0;
+  for (int64_t d = lane; d < D; d += kWarpSize) {
+    s += static_cast<acc_t>(grad_out[row * D + d]) * static_cast<acc_t>(out[row * D + d]);
+  }
+  s = warp_allreduce_sum(s);
+  if (lane == 0) delta[row] = s;
+}
+
+// dQ[t, h] = scale * sum_j p_tj (dp_tj - delta_t) k_j over the keys t sees.
+template <typename scalar_t, int NPL>
+__global__ void __launch_bounds__(kAttnThreads)
+tree_attention_dq_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ q,
+                         const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                         const at::opmath_type<scalar_t>* __restrict__ lse,
+                         const at::opmath_type<scalar_t>* __restrict__ delta,
+                         scalar_t* __restrict__ dq, const int64_t* __restrict__ table,
+                         const int64_t* __restrict__ token_segment, int64_t H, int64_t D,
+                         at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ int64_t s_begin[kMaxDepth];
+  __shared__ int64_t s_end[kMaxDepth];
+  __shared__ int s_count;
+  const int64_t t = blockIdx.x;
+  const int num_ranges = load_key_ranges(table, token_segment, t, s_begin, s_end, &s_count);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+
+  for (int64_t h = warp; h < H; h += kAttnWarps) {
+    const int64_t item = t * H + h;
+    acc_t qr[NPL], gr[NPL], acc[NPL];
+    load_row<NPL>(q + item * D, D, lane, qr);
+    load_row<NPL>(grad_out + item * D, D, lane, gr);
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) acc[i] = 0;
+    const acc_t row_lse = lse[item];
+    const acc_t row_delta = delta[item];
+
+    for (int r = 0; r < num_ranges; ++r) {
+      const int64_t key_end = s_end[r];
+      for (int64_t j0 = s_begin[r]; j0 < key_end; j0 += kKeysPerStep) {
+        acc_t s[kKeysPerStep], dp[kKeysPerStep];
+#pragma unroll
+        for (int b = 0; b < kKeysPerStep; ++b) {
+          const int64_t j = j0 + b;
+          const bool valid = j < key_end;
+          s[b] = valid ? partial_dot<NPL>(qr, k + (j * H + h) * D, D, lane) : acc_t(0);
+          dp[b] = valid ? partial_dot<NPL>(gr, v + (j * H + h) * D, D, lane) : acc_t(0);
+        }
+#pragma unroll
+        for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+#pragma unroll
+          for (int b = 0; b < kKeysPerStep; ++b) {
+            s[b] += __shfl_xor_sync(kFullMask, s[b], offset);
+            dp[b] += __shfl_xor_sync(kFullMask, dp[b], offset);
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < kKeysPerStep; ++b) {
+          const int64_t j = j0 + b;
+          if (j < key_end) {
+            const acc_t p = dev_exp(s[b] * scale - row_lse);
+            axpy_row<NPL>(p * (dp[b] - row_delta) * scale, k + (j * H + h) * D, D, lane, acc);
+          }
+        }
+      }
+    }
+    store_row<NPL>(acc, acc_t(1), D, lane, dq + item * D);
+  }
+}
+
+// dK[j, h] = scale * sum_t p_tj (dp_tj - delta_t) q_t and dV[j, h] = sum_t p_tj dO_t
+// over the queries t in [j, visible_query_end(seg(j))).
+template <typename scalar_t, int NPL>
+__global__ void __launch_bounds__(kSplit * kWarpSize)
+tree_attention_dkdv_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ q,
+                           const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                           const at::opmath_type<scalar_t>* __restrict__ lse,
+                           const at::opmath_type<scalar_t>* __restrict__ delta,
+                           scalar_t* __restrict__ dk, scalar_t* __restrict__ dv,
+                           const int64_t* __restrict__ table,
+                           const int64_t* __restrict__ token_segment, int64_t H, int64_t D,
+                           at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRowElems = NPL * kWarpSize;
+  __shared__ acc_t s_dk[kSplit][kRowElems];
+  __shared__ acc_t s_dv[kSplit][kRowElems];
+  const int64_t item = blockIdx.x;  // j * H + h
+  const int64_t j = item / H;
+  const int64_t h = item - j * H;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t query_end = visible_query_end(table, token_segment[j]);
+
+  acc_t kr[NPL], vr[NPL], acc_k[NPL], acc_v[NPL];
+  load_row<NPL>(k + item * D, D, lane, kr);
+  load_row<NPL>(v + item * D, D, lane, vr);
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) acc_k[i] = acc_v[i] = 0;
+
+  for (int64_t t = j + warp; t < query_end; t += kSplit) {
+    const int64_t qi = t * H + h;
+    acc_t qr[NPL], gr[NPL];
+    load_row<NPL>(q + qi * D, D, lane, qr);
+    load_row<NPL>(grad_out + qi * D, D, lane, gr);
+    acc_t s = 0, dp = 0;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) {
+      s += qr[i] * kr[i];
+      dp += gr[i] * vr[i];
+    }
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+      s += __shfl_xor_sync(kFullMask, s, offset);
+      dp += __shfl_xor_sync(kFullMask, dp, offset);
+    }
+    const acc_t p = dev_exp(s * scale - lse[qi]);
+    const acc_t ds = p * (dp - delta[qi]) * scale;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) {
+      acc_v[i] += p * gr[i];
+      acc_k[i] += ds * qr[i];
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    s_dk[warp][lane + kWarpSize * i] = acc_k[i];
+    s_dv[warp][lane + kWarpSize * i] = acc_v[i];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kRowElems && e < D; e += blockDim.x) {
+    acc_t sk = 0, sv = 0;
+#pragma unroll
+    for (int w = 0; w < kSplit; ++w) {
+      sk += s_dk[w][e];
+      sv += s_dv[w][e];
+    }
+    dk[item * D + e] = static_cast<scalar_t>(sk);
+    dv[item * D + e] = static_cast<scalar_t>(sv);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+// Calls f(std::integral_constant<int, NPL>) with the smallest elements-per-
+// lane count that covers D.
+template <typename F>
+void dispatch_elems_per_lane(int64_t D, F&& f) {
+  if (D <= 32) {
+    f(std::integral_constant<int, 1>{});
+  } else if (D <= 64) {
+    f(std::integral_constant<int, 2>{});
+  } else if (D <= 128) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
+void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& segment_table, const at::Tensor& token_segment) {
+  check_qkv(q, k, v);
+  check_floating(q, "q");
+  check_on_device(q, q, "q");
+  check_on_device(k, q, "k");
+  check_on_device(v, q, "v");
+  check_on_device(segment_table, q, "segment_table");
+  check_on_device(token_segment, q, "token_segment");
+  const int64_t T = q.size(0);
+  check_segment_table(segment_table, T);
+  check_index_vector(token_segment, "token_segment", T);
+  TORCH_CHECK(token_segment.is_contiguous(), "token_segment must be contiguous");
+  TORCH_CHECK(T * q.size(1) <= std::numeric_limits<int32_t>::max(),
+              "hipro_fast.tree_attention (CUDA): T * H must fit a 1-D grid, got ", T, " * ",
+              q.size(1));
+  TORCH_CHECK(q.size(2) <= kMaxHeadDim, "hipro_fast.tree_attention (CUDA) supports head dim <= ",
+              kMaxHeadDim, ", got ", q.size(2));
+  TORCH_CHECK(T == 0 || segment_table.size(0) > 0, "segment_table is empty but there are ", T,
+              " tokens");
+}
+
+std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& v,
+                                                       const at::Tensor& segment_table,
+                                                       const at::Tensor& token_segment,
+                                                       double scale) {
+  check_attention_args(q, k, v, segment_table, token_segment);
+  const at::cuda::CUDAGuard guard(q.device());
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({T, H}, q.options().dtype(acc_scalar_type(q.scalar_type())));
+  if (T == 0 || H == 0) return {out, lse};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  launch_validate(segment_table, token_segment, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "tree_attention_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_elems_per_lane(D, [&](auto npl) {
+      constexpr int NPL = decltype(npl)::value;
+      tree_attention_fwd_kernel<scalar_t, NPL><<<static_cast<unsigned>(T), kAttnThreads, 0,
+                                                 stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+          out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), segment_table.data_ptr<int64_t>(),
+          token_segment.data_ptr<int64_t>(), H, D, static_cast<acc_t>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segment_table,
+    const at::Tensor& token_segment, double scale) {
+  check_attention_args(q, k, v, segment_table, token_segment);
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must be ", q.sizes(), ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must be ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({T, H}), "lse must be [T, H]");
+  check_floating(grad_out, "grad_out");
+  check_floating(out, "out");
+  check_floating(lse, "lse");
+  check_on_device(grad_out, q, "grad_out");
+  check_on_device(out, q, "out");
+  check_on_device(lse, q, "lse");
+  const at::cuda::CUDAGuard guard(q.device());
+  auto dq = at::empty_like(q);
+  auto dk = at::empty_like(k);
+  auto dv = at::empty_like(v);
+  if (T == 0 || H == 0) return {dq, dk, dv};
+  // Same conversions as the CPU op: dO and O in q's dtype, lse in acc type.
+  const auto go = grad_out.contiguous().to(q.scalar_type());
+  const auto o = out.contiguous().to(q.scalar_type());
+  const auto acc_type = acc_scalar_type(q.scalar_type());
+  const auto lse_c = lse.contiguous().to(acc_type);
+  auto delta = at::empty({T, H}, q.options().dtype(acc_type));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  launch_validate(segment_table, token_segment, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "tree_attention_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t sc = static_cast<acc_t>(scale);
+    {
+      constexpr int threads = 256;
+      constexpr int rows_per_block = threads / kWarpSize;
+      const int64_t rows = T * H;
+      attention_delta_kernel<scalar_t>
+          <<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), threads, 0,
+             stream>>>(go.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
+                       delta.data_ptr<acc_t>(), rows, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    dispatch_elems_per_lane(D, [&](auto npl) {
+      constexpr int NPL = decltype(npl)::value;
+      tree_attention_dq_kernel<scalar_t, NPL><<<static_cast<unsigned>(T), kAttnThreads, 0,
+                                                stream>>>(
+          go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+          v.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+          dq.data_ptr<scalar_t>(), segment_table.data_ptr<int64_t>(),
+          token_segment.data_ptr<int64_t>(), H, D, sc);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      tree_attention_dkdv_kernel<scalar_t, NPL><<<static_cast<unsigned>(T * H),
+                                                  kSplit * kWarpSize, 0, stream>>>(
+          go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+          v.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+          dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), segment_table.data_ptr<int64_t>(),
+          token_segment.data_ptr<int64_t>(), H, D, sc);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(hipro_fast, CUDA, m) {
+  m.impl("tree_attention", &cuda::tree_attention_cuda);
+  m.impl("tree_attention_backward", &cuda::tree_attention_backward_cuda);
+}
+
+}  // namespace hipro
