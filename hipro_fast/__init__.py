@@ -1,6 +1,17 @@
-"""hipro_fast: hierarchical prompt learning on one frozen CLIP, with an exact
-prompt-forest text engine in C++/CUDA."""
+"""hipro_fast: hierarchical prompt learning (HiPro) on one frozen CLIP, with an
+exact prompt-forest text engine in C++/CUDA."""
 from ._ext import build_info
+from .clip_loading import LoadedClip, WeightsMismatchError, load_clip
+from .encoder import ForestEncoder
+from .layout import ForestError
+from .model import HiProModel, TaskSpecError
+from .prompt_forest import build_prompt_forest
+from .text_tower import TextTower, UnsupportedTextTower
+from .tree import TaskTree, TreeError
 
-__all__ = ["build_info"]
+__all__ = [
+    "build_info", "load_clip", "LoadedClip", "WeightsMismatchError", "ForestEncoder", "ForestError",
+    "HiProModel", "TaskSpecError", "build_prompt_forest", "TextTower", "UnsupportedTextTower",
+    "TaskTree", "TreeError",
+]
 __version__ = "0.1.0"

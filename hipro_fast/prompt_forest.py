@@ -4,7 +4,7 @@ Prompt semantics (the contract tests and users rely on):
   * a class's suffix is the open_clip tokenisation of f"{name}." with
     underscores replaced by spaces, followed by EOS;
   * `concat`: one prompt per (task, class):
-        [SOS] ctx[path[0]] ... ctx[path[-1]] suffix
+        [SOS] ctx[path[0]] ... ctx[path[-1]] suffix   (an empty path gives [SOS] suffix)
   * `mean`: one prompt per (node on the path, class): [SOS] ctx[node] suffix;
     the task's class feature is normalize(mean_over_path(normalize(f_node))).
 Shared prefixes are stored once: the prompts form a trie whose single-child
@@ -158,13 +158,13 @@ def build_prompt_forest(
         names = list(task_classes[task])
         if not names:
             raise ForestError(f"task {task!r} has no classes")
-        if not path:
-            raise ForestError(f"task {task!r} has an empty path")
+        if not path and combine == "mean":
+            raise ForestError(f"task {task!r} has no context node on its path ('mean' needs one)")
         for node in path:
             if node not in node_ctx_rows:
                 raise ForestError(f"task {task!r}: path node {node!r} has no context")
         suffixes = [tuple(class_suffix_tokens(tokenizer, n)) for n in names]
-        ctx_counts = [node_ctx_rows[n][1] for n in path]
+        ctx_counts = [node_ctx_rows[n][1] for n in path] or [0]
         for name, suffix in zip(names, suffixes):
             needed = 1 + (sum(ctx_counts) if combine == "concat" else max(ctx_counts)) + len(suffix)
             if needed > context_length:
