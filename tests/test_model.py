@@ -1,0 +1,116 @@
+"""HiProModel: contexts per node, prompt semantics through the forest, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hipro_fast as hf
+from tests import oracle
+
+TASKS = {"a": ["dog", "cat"], "b": ["car", "bus", "bike"], "c": ["pizza"]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models["w64_h4_l2_gelu"]
+
+
+@pytest.mark.parametrize("combine", ["concat", "mean"])
+def test_text_features_follow_the_path_semantics(tiny, tokenizer, combine):
+    model = hf.HiProModel(tiny, TASKS, [["a", "b"], "c"], n_ctx={"root": 3, "root/0": 2}, combine=combine,
+                          tokenizer=tokenizer, seed=1)
+    assert set(model.ctx) == {"root", "root/0", "task/a", "task/b", "task/c"}
+    assert model.ctx["task/a"].shape == (16, 64) and model.ctx["root"].shape == (3, 64)
+    feats = model.text_features()
+    ctx = {n: p.detach() for n, p in model.ctx.items()}
+    paths = {t: model.tree.path(t) for t in TASKS}
+    expected = oracle.task_features(tiny, tokenizer, ctx, paths, TASKS, combine)
+    for t in TASKS:
+        torch.testing.assert_close(feats[t], expected[t], atol=1e-5, rtol=0)
+        torch.testing.assert_close(feats[t].norm(dim=-1), torch.ones(len(TASKS[t])))
+
+
+def test_zero_ctx_nodes_and_zero_shot_template(tiny, tokenizer):
+    n_phrase = len(tokenizer.encode("a photo of a"))
+    model = hf.HiProModel(tiny, TASKS, list(TASKS), n_ctx={"root": n_phrase, **{f"task/{t}": 0 for t in TASKS}},
+                          ctx_init="a photo of a", tokenizer=tokenizer)
+    assert list(model.ctx) == ["root"]
+    assert model.num_trainable_parameters() == n_phrase * 64
+    feats = model.text_features()
+    with torch.no_grad():
+        ref = F.normalize(tiny.encode_text(tokenizer([f"a photo of a {c}." for c in TASKS["b"]])), dim=-1)
+    torch.testing.assert_close(feats["b"], ref, atol=1e-5, rtol=0)
+
+
+def test_logits_and_gradients_reach_every_path_context(tiny, tokenizer):
+    model = hf.HiProModel(tiny, TASKS, [["a", "b"], "c"], n_ctx=2, tokenizer=tokenizer)
+    img = F.normalize(torch.randn(4, 24), dim=-1)
+    logits = model.logits("b", img)
+    assert logits.shape == (4, 3)
+    logits.sum().backward()
+    touched = {n for n, p in model.ctx.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched == {"root", "root/0", "task/b"}
+
+
+def test_only_contexts_are_parameters(tiny, tokenizer):
+    model = hf.HiProModel(tiny, TASKS, list(TASKS), n_ctx=4, tokenizer=tokenizer)
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == 4
+    assert all(not p.requires_grad for p in tiny.parameters())
+
+
+def test_context_state_round_trip_and_mismatch(tiny, tokenizer):
+    m1 = hf.HiProModel(tiny, TASKS, list(TASKS), n_ctx=4, tokenizer=tokenizer, seed=1)
+    m2 = hf.HiProModel(tiny, TASKS, list(TASKS), n_ctx=4, tokenizer=tokenizer, seed=2)
+    m2.load_context_state(m1.context_state())
+    for n in m1.ctx:
+        torch.testing.assert_close(m1.ctx[n], m2.ctx[n])
+    m3 = hf.HiProModel(tiny, TASKS, [["a", "b"], "c"], n_ctx=4, tokenizer=tokenizer)
+    with pytest.raises(hf.TreeError, match="node 'root/0'"):
+        m1.load_context_state(m3.context_state())
+    m4 = hf.HiProModel(tiny, TASKS, list(TASKS), n_ctx=5, tokenizer=tokenizer)
+    with pytest.raises(hf.TreeError, match=r"node 'root': checkpoint context \(5, 64\)"):
+        m1.load_context_state(m4.context_state())
+
+
+@pytest.mark.parametrize("tasks,tree,match,exc", [
+    ({"a": ["x", "x"]}, ["a"], "task 'a' has duplicate class name 'x'", hf.TaskSpecError),
+    ({"a": []}, ["a"], "task 'a' has no classes", hf.TaskSpecError),
+    ({}, [], "no tasks", hf.TaskSpecError),
+    ({"a": ["x"], "b": ["y"]}, ["a"], "task 'b' is missing from the tree", hf.TreeError),
+    ({"a": ["x"]}, ["a", "ghost"], "unknown task 'ghost'", hf.TreeError),
+    ({"a": ["x"]}, ["a", "a"], "task 'a' appears twice", hf.TreeError),
+])
+def test_bad_tasks_and_trees(tiny, tokenizer, tasks, tree, match, exc):
+    with pytest.raises(exc, match=match):
+        hf.HiProModel(tiny, tasks, tree, tokenizer=tokenizer)
+
+
+def test_feature_dim_and_task_errors(tiny, tokenizer):
+    model = hf.HiProModel(tiny, TASKS, list(TASKS), n_ctx=2, tokenizer=tokenizer)
+    with pytest.raises(hf.TaskSpecError, match=r"task 'a': image features must be \[N, 24\], got \(3, 7\)"):
+        model.logits("a", torch.randn(3, 7))
+    with pytest.raises(hf.TaskSpecError, match="unknown task 'zzz'"):
+        model.logits("zzz", torch.randn(3, 24))
+
+
+def test_overflowing_prompt_names_the_task(tiny, tokenizer):
+    with pytest.raises(hf.ForestError, match="task 'a', class 'dog'"):
+        hf.HiProModel(tiny, {"a": ["dog"]}, ["a"], n_ctx=40, tokenizer=tokenizer)
+
+
+def test_load_clip_local_file_and_mismatch(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    full = hf.load_clip("ViT-B-16")
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in full.model.state_dict().items()}, str(path))
+    again = hf.load_clip("ViT-B-16", pretrained=path)
+    torch.testing.assert_close(again.model.text_projection, full.model.text_projection)
+    model, tok = again
+    assert tok is again.tokenizer
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(bad))
+    with pytest.raises(hf.WeightsMismatchError, match="does not match"):
+        hf.load_clip("ViT-B-16", pretrained=bad)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        hf.load_clip("ViT-B-16", pretrained=tmp_path / "nope.pt")
