@@ -8,10 +8,16 @@ from .model import HiProModel, TaskSpecError
 from .prompt_forest import build_prompt_forest
 from .text_tower import TextTower, UnsupportedTextTower
 from .tree import TaskTree, TreeError
+from .training import FitResult, NonFiniteLossError, TrainConfig, evaluate, fit
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .baselines import METHODS, ComparisonTable, build_method, compare
+from .export import Classifier, export_classifier
 
 __all__ = [
     "build_info", "load_clip", "LoadedClip", "WeightsMismatchError", "ForestEncoder", "ForestError",
     "HiProModel", "TaskSpecError", "build_prompt_forest", "TextTower", "UnsupportedTextTower",
-    "TaskTree", "TreeError",
+    "TaskTree", "TreeError", "fit", "evaluate", "TrainConfig", "FitResult", "NonFiniteLossError",
+    "save_checkpoint", "load_checkpoint", "CheckpointError", "compare", "ComparisonTable", "build_method",
+    "METHODS", "Classifier", "export_classifier",
 ]
 __version__ = "0.1.0"
