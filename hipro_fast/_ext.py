@@ -10,6 +10,8 @@ import os
 import warnings
 from typing import Any
 
+import torch  # noqa: F401  (loads libc10/libtorch before the extension needs them)
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.hipro_fast)
 

@@ -102,7 +102,7 @@ at::Tensor assemble_forest_cuda(const at::Tensor& ctx_table, const at::Tensor& t
   check_on_device(token_ctx_row, ctx_table, "token_ctx_row");
   check_on_device(token_vocab_id, ctx_table, "token_vocab_id");
   check_on_device(token_position, ctx_table, "token_position");
-  const at::cuda::CUDAGuard guard(ctx_table.device());
+  const c10::cuda::CUDAGuard guard(ctx_table.device());
   const auto ctx = ctx_table.contiguous();
   const auto emb = token_embedding.contiguous();
   const auto pos = positional_embedding.contiguous();
@@ -111,7 +111,7 @@ at::Tensor assemble_forest_cuda(const at::Tensor& ctx_table, const at::Tensor& t
   const auto tpos = token_position.contiguous();
   auto out = at::empty({T, W}, ctx_table.options());
   if (T * W == 0) return out;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ctx.scalar_type(),
                                   "assemble_forest_cuda", [&] {
     assemble_forest_kernel<scalar_t><<<elementwise_blocks(T * W, kThreads), kThreads, 0,
@@ -133,14 +133,14 @@ at::Tensor assemble_forest_backward_cuda(const at::Tensor& grad_out,
   check_floating(grad_out, "grad_out");
   check_on_device(grad_out, grad_out, "grad_out");
   check_on_device(token_ctx_row, grad_out, "token_ctx_row");
-  const at::cuda::CUDAGuard guard(grad_out.device());
+  const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t T = grad_out.size(0), W = grad_out.size(1);
   const auto g = grad_out.contiguous();
   const auto crow = token_ctx_row.contiguous();
   auto acc = at::zeros({num_ctx_rows, W},
                        grad_out.options().dtype(acc_scalar_type(grad_out.scalar_type())));
   if (T * W > 0) {  // launched even when R == 0 so a stray ctx row still asserts
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                     "assemble_forest_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;

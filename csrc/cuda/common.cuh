@@ -4,11 +4,15 @@
 // sizing and host-side argument checks.
 #pragma once
 
+// Stream and device guard come from c10/cuda directly rather than through
+// <ATen/cuda/CUDAContext.h>: that header pulls in the cuBLAS / cuSPARSE /
+// cuSOLVER headers, which minimal CUDA toolkits (e.g. the compile-only one in
+// the dev container) lack, and these kernels need none of them.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>

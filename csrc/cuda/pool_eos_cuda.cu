@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_eos_cuda(
     const at::Tensor& x, const at::Tensor& eos_index, const at::Tensor& ln_weight,
     const at::Tensor& ln_bias, const at::Tensor& projection, double eps) {
   check_pool_args(x, eos_index, ln_weight, ln_bias, projection);
-  const at::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t P = eos_index.numel(), T = x.size(0), W = x.size(1);
   const auto acc = acc_scalar_type(x.scalar_type());
   const auto xc = x.contiguous();
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_eos_cuda(
   auto x_hat = at::empty({P, W}, x.options().dtype(acc));
   auto y = at::empty({P, W}, x.options().dtype(acc));
   auto rstd = at::empty({P}, x.options().dtype(acc));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (P > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "pool_eos_cuda",
                                     [&] {
@@ -221,7 +221,7 @@ at::Tensor pool_eos_backward_cuda(const at::Tensor& grad_features, const at::Ten
   check_on_device(projection, x_hat, "projection");
   check_on_device(eos_index, x_hat, "eos_index");
   TORCH_CHECK(P <= std::numeric_limits<int32_t>::max(), "too many prompts for one launch: ", P);
-  const at::cuda::CUDAGuard guard(x_hat.device());
+  const c10::cuda::CUDAGuard guard(x_hat.device());
 
   const auto df = grad_features.to(acc).contiguous();
   const auto f = features.to(acc).contiguous();
@@ -230,7 +230,7 @@ at::Tensor pool_eos_backward_cuda(const at::Tensor& grad_features, const at::Ten
   const auto nrm = proj_norm.to(acc).contiguous();
   const auto gamma = ln_weight.to(acc).contiguous();
   auto dz = at::empty({P, E}, xh.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (P > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "pool_eos_backward_cuda_radial", [&] {
       radial_projection_kernel<scalar_t><<<static_cast<unsigned>(P), kThreads, 0, stream>>>(

@@ -409,12 +409,12 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
                                                        const at::Tensor& token_segment,
                                                        double scale) {
   check_attention_args(q, k, v, segment_table, token_segment);
-  const at::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   auto out = at::empty_like(q);
   auto lse = at::empty({T, H}, q.options().dtype(acc_scalar_type(q.scalar_type())));
   if (T == 0 || H == 0) return {out, lse};
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   launch_validate(segment_table, token_segment, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "tree_attention_cuda", [&] {
@@ -448,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
   check_on_device(grad_out, q, "grad_out");
   check_on_device(out, q, "out");
   check_on_device(lse, q, "lse");
-  const at::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
   auto dq = at::empty_like(q);
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);
@@ -459,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
   const auto acc_type = acc_scalar_type(q.scalar_type());
   const auto lse_c = lse.contiguous().to(acc_type);
   auto delta = at::empty({T, H}, q.options().dtype(acc_type));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   launch_validate(segment_table, token_segment, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "tree_attention_backward_cuda", [&] {
