@@ -61,7 +61,8 @@ def tree_attention(
     """Attention of each packed token over its ancestor segments and, causally, its own.
 
     Args:
-        q, k, v: [T, H, D] fp32, fp64, bf16 or fp16 (contiguous copies are made if needed).
+        q, k, v: [T, H, D] fp32, fp64, bf16 or fp16; rows may be strided (e.g. slices of
+            a packed [T, 3, H, D] qkv), each [H, D] block contiguous, else a copy is made.
         segment_table: [S, 4] int64, see module docstring.
         token_segment: [T] int64.
         scale: softmax scale, usually D ** -0.5.
@@ -70,7 +71,7 @@ def tree_attention(
     """
     if fused_available(q.device):
         out, _ = torch.ops.hipro_fast.tree_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), segment_table, token_segment,
+            _row_strided(q), _row_strided(k), _row_strided(v), segment_table, token_segment,
             float(scale))
         return out
     warn_fallback(q.device.type)
@@ -102,6 +103,13 @@ def pool_eos(
         return features
     warn_fallback(x.device.type)
     return reference.pool_eos(x, eos_index, ln_weight, ln_bias, projection, eps)
+
+
+def _row_strided(x: torch.Tensor) -> torch.Tensor:
+    """x itself when each [H, D] row block is contiguous (slices of a packed qkv are), else a copy."""
+    if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
+        return x
+    return x.contiguous()
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,11 +155,11 @@ def _register() -> None:
 
     @torch.library.register_fake("hipro_fast::tree_attention")
     def _(q, k, v, segment_table, token_segment, scale):
-        return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=_acc_dtype(q.dtype))
+        return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=_acc_dtype(q.dtype))
 
     @torch.library.register_fake("hipro_fast::tree_attention_backward")
     def _(grad_out, q, k, v, out, lse, segment_table, token_segment, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def attention_setup(ctx, inputs, output):
         q, k, v, segment_table, token_segment, scale = inputs

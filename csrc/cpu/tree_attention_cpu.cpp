@@ -1,8 +1,12 @@
 // Tree attention on the CPU. Each query token attends to its ancestor
 // segments in full and to its own segment causally (see tree_index.h).
 // Scores, softmax and accumulation run in opmath (fp32 for half types).
-#include <ATen/Parallel.h>
+//
+// q, k, v may be row-strided views (e.g. slices of the packed qkv GEMM
+// output [T, 3, H, D]): only the [H, D] part of a row must be contiguous, so
+// the forward needs no copies.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -12,22 +16,28 @@
 #include "../checks.h"
 #include "../tree_index.h"
 
+// On x86-64 the fp32 loops are also compiled for Haswell (AVX2 + FMA) and
+// picked at load time, so a default -O3 build still runs 256-bit FMAs
+// (flatten inlines the templated loops into each clone).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HIPRO_CPU_CLONES __attribute__((target_clones("arch=haswell", "default"), flatten))
+#else
+#define HIPRO_CPU_CLONES
+#endif
+
 namespace hipro {
 namespace {
 
 template <typename scalar_t, typename acc_t>
 inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  // Four independent partial sums let the compiler vectorise the loop.
-  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  // Eight independent partial sums let the compiler vectorise the reduction.
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    s0 += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-    s1 += static_cast<acc_t>(a[i + 1]) * static_cast<acc_t>(b[i + 1]);
-    s2 += static_cast<acc_t>(a[i + 2]) * static_cast<acc_t>(b[i + 2]);
-    s3 += static_cast<acc_t>(a[i + 3]) * static_cast<acc_t>(b[i + 3]);
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) s[j] += static_cast<acc_t>(a[i + j]) * static_cast<acc_t>(b[i + j]);
   }
-  for (; i < n; ++i) s0 += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  return (s0 + s1) + (s2 + s3);
+  for (; i < n; ++i) s[0] += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -43,7 +53,10 @@ struct Strider {
   explicit Strider(int64_t n_) : n(n_), stride(1) {
     static const int64_t primes[] = {7919, 7907, 7901, 7883, 7879};
     for (int64_t p : primes) {
-      if (n % p != 0) { stride = p % (n > 0 ? n : 1); break; }
+      if (n > 0 && n % p != 0) {
+        stride = p % n;
+        break;
+      }
     }
     if (stride == 0) stride = 1;
   }
@@ -69,60 +82,208 @@ void check_tokens(const at::Tensor& segment_table, const at::Tensor& token_segme
   }
 }
 
+// Row-strided [T, H, D] view: element (t, h, d) at data[t * row + h * D + d].
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* data;
+  int64_t row, H, D;
+  const scalar_t* at(int64_t t, int64_t h) const { return data + t * row + h * D; }
+};
+
+template <typename scalar_t>
+Rows<scalar_t> rows_of(const at::Tensor& x) {
+  return {x.data_ptr<scalar_t>(), x.stride(0), x.size(1), x.size(2)};
+}
+
+struct Forest {
+  const int64_t* table;
+  const int64_t* token_segment;
+};
+
+template <typename scalar_t, typename acc_t>
+inline void forward_items(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f,
+                          acc_t scale, scalar_t* out, acc_t* lse, int64_t begin, int64_t end) {
+  const int64_t H = q.H, D = q.D;
+  std::vector<acc_t> scores;
+  std::vector<acc_t> acc(D);
+  int64_t begins[kMaxDepth], ends[kMaxDepth];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t t = item / H, h = item % H;
+    const int nr = visible_key_ranges(f.table, f.token_segment[t], t, begins, ends, kMaxDepth);
+    const scalar_t* qrow = q.at(t, h);
+    scores.clear();
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int r = 0; r < nr; ++r) {
+      for (int64_t j = begins[r]; j < ends[r]; ++j) {
+        const acc_t s = dot<scalar_t, acc_t>(qrow, k.at(j, h), D) * scale;
+        scores.push_back(s);
+        m = s > m ? s : m;
+      }
+    }
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    acc_t denom = 0;
+    int64_t idx = 0;
+    for (int r = 0; r < nr; ++r) {
+      for (int64_t j = begins[r]; j < ends[r]; ++j, ++idx) {
+        const acc_t p = std::exp(scores[idx] - m);
+        denom += p;
+        axpy<scalar_t, acc_t>(p, v.at(j, h), acc.data(), D);
+      }
+    }
+    scalar_t* orow = out + item * D;
+    const acc_t inv = acc_t(1) / denom;
+    for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d] * inv);
+    lse[item] = m + std::log(denom);
+  }
+}
+
+// dQ: query-centric over the visible keys.
+template <typename scalar_t, typename acc_t>
+inline void grad_q_items(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f,
+                         acc_t scale, const scalar_t* grad_out, const acc_t* lse,
+                         const acc_t* delta, scalar_t* dq, int64_t begin, int64_t end) {
+  const int64_t H = q.H, D = q.D;
+  std::vector<acc_t> acc(D);
+  int64_t begins[kMaxDepth], ends[kMaxDepth];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t t = item / H, h = item % H;
+    const int nr = visible_key_ranges(f.table, f.token_segment[t], t, begins, ends, kMaxDepth);
+    const scalar_t* qrow = q.at(t, h);
+    const scalar_t* grow = grad_out + item * D;
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    for (int r = 0; r < nr; ++r) {
+      for (int64_t j = begins[r]; j < ends[r]; ++j) {
+        const scalar_t* krow = k.at(j, h);
+        const acc_t p = std::exp(dot<scalar_t, acc_t>(qrow, krow, D) * scale - lse[item]);
+        const acc_t dp = dot<scalar_t, acc_t>(grow, v.at(j, h), D);
+        axpy<scalar_t, acc_t>(p * (dp - delta[item]) * scale, krow, acc.data(), D);
+      }
+    }
+    scalar_t* dst = dq + item * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+  }
+}
+
+// dK, dV: key-centric; key j is seen by exactly the queries [j, subtree_end(seg(j))).
+template <typename scalar_t, typename acc_t>
+inline void grad_kv_items(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f,
+                          acc_t scale, const scalar_t* grad_out, const acc_t* lse,
+                          const acc_t* delta, scalar_t* dk, scalar_t* dv, Strider strider,
+                          int64_t begin, int64_t end) {
+  const int64_t H = q.H, D = q.D;
+  std::vector<acc_t> acck(D), accv(D);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t item = strider(i);
+    const int64_t j = item / H, h = item % H;
+    const scalar_t* krow = k.at(j, h);
+    const scalar_t* vrow = v.at(j, h);
+    std::fill(acck.begin(), acck.end(), acc_t(0));
+    std::fill(accv.begin(), accv.end(), acc_t(0));
+    const int64_t qend = visible_query_end(f.table, f.token_segment[j]);
+    for (int64_t t = j; t < qend; ++t) {
+      const int64_t qi = t * H + h;
+      const scalar_t* qrow = q.at(t, h);
+      const scalar_t* grow = grad_out + qi * D;
+      const acc_t p = std::exp(dot<scalar_t, acc_t>(qrow, krow, D) * scale - lse[qi]);
+      const acc_t dp = dot<scalar_t, acc_t>(grow, vrow, D);
+      axpy<scalar_t, acc_t>(p, grow, accv.data(), D);
+      axpy<scalar_t, acc_t>(p * (dp - delta[qi]) * scale, qrow, acck.data(), D);
+    }
+    scalar_t* dkr = dk + item * D;
+    scalar_t* dvr = dv + item * D;
+    for (int64_t d = 0; d < D; ++d) {
+      dkr[d] = static_cast<scalar_t>(acck[d]);
+      dvr[d] = static_cast<scalar_t>(accv[d]);
+    }
+  }
+}
+
+// fp32 entry points compiled twice (see HIPRO_CPU_CLONES).
+HIPRO_CPU_CLONES void forward_items_f32(Rows<float> q, Rows<float> k, Rows<float> v, Forest f,
+                                        float scale, float* out, float* lse, int64_t b, int64_t e) {
+  forward_items<float, float>(q, k, v, f, scale, out, lse, b, e);
+}
+HIPRO_CPU_CLONES void grad_q_items_f32(Rows<float> q, Rows<float> k, Rows<float> v, Forest f,
+                                       float scale, const float* go, const float* lse,
+                                       const float* delta, float* dq, int64_t b, int64_t e) {
+  grad_q_items<float, float>(q, k, v, f, scale, go, lse, delta, dq, b, e);
+}
+HIPRO_CPU_CLONES void grad_kv_items_f32(Rows<float> q, Rows<float> k, Rows<float> v, Forest f,
+                                        float scale, const float* go, const float* lse,
+                                        const float* delta, float* dk, float* dv, Strider s,
+                                        int64_t b, int64_t e) {
+  grad_kv_items<float, float>(q, k, v, f, scale, go, lse, delta, dk, dv, s, b, e);
+}
+
+// Overloads: fp32 goes to the cloned entry points, other types to the templates.
+template <typename scalar_t, typename acc_t>
+void run_forward(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f, acc_t scale,
+                 scalar_t* out, acc_t* lse, int64_t b, int64_t e) {
+  forward_items<scalar_t, acc_t>(q, k, v, f, scale, out, lse, b, e);
+}
+void run_forward(Rows<float> q, Rows<float> k, Rows<float> v, Forest f, float scale, float* out,
+                 float* lse, int64_t b, int64_t e) {
+  forward_items_f32(q, k, v, f, scale, out, lse, b, e);
+}
+template <typename scalar_t, typename acc_t>
+void run_grad_q(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f, acc_t scale,
+                const scalar_t* go, const acc_t* lse, const acc_t* delta, scalar_t* dq, int64_t b,
+                int64_t e) {
+  grad_q_items<scalar_t, acc_t>(q, k, v, f, scale, go, lse, delta, dq, b, e);
+}
+void run_grad_q(Rows<float> q, Rows<float> k, Rows<float> v, Forest f, float scale,
+                const float* go, const float* lse, const float* delta, float* dq, int64_t b,
+                int64_t e) {
+  grad_q_items_f32(q, k, v, f, scale, go, lse, delta, dq, b, e);
+}
+template <typename scalar_t, typename acc_t>
+void run_grad_kv(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f, acc_t scale,
+                 const scalar_t* go, const acc_t* lse, const acc_t* delta, scalar_t* dk,
+                 scalar_t* dv, Strider s, int64_t b, int64_t e) {
+  grad_kv_items<scalar_t, acc_t>(q, k, v, f, scale, go, lse, delta, dk, dv, s, b, e);
+}
+void run_grad_kv(Rows<float> q, Rows<float> k, Rows<float> v, Forest f, float scale,
+                 const float* go, const float* lse, const float* delta, float* dk, float* dv,
+                 Strider s, int64_t b, int64_t e) {
+  grad_kv_items_f32(q, k, v, f, scale, go, lse, delta, dk, dv, s, b, e);
+}
+
+void check_inner_contiguous(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3, name, " must be [T, H, D], got ", x.sizes());
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2),
+              name, " must be contiguous within a row ([H, D] block), got strides ", x.strides());
+}
+
+void check_qkv_strided(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_inner_contiguous(q, "q");
+  check_inner_contiguous(k, "k");
+  check_inner_contiguous(v, "v");
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "q, k, v must have the same shape, got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v must share a dtype");
+}
+
 std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
                                                       const at::Tensor& segment_table,
                                                       const at::Tensor& token_segment,
                                                       double scale) {
-  check_qkv(q, k, v);
+  check_qkv_strided(q, k, v);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   check_tokens(segment_table, token_segment, T);
-  auto out = at::empty_like(q);
+  auto out = at::empty({T, H, D}, q.options());
   auto lse = at::empty({T, H}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble
                                                                                  : at::kFloat));
-  const int64_t* tab = segment_table.data_ptr<int64_t>();
-  const int64_t* tseg = token_segment.data_ptr<int64_t>();
+  const Forest f{segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const auto qr = rows_of<scalar_t>(q), kr = rows_of<scalar_t>(k), vr = rows_of<scalar_t>(v);
     scalar_t* op = out.data_ptr<scalar_t>();
     acc_t* lp = lse.data_ptr<acc_t>();
-    const acc_t sc = static_cast<acc_t>(scale);
     at::parallel_for(0, T * H, 32, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scores;
-      std::vector<acc_t> acc(D);
-      int64_t begins[kMaxDepth], ends[kMaxDepth];
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / H, h = item % H;
-        const int64_t seg = tseg[t];
-        const int nr = visible_key_ranges(tab, seg, t, begins, ends, kMaxDepth);
-        const scalar_t* qrow = qp + (t * H + h) * D;
-        scores.clear();
-        acc_t m = -std::numeric_limits<acc_t>::infinity();
-        for (int r = 0; r < nr; ++r) {
-          for (int64_t j = begins[r]; j < ends[r]; ++j) {
-            const acc_t s = dot<scalar_t, acc_t>(qrow, kp + (j * H + h) * D, D) * sc;
-            scores.push_back(s);
-            m = s > m ? s : m;
-          }
-        }
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        acc_t denom = 0;
-        int64_t idx = 0;
-        for (int r = 0; r < nr; ++r) {
-          for (int64_t j = begins[r]; j < ends[r]; ++j, ++idx) {
-            const acc_t p = std::exp(scores[idx] - m);
-            denom += p;
-            axpy<scalar_t, acc_t>(p, vp + (j * H + h) * D, acc.data(), D);
-          }
-        }
-        scalar_t* orow = op + (t * H + h) * D;
-        const acc_t inv = acc_t(1) / denom;
-        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d] * inv);
-        lp[t * H + h] = m + std::log(denom);
-      }
+      run_forward(qr, kr, vr, f, static_cast<acc_t>(scale), op, lp, begin, end);
     });
   });
   return {out, lse};
@@ -132,82 +293,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segment_table,
     const at::Tensor& token_segment, double scale) {
-  check_qkv(q, k, v);
+  check_qkv_strided(q, k, v);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   check_tokens(segment_table, token_segment, T);
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({T, H}), "lse must be [T, H]");
   const auto go = grad_out.contiguous().to(q.scalar_type());
   const auto o = out.contiguous();
-  auto dq = at::empty_like(q);
-  auto dk = at::empty_like(k);
-  auto dv = at::empty_like(v);
-  const int64_t* tab = segment_table.data_ptr<int64_t>();
-  const int64_t* tseg = token_segment.data_ptr<int64_t>();
+  auto dq = at::empty({T, H, D}, q.options());
+  auto dk = at::empty({T, H, D}, q.options());
+  auto dv = at::empty({T, H, D}, q.options());
+  const Forest f{segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto lse_c = lse.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const auto qr = rows_of<scalar_t>(q), kr = rows_of<scalar_t>(k), vr = rows_of<scalar_t>(v);
     const scalar_t* gp = go.data_ptr<scalar_t>();
     const scalar_t* opp = o.data_ptr<scalar_t>();
     const acc_t* lp = lse_c.data_ptr<acc_t>();
     const acc_t sc = static_cast<acc_t>(scale);
+    scalar_t* dqp = dq.data_ptr<scalar_t>();
+    scalar_t* dkp = dk.data_ptr<scalar_t>();
+    scalar_t* dvp = dv.data_ptr<scalar_t>();
     // delta[t, h] = dO . O, the softmax-backward row term.
     std::vector<acc_t> delta(T * H);
     at::parallel_for(0, T * H, 256, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) delta[i] = dot<scalar_t, acc_t>(gp + i * D, opp + i * D, D);
     });
-    // dQ: query-centric over the visible keys.
     at::parallel_for(0, T * H, 32, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(D);
-      int64_t begins[kMaxDepth], ends[kMaxDepth];
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / H, h = item % H;
-        const int nr = visible_key_ranges(tab, tseg[t], t, begins, ends, kMaxDepth);
-        const scalar_t* qrow = qp + item * D;
-        const scalar_t* grow = gp + item * D;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int r = 0; r < nr; ++r) {
-          for (int64_t j = begins[r]; j < ends[r]; ++j) {
-            const scalar_t* krow = kp + (j * H + h) * D;
-            const acc_t p = std::exp(dot<scalar_t, acc_t>(qrow, krow, D) * sc - lp[item]);
-            const acc_t dp = dot<scalar_t, acc_t>(grow, vp + (j * H + h) * D, D);
-            axpy<scalar_t, acc_t>(p * (dp - delta[item]) * sc, krow, acc.data(), D);
-          }
-        }
-        scalar_t* dst = dq.data_ptr<scalar_t>() + item * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
-      }
+      run_grad_q(qr, kr, vr, f, sc, gp, lp, delta.data(), dqp, begin, end);
     });
-    // dK, dV: key-centric; key j is seen by queries [j, subtree_end(seg(j))).
     const Strider strider(T * H);
     at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acck(D), accv(D);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t item = strider(i);
-        const int64_t j = item / H, h = item % H;
-        const scalar_t* krow = kp + item * D;
-        const scalar_t* vrow = vp + item * D;
-        std::fill(acck.begin(), acck.end(), acc_t(0));
-        std::fill(accv.begin(), accv.end(), acc_t(0));
-        const int64_t qend = visible_query_end(tab, tseg[j]);
-        for (int64_t t = j; t < qend; ++t) {
-          const int64_t qi = t * H + h;
-          const scalar_t* qrow = qp + qi * D;
-          const scalar_t* grow = gp + qi * D;
-          const acc_t p = std::exp(dot<scalar_t, acc_t>(qrow, krow, D) * sc - lp[qi]);
-          const acc_t dp = dot<scalar_t, acc_t>(grow, vrow, D);
-          axpy<scalar_t, acc_t>(p, grow, accv.data(), D);
-          axpy<scalar_t, acc_t>(p * (dp - delta[qi]) * sc, qrow, acck.data(), D);
-        }
-        scalar_t* dkr = dk.data_ptr<scalar_t>() + item * D;
-        scalar_t* dvr = dv.data_ptr<scalar_t>() + item * D;
-        for (int64_t d = 0; d < D; ++d) {
-          dkr[d] = static_cast<scalar_t>(acck[d]);
-          dvr[d] = static_cast<scalar_t>(accv[d]);
-        }
-      }
+      run_grad_kv(qr, kr, vr, f, sc, gp, lp, delta.data(), dkp, dvp, strider, begin, end);
     });
   });
   return {dq, dk, dv};
