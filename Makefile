@@ -14,11 +14,13 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -na
 
 .PHONY: demo test test-python test-cpp build bench clean
 
-$(DEPS_STAMP): pyproject.toml requirements.txt
+$(DEPS_STAMP): pyproject.toml requirements.txt requirements-bundled.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -r requirements-bundled.txt
+	# animal-mnist ships the silhouettes; its own loader would pull tensorflow, so no deps.
+	$(BIN)/pip install -q --no-deps animal-mnist==0.4
 	HIPRO_SKIP_EXT=1 $(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
