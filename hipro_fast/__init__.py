@@ -12,12 +12,13 @@ from .training import FitResult, NonFiniteLossError, TrainConfig, evaluate, fit
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .baselines import METHODS, ComparisonTable, build_method, compare
 from .export import Classifier, export_classifier
+from .affinity import task_affinity
 
 __all__ = [
     "build_info", "load_clip", "LoadedClip", "WeightsMismatchError", "ForestEncoder", "ForestError",
     "HiProModel", "TaskSpecError", "build_prompt_forest", "TextTower", "UnsupportedTextTower",
     "TaskTree", "TreeError", "fit", "evaluate", "TrainConfig", "FitResult", "NonFiniteLossError",
     "save_checkpoint", "load_checkpoint", "CheckpointError", "compare", "ComparisonTable", "build_method",
-    "METHODS", "Classifier", "export_classifier",
+    "METHODS", "Classifier", "export_classifier", "task_affinity",
 ]
 __version__ = "0.1.0"
