@@ -41,7 +41,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -861,7 +861,7 @@ def plot_sweep(sweep: dict, path: str, title: str = "") -> None:
         est = [r for r in rows if r["truncated_est"]]
         if est:
             ax.plot([r[xkey] for r in est], [r["truncated_time_s"] for r in est], "x", color="k",
-                    label="extrapolated (quick)")
+                    label="truncated, extrapolated from 1 micro-batch")
         ax.set_yscale("log")
         ax.set_ylabel("fwd+bwd step time [s]")
         ax.set_xlabel(xlabel)
@@ -876,9 +876,12 @@ def plot_sweep(sweep: dict, path: str, title: str = "") -> None:
         ax.set_xlabel(xlabel)
         ax.legend()
         ax.grid(True, which="both", alpha=0.3)
-        if axis == "classes":
-            for ax in axes[:, col]:
+        for ax in axes[:, col]:
+            if axis == "classes":
                 ax.set_xscale("log", base=2)
+            ax.set_xticks(x)
+            ax.set_xticklabels([str(v) for v in x])
+            ax.minorticks_off() if axis == "classes" else None
     fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -906,7 +909,7 @@ def print_table(result: dict, file=None) -> None:
         p()
         p(f"({name}) {res['description']}: {res['prompts']} distinct prompts, "
           f"forest {res['methods']['forest']['tokens']} tokens / {res['methods']['forest'].get('segments')} segments")
-        p(f"  {'method':10s} {'tokens':>8s} {'seq':>4s} {'GFLOP':>9s} {'time s':>9s} {'reps':>4s} "
+        p(f"  {'method':13s} {'tokens':>8s} {'seq':>4s} {'GFLOP':>9s} {'time s':>9s} {'reps':>4s} "
           f"{'GFLOP/s':>8s} {'peak MB':>8s} {'mb':>3s}  verify(max|dfeat|, rel dgrad)")
         for m in METHODS:
             e = res["methods"].get(m)
@@ -915,7 +918,7 @@ def print_table(result: dict, file=None) -> None:
             v = res["verify"].get(m, {})
             ver = "ref" if m == "forest" else (
                 f"{_fmt(v.get('prompt_max_abs_diff'), '.1e')}, {_fmt(v.get('ctx_grad_rel_diff'), '.1e')}")
-            p(f"  {m + (' est' if e['est'] else ''):10s} {e['tokens']:8d} {_fmt(e['seq_len'], 'd'):>4s} "
+            p(f"  {m + (' est' if e['est'] else ''):13s} {e['tokens']:8d} {_fmt(e['seq_len'], 'd'):>4s} "
               f"{e['flops']['total'] / 1e9:9.1f} {_fmt(e['time_s'], '9.3f'):>9s} {e['reps']:4d} "
               f"{_fmt(e['gflops'], '8.1f'):>8s} {_fmt(e['peak_mb'], '8.0f'):>8s} {_fmt(e['micro_batches'], 'd'):>3s}  {ver}")
         g = res["gemm"]
