@@ -9,6 +9,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -64,6 +65,20 @@ def toy_data(sizes=None, noise=0.5, seed=0, teacher_seed=123, tasks=TASKS):
         x = F.normalize(f[y] + noise * spread * e, dim=-1)
         out[task] = (x, y)
     return out
+
+
+# Fixtures shared by the training, checkpoint and baseline tests (imported there).
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return toy_data(seed=1), toy_data(seed=2, noise=1.0)
 
 
 # ------------------------------------------------------------------ subprocess script

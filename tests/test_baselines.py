@@ -10,17 +10,10 @@ import torch.nn.functional as F
 
 from hipro_fast.baselines import METHODS, ComparisonTable, build_method, compare
 from hipro_fast.training import TrainConfig, evaluate
+from tests.helpers_training import one_thread  # noqa: F401  (autouse: tiny towers run fastest on 1 thread)
 from tests.helpers_training import N_CTX, TASKS, TREE, tiny_clip, toy_data
 
 WIDTH, T = 64, len(TASKS)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_zero_shot_is_open_clip_encode_text_of_the_template():

@@ -17,23 +17,12 @@ from hipro_fast import TaskSpecError, TreeError
 from hipro_fast import checkpoint as ckpt
 from hipro_fast.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from hipro_fast.training import fit
+from tests.helpers_training import one_thread  # noqa: F401  (autouse: tiny towers run fastest on 1 thread)
+from tests.helpers_training import data  # noqa: F401
 from tests.helpers_training import REPO, TASKS, make_model, toy_data
 
 HELPER = str(Path(REPO) / "tests" / "helpers_training.py")
 RUN = dict(epochs=5, batch_size=4, steps_per_epoch=3, lr=0.05, seed=11)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return toy_data(seed=1), toy_data(seed=2, noise=1.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _same(a: dict, b: dict) -> bool:

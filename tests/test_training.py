@@ -11,22 +11,11 @@ from hipro_fast import TaskSpecError
 from hipro_fast import training
 from hipro_fast.training import (FitResult, NonFiniteLossError, TrainConfig, batch_indices, evaluate, fit,
                                  lr_at)
+from tests.helpers_training import one_thread  # noqa: F401  (autouse: tiny towers run fastest on 1 thread)
+from tests.helpers_training import data  # noqa: F401
 from tests.helpers_training import TASKS, make_model, toy_data
 
 FAST = dict(epochs=3, batch_size=4, steps_per_epoch=2, lr=0.05, seed=3)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return toy_data(seed=1), toy_data(seed=2, noise=1.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_defaults_are_coop():
