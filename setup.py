@@ -61,14 +61,17 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    cxx_flags = ["-O3"]
+    # HIPRO_EXTRA_CXXFLAGS: extra flags for the host and device compilers
+    # (e.g. "-std=c++20" with a torch whose extensions default to C++17).
+    extra = os.environ.get("HIPRO_EXTRA_CXXFLAGS", "").split()
+    cxx_flags = ["-O3", *extra]
     if _want_cuda():
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         return CUDAExtension(
             "hipro_fast._C",
             CPU_SOURCES + CUDA_SOURCES,
             define_macros=[("HIPRO_WITH_CUDA", None), ("HIPRO_CUDA_ARCHS", f'"{archs}"')],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", *extra]},
         )
     return CppExtension("hipro_fast._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags})
 
