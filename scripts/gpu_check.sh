@@ -64,11 +64,28 @@ fi
 echo "== build_info"
 "$PY" -c 'import torch, hipro_fast; info = hipro_fast.build_info(); print(info); assert info.get("cuda"), "extension has no CUDA ops"'
 
-echo "== GPU tests (tests/test_cuda_ops.py, tests/test_cuda_model.py)"
+echo "== error-path probe (each bad-argument call in its own process)"
 set +e
+timeout 300 "$PY" scripts/gpu_error_probe.py 2>&1 | tee "$RESULTS/probe.log"
+probe_rc=${PIPESTATUS[0]}
+if [[ $probe_rc -ne 0 ]] && command -v cuda-gdb >/dev/null; then
+  first=$(grep -m1 CRASHED "$RESULTS/probe.log" | cut -d: -f1)
+  echo "== native backtrace of '$first' (cuda-gdb)"
+  timeout 120 cuda-gdb -batch -ex run -ex bt --args "$PY" scripts/gpu_error_probe.py "$first" 2>&1 \
+    | grep -E "^#|signal|SIG" | head -40
+fi
+
+echo "== GPU tests (tests/test_cuda_ops.py, tests/test_cuda_model.py)"
+# The bad-argument test runs in its own process last, so a crash there
+# cannot hide the other results.
+ARGCHECK=tests/test_cuda_ops.py::test_tree_attention_cuda_argument_checks
 timeout "${CUDA_TESTS_TIMEOUT:-900}" "$PY" -m pytest tests/test_cuda_ops.py tests/test_cuda_model.py -q \
-  -p no:cacheprovider --tb=short 2>&1 | tee "$RESULTS/gpu_tests.log"
+  -p no:cacheprovider --tb=short --deselect "$ARGCHECK" 2>&1 | tee "$RESULTS/gpu_tests.log"
 cuda_rc=${PIPESTATUS[0]}
+timeout 120 "$PY" -m pytest "$ARGCHECK" -q -p no:cacheprovider --tb=short 2>&1 | tee -a "$RESULTS/gpu_tests.log"
+argcheck_rc=${PIPESTATUS[0]}
+[[ $cuda_rc -eq 0 ]] && cuda_rc=$argcheck_rc
+[[ $cuda_rc -eq 0 ]] && cuda_rc=$probe_rc
 set -e
 
 bench_rc=0

@@ -188,7 +188,7 @@ def test_assemble_autograd_matches_cpu(dtype):
     w = torch.randn(lay.num_tokens, 24, generator=g, dtype=torch.float64).to(dtype)
     grads = []
     for device in ("cpu", DEVICE):
-        c = ctx.to(device).requires_grad_()
+        c = ctx.detach().to(device).requires_grad_()  # a leaf on each device
         out = ops.assemble_forest(c, emb.to(device), pos.to(device), *(i.to(device) for i in idx))
         (out.float() * w.to(device).float()).sum().backward()
         grads.append(host(c.grad))
@@ -283,6 +283,28 @@ def test_tree_attention_autograd_matches_reference(dtype):
             tol = 1e-5 if dtype == torch.float32 else 1e-10
             torch.testing.assert_close(host(a).double(), host(r).double(), rtol=tol, atol=tol,
                                        msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed,kind,segments,max_len", FORESTS[:3])
+def test_tree_attention_row_strided_qkv(dtype, seed, kind, segments, max_len):
+    """q, k, v as slices of one packed [T, 3, H, D] tensor (what TextTower passes):
+    the kernels read them in place and match the contiguous call exactly."""
+    H, D = 4, 64
+    lay, q, k, v, go, scale = attention_case(seed, kind, segments, max_len, H, D, dtype)
+    packed = dev(torch.stack([q, k, v], dim=1))          # [T, 3, H, D]
+    qs, ks, vs = packed.unbind(1)
+    assert not qs.is_contiguous() and qs.stride(0) == 3 * H * D
+    st, ts = dev(lay.segment_table), dev(lay.token_segment)
+    out, lse = torch.ops.hipro_fast.tree_attention(qs, ks, vs, st, ts, scale)
+    grads = torch.ops.hipro_fast.tree_attention_backward(dev(go), qs, ks, vs, out, lse, st, ts, scale)
+    want = run_attention(lay, q, k, v, go, scale, DEVICE)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), [out, lse, *grads], want):
+        assert a.is_contiguous(), name
+        assert torch.equal(host(a), b), name
+    with pytest.raises(RuntimeError, match="contiguous within a row"):
+        torch.ops.hipro_fast.tree_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
+                                            st, ts, scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

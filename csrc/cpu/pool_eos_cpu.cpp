@@ -17,14 +17,7 @@ at::ScalarType acc_type_for(at::ScalarType t) {
 
 void check_pool_args(const at::Tensor& x, const at::Tensor& eos_index, const at::Tensor& ln_weight,
                      const at::Tensor& ln_bias, const at::Tensor& projection) {
-  TORCH_CHECK(x.dim() == 2, "x must be [T, W], got ", x.sizes());
-  check_index_vector(eos_index, "eos_index", -1);
-  const int64_t W = x.size(1);
-  TORCH_CHECK(ln_weight.dim() == 1 && ln_weight.size(0) == W && ln_bias.dim() == 1 &&
-                  ln_bias.size(0) == W,
-              "ln_weight and ln_bias must be [", W, "]");
-  TORCH_CHECK(projection.dim() == 2 && projection.size(0) == W, "projection must be [", W,
-              ", E], got ", projection.sizes());
+  check_pool_shapes(x, eos_index, ln_weight, ln_bias, projection);
   const int64_t T = x.size(0);
   const int64_t* e = eos_index.data_ptr<int64_t>();
   for (int64_t p = 0; p < eos_index.numel(); ++p) {

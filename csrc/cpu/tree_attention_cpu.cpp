@@ -248,29 +248,12 @@ void run_grad_kv(Rows<float> q, Rows<float> k, Rows<float> v, Forest f, float sc
   grad_kv_items_f32(q, k, v, f, scale, go, lse, delta, dk, dv, s, b, e);
 }
 
-void check_inner_contiguous(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 3, name, " must be [T, H, D], got ", x.sizes());
-  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2),
-              name, " must be contiguous within a row ([H, D] block), got strides ", x.strides());
-}
-
-void check_qkv_strided(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check_inner_contiguous(q, "q");
-  check_inner_contiguous(k, "k");
-  check_inner_contiguous(v, "v");
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
-              "q, k, v must have the same shape, got ", q.sizes(), ", ", k.sizes(), ", ",
-              v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "q, k, v must share a dtype");
-}
-
 std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
                                                       const at::Tensor& segment_table,
                                                       const at::Tensor& token_segment,
                                                       double scale) {
-  check_qkv_strided(q, k, v);
+  check_qkv(q, k, v);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   check_tokens(segment_table, token_segment, T);
   auto out = at::empty({T, H, D}, q.options());
@@ -293,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segment_table,
     const at::Tensor& token_segment, double scale) {
-  check_qkv_strided(q, k, v);
+  check_qkv(q, k, v);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   check_tokens(segment_table, token_segment, T);
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({T, H}), "lse must be [T, H]");

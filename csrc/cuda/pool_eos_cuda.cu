@@ -122,14 +122,7 @@ layernorm_backward_kernel(const acc_t* __restrict__ dxh, const acc_t* __restrict
 
 void check_pool_args(const at::Tensor& x, const at::Tensor& eos_index, const at::Tensor& ln_weight,
                      const at::Tensor& ln_bias, const at::Tensor& projection) {
-  TORCH_CHECK(x.dim() == 2, "x must be [T, W], got ", x.sizes());
-  check_index_vector(eos_index, "eos_index", -1);
-  const int64_t W = x.size(1);
-  TORCH_CHECK(ln_weight.dim() == 1 && ln_weight.size(0) == W && ln_bias.dim() == 1 &&
-                  ln_bias.size(0) == W,
-              "ln_weight and ln_bias must be [", W, "]");
-  TORCH_CHECK(projection.dim() == 2 && projection.size(0) == W, "projection must be [", W,
-              ", E], got ", projection.sizes());
+  check_pool_shapes(x, eos_index, ln_weight, ln_bias, projection);
   check_floating(x, "x");
   check_floating(ln_weight, "ln_weight");
   check_floating(ln_bias, "ln_bias");

@@ -20,6 +20,9 @@
 //                [j, visible_query_end(seg(j))), round robin, then the
 //                per-warp partial sums are added in warp order through
 //                shared memory.
+// q, k, v may be row-strided (slices of a packed [T, 3, H, D] qkv): token t,
+// head h of q starts at q + t * q_rs + h * D; grad_out and the outputs are
+// contiguous [T, H, D].
 // No atomics: every output element is written by exactly one thread after a
 // fixed-order reduction, so results are bitwise reproducible run to run.
 //
@@ -28,7 +31,7 @@
 // predicates (segment_row_valid / token_in_segment in tree_index.h) on the
 // device before the attention kernels, on the same stream, and stops with a
 // device-side assertion on a malformed forest. Shapes, dtypes, devices and
-// contiguity are checked on the host with TORCH_CHECK.
+// row layouts are checked on the host with TORCH_CHECK.
 #include "common.cuh"
 
 namespace hipro {
@@ -41,6 +44,15 @@ constexpr int kSplit = 4;               // warps per (key, head) in the dK/dV ke
 constexpr int kKeysPerStep = 4;         // keys per online-softmax step
 constexpr int kMaxElemsPerLane = 8;     // D <= 32 * 8 = 256
 constexpr int64_t kMaxHeadDim = kWarpSize * kMaxElemsPerLane;
+
+// Row (token) strides of q, k, v in elements.
+struct RowStrides {
+  int64_t q, k, v;
+};
+
+inline RowStrides row_strides(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {q.stride(0), k.stride(0), v.stride(0)};
+}
 
 // ---------------------------------------------------------------------------
 // Validation.
@@ -143,7 +155,7 @@ tree_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __rest
                           at::opmath_type<scalar_t>* __restrict__ lse,
                           const int64_t* __restrict__ table,
                           const int64_t* __restrict__ token_segment, int64_t H, int64_t D,
-                          at::opmath_type<scalar_t> scale) {
+                          RowStrides rs, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ int64_t s_begin[kMaxDepth];
   __shared__ int64_t s_end[kMaxDepth];
@@ -156,7 +168,7 @@ tree_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __rest
   for (int64_t h = warp; h < H; h += kAttnWarps) {
     const int64_t item = t * H + h;
     acc_t qr[NPL];
-    load_row<NPL>(q + item * D, D, lane, qr);
+    load_row<NPL>(q + t * rs.q + h * D, D, lane, qr);
     acc_t o[NPL];
 #pragma unroll
     for (int i = 0; i < NPL; ++i) o[i] = 0;
@@ -170,7 +182,7 @@ tree_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __rest
 #pragma unroll
         for (int b = 0; b < kKeysPerStep; ++b) {
           const int64_t j = j0 + b;
-          s[b] = j < key_end ? partial_dot<NPL>(qr, k + (j * H + h) * D, D, lane) : acc_t(0);
+          s[b] = j < key_end ? partial_dot<NPL>(qr, k + j * rs.k + h * D, D, lane) : acc_t(0);
         }
 #pragma unroll
         for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
@@ -196,7 +208,7 @@ tree_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __rest
           if (j < key_end) {
             const acc_t p = dev_exp(s[b] - m_new);
             l += p;
-            axpy_row<NPL>(p, v + (j * H + h) * D, D, lane, o);
+            axpy_row<NPL>(p, v + j * rs.v + h * D, D, lane, o);
           }
         }
         m = m_new;
@@ -238,7 +250,7 @@ tree_attention_dq_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* 
                          const at::opmath_type<scalar_t>* __restrict__ delta,
                          scalar_t* __restrict__ dq, const int64_t* __restrict__ table,
                          const int64_t* __restrict__ token_segment, int64_t H, int64_t D,
-                         at::opmath_type<scalar_t> scale) {
+                         RowStrides rs, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ int64_t s_begin[kMaxDepth];
   __shared__ int64_t s_end[kMaxDepth];
@@ -251,7 +263,7 @@ tree_attention_dq_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* 
   for (int64_t h = warp; h < H; h += kAttnWarps) {
     const int64_t item = t * H + h;
     acc_t qr[NPL], gr[NPL], acc[NPL];
-    load_row<NPL>(q + item * D, D, lane, qr);
+    load_row<NPL>(q + t * rs.q + h * D, D, lane, qr);
     load_row<NPL>(grad_out + item * D, D, lane, gr);
 #pragma unroll
     for (int i = 0; i < NPL; ++i) acc[i] = 0;
@@ -266,8 +278,8 @@ tree_attention_dq_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* 
         for (int b = 0; b < kKeysPerStep; ++b) {
           const int64_t j = j0 + b;
           const bool valid = j < key_end;
-          s[b] = valid ? partial_dot<NPL>(qr, k + (j * H + h) * D, D, lane) : acc_t(0);
-          dp[b] = valid ? partial_dot<NPL>(gr, v + (j * H + h) * D, D, lane) : acc_t(0);
+          s[b] = valid ? partial_dot<NPL>(qr, k + j * rs.k + h * D, D, lane) : acc_t(0);
+          dp[b] = valid ? partial_dot<NPL>(gr, v + j * rs.v + h * D, D, lane) : acc_t(0);
         }
 #pragma unroll
         for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
@@ -282,7 +294,7 @@ tree_attention_dq_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* 
           const int64_t j = j0 + b;
           if (j < key_end) {
             const acc_t p = dev_exp(s[b] * scale - row_lse);
-            axpy_row<NPL>(p * (dp[b] - row_delta) * scale, k + (j * H + h) * D, D, lane, acc);
+            axpy_row<NPL>(p * (dp[b] - row_delta) * scale, k + j * rs.k + h * D, D, lane, acc);
           }
         }
       }
@@ -302,7 +314,7 @@ tree_attention_dkdv_kernel(const scalar_t* __restrict__ grad_out, const scalar_t
                            scalar_t* __restrict__ dk, scalar_t* __restrict__ dv,
                            const int64_t* __restrict__ table,
                            const int64_t* __restrict__ token_segment, int64_t H, int64_t D,
-                           at::opmath_type<scalar_t> scale) {
+                           RowStrides rs, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowElems = NPL * kWarpSize;
   __shared__ acc_t s_dk[kSplit][kRowElems];
@@ -315,15 +327,15 @@ tree_attention_dkdv_kernel(const scalar_t* __restrict__ grad_out, const scalar_t
   const int64_t query_end = visible_query_end(table, token_segment[j]);
 
   acc_t kr[NPL], vr[NPL], acc_k[NPL], acc_v[NPL];
-  load_row<NPL>(k + item * D, D, lane, kr);
-  load_row<NPL>(v + item * D, D, lane, vr);
+  load_row<NPL>(k + j * rs.k + h * D, D, lane, kr);
+  load_row<NPL>(v + j * rs.v + h * D, D, lane, vr);
 #pragma unroll
   for (int i = 0; i < NPL; ++i) acc_k[i] = acc_v[i] = 0;
 
   for (int64_t t = j + warp; t < query_end; t += kSplit) {
     const int64_t qi = t * H + h;
     acc_t qr[NPL], gr[NPL];
-    load_row<NPL>(q + qi * D, D, lane, qr);
+    load_row<NPL>(q + t * rs.q + h * D, D, lane, qr);
     load_row<NPL>(grad_out + qi * D, D, lane, gr);
     acc_t s = 0, dp = 0;
 #pragma unroll
@@ -411,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
   check_attention_args(q, k, v, segment_table, token_segment);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  auto out = at::empty_like(q);
+  auto out = at::empty({T, H, D}, q.options());
   auto lse = at::empty({T, H}, q.options().dtype(acc_scalar_type(q.scalar_type())));
   if (T == 0 || H == 0) return {out, lse};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -425,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
                                                  stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
           out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), segment_table.data_ptr<int64_t>(),
-          token_segment.data_ptr<int64_t>(), H, D, static_cast<acc_t>(scale));
+          token_segment.data_ptr<int64_t>(), H, D, row_strides(q, k, v), static_cast<acc_t>(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -449,9 +461,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
   check_on_device(out, q, "out");
   check_on_device(lse, q, "lse");
   const c10::cuda::CUDAGuard guard(q.device());
-  auto dq = at::empty_like(q);
-  auto dk = at::empty_like(k);
-  auto dv = at::empty_like(v);
+  auto dq = at::empty({T, H, D}, q.options());
+  auto dk = at::empty({T, H, D}, q.options());
+  auto dv = at::empty({T, H, D}, q.options());
   if (T == 0 || H == 0) return {dq, dk, dv};
   // Same conversions as the CPU op: dO and O in q's dtype, lse in acc type.
   const auto go = grad_out.contiguous().to(q.scalar_type());
@@ -482,14 +494,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
           go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
           v.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
           dq.data_ptr<scalar_t>(), segment_table.data_ptr<int64_t>(),
-          token_segment.data_ptr<int64_t>(), H, D, sc);
+          token_segment.data_ptr<int64_t>(), H, D, row_strides(q, k, v), sc);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       tree_attention_dkdv_kernel<scalar_t, NPL><<<static_cast<unsigned>(T * H),
                                                   kSplit * kWarpSize, 0, stream>>>(
           go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
           v.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
           dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), segment_table.data_ptr<int64_t>(),
-          token_segment.data_ptr<int64_t>(), H, D, sc);
+          token_segment.data_ptr<int64_t>(), H, D, row_strides(q, k, v), sc);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
