@@ -47,7 +47,7 @@ from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = Path(__file__).parent
-CPU_SOURCES = ["csrc/python_module.cpp", "csrc/op_schemas.cpp", "csrc/forest_layout.cpp", *sorted(
+CPU_SOURCES = ["csrc/python_module.cpp", "csrc/op_schemas.cpp", "csrc/forest_layout.cpp", "csrc/checks.cpp", *sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
 CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
 

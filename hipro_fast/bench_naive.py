@@ -202,8 +202,9 @@ class BaselineStep:
         total = 0.0
         P = self.spec.num_prompts
         E = self.tower.projection.shape[1]
-        pf = torch.full((P, E), float("nan")) if collect else None
-        tf = {t: torch.full((ids.shape[-1], E), float("nan")) for t, ids in self.spec.task_prompts.items()} \
+        pf = torch.full((P, E), float("nan"), device=ctx_table.device) if collect else None
+        tf = {t: torch.full((ids.shape[-1], E), float("nan"), device=ctx_table.device)
+              for t, ids in self.spec.task_prompts.items()} \
             if collect else None
         for graph in self.batches[:limit_graphs]:
             loss = None
@@ -297,7 +298,7 @@ class NaiveStep(BaselineStep):
     def step(self, ctx_table: torch.Tensor, collect: bool = False, limit_graphs: int | None = None):
         spec = self.spec
         P, E = spec.num_prompts, self.tower.projection.shape[1]
-        pf = torch.full((P, E), float("nan")) if collect else None
+        pf = torch.full((P, E), float("nan"), device=ctx_table.device) if collect else None
         tf = {} if collect else None
         total = 0.0
         for graph in self.task_graphs[:limit_graphs]:

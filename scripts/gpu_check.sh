@@ -12,7 +12,7 @@
 # Environment: PYTHON (default .venv/bin/python, else python3), CUDA_HOME
 # (default: setup.py's search), MAX_JOBS (default nproc), CUDA_TESTS_TIMEOUT,
 # BENCH_TIMEOUT and SUITE_TIMEOUT in seconds (defaults 900, 600, 1800),
-# BENCH=0 skips the benchmark, SUITE=0 skips the rest of the suite, RESULTS
+# BENCH=0 skips the benchmark, BENCH_ARGS are passed to it, SUITE=0 skips the rest of the suite, RESULTS
 # (a folder for the logs and benchmark JSON; default build/gpu_check).
 set -euo pipefail
 
@@ -92,7 +92,7 @@ bench_rc=0
 if [[ "${BENCH:-1}" == "1" ]]; then
   echo "== GPU text-step benchmark (python -m hipro_fast.bench_gpu)"
   set +e
-  timeout "${BENCH_TIMEOUT:-600}" "$PY" -m hipro_fast.bench_gpu --profile --json "$RESULTS/bench_gpu.json" \
+  timeout "${BENCH_TIMEOUT:-600}" "$PY" -m hipro_fast.bench_gpu --profile --json "$RESULTS/bench_gpu.json" ${BENCH_ARGS:-} \
     2>&1 | tee "$RESULTS/bench_gpu.log"
   bench_rc=${PIPESTATUS[0]}
   set -e

@@ -90,8 +90,8 @@ at::Tensor assemble_forest_cuda(const at::Tensor& ctx_table, const at::Tensor& t
               "ctx_table, token_embedding, positional_embedding must be 2-D");
   const int64_t W = ctx_table.size(1);
   TORCH_CHECK(token_embedding.size(1) == W && positional_embedding.size(1) == W,
-              "width mismatch: ctx_table ", ctx_table.sizes(), ", token_embedding ",
-              token_embedding.sizes(), ", positional_embedding ", positional_embedding.sizes());
+              "width mismatch: ctx_table ", shape_of(ctx_table), ", token_embedding ",
+              shape_of(token_embedding), ", positional_embedding ", shape_of(positional_embedding));
   TORCH_CHECK(token_embedding.scalar_type() == ctx_table.scalar_type() &&
                   positional_embedding.scalar_type() == ctx_table.scalar_type(),
               "ctx_table, token_embedding and positional_embedding must share a dtype");

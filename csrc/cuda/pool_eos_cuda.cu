@@ -181,19 +181,19 @@ at::Tensor pool_eos_backward_cuda(const at::Tensor& grad_features, const at::Ten
                                   const at::Tensor& proj_norm, const at::Tensor& ln_weight,
                                   const at::Tensor& projection, const at::Tensor& eos_index,
                                   int64_t num_tokens, at::ScalarType x_dtype) {
-  TORCH_CHECK(x_hat.dim() == 2, "x_hat must be [P, W], got ", x_hat.sizes());
+  TORCH_CHECK(x_hat.dim() == 2, "x_hat must be [P, W], got ", shape_of(x_hat));
   const int64_t P = x_hat.size(0), W = x_hat.size(1);
   const auto acc = x_hat.scalar_type();
   TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "x_hat must be float32 or float64, got ",
               acc);
   TORCH_CHECK(projection.dim() == 2 && projection.size(0) == W, "projection must be [", W,
-              ", E], got ", projection.sizes());
+              ", E], got ", shape_of(projection));
   const int64_t E = projection.size(1);
   TORCH_CHECK(grad_features.dim() == 2 && grad_features.size(0) == P &&
                   grad_features.size(1) == E,
-              "grad_features must be [", P, ", ", E, "], got ", grad_features.sizes());
+              "grad_features must be [", P, ", ", E, "], got ", shape_of(grad_features));
   TORCH_CHECK(features.sizes() == grad_features.sizes(), "features must be [", P, ", ", E,
-              "], got ", features.sizes());
+              "], got ", shape_of(features));
   TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == P, "rstd must be [", P, "]");
   TORCH_CHECK(proj_norm.dim() == 1 && proj_norm.size(0) == P, "proj_norm must be [", P, "]");
   TORCH_CHECK(ln_weight.dim() == 1 && ln_weight.size(0) == W, "ln_weight must be [", W, "]");

@@ -450,9 +450,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
     const at::Tensor& token_segment, double scale) {
   check_attention_args(q, k, v, segment_table, token_segment);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must be ", q.sizes(), ", got ",
-              grad_out.sizes());
-  TORCH_CHECK(out.sizes() == q.sizes(), "out must be ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must be ", shape_of(q), ", got ",
+              shape_of(grad_out));
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must be ", shape_of(q), ", got ", shape_of(out));
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({T, H}), "lse must be [T, H]");
   check_floating(grad_out, "grad_out");
   check_floating(out, "out");
