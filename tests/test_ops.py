@@ -208,6 +208,24 @@ def test_pool_forward_backward(dtype, T, P, W, E):
 
 
 @needs_ext
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_pool_ignores_autocast(amp_dtype):
+    """Inside an autocast region the op still computes (and returns) fp32: its
+    internal GEMM must not be autocast (on CUDA that raised a dtype error)."""
+    x, eos, weight, bias, proj = pool_inputs(3, 20, 7, 16, 8, torch.float32)
+    out = ops.pool_eos(x, eos, weight, bias, proj, 1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    xa = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=amp_dtype):
+        out_a = ops.pool_eos(xa, eos, weight, bias, proj, 1e-5)
+        out_a.backward(g)
+    assert out_a.dtype == torch.float32
+    torch.testing.assert_close(out_a, out, rtol=0, atol=0)
+    torch.testing.assert_close(xa.grad, x.grad, rtol=0, atol=0)
+
+
+@needs_ext
 def test_pool_gradcheck_all_inputs_fp64():
     x, eos, weight, bias, proj = pool_inputs(0, 9, 4, 6, 5, torch.float64)
     for t in (weight, bias, proj):

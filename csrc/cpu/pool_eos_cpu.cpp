@@ -6,6 +6,8 @@
 
 #include <cmath>
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include "../checks.h"
 
 namespace hipro {
@@ -28,6 +30,9 @@ void check_pool_args(const at::Tensor& x, const at::Tensor& eos_index, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_eos_cpu(
     const at::Tensor& x, const at::Tensor& eos_index, const at::Tensor& ln_weight,
     const at::Tensor& ln_bias, const at::Tensor& projection, double eps) {
+  // The op computes in its documented precision (fp32 / fp64) even inside an
+  // autocast region: its at::mm must not be autocast to bf16 / fp16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_pool_args(x, eos_index, ln_weight, ln_bias, projection);
   const int64_t P = eos_index.numel(), W = x.size(1);
   const auto acc = acc_type_for(x.scalar_type());
@@ -79,6 +84,9 @@ at::Tensor pool_eos_backward_cpu(const at::Tensor& grad_features, const at::Tens
                                  const at::Tensor& proj_norm, const at::Tensor& ln_weight,
                                  const at::Tensor& projection, const at::Tensor& eos_index,
                                  int64_t num_tokens, at::ScalarType x_dtype) {
+  // The op computes in its documented precision (fp32 / fp64) even inside an
+  // autocast region: its at::mm must not be autocast to bf16 / fp16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t P = x_hat.size(0), W = x_hat.size(1);
   const auto acc = x_hat.scalar_type();
   const auto df = grad_features.to(acc);

@@ -20,6 +20,8 @@
 // Index checks: the gather kernel checks each eos index with a device-side
 // assertion instead of the CPU op's host loop (no device->host sync); the
 // backward's index_add_ checks its indices itself.
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include "common.cuh"
 
 namespace hipro {
@@ -139,6 +141,9 @@ void check_pool_args(const at::Tensor& x, const at::Tensor& eos_index, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_eos_cuda(
     const at::Tensor& x, const at::Tensor& eos_index, const at::Tensor& ln_weight,
     const at::Tensor& ln_bias, const at::Tensor& projection, double eps) {
+  // The op computes in its documented precision (fp32 / fp64) even inside an
+  // autocast region: its at::mm must not be autocast to bf16 / fp16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_pool_args(x, eos_index, ln_weight, ln_bias, projection);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t P = eos_index.numel(), T = x.size(0), W = x.size(1);
@@ -181,6 +186,9 @@ at::Tensor pool_eos_backward_cuda(const at::Tensor& grad_features, const at::Ten
                                   const at::Tensor& proj_norm, const at::Tensor& ln_weight,
                                   const at::Tensor& projection, const at::Tensor& eos_index,
                                   int64_t num_tokens, at::ScalarType x_dtype) {
+  // The op computes in its documented precision (fp32 / fp64) even inside an
+  // autocast region: its at::mm must not be autocast to bf16 / fp16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(x_hat.dim() == 2, "x_hat must be [P, W], got ", shape_of(x_hat));
   const int64_t P = x_hat.size(0), W = x_hat.size(1);
   const auto acc = x_hat.scalar_type();
