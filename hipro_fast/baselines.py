@@ -21,6 +21,7 @@ import torch
 
 from .clip_loading import LoadedClip
 from .model import HiProModel, validate_tasks
+from .prompt_forest import DEFAULT_COMBINE
 from .training import Data, TrainConfig, evaluate, fit
 from .tree import ROOT, TaskTree, leaf_id
 
@@ -37,7 +38,7 @@ def _flat_ctx(tasks: Sequence[str], root: int, leaf: int) -> dict[str, int]:
 
 
 def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str]],
-                 tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = "concat",
+                 tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
                  seed: int = 0, tokenizer=None) -> HiProModel:
     """The HiProModel of one method (see the module docstring). `tree` is used by
     "hipro" only; zero-shot's context is frozen (0 trainable parameters)."""
@@ -141,7 +142,7 @@ class ComparisonTable:
 
 def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str]], train: Data, test: Data,
             val: Data | None = None, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (1, 2, 3),
-            tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = "concat",
+            tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
             train_config: TrainConfig | None = None, affinity_config: Mapping[str, Any] | None = None,
             tokenizer=None) -> ComparisonTable:
     """Train and test every method on the same data, over several seeds.

@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from .prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
+
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
 
 # Demo settings: small enough for a few minutes on 2 CPU cores with hipro-tiny-clip.
@@ -72,7 +74,8 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True) -> None:
     g.add_argument("--lr", type=float, default=None, help="learning rate (TrainConfig default if unset)")
     g.add_argument("--train-batch-size", type=int, default=None, help="training batch size")
     g.add_argument("--n-ctx", type=int, default=None, help="context tokens per tree node (default 16)")
-    g.add_argument("--combine", choices=["concat", "mean"], default="concat")
+    g.add_argument("--combine", choices=list(COMBINE_MODES), default=DEFAULT_COMBINE,
+                   help="how a task combines its path contexts (default %(default)s, see README ablation)")
     g.add_argument("--ctx-init", default=None, help='initialise contexts from a phrase, e.g. "a photo of a"')
 
 

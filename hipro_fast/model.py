@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .clip_loading import LoadedClip
 from .encoder import ForestEncoder
-from .prompt_forest import COMBINE_MODES
+from .prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
 from .text_tower import TextTower
 from .tree import ROOT, TaskTree, TreeError
 
@@ -52,8 +52,9 @@ class HiProModel(nn.Module):
             get 16). A node with 0 holds no context and is skipped on paths, which
             expresses the baselines in the same code path: CoOp per task (root 0),
             CoOp shared (leaves 0), zero-shot (root = "a photo of a", leaves 0).
-        combine: "concat" (the path's contexts concatenated into one prompt) or
-            "mean" (normalised mean of each path node's own prompt features).
+        combine: "mean" (default: normalised mean of each path node's own prompt
+            features; the planted-hierarchy ablation's choice) or "concat" (the
+            path's contexts concatenated into one prompt).
         ctx_init: None for N(0, 0.02) contexts, or a phrase such as "a photo of a":
             in `mean` mode every node starts from the phrase's token embeddings, in
             `concat` mode the root does and the other nodes start random. A phrase
@@ -67,7 +68,7 @@ class HiProModel(nn.Module):
 
     def __init__(self, clip: LoadedClip | nn.Module, tasks: Mapping[str, Sequence[str]],
                  tree: TaskTree | Sequence[Any], n_ctx: int | Mapping[str, int] = 16,
-                 combine: str = "concat", ctx_init: str | None = None, tokenizer=None, seed: int = 0):
+                 combine: str = DEFAULT_COMBINE, ctx_init: str | None = None, tokenizer=None, seed: int = 0):
         super().__init__()
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")

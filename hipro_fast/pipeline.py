@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .prompt_forest import DEFAULT_COMBINE
 from .tasks_spec import MultiTaskSpec, few_shot
 
 __all__ = [
@@ -304,7 +305,7 @@ def train_config_overrides(train_cfg_cls, overrides: Mapping[str, Any]) -> dict[
     return {k: v for k, v in overrides.items() if v is not None and k in names}
 
 
-def train_hipro(clip, feats: TaskFeatures, tree, *, n_ctx=16, combine: str = "concat",
+def train_hipro(clip, feats: TaskFeatures, tree, *, n_ctx=16, combine: str = DEFAULT_COMBINE,
                 ctx_init: str | None = None, seed: int = 0, device: str = "cpu",
                 train_overrides: Mapping[str, Any] | None = None, callback=None,
                 checkpoint_dir: str | Path | None = None, progress: bool = True):
@@ -393,7 +394,7 @@ def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = 
 
 # ------------------------------------------------------------------ baselines
 def run_compare(clip, feats: TaskFeatures, *, methods: Sequence[str] | None = None,
-                seeds: Sequence[int] = (0,), tree=None, n_ctx: int | None = None, combine: str = "concat",
+                seeds: Sequence[int] = (0,), tree=None, n_ctx: int | None = None, combine: str = DEFAULT_COMBINE,
                 train_overrides: Mapping[str, Any] | None = None, progress: bool = True):
     """baselines.compare on the cached features (train = the few-shot draw)."""
     baselines = require("baselines")

@@ -22,6 +22,10 @@ from .layout import ForestError, ForestLayout, build_forest_layout, encode_vocab
 
 Combine = Literal["concat", "mean"]
 COMBINE_MODES = ("concat", "mean")
+# The method-level default (HiProModel, compare, the CLI): the planted-hierarchy
+# ablation (benchmarks/results/ablation_planted.md) found "mean" +17 points over
+# "concat" and "concat" losing to CoOp per task.
+DEFAULT_COMBINE: Combine = "mean"
 
 
 def class_suffix_tokens(tokenizer, name: str) -> list[int]:

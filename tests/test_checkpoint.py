@@ -88,7 +88,7 @@ def test_mismatch_errors_name_the_item(tmp_path):
     with pytest.raises(TreeError, match="node 'root': checkpoint n_ctx 2 vs model 3"):
         load_checkpoint(tmp_path, make_model(n_ctx={"root": 3}))
     with pytest.raises(CheckpointError, match="combine"):
-        load_checkpoint(tmp_path, make_model(combine="mean"))
+        load_checkpoint(tmp_path, make_model(combine="concat"))
     with pytest.raises(FileNotFoundError, match="no 'best' checkpoint"):
         load_checkpoint(tmp_path, model, kind="best")
     tensors = next(tmp_path.glob("last-e*.safetensors"))

@@ -94,8 +94,14 @@ def test_feature_dim_and_task_errors(tiny, tokenizer):
 
 
 def test_overflowing_prompt_names_the_task(tiny, tokenizer):
+    # concat: root 40 + leaf 40 contexts in one prompt overflow the 77 tokens
     with pytest.raises(hf.ForestError, match="task 'a', class 'dog'"):
-        hf.HiProModel(tiny, {"a": ["dog"]}, ["a"], n_ctx=40, tokenizer=tokenizer)
+        hf.HiProModel(tiny, {"a": ["dog"]}, ["a"], n_ctx=40, combine="concat", tokenizer=tokenizer)
+    # mean: each node's prompt stands alone, so only one node's 80 contexts overflow
+    hf.HiProModel(tiny, {"a": ["dog"]}, ["a"], n_ctx=40, combine="mean", tokenizer=tokenizer)
+    with pytest.raises(hf.ForestError, match="task 'a', class 'dog'"):
+        hf.HiProModel(tiny, {"a": ["dog"]}, ["a"], n_ctx={"root": 2, "task/a": 80}, combine="mean",
+                      tokenizer=tokenizer)
 
 
 def test_load_clip_local_file_and_mismatch(tmp_path, tiny):
