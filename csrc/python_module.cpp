@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/extension.h>
 
+#include "cpu/attention_blocks.h"
 #include "forest_layout.h"
 #include "tree_index.h"
 
@@ -61,4 +62,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_forest_layout", &forest_layout_py, pybind11::arg("parents"),
         pybind11::arg("sources"), pybind11::arg("max_path_tokens"),
         "Pack a prompt forest into the DFS-preorder token layout (see tree_index.h).");
+  m.def("attention_block_min_pairs", &hipro::attention_block_min_pairs,
+        "CPU tree attention: minimum (descendant queries x keys) of a segment handled by GEMMs.");
+  m.def("set_attention_block_min_pairs", &hipro::set_attention_block_min_pairs,
+        pybind11::arg("min_pairs"),
+        "Set it (0: every segment with descendants; a huge value: the scalar loops only).");
 }

@@ -1,5 +1,7 @@
 """The fused ops against their PyTorch references and brute-force loops,
 forward and backward, plus opcheck and fp64 gradcheck."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -39,10 +41,35 @@ def qkv(T, H, D, dtype, seed=0, requires_grad=False):
 
 # ---------------------------------------------------------------- tree attention
 
+# The CPU op splits the pairs between batched GEMM blocks (segments with many
+# descendant queries) and scalar loops; each test runs with the default split,
+# with every segment that has descendants on the GEMM path, and with none.
+BLOCK_MODES = {"default": None, "all_gemm": 0, "scalar_only": 10**15}
+
+
+@contextlib.contextmanager
+def block_mode(mode):
+    if _C is None or BLOCK_MODES[mode] is None:
+        yield
+        return
+    before = _C.attention_block_min_pairs()
+    _C.set_attention_block_min_pairs(BLOCK_MODES[mode])
+    try:
+        yield
+    finally:
+        _C.set_attention_block_min_pairs(before)
+
+
+@pytest.fixture(params=list(BLOCK_MODES))
+def attention_path(request):
+    with block_mode(request.param):
+        yield request.param
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed,segments,H,D", [(0, 1, 1, 4), (1, 7, 2, 8), (2, 25, 3, 16), (3, 12, 4, 33)])
-def test_tree_attention_forward_matches_brute_force(dtype, seed, segments, H, D):
+def test_tree_attention_forward_matches_brute_force(dtype, seed, segments, H, D, attention_path):
     lay, _ = random_layout(seed, segments)
     q, k, v = qkv(lay.num_tokens, H, D, dtype, seed)
     scale = D ** -0.5
@@ -59,7 +86,7 @@ def test_tree_attention_forward_matches_brute_force(dtype, seed, segments, H, D)
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed,segments,H,D", [(4, 1, 1, 4), (5, 9, 2, 8), (6, 30, 2, 16)])
-def test_tree_attention_backward_matches_reference(dtype, seed, segments, H, D):
+def test_tree_attention_backward_matches_reference(dtype, seed, segments, H, D, attention_path):
     lay, _ = random_layout(seed, segments)
     T = lay.num_tokens
     scale = D ** -0.5
@@ -80,8 +107,14 @@ def test_tree_attention_backward_matches_reference(dtype, seed, segments, H, D):
 @needs_ext
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 100_000), segments=st.integers(1, 40), H=st.integers(1, 4),
-       D=st.sampled_from([1, 3, 8, 16, 64]), max_len=st.integers(1, 12))
-def test_tree_attention_fuzz_fp32(seed, segments, H, D, max_len):
+       D=st.sampled_from([1, 3, 8, 16, 64]), max_len=st.integers(1, 12),
+       mode=st.sampled_from(list(BLOCK_MODES)))
+def test_tree_attention_fuzz_fp32(seed, segments, H, D, max_len, mode):
+    with block_mode(mode):
+        _fuzz_case(seed, segments, H, D, max_len)
+
+
+def _fuzz_case(seed, segments, H, D, max_len):
     lay, _ = random_layout(seed, segments, max_len)
     q, k, v = qkv(lay.num_tokens, H, D, torch.float32, seed, requires_grad=True)
     scale = D ** -0.5
@@ -97,7 +130,35 @@ def test_tree_attention_fuzz_fp32(seed, segments, H, D, max_len):
 
 
 @needs_ext
-def test_tree_attention_gradcheck_fp64():
+def test_tree_attention_paths_agree_in_fp64():
+    """The GEMM blocks and the scalar loops compute the same sums in another
+    order: in fp64 every output agrees to rounding, with some segments on each
+    path in the default split."""
+    lay, _ = random_layout(21, 40, 8)
+    T, H, D = lay.num_tokens, 3, 16
+    q, k, v = qkv(T, H, D, torch.float64, 7)
+    go = torch.randn(T, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    results = {}
+    for mode, pairs in (("scalar_only", 10**15), ("split", 12), ("all_gemm", 0)):
+        before = _C.attention_block_min_pairs()
+        _C.set_attention_block_min_pairs(pairs)
+        try:
+            out, lse = torch.ops.hipro_fast.tree_attention(q, k, v, lay.segment_table, lay.token_segment, 0.25)
+            grads = torch.ops.hipro_fast.tree_attention_backward(go, q, k, v, out, lse, lay.segment_table,
+                                                                 lay.token_segment, 0.25)
+        finally:
+            _C.set_attention_block_min_pairs(before)
+        results[mode] = [out, lse, *grads]
+    table = lay.segment_table
+    pairs = (table[:, 3] - table[:, 0] - table[:, 1]) * table[:, 1]
+    assert ((pairs > 0) & (pairs < 12)).any() and (pairs >= 12).any()  # "split" really splits
+    for mode in ("split", "all_gemm"):
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results[mode], results["scalar_only"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{mode} {name}: {m}")
+
+
+@needs_ext
+def test_tree_attention_gradcheck_fp64(attention_path):
     lay, _ = random_layout(11, 6, 3)
     q, k, v = qkv(lay.num_tokens, 2, 3, torch.float64, 3, requires_grad=True)
     fn = lambda a, b, c: ops.tree_attention(a, b, c, lay.segment_table, lay.token_segment, 0.7)  # noqa: E731

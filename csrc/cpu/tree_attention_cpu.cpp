@@ -5,6 +5,13 @@
 // q, k, v may be row-strided views (e.g. slices of the packed qkv GEMM
 // output [T, 3, H, D]): only the [H, D] part of a row must be contiguous, so
 // the forward needs no copies.
+//
+// Two paths share the work exactly (see attention_blocks.h): the descendant
+// queries of a segment with a large subtree (the context segments, which
+// hold almost all visible pairs) attend to it through batched GEMMs; every
+// other pair -- a token's own segment causally, and small ancestors -- runs
+// in the scalar loops below. Partial softmax statistics merge by
+// log-sum-exp; the order of merges is fixed, so results are deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +22,7 @@
 
 #include "../checks.h"
 #include "../tree_index.h"
+#include "attention_blocks.h"
 
 // On x86-64 the fp32 loops are also compiled for Haswell (AVX2 + FMA) and
 // picked at load time, so a default -O3 build still runs 256-bit FMAs
@@ -98,18 +106,53 @@ Rows<scalar_t> rows_of(const at::Tensor& x) {
 struct Forest {
   const int64_t* table;
   const int64_t* token_segment;
+  // blocked[s] != 0: segment s's descendant queries attend to it through the
+  // GEMM blocks (attention_blocks.h), so the scalar loops skip those pairs.
+  const uint8_t* blocked;
 };
 
+// The key ranges query t handles in the scalar loops: its own segment
+// causally and every ancestor that is not blocked, root first.
+inline int scalar_key_ranges(const Forest& f, int64_t t, int64_t* begins, int64_t* ends) {
+  const int64_t seg = f.token_segment[t];
+  int64_t chain[kMaxDepth];
+  int depth = 0;
+  for (int64_t a = seg_parent(f.table, seg); a >= 0; a = seg_parent(f.table, a)) {
+    TORCH_CHECK(depth < kMaxDepth - 1, "forest deeper than ", kMaxDepth);
+    chain[depth++] = a;
+  }
+  int n = 0;
+  for (int i = depth - 1; i >= 0; --i) {
+    const int64_t a = chain[i];
+    if (f.blocked[a]) continue;
+    begins[n] = seg_offset(f.table, a);
+    ends[n] = seg_offset(f.table, a) + seg_length(f.table, a);
+    ++n;
+  }
+  begins[n] = seg_offset(f.table, seg);
+  ends[n] = t + 1;
+  return n + 1;
+}
+
+// One past the last query that key j meets in the scalar loops.
+inline int64_t scalar_query_end(const Forest& f, int64_t j) {
+  const int64_t seg = f.token_segment[j];
+  return f.blocked[seg] ? seg_offset(f.table, seg) + seg_length(f.table, seg)
+                        : visible_query_end(f.table, seg);
+}
+
+// Forward over the scalar key ranges: o (unnormalised, relative to m), m (max
+// scaled score) and l (sum of exp(score - m)) per (token, head) item.
 template <typename scalar_t, typename acc_t>
 inline void forward_items(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f,
-                          acc_t scale, scalar_t* out, acc_t* lse, int64_t begin, int64_t end) {
+                          acc_t scale, acc_t* o, acc_t* m_out, acc_t* l_out, int64_t begin,
+                          int64_t end) {
   const int64_t H = q.H, D = q.D;
   std::vector<acc_t> scores;
-  std::vector<acc_t> acc(D);
   int64_t begins[kMaxDepth], ends[kMaxDepth];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t t = item / H, h = item % H;
-    const int nr = visible_key_ranges(f.table, f.token_segment[t], t, begins, ends, kMaxDepth);
+    const int nr = scalar_key_ranges(f, t, begins, ends);
     const scalar_t* qrow = q.at(t, h);
     scores.clear();
     acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -120,88 +163,81 @@ inline void forward_items(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, 
         m = s > m ? s : m;
       }
     }
-    std::fill(acc.begin(), acc.end(), acc_t(0));
+    acc_t* acc = o + item * D;
+    std::fill(acc, acc + D, acc_t(0));
     acc_t denom = 0;
     int64_t idx = 0;
     for (int r = 0; r < nr; ++r) {
       for (int64_t j = begins[r]; j < ends[r]; ++j, ++idx) {
         const acc_t p = std::exp(scores[idx] - m);
         denom += p;
-        axpy<scalar_t, acc_t>(p, v.at(j, h), acc.data(), D);
+        axpy<scalar_t, acc_t>(p, v.at(j, h), acc, D);
       }
     }
-    scalar_t* orow = out + item * D;
-    const acc_t inv = acc_t(1) / denom;
-    for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d] * inv);
-    lse[item] = m + std::log(denom);
+    m_out[item] = m;
+    l_out[item] = denom;
   }
 }
 
-// dQ: query-centric over the visible keys.
+// dQ over the scalar key ranges (query-centric); written, not accumulated.
 template <typename scalar_t, typename acc_t>
 inline void grad_q_items(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f,
                          acc_t scale, const scalar_t* grad_out, const acc_t* lse,
-                         const acc_t* delta, scalar_t* dq, int64_t begin, int64_t end) {
+                         const acc_t* delta, acc_t* dq, int64_t begin, int64_t end) {
   const int64_t H = q.H, D = q.D;
-  std::vector<acc_t> acc(D);
   int64_t begins[kMaxDepth], ends[kMaxDepth];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t t = item / H, h = item % H;
-    const int nr = visible_key_ranges(f.table, f.token_segment[t], t, begins, ends, kMaxDepth);
+    const int nr = scalar_key_ranges(f, t, begins, ends);
     const scalar_t* qrow = q.at(t, h);
     const scalar_t* grow = grad_out + item * D;
-    std::fill(acc.begin(), acc.end(), acc_t(0));
+    acc_t* acc = dq + item * D;
+    std::fill(acc, acc + D, acc_t(0));
     for (int r = 0; r < nr; ++r) {
       for (int64_t j = begins[r]; j < ends[r]; ++j) {
         const scalar_t* krow = k.at(j, h);
         const acc_t p = std::exp(dot<scalar_t, acc_t>(qrow, krow, D) * scale - lse[item]);
         const acc_t dp = dot<scalar_t, acc_t>(grow, v.at(j, h), D);
-        axpy<scalar_t, acc_t>(p * (dp - delta[item]) * scale, krow, acc.data(), D);
+        axpy<scalar_t, acc_t>(p * (dp - delta[item]) * scale, krow, acc, D);
       }
     }
-    scalar_t* dst = dq + item * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
   }
 }
 
-// dK, dV: key-centric; key j is seen by exactly the queries [j, subtree_end(seg(j))).
+// dK, dV (key-centric): key j meets the queries [j, scalar_query_end(j)).
 template <typename scalar_t, typename acc_t>
 inline void grad_kv_items(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f,
                           acc_t scale, const scalar_t* grad_out, const acc_t* lse,
-                          const acc_t* delta, scalar_t* dk, scalar_t* dv, Strider strider,
+                          const acc_t* delta, acc_t* dk, acc_t* dv, Strider strider,
                           int64_t begin, int64_t end) {
   const int64_t H = q.H, D = q.D;
-  std::vector<acc_t> acck(D), accv(D);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t item = strider(i);
     const int64_t j = item / H, h = item % H;
     const scalar_t* krow = k.at(j, h);
     const scalar_t* vrow = v.at(j, h);
-    std::fill(acck.begin(), acck.end(), acc_t(0));
-    std::fill(accv.begin(), accv.end(), acc_t(0));
-    const int64_t qend = visible_query_end(f.table, f.token_segment[j]);
+    acc_t* acck = dk + item * D;
+    acc_t* accv = dv + item * D;
+    std::fill(acck, acck + D, acc_t(0));
+    std::fill(accv, accv + D, acc_t(0));
+    const int64_t qend = scalar_query_end(f, j);
     for (int64_t t = j; t < qend; ++t) {
       const int64_t qi = t * H + h;
       const scalar_t* qrow = q.at(t, h);
       const scalar_t* grow = grad_out + qi * D;
       const acc_t p = std::exp(dot<scalar_t, acc_t>(qrow, krow, D) * scale - lse[qi]);
       const acc_t dp = dot<scalar_t, acc_t>(grow, vrow, D);
-      axpy<scalar_t, acc_t>(p, grow, accv.data(), D);
-      axpy<scalar_t, acc_t>(p * (dp - delta[qi]) * scale, qrow, acck.data(), D);
-    }
-    scalar_t* dkr = dk + item * D;
-    scalar_t* dvr = dv + item * D;
-    for (int64_t d = 0; d < D; ++d) {
-      dkr[d] = static_cast<scalar_t>(acck[d]);
-      dvr[d] = static_cast<scalar_t>(accv[d]);
+      axpy<scalar_t, acc_t>(p, grow, accv, D);
+      axpy<scalar_t, acc_t>(p * (dp - delta[qi]) * scale, qrow, acck, D);
     }
   }
 }
 
 // fp32 entry points compiled twice (see HIPRO_CPU_CLONES).
 HIPRO_CPU_CLONES void forward_items_f32(Rows<float> q, Rows<float> k, Rows<float> v, Forest f,
-                                        float scale, float* out, float* lse, int64_t b, int64_t e) {
-  forward_items<float, float>(q, k, v, f, scale, out, lse, b, e);
+                                        float scale, float* o, float* m, float* l, int64_t b,
+                                        int64_t e) {
+  forward_items<float, float>(q, k, v, f, scale, o, m, l, b, e);
 }
 HIPRO_CPU_CLONES void grad_q_items_f32(Rows<float> q, Rows<float> k, Rows<float> v, Forest f,
                                        float scale, const float* go, const float* lse,
@@ -218,16 +254,16 @@ HIPRO_CPU_CLONES void grad_kv_items_f32(Rows<float> q, Rows<float> k, Rows<float
 // Overloads: fp32 goes to the cloned entry points, other types to the templates.
 template <typename scalar_t, typename acc_t>
 void run_forward(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f, acc_t scale,
-                 scalar_t* out, acc_t* lse, int64_t b, int64_t e) {
-  forward_items<scalar_t, acc_t>(q, k, v, f, scale, out, lse, b, e);
+                 acc_t* o, acc_t* m, acc_t* l, int64_t b, int64_t e) {
+  forward_items<scalar_t, acc_t>(q, k, v, f, scale, o, m, l, b, e);
 }
-void run_forward(Rows<float> q, Rows<float> k, Rows<float> v, Forest f, float scale, float* out,
-                 float* lse, int64_t b, int64_t e) {
-  forward_items_f32(q, k, v, f, scale, out, lse, b, e);
+void run_forward(Rows<float> q, Rows<float> k, Rows<float> v, Forest f, float scale, float* o,
+                 float* m, float* l, int64_t b, int64_t e) {
+  forward_items_f32(q, k, v, f, scale, o, m, l, b, e);
 }
 template <typename scalar_t, typename acc_t>
 void run_grad_q(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f, acc_t scale,
-                const scalar_t* go, const acc_t* lse, const acc_t* delta, scalar_t* dq, int64_t b,
+                const scalar_t* go, const acc_t* lse, const acc_t* delta, acc_t* dq, int64_t b,
                 int64_t e) {
   grad_q_items<scalar_t, acc_t>(q, k, v, f, scale, go, lse, delta, dq, b, e);
 }
@@ -238,8 +274,8 @@ void run_grad_q(Rows<float> q, Rows<float> k, Rows<float> v, Forest f, float sca
 }
 template <typename scalar_t, typename acc_t>
 void run_grad_kv(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Forest f, acc_t scale,
-                 const scalar_t* go, const acc_t* lse, const acc_t* delta, scalar_t* dk,
-                 scalar_t* dv, Strider s, int64_t b, int64_t e) {
+                 const scalar_t* go, const acc_t* lse, const acc_t* delta, acc_t* dk,
+                 acc_t* dv, Strider s, int64_t b, int64_t e) {
   grad_kv_items<scalar_t, acc_t>(q, k, v, f, scale, go, lse, delta, dk, dv, s, b, e);
 }
 void run_grad_kv(Rows<float> q, Rows<float> k, Rows<float> v, Forest f, float scale,
@@ -256,19 +292,30 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const
   check_qkv(q, k, v);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   check_tokens(segment_table, token_segment, T);
-  auto out = at::empty({T, H, D}, q.options());
-  auto lse = at::empty({T, H}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble
-                                                                                 : at::kFloat));
-  const Forest f{segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>()};
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto plan = plan_attention_blocks(segment_table, attention_block_min_pairs());
+  // o (unnormalised), m, l per (token, head): the scalar loops write them, the
+  // GEMM blocks merge into them, then one normalisation.
+  auto o = at::empty({T, H, D}, q.options().dtype(acc));
+  auto m = at::empty({T, H}, q.options().dtype(acc));
+  auto l = at::empty({T, H}, q.options().dtype(acc));
+  const Forest f{segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>(),
+                 plan.blocked.data()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto qr = rows_of<scalar_t>(q), kr = rows_of<scalar_t>(k), vr = rows_of<scalar_t>(v);
-    scalar_t* op = out.data_ptr<scalar_t>();
-    acc_t* lp = lse.data_ptr<acc_t>();
+    acc_t* op = o.data_ptr<acc_t>();
+    acc_t* mp = m.data_ptr<acc_t>();
+    acc_t* lp = l.data_ptr<acc_t>();
     at::parallel_for(0, T * H, 32, [&](int64_t begin, int64_t end) {
-      run_forward(qr, kr, vr, f, static_cast<acc_t>(scale), op, lp, begin, end);
+      run_forward(qr, kr, vr, f, static_cast<acc_t>(scale), op, mp, lp, begin, end);
     });
   });
+  if (!plan.segments.empty()) {
+    attention_blocks_forward(plan, segment_table, q.to(acc), k.to(acc), v.to(acc), scale, o, m, l);
+  }
+  auto out = (o / l.unsqueeze(2)).to(q.scalar_type());
+  auto lse = m + l.log();
   return {out, lse};
 }
 
@@ -280,37 +327,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   check_tokens(segment_table, token_segment, T);
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({T, H}), "lse must be [T, H]");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto plan = plan_attention_blocks(segment_table, attention_block_min_pairs());
   const auto go = grad_out.contiguous().to(q.scalar_type());
   const auto o = out.contiguous();
-  auto dq = at::empty({T, H, D}, q.options());
-  auto dk = at::empty({T, H, D}, q.options());
-  auto dv = at::empty({T, H, D}, q.options());
-  const Forest f{segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>()};
+  const auto lse_c = lse.contiguous().to(acc);
+  auto dq = at::empty({T, H, D}, q.options().dtype(acc));
+  auto dk = at::empty({T, H, D}, q.options().dtype(acc));
+  auto dv = at::empty({T, H, D}, q.options().dtype(acc));
+  auto delta = at::empty({T, H}, q.options().dtype(acc));
+  const Forest f{segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>(),
+                 plan.blocked.data()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto lse_c = lse.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
     const auto qr = rows_of<scalar_t>(q), kr = rows_of<scalar_t>(k), vr = rows_of<scalar_t>(v);
     const scalar_t* gp = go.data_ptr<scalar_t>();
     const scalar_t* opp = o.data_ptr<scalar_t>();
     const acc_t* lp = lse_c.data_ptr<acc_t>();
     const acc_t sc = static_cast<acc_t>(scale);
-    scalar_t* dqp = dq.data_ptr<scalar_t>();
-    scalar_t* dkp = dk.data_ptr<scalar_t>();
-    scalar_t* dvp = dv.data_ptr<scalar_t>();
+    acc_t* dqp = dq.data_ptr<acc_t>();
+    acc_t* dkp = dk.data_ptr<acc_t>();
+    acc_t* dvp = dv.data_ptr<acc_t>();
+    acc_t* dp = delta.data_ptr<acc_t>();
     // delta[t, h] = dO . O, the softmax-backward row term.
-    std::vector<acc_t> delta(T * H);
     at::parallel_for(0, T * H, 256, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) delta[i] = dot<scalar_t, acc_t>(gp + i * D, opp + i * D, D);
+      for (int64_t i = b; i < e; ++i) dp[i] = dot<scalar_t, acc_t>(gp + i * D, opp + i * D, D);
     });
     at::parallel_for(0, T * H, 32, [&](int64_t begin, int64_t end) {
-      run_grad_q(qr, kr, vr, f, sc, gp, lp, delta.data(), dqp, begin, end);
+      run_grad_q(qr, kr, vr, f, sc, gp, lp, dp, dqp, begin, end);
     });
     const Strider strider(T * H);
     at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
-      run_grad_kv(qr, kr, vr, f, sc, gp, lp, delta.data(), dkp, dvp, strider, begin, end);
+      run_grad_kv(qr, kr, vr, f, sc, gp, lp, dp, dkp, dvp, strider, begin, end);
     });
   });
-  return {dq, dk, dv};
+  if (!plan.segments.empty()) {
+    attention_blocks_backward(plan, segment_table, q.to(acc), k.to(acc), v.to(acc), go.to(acc),
+                              lse_c, delta, scale, dq, dk, dv);
+  }
+  const auto st = q.scalar_type();
+  return {dq.to(st), dk.to(st), dv.to(st)};
 }
 
 }  // namespace
