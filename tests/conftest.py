@@ -22,6 +22,15 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def ieee_fp32_matmul():
+    """fp32 GEMMs in IEEE fp32 (no TF32 on GPUs), for the fp32 tolerances."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return oracle.tokenizer()

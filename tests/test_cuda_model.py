@@ -26,18 +26,11 @@ def _ready() -> tuple[bool, str]:
 
 
 _READY, _WHY = _ready()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _READY, reason=_WHY)]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _READY, reason=_WHY),
+              pytest.mark.usefixtures("ieee_fp32_matmul")]
 
 TASKS = {"a": ["dog", "cat"], "b": ["car", "bus", "bike"], "c": ["pizza", "golden retriever"]}
 TREE = [["a", "b"], "c"]
-
-
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
 
 
 def _cpu_and_cuda(clip_factory, combine, seed=3):

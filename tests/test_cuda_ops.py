@@ -44,7 +44,9 @@ def _cuda_ready() -> tuple[bool, str]:
 
 
 _READY, _WHY = _cuda_ready()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _READY, reason=_WHY)]
+# pool_eos uses at::mm: IEEE fp32 GEMMs (conftest.ieee_fp32_matmul) for the fp32 tolerances.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _READY, reason=_WHY),
+              pytest.mark.usefixtures("ieee_fp32_matmul")]
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LOW = [torch.bfloat16, torch.float16]
@@ -53,13 +55,6 @@ LOW = [torch.bfloat16, torch.float16]
 EPS = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -11}
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32_matmul():
-    """pool_eos uses at::mm: keep fp32 GEMMs in IEEE fp32 (no TF32) for the fp32 tolerances."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
 
 
 def dev(t: torch.Tensor) -> torch.Tensor:
