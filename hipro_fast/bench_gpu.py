@@ -1,4 +1,5 @@
-"""Text-step benchmark on a CUDA device (`python -m hipro_fast.bench_gpu`).
+"""Text-step benchmark on a CUDA device (`hipro bench --device cuda`, or
+`python -m hipro_fast.bench_gpu`).
 
 The same step and counting conventions as `hipro_fast.bench` (forward + backward
 of every prompt of every task to the learnable context table; FLOPs from
@@ -198,7 +199,7 @@ def print_table(results: list[dict], file=sys.stdout) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="hipro bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default="ViT-B-16")
     ap.add_argument("--problems", default="a,b,c,L")

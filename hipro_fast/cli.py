@@ -7,7 +7,8 @@
     hipro eval     --spec tasks.toml --checkpoint ckpt
     hipro compare  --spec tasks.toml          HiPro vs. baselines table
     hipro export   --checkpoint ckpt --out classifier
-    hipro bench    [bench options]            text-engine benchmark (hipro_fast.bench)
+    hipro bench    [bench options]            text-engine benchmark (hipro_fast.bench;
+                                              with --device cuda: hipro_fast.bench_gpu)
     hipro demo                                all of the above on the bundled benchmark
 
 Every command writes a run directory (``--run-dir``, default
@@ -531,6 +532,10 @@ def _bench(argv: list[str]) -> int:
     debug = "--debug" in argv
     argv = [x for x in argv if x != "--debug"]
     try:
+        if "--device" in argv:  # `hipro bench --device cuda ...`: the GPU benchmark
+            from . import bench_gpu
+
+            return int(bench_gpu.main(argv) or 0)
         from . import bench
 
         return int(bench.main(argv) or 0)

@@ -283,6 +283,8 @@ def test_help_usage_errors_and_bench_delegation(capsys):
     assert "--epochs" in _one_error_line(capsys)
     assert main(["bench", "--help"]) == 0
     assert "hipro bench" in capsys.readouterr().out
+    assert main(["bench", "--device", "cuda", "--help"]) == 0
+    assert "--precisions" in capsys.readouterr().out
 
 
 @pytest.mark.slow
