@@ -15,7 +15,8 @@ import torch
 from . import reference
 from ._ext import _C, fused_available, warn_fallback
 
-__all__ = ["assemble_forest", "tree_attention", "pool_eos"]
+__all__ = ["assemble_forest", "tree_attention", "pool_eos", "attention_block_min_pairs",
+           "set_attention_block_min_pairs"]
 
 
 def assemble_forest(
@@ -103,6 +104,26 @@ def pool_eos(
         return features
     warn_fallback(x.device.type)
     return reference.pool_eos(x, eos_index, ln_weight, ln_bias, projection, eps)
+
+
+def attention_block_min_pairs() -> int:
+    """CPU tree attention: a segment whose (descendant queries x keys) block
+    holds at least this many pairs attends through batched GEMMs; smaller ones
+    stay in the scalar loops (see csrc/cpu/attention_blocks.h). Default 256."""
+    if _C is None:
+        raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
+    return int(_C.attention_block_min_pairs())
+
+
+def set_attention_block_min_pairs(min_pairs: int) -> None:
+    """Set the threshold above (process-wide): 0 sends every segment with
+    descendants through GEMMs, a huge value none. Results agree to rounding
+    either way; this is a performance knob (and a test hook)."""
+    if _C is None:
+        raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
+    if int(min_pairs) < 0:
+        raise ValueError(f"min_pairs must be >= 0, got {min_pairs}")
+    _C.set_attention_block_min_pairs(int(min_pairs))
 
 
 def _row_strided(x: torch.Tensor) -> torch.Tensor:

@@ -52,12 +52,12 @@ def block_mode(mode):
     if _C is None or BLOCK_MODES[mode] is None:
         yield
         return
-    before = _C.attention_block_min_pairs()
-    _C.set_attention_block_min_pairs(BLOCK_MODES[mode])
+    before = ops.attention_block_min_pairs()
+    ops.set_attention_block_min_pairs(BLOCK_MODES[mode])
     try:
         yield
     finally:
-        _C.set_attention_block_min_pairs(before)
+        ops.set_attention_block_min_pairs(before)
 
 
 @pytest.fixture(params=list(BLOCK_MODES))
@@ -140,14 +140,14 @@ def test_tree_attention_paths_agree_in_fp64():
     go = torch.randn(T, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     results = {}
     for mode, pairs in (("scalar_only", 10**15), ("split", 12), ("all_gemm", 0)):
-        before = _C.attention_block_min_pairs()
-        _C.set_attention_block_min_pairs(pairs)
+        before = ops.attention_block_min_pairs()
+        ops.set_attention_block_min_pairs(pairs)
         try:
             out, lse = torch.ops.hipro_fast.tree_attention(q, k, v, lay.segment_table, lay.token_segment, 0.25)
             grads = torch.ops.hipro_fast.tree_attention_backward(go, q, k, v, out, lse, lay.segment_table,
                                                                  lay.token_segment, 0.25)
         finally:
-            _C.set_attention_block_min_pairs(before)
+            ops.set_attention_block_min_pairs(before)
         results[mode] = [out, lse, *grads]
     table = lay.segment_table
     pairs = (table[:, 3] - table[:, 0] - table[:, 1]) * table[:, 1]
@@ -155,6 +155,13 @@ def test_tree_attention_paths_agree_in_fp64():
     for mode in ("split", "all_gemm"):
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results[mode], results["scalar_only"]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{mode} {name}: {m}")
+
+
+@needs_ext
+def test_attention_block_knob_validates():
+    with pytest.raises(ValueError, match="min_pairs must be >= 0, got -1"):
+        ops.set_attention_block_min_pairs(-1)
+    assert ops.attention_block_min_pairs() == 256
 
 
 @needs_ext

@@ -28,7 +28,7 @@ struct AttentionBlockPlan {
 AttentionBlockPlan plan_attention_blocks(const at::Tensor& segment_table, int64_t min_pairs);
 
 // Tuning knob (process-wide; default 256 pairs), exposed to Python as
-// hipro_fast._C.set_attention_block_min_pairs for tests and benchmarks.
+// hipro_fast.ops.set_attention_block_min_pairs for tests and benchmarks.
 int64_t attention_block_min_pairs();
 void set_attention_block_min_pairs(int64_t min_pairs);
 
