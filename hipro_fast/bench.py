@@ -460,7 +460,6 @@ def run_problem(tower, tokenizer, problem: Problem, cfg: BenchConfig, log, metho
                  "tasks": len(problem.task_paths), "classes_per_task": len(next(iter(problem.task_classes.values()))),
                  "prompts": r.forest.num_prompts, "forest_build_s": r.forest_build_s,
                  "max_graph_gb": r.max_graph_bytes / 2**30, "counts": counts, "methods": {}, "verify": {}}
-    L = tower.config.context_length
     W = tower.config.width
     T_forest = counts["forest"]["tokens"]
     forest_repeats = forest_repeats or cfg.forest_repeats

@@ -22,6 +22,17 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny towers' ops are too small for intra-op threads: on a shared 2-core
+    machine 1 thread is several times faster. Restored after the module; a
+    module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def ieee_fp32_matmul():
     """fp32 GEMMs in IEEE fp32 (no TF32 on GPUs), for the fp32 tolerances."""

@@ -67,15 +67,7 @@ def toy_data(sizes=None, noise=0.5, seed=0, teacher_seed=123, tasks=TASKS):
     return out
 
 
-# Fixtures shared by the training, checkpoint and baseline tests (imported there).
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
+# Fixture shared by the training, checkpoint and baseline tests (imported there).
 @pytest.fixture(scope="module")
 def data():
     return toy_data(seed=1), toy_data(seed=2, noise=1.0)

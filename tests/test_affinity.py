@@ -18,13 +18,7 @@ from tests import oracle
 TASKS = {"pets": ["cat", "dog", "hamster"], "cars": ["car", "bus", "truck"], "food": ["pizza", "apple"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny towers run several times faster on 1 thread on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

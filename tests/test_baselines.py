@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from hipro_fast.baselines import METHODS, ComparisonTable, build_method, compare
 from hipro_fast.training import TrainConfig, evaluate
-from tests.helpers_training import one_thread  # noqa: F401  (autouse: tiny towers run fastest on 1 thread)
 from tests.helpers_training import N_CTX, TASKS, TREE, tiny_clip, toy_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
 
 WIDTH, T = 64, len(TASKS)
 

@@ -17,9 +17,10 @@ from hipro_fast import TaskSpecError, TreeError
 from hipro_fast import checkpoint as ckpt
 from hipro_fast.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from hipro_fast.training import fit
-from tests.helpers_training import one_thread  # noqa: F401  (autouse: tiny towers run fastest on 1 thread)
 from tests.helpers_training import data  # noqa: F401
-from tests.helpers_training import REPO, TASKS, make_model, toy_data
+from tests.helpers_training import REPO, TASKS, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
 
 HELPER = str(Path(REPO) / "tests" / "helpers_training.py")
 RUN = dict(epochs=5, batch_size=4, steps_per_epoch=3, lr=0.05, seed=11)

@@ -10,14 +10,14 @@ from hipro_fast.training import fit
 from tests.helpers_training import TASKS, make_model, toy_data
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
-def trained():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def trained(one_thread):
     model = make_model()
     fit(model, toy_data(seed=1), None, epochs=2, batch_size=4, steps_per_epoch=2, lr=0.05)
-    yield model
-    torch.set_num_threads(n)
+    return model
 
 
 def test_exported_logits_equal_model_logits(tmp_path, trained):

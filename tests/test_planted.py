@@ -28,14 +28,7 @@ TRAIN = TrainConfig(epochs=50, lr=0.002, momentum=0.9, weight_decay=5e-4, warmup
 N_CTX, COMBINE = 4, "mean"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny tower's ops are too small for intra-op threads: on a shared 2-core
-    machine 1 thread is several times faster. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from hipro_fast import TaskSpecError
 from hipro_fast import training
 from hipro_fast.training import (FitResult, NonFiniteLossError, TrainConfig, batch_indices, evaluate, fit,
                                  lr_at)
-from tests.helpers_training import one_thread  # noqa: F401  (autouse: tiny towers run fastest on 1 thread)
 from tests.helpers_training import data  # noqa: F401
-from tests.helpers_training import TASKS, make_model, toy_data
+from tests.helpers_training import TASKS, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
 
 FAST = dict(epochs=3, batch_size=4, steps_per_epoch=2, lr=0.05, seed=3)
 
