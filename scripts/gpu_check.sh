@@ -15,6 +15,14 @@
 # BENCH=0 skips the benchmark, BENCH_ARGS are passed to it, PROBE=0 skips the
 # error-path probe and the bad-argument test, PYTEST_K narrows the GPU tests, SUITE=0 skips the rest of the suite, RESULTS
 # (a folder for the logs and benchmark JSON; default build/gpu_check).
+#
+# On a machine whose python lacks open_clip (e.g. a bare CUDA image), carry the
+# pure-Python wheels in an ignored folder and put them on PYTHONPATH first:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
+#       open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4          # here
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+#       && PYTHONPATH=/tmp/site PYTHON=python3 SUITE=0 bash scripts/gpu_check.sh   # there
+# (what session 2 ran on an H200: build 42 s, GPU tests ~30 s, benchmark ~60 s).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
