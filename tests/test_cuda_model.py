@@ -35,12 +35,10 @@ TREE = [["a", "b"], "c"]
 
 def _cpu_and_cuda(clip_factory, combine, seed=3):
     tok = oracle.tokenizer()
-    cpu = hf.HiProModel(clip_factory(), TASKS, TREE, n_ctx={"root": 3, "root/0": 2, "task/a": 4,
-                                                             "task/b": 1, "task/c": 2},
-                        combine=combine, tokenizer=tok, seed=seed)
-    gpu = hf.HiProModel(clip_factory(), TASKS, TREE, n_ctx={"root": 3, "root/0": 2, "task/a": 4,
-                                                             "task/b": 1, "task/c": 2},
-                        combine=combine, tokenizer=tok, seed=seed).to("cuda")
+    n_ctx = {"root": 3, "root/0": 2, "task/a": 4, "task/b": 1, "task/c": 2}
+    cpu = hf.HiProModel(clip_factory(), TASKS, TREE, n_ctx=n_ctx, combine=combine, tokenizer=tok, seed=seed)
+    gpu = hf.HiProModel(clip_factory(), TASKS, TREE, n_ctx=n_ctx, combine=combine, tokenizer=tok,
+                        seed=seed).to("cuda")
     gpu.load_context_state(cpu.context_state())
     return cpu, gpu
 
