@@ -15,10 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402,F401  (load torch before the extension)
 import pytest  # noqa: E402
 
-from hipro_fast import bench  # noqa: E402
-from hipro_fast.prompt_forest import class_suffix_tokens  # noqa: E402
-from hipro_fast.reference import tree_attention_mask  # noqa: E402
-from hipro_fast.text_tower import TextTower  # noqa: E402
+from hipro_fast.bench import text_step as bench  # noqa: E402
+from hipro_fast.engine.prompt_forest import class_suffix_tokens  # noqa: E402
+from hipro_fast.ops.reference import tree_attention_mask  # noqa: E402
+from hipro_fast.engine.text_tower import TextTower  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,18 @@
 """hipro_fast: hierarchical prompt learning (HiPro) on one frozen CLIP, with an
 exact prompt-forest text engine in C++/CUDA."""
-from ._ext import build_info
-from .clip_loading import LoadedClip, WeightsMismatchError, load_clip
-from .encoder import ForestEncoder
-from .layout import ForestError
-from .model import HiProModel, TaskSpecError
-from .prompt_forest import build_prompt_forest
-from .text_tower import TextTower, UnsupportedTextTower
-from .tree import TaskTree, TreeError
-from .training import FitResult, NonFiniteLossError, TrainConfig, evaluate, fit
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .baselines import METHODS, ComparisonTable, build_method, compare
-from .export import Classifier, export_classifier
-from .affinity import task_affinity
+from .ops.extension import build_info
+from .data.clip_loading import LoadedClip, WeightsMismatchError, load_clip
+from .engine.encoder import ForestEncoder
+from .engine.layout import ForestError
+from .method.model import HiProModel, TaskSpecError
+from .engine.prompt_forest import build_prompt_forest
+from .engine.text_tower import TextTower, UnsupportedTextTower
+from .method.tree import TaskTree, TreeError
+from .method.training import FitResult, NonFiniteLossError, TrainConfig, evaluate, fit
+from .method.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .method.baselines import METHODS, ComparisonTable, build_method, compare
+from .method.export import Classifier, export_classifier
+from .method.affinity import task_affinity
 
 __all__ = [
     "build_info", "load_clip", "LoadedClip", "WeightsMismatchError", "ForestEncoder", "ForestError",

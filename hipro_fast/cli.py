@@ -7,8 +7,8 @@
     hipro eval     --spec tasks.toml --checkpoint ckpt
     hipro compare  --spec tasks.toml          HiPro vs. baselines table
     hipro export   --checkpoint ckpt --out classifier
-    hipro bench    [bench options]            text-engine benchmark (hipro_fast.bench;
-                                              with --device cuda: hipro_fast.bench_gpu)
+    hipro bench    [bench options]            text-engine benchmark (hipro_fast.bench.text_step;
+                                              with --device cuda: hipro_fast.bench.gpu)
     hipro demo                                all of the above on the bundled benchmark
 
 Every command writes a run directory (``--run-dir``, default
@@ -26,7 +26,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
+from .app import pipeline, plots, report
+from .bench import gpu as bench_gpu
+from .bench import text_step as bench
+from .data.feature_cache import default_cache_dir
+from .data.tasks_spec import load_spec
+from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
+from .errors import CliError, HiproError
+from .method import affinity as aff
+from .method import export
 
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
 
@@ -34,15 +42,11 @@ __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
 DEMO_DEFAULTS = {"shots": 16, "seeds": [0], "epochs": 10, "n_ctx": 4, "affinity_steps": 30}
 
 
-class CliError(Exception):
-    """A usage problem found by the CLI itself (one line)."""
-
-
 # ------------------------------------------------------------------ parser
 def _common(p: argparse.ArgumentParser, spec: bool = True, data: bool = True) -> None:
     g = p.add_argument_group("common options")
     if spec:
-        g.add_argument("--spec", help="multi-task spec (TOML); see hipro_fast.tasks_spec")
+        g.add_argument("--spec", help="multi-task spec (TOML); see hipro_fast.data.tasks_spec")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     g.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw, splits and initialisation")
     if data:
@@ -83,7 +87,7 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True) -> None:
 def _affinity_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("affinity / tree")
     g.add_argument("--affinity-method", default=None,
-                   help="transfer (default), lookahead or gradcos (see hipro_fast.affinity)")
+                   help="transfer (default), lookahead or gradcos (see hipro_fast.method.affinity)")
     g.add_argument("--affinity-steps", type=int, default=None, help="optimiser steps of the affinity estimate")
     g.add_argument("--levels", type=int, default=None, help="tree levels below the root")
     g.add_argument("--threshold", type=float, default=None, help="affinity threshold for merging")
@@ -132,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _train_opts(p)
     _affinity_opts(p)
-    p.add_argument("--methods", default=None, help="comma list (default: hipro_fast.baselines defaults)")
+    p.add_argument("--methods", default=None, help="comma list (default: hipro_fast.method.baselines defaults)")
     p.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
 
     p = sub.add_parser("export", help="export a checkpoint as a standalone classifier")
@@ -142,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output .safetensors path (default: <run-dir>/classifier.safetensors)")
 
-    p = sub.add_parser("bench", help="text-engine benchmark (options go to hipro_fast.bench)", add_help=False)
+    p = sub.add_parser("bench", help="text-engine benchmark (options go to hipro_fast.bench.text_step)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("demo", help="the whole pipeline on the bundled benchmark")
@@ -162,8 +166,6 @@ class _Ctx:
     """What every command needs: the run, the model, the features."""
 
     def __init__(self, args, command: str):
-        from . import pipeline
-
         self.args = args
         self.pipeline = pipeline
         self.progress = not getattr(args, "no_progress", False)
@@ -182,7 +184,6 @@ class _Ctx:
 
     @property
     def cache_dir(self) -> Path:
-        from .feature_cache import default_cache_dir
 
         d = getattr(self.args, "cache_dir", None)
         return Path(d) if d else default_cache_dir() / "features"
@@ -196,7 +197,6 @@ class _Ctx:
         return self._clip
 
     def spec(self):
-        from .tasks_spec import load_spec
 
         if not getattr(self.args, "spec", None):
             raise CliError("--spec is required (a TOML multi-task spec)")
@@ -262,24 +262,21 @@ def _affinity_and_tree(ctx: _Ctx, write_tree: bool = True):
 
 
 def _save_affinity(ctx: _Ctx, matrix, names) -> None:
-    aff = ctx.pipeline.require("affinity")
     a = ctx.args
     aff.save_affinity_json(matrix, names, ctx.run.path("affinity.json"),
                            method=a.affinity_method or aff.DEFAULT_METHOD,
                            config={"steps": a.affinity_steps, "shots": a.shots, "seed": a.seed})
-    from . import report as rep
 
-    png = rep.plot_affinity_heatmap(matrix, names, ctx.run.path("affinity.png"))
+    png = plots.plot_affinity_heatmap(matrix, names, ctx.run.path("affinity.png"))
     ctx.run.report.add_figure("Task affinity", png, "Higher = the tasks help each other more "
                                                     "(symmetrised; the diagonal is ignored by the tree builder).")
     ctx.run.log("affinity", tasks=list(names), matrix=matrix.tolist())
 
 
 def _save_tree(ctx: _Ctx, tree, matrix=None, names=None) -> None:
-    from . import report as rep
 
     ctx.run.path("tree.json").write_text(tree.to_json())
-    png = rep.plot_dendrogram(tree, ctx.run.path("dendrogram.png"), matrix=matrix, names=names,
+    png = plots.plot_dendrogram(tree, ctx.run.path("dendrogram.png"), matrix=matrix, names=names,
                               linkage=getattr(ctx.args, "linkage", "average"))
     ctx.run.report.add_figure("Task tree", png, "```\n" + tree.render() + "\n```")
     ctx.run.log("tree", tree=tree.to_nested())
@@ -312,11 +309,10 @@ def _log_fit(ctx: _Ctx, result, tag: str = "train") -> list[dict]:
 
 
 def _accuracy_section(ctx: _Ctx, results: dict[str, dict[str, float]], heading: str, fname: str) -> None:
-    from . import report as rep
 
-    png = rep.plot_accuracy_bars(results, ctx.run.path(fname))
+    png = plots.plot_accuracy_bars(results, ctx.run.path(fname))
     ctx.run.report.add_figure(heading, png)
-    ctx.run.report.add(heading + " (table, %)", rep.accuracy_table(results))
+    ctx.run.report.add(heading + " (table, %)", report.accuracy_table(results))
 
 
 def _fmt_acc(acc: dict[str, float]) -> str:
@@ -355,7 +351,7 @@ def cmd_tree(ctx: _Ctx) -> int:
         if not p.is_file():
             raise FileNotFoundError(f"affinity file not found: {p}")
         try:
-            matrix, names, _ = ctx.pipeline.require("affinity").load_affinity_json(p)
+            matrix, names, _ = aff.load_affinity_json(p)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{p}: not an affinity.json from `hipro affinity` ({type(e).__name__}: {e})") from None
         tree = ctx.pipeline.build_tree(matrix, names, a.levels, a.threshold, a.linkage)
@@ -375,9 +371,8 @@ def _train_and_eval(ctx: _Ctx, tree):
         device=ctx.device, train_overrides=ctx.train_overrides(), checkpoint_dir=_ckpt_path(ctx),
         progress=ctx.progress)
     hist = _log_fit(ctx, result)
-    from . import report as rep
 
-    png = rep.plot_curves(hist, ctx.run.path("training.png"), keys=("loss", "val_mean"))
+    png = plots.plot_curves(hist, ctx.run.path("training.png"), keys=("loss", "val_mean"))
     if png:
         ctx.run.report.add_figure("Training", png)
     ckpt = ctx.pipeline.save_model(model, _ckpt_path(ctx), {"spec": str(a.spec), "model": ctx.clip().name,
@@ -438,9 +433,8 @@ def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
     results = ctx.pipeline.table_results(table)
     if results:
         ctx.run.write_json("comparison.json", results)
-        from . import report as rep
 
-        png = rep.plot_accuracy_bars(results, ctx.run.path("accuracy.png"))
+        png = plots.plot_accuracy_bars(results, ctx.run.path("accuracy.png"))
         ctx.run.report.add_figure("Per-task test accuracy", png)
     ctx.run.report.add("Comparison", md)
     ctx.run.log("compare", table=md, results=results)
@@ -457,7 +451,6 @@ def cmd_compare(ctx: _Ctx) -> int:
 
 def cmd_export(ctx: _Ctx) -> int:
     a = ctx.args
-    export = ctx.pipeline.require("export")
     model = ctx.pipeline.load_model_checkpoint(a.checkpoint, ctx.clip(), ctx.device)
     out = Path(a.out) if a.out else ctx.run.path("classifier.safetensors")
     res = export.export_classifier(model, out)
@@ -470,7 +463,6 @@ def cmd_export(ctx: _Ctx) -> int:
 
 def cmd_demo(ctx: _Ctx) -> int:
     a = ctx.args
-    from .feature_cache import default_cache_dir
 
     data_dir = Path(a.data_dir) if a.data_dir else (
         Path(a.cache_dir) if a.cache_dir else default_cache_dir()) / f"bundled-seed{a.seed}"
@@ -511,13 +503,7 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
         msg = f"{msg}: {e.filename}"
     msg = " ".join(msg.split()) or type(e).__name__
-    known = (ValueError, OSError, NotImplementedError, CliError, KeyError)
-    try:
-        from .bundled import BundledDataError
-
-        known = known + (BundledDataError,)
-    except ImportError:  # pragma: no cover
-        pass
+    known = (HiproError, ValueError, OSError, NotImplementedError, KeyError)
     if not isinstance(e, known):
         msg = f"{type(e).__name__}: {msg} (rerun with --debug for the traceback)"
     return msg
@@ -528,17 +514,36 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"hipro: warning: {text}", file=sys.stderr, flush=True)
 
 
+def _bench_device(argv: list[str]) -> str:
+    """The value of `--device X` / `--device=X` in the bench arguments ("cpu" when absent)."""
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return "cpu"
+
+
+def _without_device(argv: list[str]) -> list[str]:
+    """The CPU benchmark has no --device option: drop `--device cpu`."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--device":
+            skip = True
+        elif not arg.startswith("--device="):
+            out.append(arg)
+    return out
+
+
 def _bench(argv: list[str]) -> int:
     debug = "--debug" in argv
     argv = [x for x in argv if x != "--debug"]
     try:
-        if "--device" in argv:  # `hipro bench --device cuda ...`: the GPU benchmark
-            from . import bench_gpu
-
+        if _bench_device(argv).startswith("cuda"):  # `hipro bench --device cuda ...`
             return int(bench_gpu.main(argv) or 0)
-        from . import bench
-
-        return int(bench.main(argv) or 0)
+        return int(bench.main(_without_device(argv)) or 0)
     except SystemExit as e:  # its argparse: --help or a usage error
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Ablations on the planted-hierarchy benchmark (hipro_fast.synth).
+"""Ablations on the planted-hierarchy benchmark (hipro_fast.data.synth).
 
 Prints markdown tables:
   1. how often each affinity estimator (+ the automatic tree rule) recovers
@@ -14,7 +14,7 @@ Prints markdown tables:
 Their output, with a summary of the defaults it supports, is
 benchmarks/results/ablation_planted.md.
 
-Everything runs on a tiny random CLIP text tower (hipro_fast.synth.planted_clip)
+Everything runs on a tiny random CLIP text tower (hipro_fast.data.synth.planted_clip)
 on CPU; --seeds / --shots / --epochs trade time for precision.
 """
 from __future__ import annotations
@@ -31,12 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hipro_fast.affinity import task_affinity  # noqa: E402
-from hipro_fast.baselines import build_method  # noqa: E402
-from hipro_fast.grouping import tree_from_affinity  # noqa: E402
-from hipro_fast.synth import group_ari, make_planted_problem, planted_clip  # noqa: E402
-from hipro_fast.training import TrainConfig, evaluate, fit  # noqa: E402
-from hipro_fast.tree import TaskTree  # noqa: E402
+from hipro_fast.method.affinity import task_affinity  # noqa: E402
+from hipro_fast.method.baselines import build_method  # noqa: E402
+from hipro_fast.data.synth import group_ari, make_planted_problem, planted_clip  # noqa: E402
+from hipro_fast.method.training import TrainConfig, evaluate, fit  # noqa: E402
+from hipro_fast.method.tree import TaskTree, tree_from_affinity  # noqa: E402
 
 ESTIMATORS = {
     "transfer (loss, z-score) [default]": ("transfer", {}),
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
                 run(f"two-level (flat tree), {combine}", "two-level", combine=combine)
                 run(f"HiPro, affinity tree 1 level, {combine}", "hipro", trees["L1"], combine)
                 run(f"HiPro, affinity tree 2 levels, {combine}", "hipro", trees["L2"], combine)
-                run(f"HiPro, planted tree, {combine}", "hipro", P.tree, combine)
+                run(f"HiPro, planted tree, {combine}", "hipro", P.tree_spec, combine)
                 run(f"HiPro, wrong tree (planted shape, mixed groups), {combine}", "hipro", wrong_tree(P), combine)
             print(f"<!-- conflict={conflict} shots={shots} seed={seed} done at "
                   f"{time.perf_counter() - t_start:.0f}s -->", file=sys.stderr, flush=True)
@@ -123,12 +122,12 @@ def main(argv=None) -> int:
     head = [f"{'conflict' if c else 'plain'} {s}-shot" for c, s in settings]
     print(f"## Planted-hierarchy ablation (n_ctx {args.n_ctx})\n")
     defaults = {k: v.default for k, v in inspect.signature(make_planted_problem).parameters.items()}
-    print("Tiny random CLIP text tower (hipro_fast.synth.planted_clip: width 64, 2 layers, embed 24, "
+    print("Tiny random CLIP text tower (hipro_fast.data.synth.planted_clip: width 64, 2 layers, embed 24, "
           f"logit scale 100); make_planted_problem defaults: {defaults['n_groups']} groups x "
           f"{defaults['tasks_per_group']} tasks, {defaults['classes_per_task']} classes per task, noise "
           f"{defaults['noise']}, teacher contexts {defaults['group_ctx']} group + {defaults['task_ctx']} task "
           f"tokens; problem seeds 0..{n - 1} (training seed = problem seed); training: "
-          f"hipro_fast.training.fit, SGD lr 0.002 momentum 0.9, {args.epochs} epochs (1 warm-up), batch 32 "
+          f"hipro_fast.method.training.fit, SGD lr 0.002 momentum 0.9, {args.epochs} epochs (1 warm-up), batch 32 "
           f"per task; n_ctx {args.n_ctx} per tree node for every method. \"plain\": a group's tasks share "
           "class names, groups' names are disjoint; \"conflict\": every task has the same class names. "
           "Trees come from the default (transfer) affinity; \"planted tree\" is the true one.\n")

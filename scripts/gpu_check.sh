@@ -87,11 +87,11 @@ if [[ $probe_rc -ne 0 ]] && command -v cuda-gdb >/dev/null; then
 fi
 fi
 
-echo "== GPU tests (tests/test_cuda_ops.py, tests/test_cuda_model.py)"
+echo "== GPU tests (tests/ops/test_cuda_ops.py, tests/method/test_cuda_model.py)"
 # The bad-argument test runs in its own process last, so a crash there
 # cannot hide the other results.
-ARGCHECK=tests/test_cuda_ops.py::test_tree_attention_cuda_argument_checks
-timeout "${CUDA_TESTS_TIMEOUT:-900}" "$PY" -m pytest tests/test_cuda_ops.py tests/test_cuda_model.py -q \
+ARGCHECK=tests/ops/test_cuda_ops.py::test_tree_attention_cuda_argument_checks
+timeout "${CUDA_TESTS_TIMEOUT:-900}" "$PY" -m pytest tests/ops/test_cuda_ops.py tests/method/test_cuda_model.py -q \
   -p no:cacheprovider --tb=short -k "not argument_checks ${PYTEST_K:+and $PYTEST_K}" 2>&1 | tee "$RESULTS/gpu_tests.log"
 cuda_rc=${PIPESTATUS[0]}
 argcheck_rc=0
@@ -116,8 +116,8 @@ fi
 suite_rc=0
 if [[ "${SUITE:-1}" == "1" ]]; then
   echo "== rest of the suite"
-  timeout "${SUITE_TIMEOUT:-1800}" "$PY" -m pytest tests -q -x --ignore=tests/test_cuda_ops.py \
-    --ignore=tests/test_cuda_model.py || suite_rc=$?
+  timeout "${SUITE_TIMEOUT:-1800}" "$PY" -m pytest tests -q -x --ignore=tests/ops/test_cuda_ops.py \
+    --ignore=tests/method/test_cuda_model.py || suite_rc=$?
 fi
 
 echo "== GPU tests: rc $cuda_rc; benchmark: rc $bench_rc; rest of the suite: rc $suite_rc (124 = timed out)"

@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 def _tensors():
     import torch
 
-    from hipro_fast.layout import build_forest_layout, encode_vocab_source
+    from hipro_fast.engine.layout import build_forest_layout, encode_vocab_source
 
     lay = build_forest_layout([-1, 0, 0], [[0, 1], [encode_vocab_source(3)], [2, 3]], 100)
     T = lay.num_tokens

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hipro_fast.bundled.datasets import (  # noqa: E402
+from hipro_fast.data.bundled.datasets import (  # noqa: E402
     ANIMAL_NAMES,
     DIGIT_NAMES,
     FACE_NAMES,
@@ -252,7 +252,7 @@ def main():
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    from hipro_fast.bundled.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, load_tiny_clip
+    from hipro_fast.data.bundled.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, load_tiny_clip
 
     out_cfg = args.out_dir / f"{TINY_CLIP_NAME}.json"
     out_w = args.out_dir / f"{TINY_CLIP_NAME}.safetensors"

@@ -97,7 +97,7 @@ def _script(argv: list[str]) -> None:
     p.add_argument("--epochs", type=int, default=6)
     a = p.parse_args(argv)
 
-    from hipro_fast.training import fit
+    from hipro_fast.method.training import fit
 
     target = tuple(int(v) for v in a.marker_at.split(",")) if a.marker_at else None
 

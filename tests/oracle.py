@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-from hipro_fast.prompt_forest import class_suffix_tokens
+from hipro_fast.engine.prompt_forest import class_suffix_tokens
 
 # Small random text towers covering the open_clip options the engine supports.
 TINY_CONFIGS = {

@@ -1,0 +1,205 @@
+"""Every matplotlib figure of the package (Agg backend, one PNG per call,
+returning its path): affinity heatmap, dendrogram, task tree, accuracy bars,
+training curves and the accuracy-vs-shots figure."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.cluster.hierarchy import dendrogram
+
+from ..method.grouping import affinity_to_distance, cut_info, linkage_matrix, validate_affinity_matrix
+from ..method.tree import ROOT, TaskTree, leaf_id
+
+__all__ = ["plot_affinity", "dendrogram_plot", "plot_tree", "plot_affinity_heatmap", "plot_dendrogram",
+           "plot_accuracy_bars", "plot_curves"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+
+
+def plot_affinity(matrix, names: Sequence[str], path: str | Path, title: str = "task affinity") -> Path:
+    """Heatmap PNG of the affinity matrix (matplotlib Agg), values annotated when small."""
+    plt = _plt()
+
+    m = np.asarray(matrix, dtype=float)
+    names = list(names)
+    if m.shape != (len(names), len(names)):
+        raise ValueError(f"matrix {m.shape} does not match {len(names)} names")
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    off = m[~np.eye(n, dtype=bool)] if n > 1 else m.ravel()
+    lim = float(np.max(np.abs(off))) if off.size else 1.0
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-lim or -1, vmax=lim or 1)
+    ax.set_xticks(range(n), names, rotation=60, ha="right")
+    ax.set_yticks(range(n), names)
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{m[i, j]:.2g}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def dendrogram_plot(matrix, names: Sequence[str], path: str | Path, linkage: str = "average",
+                    title: str = "task dendrogram") -> Path:
+    """PNG of the average-linkage dendrogram over the normalised distance, with the
+    automatic cut drawn when it keeps one."""
+    plt = _plt()
+
+    m, names = validate_affinity_matrix(matrix, names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * len(names), 3.5))
+    d = affinity_to_distance(m)
+    if d is None or len(names) < 2:
+        ax.text(0.5, 0.5, "no structure (constant affinity or < 2 tasks):\nflat tree",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    else:
+        Z = linkage_matrix(d, linkage)
+        dendrogram(Z, labels=names, ax=ax, leaf_rotation=60, color_threshold=0)
+        info = cut_info(m, names, linkage)
+        if not info["flat"]:
+            merges = len(names) - info["clusters"]
+            y = (Z[merges - 1, 2] + Z[merges, 2]) / 2
+            ax.axhline(y, color="tab:red", ls="--", lw=1,
+                       label=f"auto cut: {info['clusters']} groups (silhouette {info['silhouette']:.2f}, "
+                             f"correlation {info['correlation']:.2f}, separation {info['separation']:.2f})")
+            ax.legend(loc="upper left", fontsize=7)
+        ax.set_ylabel("normalised distance (1 - scaled affinity)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_tree(tree: TaskTree, path: str | Path, title: str = "task tree") -> Path:
+    """Dendrogram-style drawing of a task tree, saved as a PNG."""
+    plt = _plt()
+
+    tasks = tree.tasks
+    ypos = {leaf_id(t): i for i, t in enumerate(tasks)}
+    depth_of = {}
+    for n in tree.dfs():
+        parent = tree.nodes[n].parent
+        depth_of[n] = 0 if parent is None else depth_of[parent] + 1
+    max_depth = max(depth_of.values())
+
+    def place(n: str) -> float:
+        node = tree.nodes[n]
+        if node.task is not None:
+            return ypos[n]
+        ys = [place(c) for c in node.children]
+        ypos[n] = sum(ys) / len(ys)
+        return ypos[n]
+
+    place(ROOT)
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(tasks) + 1.5))
+    for n, node in tree.nodes.items():
+        x = max_depth if node.task is not None else depth_of[n]
+        for c in node.children:
+            cx = max_depth if tree.nodes[c].task is not None else depth_of[c]
+            ax.plot([x, x, cx], [ypos[n], ypos[c], ypos[c]], color="tab:blue")
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xticks(range(max_depth + 1))
+    ax.set_xlabel("tree level (0 = root)")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+
+def plot_affinity_heatmap(matrix, names: Sequence[str], path: str | Path,
+                          title: str = "task affinity") -> Path:
+    """Heatmap of a [T, T] task-affinity matrix."""
+    return Path(plot_affinity(matrix, list(names), path, title=title))
+
+
+
+
+def plot_dendrogram(tree, path: str | Path, title: str = "task tree", matrix=None,
+                    names: Sequence[str] | None = None, linkage: str = "average") -> Path:
+    """The task tree as a dendrogram: the affinity dendrogram
+    (dendrogram_plot) when a matrix is given, else plot_tree."""
+    path = Path(path)
+    if matrix is not None and names is not None:
+        return Path(dendrogram_plot(matrix, list(names), path, linkage=linkage))
+    return Path(plot_tree(tree, path, title=title))
+
+
+
+
+def plot_accuracy_bars(results: Mapping[str, Mapping[str, float]], path: str | Path,
+                       title: str = "test accuracy per task") -> Path:
+    """Grouped bars: results = {method: {task: accuracy in [0, 1] or %}}."""
+    plt = _plt()
+    methods = list(results)
+    tasks: list[str] = []
+    for m in methods:
+        tasks += [t for t in results[m] if t not in tasks and t != "mean"]
+    scale = 100.0 if all(0 <= v <= 1.0 for m in methods for v in results[m].values()) else 1.0
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 1.2 * len(tasks) + 2)), 4.2))
+    x = np.arange(len(tasks))
+    for k, m in enumerate(methods):
+        vals = [results[m].get(t, np.nan) * scale for t in tasks]
+        ax.bar(x + (k - (len(methods) - 1) / 2) * width, vals, width, label=m)
+    ax.set_xticks(x, tasks, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if len(methods) > 1:
+        ax.legend(fontsize=8, ncols=min(4, len(methods)))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+
+
+def plot_curves(history: Sequence[Mapping[str, float]], path: str | Path, keys: Sequence[str] = ("loss",),
+                x: str = "epoch", title: str = "training") -> Path | None:
+    """Line plot of metric records (e.g. the loss per epoch); None when empty."""
+    rows = [r for r in history if x in r and any(k in r for k in keys)]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        pts = [(r[x], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        if pts:
+            ax.plot(*zip(*pts), label=k)
+    ax.set_xlabel(x)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+

@@ -1,0 +1,110 @@
+"""Frozen open_clip models for hipro_fast, loaded without any hub access
+unless a hub tag is asked for explicitly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ..errors import WeightsMismatchError
+
+
+@dataclass
+class LoadedClip:
+    """A frozen open_clip model with its tokenizer and eval preprocessing."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    preprocess: Any
+    name: str
+    pretrained: str | None
+
+    def __iter__(self):  # allows `model, tokenizer = load_clip(...)[:2]`-style unpacking
+        return iter((self.model, self.tokenizer))
+
+
+def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsMismatchError(f"{path}: not a state dict (got {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_clip(name: str = "hipro-tiny-clip", pretrained: str | Path | None = None,
+              device: str | torch.device = "cpu") -> LoadedClip:
+    """A frozen open_clip model and its tokenizer.
+
+    Args:
+        name: an open_clip model name ("ViT-B-16", ...) or "hipro-tiny-clip", the
+            model bundled with hipro_fast (its weights load by default).
+        pretrained: None for random weights (bundled weights for hipro-tiny-clip),
+            a local .pt/.safetensors path, or an open_clip tag (which goes to a hub;
+            set HF_HUB_OFFLINE=1 to forbid that).
+        device: where to put the model.
+    Returns:
+        LoadedClip(model, tokenizer, preprocess, name, pretrained); iterating it
+        yields (model, tokenizer).
+    """
+    import open_clip
+
+    if name == "hipro-tiny-clip":
+        from .bundled.tiny_clip import WEIGHTS_PATH, build_tiny_clip  # lazy: only this model needs it
+
+        model = build_tiny_clip()
+        path = Path(pretrained) if pretrained is not None else WEIGHTS_PATH
+        if not path.exists():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        _load_into(model, path)
+        pretrained_desc = str(path)
+    elif pretrained is not None and Path(str(pretrained)).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        path = Path(pretrained)
+        if not path.exists():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        model = open_clip.create_model(name, pretrained=None)
+        _load_into(model, path)
+        pretrained_desc = str(path)
+    else:
+        model = open_clip.create_model(name, pretrained=pretrained)
+        pretrained_desc = None if pretrained is None else str(pretrained)
+    model = _freeze(model.float().to(device))
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    preprocess = open_clip.image_transform(image_size, is_train=False,
+                                           mean=getattr(model.visual, "image_mean", None),
+                                           std=getattr(model.visual, "image_std", None))
+    tokenizer = open_clip.get_tokenizer(name) if name != "hipro-tiny-clip" else \
+        open_clip.tokenizer.SimpleTokenizer(context_length=model.positional_embedding.shape[0])
+    return LoadedClip(model, tokenizer, preprocess, name, pretrained_desc)
+
+
+def _load_into(model: torch.nn.Module, path: Path) -> None:
+    state = _load_state(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape_bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shape_bad:
+        parts = []
+        if shape_bad:
+            parts.append("shape mismatch " + "; ".join(shape_bad[:3]))
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise WeightsMismatchError(f"{path} does not match model {type(model).__name__}: " + ", ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})

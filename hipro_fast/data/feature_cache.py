@@ -1,0 +1,405 @@
+"""Image features from the frozen image tower, encoded once and cached on disk.
+
+:class:`FeatureCache` encodes a list of :class:`~hipro_fast.data.tasks_spec.ImageRecord`
+with the model's own open_clip eval preprocessing, in batches with a progress
+bar, L2-normalises the features and keeps them on the model's device (the GPU
+when there is one). Each set is persisted as a safetensors file:
+
+* its **file name** is derived from what the set *is*: the model (name +
+  weights file path/size/mtime, or a content hash of the image tower's
+  weights when there is no file), the preprocessing (``repr`` of the
+  transform), a tag (task / split / few-shot draw) and the augmentation
+  settings;
+* its **key** (stored in the metadata) adds the image list with every file's
+  size and mtime. A file whose key differs is *stale* (an image was changed,
+  added or removed) and is rebuilt;
+* the metadata also stores a SHA-256 of the tensor bytes; a file that does not
+  parse or whose checksum differs is *corrupt* and is rebuilt. Neither is ever
+  used silently: a warning names the file and the reason.
+
+Writes go to a temporary file in the same folder and are moved in place with
+``os.replace``, so an interrupted run (Ctrl-C) leaves the previous cache as it
+was.
+
+Augmented views: with ``views=K`` every image is also encoded K times through
+CoOp's training augmentation (random resized crop, scale 0.08-1, + horizontal
+flip, then the model's normalisation), seeded per (seed, image, view), giving
+``[N, K, D]`` (``EncodedSet.views``; ``features`` stay the plain eval-transform
+features). :func:`sample_views` picks one view per image for an epoch, for a
+loop that trains epoch by epoch. ``hipro_fast.method.training.fit`` takes plain
+``[N, D]`` features and owns the epoch loop, so the CLI (``--aug-views K``)
+uses the simplest correct option: :func:`stack_views` makes every view its own
+training sample (``[N*K, D]``, labels repeated). fit's epoch then walks a
+random permutation of all N*K views (K times the steps of a plain epoch), so
+every step sees random augmentations of random images, as CoOp's on-the-fly
+augmentation does, drawn from a fixed bank of K views per image.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..files import atomic_write_bytes
+from .tasks_spec import BadImageError, ImageRecord, read_image
+
+__all__ = [
+    "FORMAT", "CacheWarning", "EncodedSet", "FeatureCache", "model_fingerprint", "preprocess_repr",
+    "train_augmentation", "sample_views", "stack_views", "default_cache_dir",
+]
+
+FORMAT = "hipro-features-v1"
+
+
+class CacheWarning(UserWarning):
+    """A cache file was stale or corrupt and is being rebuilt."""
+
+
+def default_cache_dir() -> Path:
+    """$HIPRO_CACHE_DIR, else $XDG_CACHE_HOME/hipro_fast, else ~/.cache/hipro_fast."""
+    if os.environ.get("HIPRO_CACHE_DIR"):
+        return Path(os.environ["HIPRO_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "hipro_fast"
+
+
+# ------------------------------------------------------------------ identities
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_fingerprint(clip) -> dict[str, Any]:
+    """What identifies the image tower: name + weights file (path, size, mtime),
+    or a content hash of the image tower's weights when there is no file."""
+    name = getattr(clip, "name", type(clip).__name__)
+    pretrained = getattr(clip, "pretrained", None)
+    if pretrained and Path(str(pretrained)).is_file():
+        p = Path(str(pretrained)).resolve()
+        st = p.stat()
+        return {"name": name, "weights": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    model = getattr(clip, "model", clip)
+    visual = getattr(model, "visual", model)
+    state = {k: v for k, v in visual.state_dict().items()}
+    return {"name": name, "pretrained": pretrained, "visual_sha256": _tensor_hash(state)}
+
+
+def preprocess_repr(preprocess) -> str:
+    return " ".join(repr(preprocess).split())
+
+
+def _image_stats(records: Sequence[ImageRecord]) -> list[list[Any]]:
+    out = []
+    for r in records:
+        try:
+            st = os.stat(r.path)
+            out.append([r.path, r.label, st.st_size, st.st_mtime_ns])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {r.path}") from None
+    return out
+
+
+# ------------------------------------------------------------------ augmentation
+def _find_normalize(preprocess):
+    from torchvision import transforms as T
+
+    for t in getattr(preprocess, "transforms", []):
+        if isinstance(t, T.Normalize):
+            return t
+    return None
+
+
+def _image_size(preprocess, clip=None) -> int:
+    if clip is not None:
+        model = getattr(clip, "model", clip)
+        size = getattr(getattr(model, "visual", None), "image_size", None)
+        if size is not None:
+            return int(size[0] if isinstance(size, (tuple, list)) else size)
+    from torchvision import transforms as T
+
+    for t in getattr(preprocess, "transforms", []):
+        if isinstance(t, (T.CenterCrop, T.Resize)):
+            s = t.size
+            return int(s[0] if isinstance(s, (tuple, list)) else s)
+    raise ValueError("cannot tell the image size from the preprocessing; pass image_size")
+
+
+def train_augmentation(preprocess, image_size: int | None = None, clip=None) -> Callable:
+    """CoOp's training transform: random resized crop (scale 0.08-1, bicubic) + flip,
+    then ToTensor and the model's own normalisation."""
+    from torchvision import transforms as T
+
+    size = image_size or _image_size(preprocess, clip)
+    steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+             T.RandomHorizontalFlip(), T.ToTensor()]
+    norm = _find_normalize(preprocess)
+    if norm is not None:
+        steps.append(T.Normalize(norm.mean, norm.std))
+    return T.Compose(steps)
+
+
+def sample_views(features: torch.Tensor, epoch: int, seed: int = 0) -> torch.Tensor:
+    """One view per image for `epoch`: [N, K, D] -> [N, D] (a [N, D] input is returned as is).
+
+    Deterministic in (seed, epoch); different epochs draw different views.
+    """
+    if features.dim() == 2:
+        return features
+    if features.dim() != 3:
+        raise ValueError(f"features must be [N, K, D] or [N, D], got {tuple(features.shape)}")
+    n, k, _ = features.shape
+    g = torch.Generator().manual_seed(zlib.crc32(f"views/{seed}/{epoch}".encode()))
+    idx = torch.randint(k, (n,), generator=g).to(features.device)
+    return features[torch.arange(n, device=features.device), idx]
+
+
+def stack_views(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K, D], [N] -> [N*K, D], [N*K]: every view as its own training sample."""
+    if features.dim() == 2:
+        return features, labels
+    n, k, d = features.shape
+    return features.reshape(n * k, d), labels.repeat_interleave(k)
+
+
+# ------------------------------------------------------------------ dataset
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, records, transform, aug=None, views: int = 0, seed: int = 0):
+        self.records, self.transform, self.aug, self.views, self.seed = records, transform, aug, views, seed
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        path = self.records[i].path
+        try:
+            img = read_image(path)
+        except BadImageError as e:
+            return i, None, None, str(e)
+        x = self.transform(img)
+        v = None
+        if self.views:
+            vs = []
+            with torch.random.fork_rng(devices=[]):
+                for k in range(self.views):
+                    torch.manual_seed(zlib.crc32(f"aug/{self.seed}/{path}/{k}".encode()))
+                    vs.append(self.aug(img))
+            v = torch.stack(vs)
+        return i, x, v, None
+
+
+def _collate(batch):
+    return batch
+
+
+# ------------------------------------------------------------------ the cache
+@dataclass
+class EncodedSet:
+    """Features of one image list. `features` is [N, D] (or [N, K, D] views in
+    `views`), rows L2-normalised, on the cache's device; `labels` [N] int64."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+    views: torch.Tensor | None = None
+    skipped: list[str] = field(default_factory=list)
+    status: str = "built"  # hit | built | stale | corrupt | uncached
+    file: Path | None = None
+
+    @property
+    def hit(self) -> bool:
+        return self.status == "hit"
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def as_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features, self.labels
+
+
+class FeatureCache:
+    """Encodes image lists with a frozen CLIP image tower and caches the features.
+
+    Args:
+        clip: a LoadedClip (model, preprocess, name, pretrained).
+        cache_dir: folder of the safetensors files; None disables the disk cache.
+        device: where features live (default: the model's device).
+        batch_size, num_workers: data loading (workers default to 0 on CPU and
+            min(8, cpu count) with CUDA).
+        skip_bad_images: skip undecodable images (counted in EncodedSet.skipped)
+            instead of raising BadImageError naming the file.
+        progress: tqdm bars while encoding.
+    """
+
+    def __init__(self, clip, cache_dir: str | Path | None = None, device: str | torch.device | None = None,
+                 batch_size: int = 128, num_workers: int | None = None, skip_bad_images: bool = False,
+                 progress: bool = True):
+        self.clip = clip
+        self.model = clip.model
+        self.preprocess = clip.preprocess
+        self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.batch_size = batch_size
+        if num_workers is None:
+            num_workers = min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        self.num_workers = num_workers
+        self.skip_bad_images = skip_bad_images
+        self.progress = progress
+        self._fingerprint: dict | None = None
+        self.log: list[str] = []  # one line per set: what happened
+
+    # ---------------------------------------------------------------- keys
+    @property
+    def fingerprint(self) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.clip)
+        return self._fingerprint
+
+    def identity(self, tag: str, views: int, seed: int) -> dict:
+        return {"format": FORMAT, "model": self.fingerprint, "preprocess": preprocess_repr(self.preprocess),
+                "tag": tag, "views": int(views), "aug_seed": int(seed) if views else None,
+                "augmentation": preprocess_repr(train_augmentation(self.preprocess, clip=self.clip)) if views else None}
+
+    def file_for(self, tag: str, views: int = 0, seed: int = 0) -> Path:
+        if self.cache_dir is None:
+            raise ValueError("this FeatureCache has no cache_dir")
+        ident = _sha(json.dumps(self.identity(tag, views, seed), sort_keys=True))[:20]
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)[:80]
+        return self.cache_dir / f"{safe}-{ident}.safetensors"
+
+    def key(self, tag: str, records: Sequence[ImageRecord], views: int, seed: int) -> str:
+        body = {"identity": self.identity(tag, views, seed), "images": _image_stats(records),
+                "skip_bad_images": self.skip_bad_images}
+        return _sha(json.dumps(body, sort_keys=True))
+
+    # ---------------------------------------------------------------- public
+    def encode(self, records: Sequence[ImageRecord], tag: str = "images", views: int = 0,
+               seed: int = 0) -> EncodedSet:
+        """Features of `records` (from the cache when its key matches)."""
+        records = list(records)
+        if not records:
+            raise ValueError(f"{tag}: no images to encode")
+        if self.cache_dir is None:
+            out = self._encode(records, tag, views, seed)
+            out.status = "uncached"
+            return out
+        key = self.key(tag, records, views, seed)
+        path = self.file_for(tag, views, seed)
+        status = "built"
+        if path.exists():
+            loaded, reason = self._load(path, key, records)
+            if loaded is not None:
+                self.log.append(f"{tag}: cache hit {path.name}")
+                return loaded
+            status = "stale" if reason.startswith("stale") else "corrupt"
+            warnings.warn(f"{status} feature cache {path}: {reason}; rebuilding", CacheWarning, stacklevel=2)
+        out = self._encode(records, tag, views, seed)
+        self._save(path, key, out, records)
+        out.status, out.file = status, path
+        self.log.append(f"{tag}: {status} -> encoded {len(out)} images into {path.name}")
+        return out
+
+    # ---------------------------------------------------------------- encode
+    @torch.no_grad()
+    def _encode(self, records, tag, views, seed) -> EncodedSet:
+        from tqdm.auto import tqdm
+
+        aug = train_augmentation(self.preprocess, clip=self.clip) if views else None
+        ds = _Images(records, self.preprocess, aug, views, seed)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+            collate_fn=_collate, pin_memory=self.device.type == "cuda")
+        model_device = next(self.model.parameters()).device
+        feats, vfeats, kept, skipped = [], [], [], []
+        bar = tqdm(total=len(ds), desc=f"encode {tag}", unit="img", disable=not self.progress, leave=False)
+        try:
+            for batch in loader:
+                good = []
+                for i, x, v, err in batch:
+                    if err is not None:
+                        if not self.skip_bad_images:
+                            raise _bad(records[i].path, err)
+                        skipped.append(records[i].path)
+                    else:
+                        good.append((i, x, v))
+                bar.update(len(batch))
+                if not good:
+                    continue
+                x = torch.stack([g[1] for g in good]).to(model_device, non_blocking=True)
+                feats.append(F.normalize(self.model.encode_image(x).float(), dim=-1).to(self.device))
+                if views:
+                    v = torch.stack([g[2] for g in good])  # [B, K, 3, H, W]
+                    b, k = v.shape[:2]
+                    f = self.model.encode_image(v.flatten(0, 1).to(model_device, non_blocking=True)).float()
+                    vfeats.append(F.normalize(f, dim=-1).reshape(b, k, -1).to(self.device))
+                kept.extend(g[0] for g in good)
+        finally:
+            bar.close()
+        if not kept:
+            raise ValueError(f"{tag}: none of the {len(records)} images could be decoded")
+        labels = torch.tensor([records[i].label for i in kept], dtype=torch.long, device=self.device)
+        return EncodedSet(torch.cat(feats), labels, [records[i].path for i in kept],
+                          torch.cat(vfeats) if views else None, skipped)
+
+    # ---------------------------------------------------------------- disk
+    def _save(self, path: Path, key: str, enc: EncodedSet, records) -> None:
+        from safetensors.torch import save
+
+        index = {r.path: i for i, r in enumerate(records)}
+        tensors = {"features": enc.features.detach().cpu().contiguous(),
+                   "labels": enc.labels.detach().cpu().contiguous(),
+                   "kept": torch.tensor([index[p] for p in enc.paths], dtype=torch.long)}
+        if enc.views is not None:
+            tensors["views"] = enc.views.detach().cpu().contiguous()
+        meta = {"format": FORMAT, "key": key, "checksum": _tensor_hash(tensors),
+                "n_images": str(len(records)), "skipped": json.dumps(enc.skipped)}
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    def _load(self, path: Path, key: str, records) -> tuple[EncodedSet | None, str]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    return None, f"unknown format {meta.get('format')!r}"
+                if meta.get("key") != key:
+                    return None, "stale: the model, preprocessing or images changed"
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types on a damaged file
+            return None, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if meta.get("checksum") != _tensor_hash(tensors):
+            return None, "checksum mismatch"
+        need = {"features", "labels", "kept"}
+        if not need <= set(tensors):
+            return None, f"missing tensors {sorted(need - set(tensors))}"
+        kept = tensors["kept"].tolist()
+        if (len(kept) != tensors["features"].shape[0] or len(kept) != tensors["labels"].shape[0]
+                or int(meta.get("n_images", -1)) != len(records) or any(i < 0 or i >= len(records) for i in kept)):
+            return None, "inconsistent shapes"
+        views = tensors.get("views")
+        return EncodedSet(tensors["features"].to(self.device), tensors["labels"].to(self.device),
+                          [records[i].path for i in kept],
+                          views.to(self.device) if views is not None else None,
+                          json.loads(meta.get("skipped", "[]")), "hit", path), ""
+
+
+def _bad(path: str, err: str) -> BadImageError:
+    prefix = f"cannot decode image {path}: "
+    return BadImageError(path, err[len(prefix):] if err.startswith(prefix) else err)

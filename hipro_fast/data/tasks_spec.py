@@ -1,0 +1,404 @@
+"""Multi-task spec files: which images, which classes, which splits.
+
+A spec is a TOML file with one ``[[task]]`` table per task (``[[tasks]]`` is
+accepted too). Relative paths are relative to the spec file's folder.
+
+.. code-block:: toml
+
+    [[task]]
+    name = "flowers"
+    images = "data/flowers"            # ImageFolder: one subfolder per class
+    split = { val = 0.2, test = 0.3, seed = 0 }   # seeded, stratified
+    classes = { daisy_1 = "daisy" }    # optional: folder name -> class name
+
+    [[task]]
+    name = "pets"
+    train = "pets/train"               # given splits: folders or CSV files
+    val = "pets/val.csv"               # CSV rows: path,label (header optional)
+    test = "pets/test"
+    classes = ["cat", "dog"]           # optional: class order (and the set)
+
+Rules:
+
+* a split source is a folder (ImageFolder: sub-folder name = class label,
+  images directly inside, sorted by name) or a ``.csv`` of ``path,label`` rows
+  (paths relative to the CSV's folder). ``images`` / ``csv`` name one source
+  that ``split`` divides; ``train`` / ``val`` / ``test`` name given splits, and
+  ``split`` fractions then carve missing ``val`` / ``test`` out of ``train``.
+  Without ``split`` a lone ``images`` source is split ``{val = 0, test = 0.3,
+  seed = 0}``.
+* the class set is ``classes`` when given (a list fixes the order; a table
+  renames labels and its keys must be labels), else the labels of the training
+  source (folders sorted by name, CSV labels in first-seen order).
+* ``group`` (a string) and ``description`` are kept as information.
+
+Every problem raises :class:`SpecError` (a ``ValueError``) with one line that
+names the culprit: a missing folder or file, a class folder without images, a
+CSV row with an unknown label (``file:line``), a task named twice. Images that
+cannot be decoded are found when features are cached
+(:mod:`hipro_fast.data.feature_cache`), which raises :class:`BadImageError` naming
+the file, or skips and counts them with ``skip_bad_images=True``.
+
+Few-shot training sets are drawn as CoOp does: K images per class from the
+training split, seeded (:func:`few_shot`).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import tomllib
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from ..errors import SpecError, BadImageError
+
+__all__ = [
+    "IMG_EXTENSIONS", "SPLITS", "SpecError", "BadImageError", "FewShotWarning", "ImageRecord",
+    "TaskData", "MultiTaskSpec", "load_spec", "parse_spec", "few_shot", "read_image",
+]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT = {"val": 0.0, "test": 0.3, "seed": 0}
+_TASK_KEYS = {"name", "images", "csv", "train", "val", "test", "classes", "split", "group", "description"}
+
+
+class FewShotWarning(UserWarning):
+    """A class has fewer training images than the requested shots."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str  # absolute path
+    label: int  # index into TaskData.classes
+
+
+@dataclass
+class TaskData:
+    name: str
+    classes: list[str]  # class names (after renaming), label order
+    labels: list[str]  # raw labels (folder names / CSV labels), same order
+    splits: dict[str, list[ImageRecord]]  # "train" / "val" / "test" (val may be empty)
+    group: str | None = None
+    description: str = ""
+    sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(r) for s, r in self.splits.items()}
+
+
+@dataclass
+class MultiTaskSpec:
+    path: Path | None
+    tasks: dict[str, TaskData]
+
+    def class_names(self) -> dict[str, list[str]]:
+        """{task: class names}: what HiProModel / the baselines take."""
+        return {n: list(t.classes) for n, t in self.tasks.items()}
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for n, t in self.tasks.items():
+            if t.group:
+                out.setdefault(t.group, []).append(n)
+        return out
+
+    def summary(self) -> str:
+        lines = []
+        for n, t in self.tasks.items():
+            c = t.counts()
+            lines.append(f"{n}: {len(t.classes)} classes, train {c['train']}, val {c['val']}, test {c['test']}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ sources
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+
+
+def _read_folder(task: str, split: str, root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """ImageFolder -> (labels sorted, [(path, label)])."""
+    if not root.exists():
+        raise SpecError(f"task {task!r}: {split} directory not found: {root}")
+    if not root.is_dir():
+        raise SpecError(f"task {task!r}: {split} source is not a directory or .csv file: {root}")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise SpecError(f"task {task!r}: {split} directory has no class folders: {root}")
+    items = []
+    for d in class_dirs:
+        files = sorted(p for p in d.iterdir() if _is_image(p))
+        if not files:
+            raise SpecError(f"task {task!r}: class folder has no images: {d}")
+        items.extend((str(p.resolve()), d.name) for p in files)
+    return [d.name for d in class_dirs], items
+
+
+def _read_csv(task: str, split: str, path: Path,
+              known: Sequence[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """CSV of path,label -> (labels in first-seen order, [(path, label)])."""
+    if not path.is_file():
+        raise SpecError(f"task {task!r}: {split} CSV file not found: {path}")
+    items, labels, seen = [], [], set()
+    known_set = set(known) if known is not None else None
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for lineno, row in enumerate(csv.reader(f), start=1):
+            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
+                continue
+            if lineno == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+                continue
+            if len(row) != 2:
+                raise SpecError(f"{path}:{lineno}: expected 2 columns (path,label), got {len(row)}")
+            rel, label = row[0].strip(), row[1].strip()
+            if not rel or not label:
+                raise SpecError(f"{path}:{lineno}: empty path or label")
+            if known_set is not None and label not in known_set:
+                raise SpecError(f"{path}:{lineno}: unknown label {label!r} (task {task!r} classes: "
+                                f"{', '.join(known)})")
+            img = Path(rel)
+            if not img.is_absolute():
+                img = path.parent / img
+            if not img.is_file():
+                raise SpecError(f"{path}:{lineno}: image not found: {img}")
+            items.append((str(img.resolve()), label))
+            if label not in seen:
+                seen.add(label)
+                labels.append(label)
+    if not items:
+        raise SpecError(f"task {task!r}: {split} CSV file has no rows: {path}")
+    return labels, items
+
+
+def _read_source(task: str, split: str, path: Path, known: Sequence[str] | None):
+    if path.suffix.lower() == ".csv":
+        return _read_csv(task, split, path, known)
+    labels, items = _read_folder(task, split, path)
+    if known is not None:
+        known_set = set(known)
+        for lab in labels:
+            if lab not in known_set:
+                raise SpecError(f"task {task!r}: unknown class folder {path / lab} "
+                                f"(classes: {', '.join(known)})")
+    return labels, items
+
+
+# ------------------------------------------------------------------ parsing
+def _stable_seed(*parts: Any) -> list[int]:
+    return [zlib.crc32(str(p).encode()) for p in parts]
+
+
+def _split_fracs(task: str, split: Any) -> dict[str, float]:
+    if split is None:
+        return dict(DEFAULT_SPLIT)
+    if not isinstance(split, Mapping):
+        raise SpecError(f"task {task!r}: split must be a table like {{val = 0.2, test = 0.3, seed = 0}}")
+    bad = [k for k in split if k not in ("val", "test", "seed")]
+    if bad:
+        raise SpecError(f"task {task!r}: unknown split key {bad[0]!r} (use val, test, seed)")
+    out = {"val": float(split.get("val", 0.0)), "test": float(split.get("test", 0.0)),
+           "seed": int(split.get("seed", 0))}
+    if out["val"] < 0 or out["test"] < 0 or out["val"] + out["test"] >= 1:
+        raise SpecError(f"task {task!r}: split fractions must be >= 0 and sum to < 1, got "
+                        f"val={out['val']} test={out['test']}")
+    return out
+
+
+def _carve(task: str, items: list[tuple[str, int]], fracs: dict[str, float],
+           want: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
+    """Stratified seeded split of items into train + the wanted val/test parts."""
+    want = set(want)
+    rng = np.random.default_rng(_stable_seed("split", task, fracs["seed"]))
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for it in items:
+        by_class.setdefault(it[1], []).append(it)
+    out: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+    for lab in sorted(by_class):
+        group = by_class[lab]
+        order = rng.permutation(len(group))
+        n = len(group)
+        n_test = int(math.floor(n * fracs["test"] + 0.5)) if "test" in want else 0
+        n_val = int(math.floor(n * fracs["val"] + 0.5)) if "val" in want else 0
+        while n_test + n_val >= n and (n_test or n_val):  # keep >= 1 training image per class
+            if n_val >= n_test and n_val:
+                n_val -= 1
+            else:
+                n_test -= 1
+        picked = [group[i] for i in order]
+        out["test"].extend(picked[:n_test])
+        out["val"].extend(picked[n_test:n_test + n_val])
+        out["train"].extend(picked[n_test + n_val:])
+    for k in out:
+        out[k].sort()
+    return out
+
+
+def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
+    if not isinstance(entry, Mapping):
+        raise SpecError(f"task #{index + 1}: each [[task]] must be a table")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise SpecError(f"task #{index + 1}: missing or empty 'name'")
+    unknown = sorted(k for k in entry if k not in _TASK_KEYS)
+    if unknown:
+        raise SpecError(f"task {name!r}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TASK_KEYS))})")
+
+    def path_of(key: str) -> Path | None:
+        v = entry.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v:
+            raise SpecError(f"task {name!r}: {key!r} must be a path string")
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    single = [k for k in ("images", "csv") if k in entry]
+    if len(single) > 1:
+        raise SpecError(f"task {name!r}: give either 'images' or 'csv', not both")
+    sources = {s: path_of(s) for s in SPLITS if s in entry}
+    if single and "train" in sources:
+        raise SpecError(f"task {name!r}: give either {single[0]!r} or 'train', not both")
+    if single:
+        sources["train"] = path_of(single[0])
+        if single[0] == "csv" and sources["train"].suffix.lower() != ".csv":
+            raise SpecError(f"task {name!r}: 'csv' must name a .csv file, got {sources['train']}")
+    if "train" not in sources:
+        raise SpecError(f"task {name!r}: needs 'images', 'csv' or 'train'")
+
+    classes = entry.get("classes")
+    renames: dict[str, str] = {}
+    known: list[str] | None = None
+    if classes is not None:
+        if isinstance(classes, Mapping):
+            renames = {str(k): v for k, v in classes.items()}
+            for k, v in renames.items():
+                if not isinstance(v, str) or not v.strip():
+                    raise SpecError(f"task {name!r}: class name for {k!r} must be a non-empty string")
+        elif isinstance(classes, list):
+            if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+                raise SpecError(f"task {name!r}: 'classes' must be a non-empty list of names")
+            dup = [c for i, c in enumerate(classes) if c in classes[:i]]
+            if dup:
+                raise SpecError(f"task {name!r}: class {dup[0]!r} is listed twice in 'classes'")
+            known = list(classes)
+        else:
+            raise SpecError(f"task {name!r}: 'classes' must be a list or a table {{label = \"name\"}}")
+
+    train_labels, train_items = _read_source(name, "train", sources["train"], known)
+    labels = known if known is not None else train_labels
+    for k in renames:
+        if k not in labels:
+            raise SpecError(f"task {name!r}: 'classes' renames unknown label {k!r} (labels: {', '.join(labels)})")
+    index_of = {lab: i for i, lab in enumerate(labels)}
+    items: dict[str, list[tuple[str, int]]] = {"train": [(p, index_of[lab]) for p, lab in train_items]}
+    for split in ("val", "test"):
+        if split in sources:
+            _, its = _read_source(name, split, sources[split], labels)
+            items[split] = [(p, index_of[lab]) for p, lab in its]
+    missing = [s for s in ("val", "test") if s not in items]
+    if "split" in entry or (missing and "test" in missing):
+        fracs = _split_fracs(name, entry.get("split"))
+        if "test" in missing and fracs["test"] == 0 and "split" in entry:
+            raise SpecError(f"task {name!r}: no test split: give 'test' or split.test > 0")
+        carved = _carve(name, items["train"], fracs, missing)
+        items["train"] = carved["train"]
+        for s in missing:
+            items[s] = carved[s]
+    items.setdefault("val", [])
+    present = {lab for _, lab in items["train"]}
+    absent = [labels[i] for i in range(len(labels)) if i not in present]
+    if absent:
+        raise SpecError(f"task {name!r}: class {absent[0]!r} has no training images")
+    class_names = [renames.get(lab, lab) for lab in labels]
+    dup = [c for i, c in enumerate(class_names) if c in class_names[:i]]
+    if dup:
+        raise SpecError(f"task {name!r}: two labels get the class name {dup[0]!r}")
+    group = entry.get("group")
+    return TaskData(
+        name=name, classes=class_names, labels=list(labels),
+        splits={s: [ImageRecord(p, lab) for p, lab in items[s]] for s in SPLITS},
+        group=str(group) if group is not None else None, description=str(entry.get("description", "")),
+        sources={s: str(p) for s, p in sources.items()})
+
+
+def parse_spec(data: Mapping[str, Any], base: str | Path = ".", path: Path | None = None) -> MultiTaskSpec:
+    """A spec from an already-parsed TOML mapping (paths relative to `base`)."""
+    entries = data.get("task", data.get("tasks"))
+    if "task" in data and "tasks" in data:
+        raise SpecError("spec has both [[task]] and [[tasks]] tables; use one")
+    if entries is None:
+        raise SpecError(f"spec {path or ''} has no [[task]] tables".replace("  ", " "))
+    if isinstance(entries, Mapping):
+        raise SpecError("write each task as a [[task]] table (array of tables)")
+    tasks: dict[str, TaskData] = {}
+    for i, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, Mapping) else None
+        if isinstance(name, str) and name in tasks:
+            raise SpecError(f"spec names task {name!r} twice")
+        t = _parse_task(entry, Path(base), i)
+        tasks[t.name] = t
+    if not tasks:
+        raise SpecError("spec defines no tasks")
+    return MultiTaskSpec(path, tasks)
+
+
+def load_spec(path: str | Path) -> MultiTaskSpec:
+    """Read and validate a TOML multi-task spec (see the module docstring)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: invalid TOML: {e}") from None
+    return parse_spec(data, path.resolve().parent, path)
+
+
+# ------------------------------------------------------------------ few-shot
+def few_shot(records: Sequence[ImageRecord], shots: int | None, seed: int = 0,
+             task: str = "", classes: Sequence[str] | None = None) -> list[ImageRecord]:
+    """K images per class, seeded (CoOp's few-shot sampling).
+
+    `shots` None or 0 keeps every record. A class with fewer than K images keeps
+    all of them and a FewShotWarning names it. The draw depends on (task, seed)
+    only, so it is reproducible and independent across tasks.
+    """
+    if not shots:
+        return list(records)
+    if shots < 0:
+        raise SpecError(f"shots must be >= 0, got {shots}")
+    rng = np.random.default_rng(_stable_seed("shots", task, seed))
+    by_class: dict[int, list[ImageRecord]] = {}
+    for r in records:
+        by_class.setdefault(r.label, []).append(r)
+    out: list[ImageRecord] = []
+    labels = range(len(classes)) if classes is not None else sorted(by_class)
+    for lab in labels:
+        group = by_class.get(lab, [])
+        if len(group) < shots:
+            cname = classes[lab] if classes is not None else lab
+            warnings.warn(f"task {task!r}: class {cname!r} has {len(group)} training images < {shots} shots; "
+                          f"using all {len(group)}", FewShotWarning, stacklevel=2)
+            out.extend(group)
+        else:
+            idx = sorted(rng.choice(len(group), size=shots, replace=False).tolist())
+            out.extend(group[i] for i in idx)
+    return out
+
+
+# ------------------------------------------------------------------ images
+def read_image(path: str | Path):
+    """Decode an image to RGB (PIL), raising BadImageError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadImageError(path, reason) from None

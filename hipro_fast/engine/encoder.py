@@ -1,0 +1,53 @@
+"""ForestEncoder: named contexts + task paths + class names -> per-task class
+text features, all prompts in one forest pass through the frozen text tower."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from .prompt_forest import PromptForest, build_prompt_forest
+from .text_tower import TextTower
+
+
+class ForestEncoder:
+    """Encodes every task's class prompts in one packed pass.
+
+    Args:
+        tower: the frozen TextTower.
+        tokenizer: open_clip SimpleTokenizer.
+        node_ctx: node id -> number of context tokens (the order fixes the
+            packed context table's row order).
+        task_paths: task -> node ids, root first.
+        task_classes: task -> class names.
+        combine: "concat" or "mean" (see hipro_fast.engine.prompt_forest).
+    """
+
+    def __init__(self, tower: TextTower, tokenizer, node_ctx: Mapping[str, int],
+                 task_paths: Mapping[str, Sequence[str]], task_classes: Mapping[str, Sequence[str]],
+                 combine: str = "concat"):
+        self.tower = tower
+        self.node_order = list(node_ctx)
+        self.node_rows: dict[str, tuple[int, int]] = {}
+        start = 0
+        for node, count in node_ctx.items():
+            self.node_rows[node] = (start, int(count))
+            start += int(count)
+        self.forest: PromptForest = build_prompt_forest(
+            tokenizer, tower.config.context_length, self.node_rows, task_paths, task_classes, combine)
+
+    def context_table(self, ctx: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[R, W] rows of every node's context, in node order."""
+        return torch.cat([ctx[n] for n in self.node_order])
+
+    def __call__(self, ctx: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{task: [C, E]} L2-normalised class features (fp32)."""
+        return self.tower.encode_forest(self.forest, self.context_table(ctx))
+
+    def to(self, device) -> "ForestEncoder":
+        self.forest = self.forest.to(device)
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        return self.forest.num_tokens

@@ -1,0 +1,80 @@
+"""Every error the library raises on purpose derives from :class:`HiproError`,
+so callers (the CLI among them) catch one type. Each class also keeps the
+builtin base that describes it (``ValueError`` for bad input, ``RuntimeError``
+for a failed run) so ``except ValueError`` code keeps working.
+
+This module sits below every layer and imports nothing of the package.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class HiproError(Exception):
+    """Base of all hipro_fast errors; the message names the culprit."""
+
+
+# ----------------------------------------------------------------- engine
+class ForestError(HiproError, ValueError):
+    """A malformed prompt forest; the message names the culprit."""
+
+
+class UnsupportedTextTower(HiproError, ValueError):
+    """The model's text tower is not causal + EOS(argmax)-pooled (or has an unsupported part)."""
+
+
+# ------------------------------------------------------------------- data
+class WeightsMismatchError(HiproError, ValueError):
+    """A weights file does not fit the chosen model."""
+
+
+class SpecError(HiproError, ValueError):
+    """A task spec, or the images it names, is unusable (one-line message)."""
+
+
+class BadImageError(SpecError):
+    """An image file that cannot be decoded."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        super().__init__(f"cannot decode image {path}: {reason}")
+
+
+class BundledDataError(HiproError, RuntimeError):
+    """A package that ships bundled data is missing or its data is unreadable."""
+
+
+# ----------------------------------------------------------------- method
+class TaskSpecError(HiproError, ValueError):
+    """Bad task definitions: empty tasks, duplicate class names, feature mismatches."""
+
+
+class TreeError(HiproError, ValueError):
+    """A malformed task tree or a tree that does not match the tasks."""
+
+
+class AffinityMatrixError(TreeError):
+    """An affinity matrix that cannot be clustered (shape, names, non-finite values)."""
+
+
+class AffinityError(HiproError, ValueError):
+    """Bad inputs to task_affinity (tasks and training data that do not match)."""
+
+
+class CheckpointError(HiproError, ValueError):
+    """A missing, corrupt or incompatible checkpoint (other than task/tree mismatches)."""
+
+
+class NonFiniteLossError(HiproError, RuntimeError):
+    """The training loss became NaN/inf; `epoch`, `step` and `tasks` name where."""
+
+    def __init__(self, epoch: int, step: int, tasks: dict[str, float]):
+        self.epoch, self.step, self.tasks = epoch, step, dict(tasks)
+        detail = ", ".join(f"{t!r} (loss {v})" for t, v in tasks.items())
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}: task(s) {detail}; "
+                         "lower the lr, disable amp, or check the features")
+
+
+# -------------------------------------------------------------------- app
+class CliError(HiproError):
+    """A usage problem found by the CLI itself (one line)."""

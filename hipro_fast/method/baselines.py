@@ -1,0 +1,190 @@
+"""Baselines and HiPro in one code path, and a comparison table.
+
+Every method is a HiProModel; what differs is the tree and which nodes hold a
+context (a node with n_ctx 0 is skipped on its tasks' paths):
+
+    zero-shot      flat tree, root = the tokens of "a photo of a" (frozen), leaves 0:
+                   the prompt is exactly "a photo of a {class}."
+    coop-per-task  flat tree, root 0, each leaf n_ctx        (T * n_ctx * width params)
+    coop-shared    flat tree, root n_ctx, leaves 0           (n_ctx * width params)
+    two-level      flat tree, root n_ctx + each leaf n_ctx   ((T + 1) * n_ctx * width)
+    hipro          the given (or affinity-built) tree, every node n_ctx
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..data.clip_loading import LoadedClip
+from .affinity import task_affinity
+from .model import HiProModel, validate_tasks
+from ..engine.prompt_forest import DEFAULT_COMBINE
+from .training import Data, TrainConfig, evaluate, fit
+from .tree import ROOT, TaskTree, leaf_id
+
+METHODS = ("zero-shot", "coop-per-task", "coop-shared", "two-level", "hipro")
+ZERO_SHOT_PREFIX = "a photo of a"  # the template "a photo of a {}."
+
+
+def zero_shot_template() -> str:
+    return ZERO_SHOT_PREFIX + " {}."
+
+
+def _flat_ctx(tasks: Sequence[str], root: int, leaf: int) -> dict[str, int]:
+    return {ROOT: root, **{leaf_id(t): leaf for t in tasks}}
+
+
+def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str]],
+                 tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
+                 seed: int = 0, tokenizer=None) -> HiProModel:
+    """The HiProModel of one method (see the module docstring). `tree` is used by
+    "hipro" only; zero-shot's context is frozen (0 trainable parameters)."""
+    names = list(validate_tasks(tasks))
+    flat = TaskTree.flat(names)
+    kw = dict(tokenizer=tokenizer, seed=seed)
+    if method == "zero-shot":
+        model = HiProModel(clip, tasks, flat, n_ctx=_flat_ctx(names, 1, 0), combine="concat",
+                           ctx_init=ZERO_SHOT_PREFIX, **kw)
+        for p in model.ctx.values():
+            p.requires_grad_(False)
+        return model
+    if method == "coop-per-task":
+        return HiProModel(clip, tasks, flat, n_ctx=_flat_ctx(names, 0, n_ctx), combine=combine, **kw)
+    if method == "coop-shared":
+        return HiProModel(clip, tasks, flat, n_ctx=_flat_ctx(names, n_ctx, 0), combine=combine, **kw)
+    if method == "two-level":
+        return HiProModel(clip, tasks, flat, n_ctx=n_ctx, combine=combine, **kw)
+    if method == "hipro":
+        if tree is None:
+            raise ValueError("method 'hipro' needs a tree")
+        return HiProModel(clip, tasks, tree, n_ctx=n_ctx, combine=combine, **kw)
+    raise ValueError(f"unknown method {method!r} (methods: {METHODS})")
+
+
+def affinity_tree(clip, tasks: Mapping[str, Sequence[str]], train: Data,
+                  affinity_config: Mapping[str, Any] | None = None) -> TaskTree:
+    """A tree from task affinity (hipro_fast.method.affinity.task_affinity + TaskTree.from_affinity).
+
+    affinity_config: keyword arguments; "levels", "threshold" and "linkage" go to
+    TaskTree.from_affinity, the rest to task_affinity (or give them explicitly
+    as {"affinity": {...}, "tree": {...}}).
+    """
+    cfg = dict(affinity_config or {})
+    if "affinity" in cfg or "tree" in cfg:
+        aff_kw, tree_kw = dict(cfg.get("affinity") or {}), dict(cfg.get("tree") or {})
+    else:
+        tree_keys = ("levels", "threshold", "linkage")
+        tree_kw = {k: v for k, v in cfg.items() if k in tree_keys}
+        aff_kw = {k: v for k, v in cfg.items() if k not in tree_keys}
+    result = task_affinity(clip, tasks, train, **aff_kw)
+    if isinstance(result, TaskTree):
+        return result
+    matrix = getattr(result, "matrix", result)
+    names = list(getattr(result, "names", None) or list(tasks))
+    return TaskTree.from_affinity(matrix, names, **tree_kw)
+
+
+@dataclass
+class MethodResult:
+    method: str
+    task_acc: dict[str, float]          # mean over seeds, fraction in [0, 1]
+    mean: float                          # mean over seeds of the mean task accuracy
+    std: float                           # std over seeds of the mean task accuracy (ddof=1)
+    params: int                          # trainable parameters
+    train_seconds: float                 # mean over seeds
+    seed_means: list[float] = field(default_factory=list)
+    best_epochs: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ComparisonTable:
+    """Per-method test accuracy (mean over seeds) of a compare() run."""
+
+    tasks: list[str]
+    seeds: list[int]
+    results: dict[str, MethodResult]
+    tree: list[Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self.tasks), "seeds": list(self.seeds), "tree": self.tree,
+            "methods": {m: {"task_acc": r.task_acc, "mean": r.mean, "std": r.std, "params": r.params,
+                            "train_seconds": r.train_seconds, "seed_means": r.seed_means,
+                            "best_epochs": r.best_epochs}
+                        for m, r in self.results.items()},
+        }
+
+    def to_markdown(self) -> str:
+        head = ["method", *self.tasks, "mean", "std", "params", "train s"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for m, r in self.results.items():
+            cells = [m, *(f"{100 * r.task_acc[t]:.2f}" for t in self.tasks), f"{100 * r.mean:.2f}",
+                     f"{100 * r.std:.2f}", f"{r.params:,}", f"{r.train_seconds:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append(f"\naccuracy in % on the test split, mean over seeds {list(self.seeds)}; "
+                     "std = std over seeds of the mean accuracy")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def __getitem__(self, method: str) -> MethodResult:
+        return self.results[method]
+
+
+def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str]], train: Data, test: Data,
+            val: Data | None = None, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (1, 2, 3),
+            tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
+            train_config: TrainConfig | None = None, affinity_config: Mapping[str, Any] | None = None,
+            tokenizer=None) -> ComparisonTable:
+    """Train and test every method on the same data, over several seeds.
+
+    Each (method, seed) gets a fresh HiProModel (context init seeded by the seed)
+    trained with `train_config` (its seed replaced by the seed; no checkpoints
+    unless train_config.checkpoint_dir is set, then one sub-directory per run) and
+    tested on `test`. zero-shot is not trained and is evaluated once.
+    tree: the tree of "hipro"; None builds one from task affinity.
+    """
+    methods = list(methods)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r} (methods: {METHODS})")
+    if not seeds:
+        raise ValueError("compare needs at least one seed")
+    names = list(validate_tasks(tasks))
+    base = train_config or TrainConfig()
+    hipro_tree = None
+    if "hipro" in methods:
+        hipro_tree = tree if tree is not None else affinity_tree(clip, tasks, train, affinity_config)
+        hipro_tree = hipro_tree if isinstance(hipro_tree, TaskTree) else TaskTree.from_nested(hipro_tree)
+    results: dict[str, MethodResult] = {}
+    for method in methods:
+        run_seeds = list(seeds)[:1] if method == "zero-shot" else list(seeds)
+        accs, seconds, best_epochs, params = [], [], [], 0
+        for seed in run_seeds:
+            model = build_method(method, clip, tasks, hipro_tree, n_ctx, combine, seed=seed, tokenizer=tokenizer)
+            params = model.num_trainable_parameters()
+            t0 = time.perf_counter()
+            if method != "zero-shot":
+                overrides: dict[str, Any] = {"seed": seed}
+                if base.checkpoint_dir is not None:
+                    overrides["checkpoint_dir"] = f"{base.checkpoint_dir}/{method}-seed{seed}"
+                result = fit(model, train, val, base, **overrides)
+                best_epochs.append(result.best_epoch)
+            seconds.append(time.perf_counter() - t0 if method != "zero-shot" else 0.0)
+            accs.append(evaluate(model, test, batch_size=base.eval_batch_size))
+        test_tasks = [t for t in names if t in accs[0]]
+        task_acc = {t: sum(a[t] for a in accs) / len(accs) for t in test_tasks}
+        seed_means = [sum(a[t] for t in test_tasks) / len(test_tasks) for a in accs]
+        mean = sum(seed_means) / len(seed_means)
+        std = math.sqrt(sum((s - mean) ** 2 for s in seed_means) / (len(seed_means) - 1)) \
+            if len(seed_means) > 1 else 0.0
+        results[method] = MethodResult(method, task_acc, mean, std, params,
+                                       sum(seconds) / len(seconds), seed_means, best_epochs)
+    table_tasks = [t for t in names if t in test]
+    return ComparisonTable(table_tasks, list(seeds), results,
+                           hipro_tree.to_nested() if hipro_tree is not None else None)

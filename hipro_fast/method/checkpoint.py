@@ -1,0 +1,275 @@
+"""Checkpoints of HiPro training: contexts only, written atomically.
+
+A checkpoint directory holds two checkpoints, `last` (for resuming) and `best`
+(the best-validation contexts). Each is a pair
+
+    <kind>.json                   tree, model config, epoch, history, train config, ...
+    <kind>-e<epoch>.safetensors   "ctx/<node>" contexts, "momentum/<node>" SGD momentum
+                                  buffers, "best/<node>" best-so-far contexts (`last` only)
+
+The frozen CLIP is never stored. Both files are written atomically (a temp file
+in the same directory, fsync, os.replace, directory fsync); the tensor file
+carries the epoch in its name and is written FIRST, the JSON (which names the
+tensor file and its sha256) is the commit point, and superseded tensor files are
+removed only after it. A process killed at any moment therefore leaves the
+previous checkpoint loadable (plus, at most, a stray temp or tensor file that
+the next save removes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import CheckpointError, TaskSpecError, TreeError
+from ..files import atomic_write_bytes, atomic_write_text
+from .model import HiProModel
+from .tree import TaskTree
+
+FORMAT = "hipro_fast.checkpoint"  # on-disk tag; kept from before the package split
+VERSION = 1
+KINDS = ("last", "best")
+
+
+# ------------------------------------------------------- optimizer state
+# TrainConfig fields (hipro_fast.method.training) that change the trajectory: a resume must match them.
+TRAJECTORY_FIELDS = ("lr", "momentum", "weight_decay", "epochs", "warmup_epochs", "warmup_lr",
+                     "batch_size", "steps_per_epoch", "amp", "seed", "eval_every")
+
+
+def momentum_buffers(optimizer: torch.optim.Optimizer, model: HiProModel) -> dict[str, torch.Tensor]:
+    """{node: SGD momentum buffer} of the contexts that have one."""
+    out = {}
+    for node, p in model.ctx.items():
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[node] = buf.detach().clone()
+    return out
+
+
+def set_momentum_buffers(optimizer: torch.optim.Optimizer, model: HiProModel,
+                          buffers: Mapping[str, torch.Tensor]) -> None:
+    for node, buf in buffers.items():
+        if node not in model.ctx:
+            raise TaskSpecError(f"checkpoint has a momentum buffer for unknown node {node!r}")
+        p = model.ctx[node]
+        optimizer.state[p]["momentum_buffer"] = buf.to(p.device, p.dtype).clone()
+
+
+
+# ---------------------------------------------------------------- records
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. contexts / momentum / best_contexts: node -> tensor (CPU)."""
+
+    kind: str
+    epoch: int
+    history: list[dict[str, Any]]
+    contexts: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor]
+    best_epoch: int | None
+    best_val: float | None
+    best_contexts: dict[str, torch.Tensor] | None
+    model_config: dict[str, Any]
+    train_config: dict[str, Any] | None
+    extra: dict[str, Any]
+    path: Path
+
+
+def _json_path(directory: Path, kind: str) -> Path:
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    return directory / f"{kind}.json"
+
+
+def has_checkpoint(directory: str | Path, kind: str = "last") -> bool:
+    return _json_path(Path(directory), kind).exists()
+
+
+def _config_dict(train_config: Any) -> dict[str, Any] | None:
+    if train_config is None:
+        return None
+    if dataclasses.is_dataclass(train_config):
+        return dataclasses.asdict(train_config)
+    return dict(train_config)
+
+
+def save_checkpoint(directory: str | Path, model: HiProModel,
+                    optimizer_state: Mapping[str, torch.Tensor] | torch.optim.Optimizer | None,
+                    epoch: int, history: list[dict[str, Any]], *, kind: str = "last",
+                    best_epoch: int | None = None, best_val: float | None = None,
+                    best_state: Mapping[str, torch.Tensor] | None = None,
+                    train_config: Any = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Atomically write the `kind` checkpoint of `model` after `epoch`.
+
+    Args:
+        directory: the checkpoint directory (created if needed).
+        model: the HiProModel whose contexts are saved.
+        optimizer_state: node -> SGD momentum buffer (see momentum_buffers),
+            a torch SGD optimizer over the model's contexts, or None.
+        epoch: the last completed epoch (0-based).
+        history: per-epoch records so far (JSON-able).
+        best_epoch / best_val / best_state: best-so-far selection (best_state is
+            stored as "best/<node>" tensors).
+        train_config: the TrainConfig (stored for resume checks).
+        extra: more JSON-able state (e.g. GradScaler state, train sizes).
+    Returns:
+        the path of the JSON file.
+    """
+    directory = Path(directory)
+    json_path = _json_path(directory, kind)
+    if isinstance(optimizer_state, torch.optim.Optimizer):
+        optimizer_state = momentum_buffers(optimizer_state, model)
+    tensors: dict[str, torch.Tensor] = {}
+    for node, p in model.ctx.items():
+        tensors[f"ctx/{node}"] = p.detach().float().cpu().contiguous()
+    for node, buf in (optimizer_state or {}).items():
+        tensors[f"momentum/{node}"] = buf.detach().float().cpu().contiguous()
+    for node, value in (best_state or {}).items():
+        tensors[f"best/{node}"] = value.detach().float().cpu().contiguous()
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata={"format": FORMAT, "kind": kind, "epoch": str(int(epoch))})
+    tensor_name = f"{kind}-e{int(epoch):05d}.safetensors"
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "epoch": int(epoch),
+        "tensors": tensor_name,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "model": model.config(),
+        "train_config": _config_dict(train_config),
+        "history": list(history),
+        "best_epoch": None if best_epoch is None else int(best_epoch),
+        "best_val": best_val,
+        "extra": dict(extra or {}),
+    }
+    text = json.dumps(record, indent=1, allow_nan=False)
+    atomic_write_bytes(directory / tensor_name, blob)   # 1. the tensors, under a new name
+    atomic_write_text(json_path, text)                   # 2. the commit point
+    for stale in directory.iterdir():                    # 3. superseded files
+        name = stale.name
+        superseded = name.startswith(f"{kind}-e") and name.endswith(".safetensors") and name != tensor_name
+        leftover_tmp = name.startswith((f".{kind}-e", f".{kind}.json.")) and name.endswith(".tmp")
+        if superseded or leftover_tmp:
+            try:
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+    return json_path
+
+
+# ---------------------------------------------------------------- compatibility
+def check_model_config(saved: Mapping[str, Any], model: HiProModel) -> None:
+    """Raise TaskSpecError / TreeError / CheckpointError naming the first item where
+    the checkpoint's tasks, classes, tree, contexts or tower differ from the model's."""
+    mine = model.config()
+    saved_tasks: Mapping[str, list[str]] = saved.get("tasks", {})
+    for task in saved_tasks:
+        if task not in mine["tasks"]:
+            raise TaskSpecError(f"checkpoint task {task!r} is not a task of the model "
+                                f"(model tasks: {list(mine['tasks'])})")
+    for task in mine["tasks"]:
+        if task not in saved_tasks:
+            raise TaskSpecError(f"model task {task!r} is not in the checkpoint "
+                                f"(checkpoint tasks: {list(saved_tasks)})")
+    for task, classes in mine["tasks"].items():
+        theirs = list(saved_tasks[task])
+        if theirs != list(classes):
+            if len(theirs) != len(classes):
+                raise TaskSpecError(f"task {task!r}: checkpoint has {len(theirs)} classes, "
+                                    f"the model {len(classes)}")
+            i = next(i for i, (a, b) in enumerate(zip(theirs, classes)) if a != b)
+            raise TaskSpecError(f"task {task!r}: class {i} is {theirs[i]!r} in the checkpoint "
+                                f"but {classes[i]!r} in the model")
+    if saved.get("tree") != mine["tree"]:
+        try:
+            theirs_tree = TaskTree.from_nested(saved.get("tree"))
+        except (TreeError, TypeError) as e:
+            raise TreeError(f"checkpoint tree {saved.get('tree')!r} is invalid: {e}") from None
+        for task in model.tasks:
+            a, b = theirs_tree.path(task), model.tree.path(task)
+            if a != b:
+                raise TreeError(f"task {task!r} sits at {' > '.join(a)} in the checkpoint tree but at "
+                                f"{' > '.join(b)} in the model tree (checkpoint tree {saved.get('tree')!r}, "
+                                f"model tree {mine['tree']!r})")
+        raise TreeError(f"checkpoint tree {saved.get('tree')!r} differs from the model tree {mine['tree']!r}")
+    saved_ctx: Mapping[str, int] = saved.get("n_ctx", {})
+    for node, n in mine["n_ctx"].items():
+        if node not in saved_ctx:
+            raise TreeError(f"node {node!r} has a context in the model but not in the checkpoint")
+        if int(saved_ctx[node]) != n:
+            raise TreeError(f"node {node!r}: checkpoint n_ctx {saved_ctx[node]} vs model {n}")
+    for node in saved_ctx:
+        if node not in mine["n_ctx"]:
+            raise TreeError(f"node {node!r} has a context in the checkpoint but not in the model")
+    for key in ("combine", "width", "embed_dim"):
+        if key in saved and saved[key] != mine[key]:
+            raise CheckpointError(f"checkpoint {key} {saved[key]!r} differs from the model's {mine[key]!r}")
+
+
+def check_train_config(saved: Mapping[str, Any] | None, config: Any) -> None:
+    """Raise CheckpointError naming the first trajectory-changing training option
+    (lr, epochs, seed, ...) that differs between a checkpoint and `config`."""
+    if saved is None:
+        return
+    current = _config_dict(config) or {}
+    for key in TRAJECTORY_FIELDS:
+        if key in saved and saved[key] != current.get(key):
+            raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={saved[key]!r}, "
+                                  f"this run has {key}={current.get(key)!r}")
+
+
+# ---------------------------------------------------------------- loading
+def _split(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_checkpoint(directory: str | Path, model: HiProModel | None = None, kind: str = "last",
+                    load_contexts: bool = True) -> Checkpoint:
+    """Read the `kind` checkpoint of `directory`.
+
+    With a model, the checkpoint's tasks, classes, tree and contexts must match
+    it (TaskSpecError / TreeError naming the item otherwise) and, unless
+    load_contexts=False, its contexts are loaded into the model.
+    """
+    directory = Path(directory)
+    json_path = _json_path(directory, kind)
+    if not json_path.exists():
+        raise FileNotFoundError(f"no {kind!r} checkpoint in {directory} ({json_path.name} not found)")
+    try:
+        record = json.loads(json_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{json_path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{json_path}: not a hipro_fast checkpoint")
+    if record.get("version") != VERSION:
+        raise CheckpointError(f"{json_path}: checkpoint version {record.get('version')!r}, expected {VERSION}")
+    tensor_path = directory / record["tensors"]
+    if not tensor_path.exists():
+        raise CheckpointError(f"{json_path} names {tensor_path.name}, which is missing")
+    blob = tensor_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != record["sha256"]:
+        raise CheckpointError(f"{tensor_path}: sha256 does not match {json_path.name} (corrupt file)")
+    from safetensors.torch import load
+
+    tensors = load(blob)
+    contexts = _split(tensors, "ctx/")
+    best = _split(tensors, "best/")
+    if model is not None:
+        check_model_config(record["model"], model)
+        if load_contexts:
+            model.load_context_state(contexts)
+    return Checkpoint(kind=kind, epoch=int(record["epoch"]), history=record.get("history", []),
+                      contexts=contexts, momentum=_split(tensors, "momentum/"),
+                      best_epoch=record.get("best_epoch"), best_val=record.get("best_val"),
+                      best_contexts=best or None, model_config=record["model"],
+                      train_config=record.get("train_config"), extra=record.get("extra") or {},
+                      path=json_path)

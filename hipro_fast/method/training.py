@@ -1,0 +1,431 @@
+"""Training HiPro contexts: all tasks' prompts in one forest pass per step.
+
+Every optimisation step draws a batch of `batch_size` samples from EVERY task,
+computes the class text features of all tasks with one `model.text_features()`
+call (one packed prompt-forest pass), and minimises the mean over tasks of each
+task's cross-entropy over its OWN classes (separate logits per task).
+
+Optimiser and schedule follow CoOp: SGD (lr 0.002, momentum 0.9, weight decay
+5e-4), a cosine schedule over the epochs, preceded by warm-up epochs at the
+constant lr 1e-5 (Dassl's ConstantWarmupScheduler):
+
+    lr(e) = warmup_lr                                     for e < warmup_epochs
+    lr(e) = lr * (1 + cos(pi * (e - warmup_epochs) / epochs)) / 2   otherwise
+
+Sampling: within an epoch each task is drawn without replacement from a random
+permutation of its samples (reshuffled when exhausted, so a task smaller than
+steps_per_epoch * batch_size is cycled through several permutations). The
+permutations of epoch e of task t come from a generator seeded with
+(seed, e, crc32(t)), so an epoch can be replayed exactly after a resume: with
+the contexts and SGD momentum buffers restored from the end of epoch e-1 and the
+lr computed in closed form, a resumed run is bitwise identical on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .model import HiProModel, TaskSpecError
+from ..errors import NonFiniteLossError
+
+AMP_MODES = (None, "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+Data = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (CoOp defaults).
+
+    lr, momentum, weight_decay: SGD. epochs: number of epochs, with a cosine lr
+    schedule over them. warmup_epochs / warmup_lr: constant-lr warm-up epochs
+    (counted within `epochs`). batch_size: samples PER TASK per step.
+    steps_per_epoch: None = ceil(largest task's train size / batch_size).
+    amp: None, "bf16" or "fp16" (torch.autocast on the model's device type;
+    contexts stay fp32; fp16 on CUDA uses a GradScaler). seed: sampling seed.
+    device: None = where the model is. checkpoint_dir: None = no checkpoints,
+    else a `last` and a `best` checkpoint are kept there, written every epoch.
+    resume: continue from checkpoint_dir's `last` checkpoint when there is one.
+    progress: tqdm bar. eval_every: validate every this many epochs (and after
+    the last). eval_batch_size: image features per chunk in evaluation.
+    """
+
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 50
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    batch_size: int = 32
+    steps_per_epoch: int | None = None
+    amp: str | None = None
+    seed: int = 0
+    device: str | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = False
+    eval_every: int = 1
+    eval_batch_size: int = 4096
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"TrainConfig: {msg}")
+
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(int(self.epochs) >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(0 <= int(self.warmup_epochs), f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.warmup_lr > 0, f"warmup_lr must be > 0, got {self.warmup_lr}")
+        need(int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.steps_per_epoch is None or int(self.steps_per_epoch) >= 1,
+             f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
+        need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        need(int(self.seed) >= 0, f"seed must be >= 0, got {self.seed}")
+        need(int(self.eval_every) >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+        need(int(self.eval_batch_size) >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FitResult:
+    """history: one dict per epoch (epoch, lr, loss, task_loss, val_acc, val_mean,
+    seconds). best_epoch: the epoch of best_state (highest mean val accuracy,
+    earliest on ties; the last epoch without val). best_state / final_state:
+    context states (node -> tensor) at the best and at the last epoch."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    final_state: dict[str, torch.Tensor]
+    best_val: float | None = None
+    seconds: float = 0.0
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- schedule / sampling
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """CoOp's lr of `epoch` (0-based): constant warm-up, then cosine over `epochs`."""
+    if epoch < config.warmup_epochs:
+        return float(config.warmup_lr)
+    t = epoch - config.warmup_epochs
+    return float(0.5 * config.lr * (1.0 + math.cos(math.pi * t / config.epochs)))
+
+
+def _epoch_seed(seed: int, epoch: int, task: str) -> int:
+    words = np.random.SeedSequence([int(seed), int(epoch), zlib.crc32(task.encode("utf-8"))]) \
+        .generate_state(2, dtype=np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+def batch_indices(n: int, steps: int, batch_size: int, seed: int, epoch: int, task: str) -> torch.Tensor:
+    """[steps, batch_size] sample indices of one task for one epoch.
+
+    Consecutive slices of random permutations of range(n) (without replacement
+    until the task is exhausted, then a fresh permutation); a function of
+    (seed, epoch, task) only.
+    """
+    g = torch.Generator().manual_seed(_epoch_seed(seed, epoch, task))
+    need = steps * batch_size
+    perms, total = [], 0
+    while total < need:
+        perms.append(torch.randperm(n, generator=g))
+        total += n
+    return torch.cat(perms)[:need].view(steps, batch_size)
+
+
+def default_steps_per_epoch(train: Data, batch_size: int) -> int:
+    return max(math.ceil(int(y.shape[0]) / batch_size) for _, y in train.values())
+
+
+# ---------------------------------------------------------------- validation
+def validate_data(model: HiProModel, data: Data, role: str = "train",
+                  require_all: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Check task data against the model; returns {task: (fp32 features, int64 labels)}
+    in the model's task order. Raises TaskSpecError naming the culprit."""
+    if not isinstance(data, Mapping):
+        raise TaskSpecError(f"{role} data must map task name -> (features, labels), got {type(data).__name__}")
+    if not data:
+        raise TaskSpecError(f"{role} data has no tasks")
+    for task in data:
+        if task not in model.tasks:
+            raise TaskSpecError(f"{role} data has task {task!r} that the model lacks "
+                                f"(model tasks: {list(model.tasks)})")
+    if require_all:
+        for task in model.tasks:
+            if task not in data:
+                raise TaskSpecError(f"model task {task!r} is missing from the {role} data")
+    out = {}
+    E = model.embed_dim
+    for task in model.tasks:
+        if task not in data:
+            continue
+        item = data[task]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TaskSpecError(f"{role} data of task {task!r} must be a (features, labels) pair")
+        x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+        if x.dim() != 2:
+            raise TaskSpecError(f"task {task!r}: {role} features must be 2-D [N, {E}], got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise TaskSpecError(f"task {task!r}: {role} data is empty (0 samples)")
+        if x.shape[1] != E:
+            raise TaskSpecError(f"task {task!r}: {role} feature dim {x.shape[1]} does not match the "
+                                f"model's embed_dim {E}")
+        if y.dim() != 1:
+            raise TaskSpecError(f"task {task!r}: {role} labels must be 1-D, got shape {tuple(y.shape)}")
+        if y.shape[0] != x.shape[0]:
+            raise TaskSpecError(f"task {task!r}: {role} has {x.shape[0]} feature rows but {y.shape[0]} labels")
+        if not x.is_floating_point():
+            raise TaskSpecError(f"task {task!r}: {role} features must be floating point, got {x.dtype}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            if y.dtype == torch.bool or not torch.equal(y, y.round()):
+                raise TaskSpecError(f"task {task!r}: {role} labels must be integers, got {y.dtype}")
+        y = y.long()
+        n_classes = len(model.tasks[task])
+        bad = (y < 0) | (y >= n_classes)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise TaskSpecError(f"task {task!r}: {role} label {int(y[i])} (sample {i}) is out of range "
+                                f"for its {n_classes} classes (valid 0..{n_classes - 1})")
+        x = x.float()
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0, 0])
+            raise TaskSpecError(f"task {task!r}: {role} features are non-finite (first at sample {i})")
+        norms = x.norm(dim=1)
+        if float((norms - 1).abs().max()) > 1e-2:
+            warnings.warn(f"task {task!r}: {role} features are not L2-normalised (norms "
+                          f"{float(norms.min()):.3g}..{float(norms.max()):.3g}); CLIP logits expect "
+                          "unit-norm image features", stacklevel=3)
+        out[task] = (x, y)
+    return out
+
+
+def _resolve_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> TrainConfig:
+    config = config if config is not None else TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = [k for k in overrides if k not in names]
+    if unknown:
+        raise TypeError(f"unknown training option {unknown[0]!r} (TrainConfig fields: {sorted(names)})")
+    config = dataclasses.replace(config, **overrides)
+    config.validate()
+    return config
+
+
+def _model_device(model: HiProModel) -> torch.device:
+    return model.tower.token_embedding.device
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def _accuracies(model: HiProModel, data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                batch_size: int) -> dict[str, float]:
+    device = _model_device(model)
+    feats = model.text_features()
+    out = {}
+    for task, (x, y) in data.items():
+        correct = 0
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(device)
+            pred = model.logits(task, xb, feats).argmax(dim=1)
+            correct += int((pred.cpu() == y[i:i + batch_size].cpu()).sum())
+        out[task] = correct / x.shape[0]
+    return out
+
+
+def evaluate(model: HiProModel, data: Data, batch_size: int = 4096) -> dict[str, float]:
+    """Per-task top-1 accuracy (a fraction in [0, 1]) of `data` (task -> (features,
+    labels), any subset of the model's tasks). Text features are computed once."""
+    checked = validate_data(model, data, role="eval", require_all=False)
+    was_training = model.training
+    model.eval()
+    try:
+        return _accuracies(model, checked, batch_size)
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- training
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one task's logits over its own classes (fp32)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainConfig | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None, **overrides: Any) -> FitResult:
+    """Train the model's contexts on all tasks jointly.
+
+    Args:
+        model: a HiProModel (its current contexts are the initialisation).
+        train: task -> (features [N, D] L2-normalised image features, labels [N]
+            int64); every model task must be present.
+        val: same format (any subset of tasks) for best-epoch selection, or None.
+        config: a TrainConfig; `overrides` replace its fields (fit(m, d, epochs=5)).
+        callback: called after every optimiser step with a dict
+            (epoch, step, lr, loss, task_loss).
+    Returns:
+        FitResult; the model is left holding the BEST state.
+    Raises:
+        TaskSpecError for bad data, NonFiniteLossError when a loss goes NaN/inf.
+    """
+
+    config = _resolve_config(config, overrides)
+    train_data = validate_data(model, train, role="train", require_all=True)
+    val_data = validate_data(model, val, role="val", require_all=False) if val is not None else None
+    params = [(n, p) for n, p in model.ctx.items() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable contexts (every node has n_ctx 0 or is frozen)")
+    if config.device is not None:
+        model.to(config.device)
+    device = _model_device(model)
+    steps = int(config.steps_per_epoch or default_steps_per_epoch(train_data, config.batch_size))
+    config = dataclasses.replace(config, steps_per_epoch=steps)
+    tasks = list(train_data)
+    xs = {t: train_data[t][0].to(device) for t in tasks}
+    ys = {t: train_data[t][1].to(device) for t in tasks}
+    sizes = {t: int(ys[t].shape[0]) for t in tasks}
+
+    optimizer = torch.optim.SGD([p for _, p in params], lr=lr_at(config, 0), momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    amp_dtype = _AMP_DTYPES.get(config.amp)
+    scaler = None
+    if config.amp == "fp16" and device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda")
+
+    history: list[dict[str, Any]] = []
+    best_epoch: int | None = None
+    best_val: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    start = 0
+    ckdir = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    if ckdir is not None and config.resume and ckpt.has_checkpoint(ckdir, "last"):
+        state = ckpt.load_checkpoint(ckdir, model, kind="last")
+        ckpt.check_train_config(state.train_config, config)
+        saved_sizes = (state.extra or {}).get("train_sizes")
+        if saved_sizes is not None and saved_sizes != sizes:
+            diff = [t for t in sizes if saved_sizes.get(t) != sizes[t]]
+            t = diff[0] if diff else next(iter(sizes))
+            raise TaskSpecError(f"cannot resume: task {t!r} has {sizes[t]} train samples, the checkpoint "
+                                f"was trained on {saved_sizes.get(t)}")
+        ckpt.set_momentum_buffers(optimizer, model, state.momentum)
+        if scaler is not None and (state.extra or {}).get("scaler"):
+            scaler.load_state_dict(state.extra["scaler"])
+        history = list(state.history)
+        best_epoch, best_val = state.best_epoch, state.best_val
+        best_state = state.best_contexts
+        start = state.epoch + 1
+
+    bar = None
+    if config.progress and start < config.epochs:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(config.epochs - start) * steps, desc="fit", unit="step")
+    t_fit = time.perf_counter()
+    model.train()
+    for epoch in range(start, config.epochs):
+        t0 = time.perf_counter()
+        lr = lr_at(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = {t: batch_indices(sizes[t], steps, config.batch_size, config.seed, epoch, t).to(device)
+               for t in tasks}
+        loss_sum = 0.0
+        task_sums = dict.fromkeys(tasks, 0.0)
+        for step in range(steps):
+            with _autocast(device, amp_dtype):
+                feats = model.text_features()
+                losses = []
+                for t in tasks:
+                    b = idx[t][step]
+                    losses.append(task_loss(model.logits(t, xs[t][b], feats), ys[t][b]))
+            stacked = torch.stack(losses).float()
+            values = stacked.detach().cpu().tolist()
+            bad = {t: v for t, v in zip(tasks, values) if not math.isfinite(v)}
+            if bad:
+                if bar is not None:
+                    bar.close()
+                raise NonFiniteLossError(epoch, step, bad)
+            loss = stacked.mean()
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step_loss = float(sum(values) / len(values))
+            loss_sum += step_loss
+            for t, v in zip(tasks, values):
+                task_sums[t] += v
+            if bar is not None:
+                bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+            if callback is not None:
+                callback({"epoch": epoch, "step": step, "lr": lr, "loss": step_loss,
+                          "task_loss": dict(zip(tasks, values))})
+        record: dict[str, Any] = {
+            "epoch": epoch, "lr": lr, "loss": loss_sum / steps,
+            "task_loss": {t: task_sums[t] / steps for t in tasks},
+            "val_acc": None, "val_mean": None,
+        }
+        last = epoch == config.epochs - 1
+        new_best = False
+        if val_data is not None and ((epoch + 1) % config.eval_every == 0 or last):
+            model.eval()
+            acc = _accuracies(model, val_data, config.eval_batch_size)
+            model.train()
+            mean = float(sum(acc.values()) / len(acc))
+            record["val_acc"], record["val_mean"] = acc, mean
+            if best_val is None or mean > best_val:
+                new_best = True
+                best_val = mean
+        elif val_data is None:
+            new_best = True
+        if new_best:
+            best_epoch = epoch
+            best_state = model.context_state()
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        if ckdir is not None:
+            extra = {"train_sizes": sizes, "scaler": scaler.state_dict() if scaler is not None else None}
+            if new_best:
+                ckpt.save_checkpoint(ckdir, model, None, epoch, history, kind="best", best_epoch=best_epoch,
+                                     best_val=best_val, train_config=config, extra=extra)
+            ckpt.save_checkpoint(ckdir, model, ckpt.momentum_buffers(optimizer, model), epoch, history,
+                                 kind="last", best_epoch=best_epoch, best_val=best_val,
+                                 best_state=best_state, train_config=config, extra=extra)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    final_state = model.context_state()
+    if best_state is None:  # resumed from a finished run without val: best = last
+        best_state, best_epoch = final_state, config.epochs - 1
+    model.load_context_state(best_state)
+    return FitResult(history=history, best_epoch=int(best_epoch), best_state={k: v.clone() for k, v in best_state.items()},
+                     final_state=final_state, best_val=best_val, seconds=time.perf_counter() - t_fit,
+                     config=config)

@@ -1,0 +1,184 @@
+"""Feature cache: encode once, reuse, detect stale and corrupt files, atomic writes, views."""
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hipro_fast.data.clip_loading import LoadedClip
+from hipro_fast.data.feature_cache import CacheWarning, FeatureCache, sample_views, stack_views
+from hipro_fast.data.tasks_spec import BadImageError, ImageRecord
+
+
+@pytest.fixture(scope="module")
+def clip():
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8,
+                                                        image_size=16),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedClip(model, None, open_clip.image_transform(16, is_train=False), "tiny-cache-test", None)
+
+
+def _records(root: Path, n: int = 6) -> list[ImageRecord]:
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = root / f"{i}.png"
+        rng = np.random.default_rng(i)
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(p)
+        out.append(ImageRecord(str(p), i % 2))
+    return out
+
+
+def _reference(clip, records):
+    with torch.no_grad():
+        x = torch.stack([clip.preprocess(Image.open(r.path).convert("RGB")) for r in records])
+        return F.normalize(clip.model.encode_image(x), dim=-1)
+
+
+def _touch_new(path: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((24, 24, 3)) * 255).astype("uint8")).save(path)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_features_match_open_clip_and_are_reused(tmp_path, clip):
+    recs = _records(tmp_path / "img")
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False, batch_size=4)
+    a = fc.encode(recs, tag="t/train")
+    assert a.status == "built" and a.file.exists()
+    torch.testing.assert_close(a.features, _reference(clip, recs), atol=1e-5, rtol=0)
+    assert a.labels.tolist() == [0, 1, 0, 1, 0, 1]
+    b = FeatureCache(clip, tmp_path / "cache", progress=False).encode(recs, tag="t/train")
+    assert b.status == "hit"
+    torch.testing.assert_close(b.features, a.features, atol=0, rtol=0)
+    assert list((tmp_path / "cache").iterdir()) == [a.file]  # no temp files left
+
+
+def test_changed_image_makes_the_cache_stale(tmp_path, clip):
+    recs = _records(tmp_path / "img")
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False)
+    first = fc.encode(recs, tag="t")
+    _touch_new(recs[2].path, seed=99)
+    with pytest.warns(CacheWarning, match="stale"):
+        again = fc.encode(recs, tag="t")
+    assert again.status == "stale" and again.file == first.file
+    torch.testing.assert_close(again.features, _reference(clip, recs), atol=1e-5, rtol=0)
+    assert not torch.allclose(again.features[2], first.features[2])
+    assert fc.encode(recs, tag="t").status == "hit"
+    # a different image list (one image fewer) is stale too
+    with pytest.warns(CacheWarning, match="stale"):
+        assert fc.encode(recs[:-1], tag="t").status == "stale"
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "garbage"])
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, clip, damage):
+    recs = _records(tmp_path / "img")
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False)
+    good = fc.encode(recs, tag="t")
+    data = bytearray(good.file.read_bytes())
+    if damage == "flip_byte":
+        data[-5] ^= 0xFF  # inside the feature tensor bytes: only the checksum can tell
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray(b"\x00" * 64)
+    good.file.write_bytes(bytes(data))
+    with pytest.warns(CacheWarning, match="corrupt"):
+        again = fc.encode(recs, tag="t")
+    assert again.status == "corrupt"
+    torch.testing.assert_close(again.features, good.features, atol=0, rtol=0)
+    assert fc.encode(recs, tag="t").status == "hit"
+
+
+def test_interrupted_rebuild_keeps_the_previous_cache(tmp_path, clip, monkeypatch):
+    recs = _records(tmp_path / "img")
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False)
+    first = fc.encode(recs, tag="t")
+    before = first.file.read_bytes()
+    _touch_new(recs[0].path, seed=7)
+
+    import hipro_fast.files as files
+
+    def interrupted(tmp, path):  # the new cache is written in full but not yet in place
+        assert Path(tmp).stat().st_size > 100
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", interrupted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheWarning)
+        with pytest.raises(KeyboardInterrupt):
+            fc.encode(recs, tag="t")
+    assert first.file.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.file.name]
+
+
+def test_bad_image_raises_naming_the_file_or_is_skipped(tmp_path, clip):
+    recs = _records(tmp_path / "img")
+    Path(recs[3].path).write_bytes(b"\x89PNG broken")
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False)
+    with pytest.raises(BadImageError) as e:
+        fc.encode(recs, tag="t")
+    assert recs[3].path in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    skip = FeatureCache(clip, tmp_path / "cache", progress=False, skip_bad_images=True)
+    out = skip.encode(recs, tag="t")
+    assert out.skipped == [recs[3].path] and len(out) == 5
+    assert recs[3].path not in out.paths and out.labels.tolist() == [0, 1, 0, 0, 1]
+    hit = skip.encode(recs, tag="t")
+    assert hit.status == "hit" and hit.skipped == [recs[3].path] and hit.paths == out.paths
+
+
+def test_augmented_views_and_sampling(tmp_path, clip):
+    recs = _records(tmp_path / "img", n=5)
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False)
+    enc = fc.encode(recs, tag="t", views=3, seed=1)
+    assert enc.views.shape == (5, 3, 16) and enc.features.shape == (5, 16)
+    torch.testing.assert_close(enc.views.norm(dim=-1), torch.ones(5, 3))
+    assert not torch.allclose(enc.views[:, 0], enc.views[:, 1])
+    again = FeatureCache(clip, None, progress=False).encode(recs, tag="t", views=3, seed=1)
+    torch.testing.assert_close(again.views, enc.views, atol=1e-6, rtol=0)  # seeded augmentation
+    assert fc.encode(recs, tag="t", views=3, seed=1).status == "hit"
+    e0, e0b = sample_views(enc.views, 0, 0), sample_views(enc.views, 0, 0)
+    assert e0.shape == (5, 16) and torch.equal(e0, e0b)
+    assert any(not torch.equal(sample_views(enc.views, e, 0), e0) for e in range(1, 6))  # epochs differ
+    picked = [(enc.views[i] == e0[i]).all(-1).any().item() for i in range(5)]
+    assert all(picked)
+    f, y = stack_views(enc.views, enc.labels)
+    assert f.shape == (15, 16) and y.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+
+
+def test_cache_key_depends_on_weights(tmp_path, clip):
+    recs = _records(tmp_path / "img", n=2)
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False)
+    fc.encode(recs, tag="t")
+    other = LoadedClip(clip.model, None, clip.preprocess, clip.name, None)
+    import copy
+
+    other.model = copy.deepcopy(clip.model)
+    with torch.no_grad():
+        other.model.visual.conv1.weight.add_(0.1)
+    assert FeatureCache(other, tmp_path / "cache", progress=False).encode(recs, tag="t").status == "built"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_features_live_on_the_gpu(tmp_path, clip):
+    import copy
+
+    gpu = LoadedClip(copy.deepcopy(clip.model).cuda(), None, clip.preprocess, clip.name, None)
+    recs = _records(tmp_path / "img", n=3)
+    enc = FeatureCache(gpu, tmp_path / "cache", progress=False).encode(recs, tag="t")
+    assert enc.features.is_cuda and enc.labels.is_cuda
+    torch.testing.assert_close(enc.features.cpu(), _reference(clip, recs), atol=1e-4, rtol=0)
+    assert FeatureCache(gpu, tmp_path / "cache", progress=False).encode(recs, tag="t").features.is_cuda

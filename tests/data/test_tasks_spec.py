@@ -1,0 +1,158 @@
+"""Multi-task spec files: sources, splits, class names, few-shot draws, bad input."""
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hipro_fast.data.tasks_spec import (BadImageError, FewShotWarning, SpecError, few_shot, load_spec, parse_spec,
+                                   read_image)
+
+
+def _png(path: Path, seed: int = 0, size: int = 16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def _folder(root: Path, classes: dict[str, int], seed: int = 0) -> Path:
+    for c, n in classes.items():
+        for i in range(n):
+            _png(root / c / f"{i:02d}.png", seed=seed * 1000 + zlib.crc32(c.encode()) % 997 + i)
+    return root
+
+
+def _spec(tmp_path: Path, text: str):
+    p = tmp_path / "tasks.toml"
+    p.write_text(text)
+    return load_spec(p)
+
+
+def test_image_folder_with_seeded_split_is_stratified_and_deterministic(tmp_path):
+    _folder(tmp_path / "d", {"cat": 10, "dog": 10, "emu": 10})
+    text = '[[task]]\nname = "pets"\nimages = "d"\nsplit = {val = 0.2, test = 0.3, seed = 4}\n'
+    a, b = _spec(tmp_path, text), _spec(tmp_path, text)
+    t = a.tasks["pets"]
+    assert t.classes == ["cat", "dog", "emu"]
+    assert t.counts() == {"train": 15, "val": 6, "test": 9}
+    for split in ("train", "val", "test"):
+        labels = [r.label for r in t.splits[split]]
+        assert sorted(set(labels)) == [0, 1, 2]  # stratified
+        assert t.splits[split] == b.tasks["pets"].splits[split]  # deterministic
+    paths = [set(r.path for r in t.splits[s]) for s in ("train", "val", "test")]
+    assert not (paths[0] & paths[1]) and not (paths[0] & paths[2]) and not (paths[1] & paths[2])
+    other = _spec(tmp_path, text.replace("seed = 4", "seed = 5")).tasks["pets"]
+    assert other.splits["test"] != t.splits["test"]
+
+
+def test_default_split_and_given_splits(tmp_path):
+    _folder(tmp_path / "all", {"a": 10, "b": 10})
+    _folder(tmp_path / "tr", {"a": 3, "b": 3})
+    _folder(tmp_path / "te", {"a": 2, "b": 2})
+    spec = _spec(tmp_path, '[[task]]\nname = "x"\nimages = "all"\n\n'
+                           '[[task]]\nname = "y"\ntrain = "tr"\ntest = "te"\n')
+    assert spec.tasks["x"].counts() == {"train": 14, "val": 0, "test": 6}  # default test 0.3
+    assert spec.tasks["y"].counts() == {"train": 6, "val": 0, "test": 4}
+    assert spec.class_names() == {"x": ["a", "b"], "y": ["a", "b"]}
+
+
+def test_csv_sources_class_renames_and_order(tmp_path):
+    for i in range(4):
+        _png(tmp_path / "img" / f"{i}.png", seed=i)
+    (tmp_path / "train.csv").write_text("path,label\nimg/0.png,b\nimg/1.png,a\n")
+    (tmp_path / "test.csv").write_text("img/2.png,a\n\nimg/3.png,b\n")
+    spec = _spec(tmp_path, '[[task]]\nname = "c"\ntrain = "train.csv"\ntest = "test.csv"\n'
+                           'classes = ["a", "b"]\n\n'
+                           '[[task]]\nname = "r"\ntrain = "train.csv"\ntest = "test.csv"\n'
+                           'classes = {a = "apple"}\n')
+    c = spec.tasks["c"]
+    assert c.classes == ["a", "b"]
+    assert [(Path(r.path).name, r.label) for r in c.splits["train"]] == [("0.png", 1), ("1.png", 0)]
+    r = spec.tasks["r"]
+    assert r.classes == ["b", "apple"]  # first-seen CSV order, renamed
+    assert r.labels == ["b", "a"]
+
+
+def test_folder_renames(tmp_path):
+    _folder(tmp_path / "d", {"n01": 3, "n02": 3})
+    spec = _spec(tmp_path, '[[task]]\nname = "t"\nimages = "d"\nsplit = {test = 0.34}\n'
+                           'classes = {n01 = "golden retriever", n02 = "tabby cat"}\n')
+    assert spec.tasks["t"].classes == ["golden retriever", "tabby cat"]
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "empty_class", "csv_unknown_label", "duplicate_task",
+                                  "missing_csv_image", "unknown_key", "bad_toml", "no_tasks",
+                                  "rename_unknown", "unknown_test_folder"])
+def test_bad_input_is_one_line_naming_the_culprit(tmp_path, case):
+    _folder(tmp_path / "d", {"a": 3, "b": 3})
+    base = '[[task]]\nname = "t"\nimages = "d"\n'
+    if case == "missing_dir":
+        text, culprit = '[[task]]\nname = "t"\nimages = "nowhere"\n', "nowhere"
+    elif case == "empty_class":
+        (tmp_path / "d" / "c").mkdir()
+        (tmp_path / "d" / "c" / "notes.txt").write_text("x")
+        text, culprit = base, str(tmp_path / "d" / "c")
+    elif case == "csv_unknown_label":
+        (tmp_path / "l.csv").write_text("d/a/00.png,a\nd/b/00.png,zebra\n")
+        text, culprit = base.replace('images = "d"', 'csv = "l.csv"') + 'classes = ["a", "b"]\n', "l.csv:2"
+    elif case == "duplicate_task":
+        text, culprit = base + "\n" + base, "'t' twice"
+    elif case == "missing_csv_image":
+        (tmp_path / "l.csv").write_text("d/a/00.png,a\nd/a/99.png,a\n")
+        text, culprit = base.replace('images = "d"', 'csv = "l.csv"'), "l.csv:2"
+    elif case == "unknown_key":
+        text, culprit = base + "shots = 3\n", "'shots'"
+    elif case == "bad_toml":
+        text, culprit = base + "name = \n", "tasks.toml"
+    elif case == "no_tasks":
+        text, culprit = "title = 'x'\n", "[[task]]"
+    elif case == "rename_unknown":
+        text, culprit = base + 'classes = {zz = "z"}\n', "'zz'"
+    else:
+        _folder(tmp_path / "te", {"a": 1, "q": 1})
+        text, culprit = '[[task]]\nname = "t"\ntrain = "d"\ntest = "te"\n', str(tmp_path / "te" / "q")
+    with pytest.raises(SpecError) as e:
+        _spec(tmp_path, text)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert culprit in msg, msg
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "none.toml")
+
+
+def test_few_shot_is_k_per_class_seeded_and_warns_on_small_classes(tmp_path):
+    _folder(tmp_path / "d", {"a": 20, "b": 20, "c": 3})
+    spec = _spec(tmp_path, '[[task]]\nname = "t"\ntrain = "d"\ntest = "d"\n')
+    recs = spec.tasks["t"].splits["train"]
+    assert len(recs) == 43
+    with pytest.warns(FewShotWarning, match="'c' has 3 training images < 4"):
+        four = few_shot(recs, 4, seed=0, task="t", classes=spec.tasks["t"].classes)
+    counts = np.bincount([r.label for r in four])
+    assert counts.tolist() == [4, 4, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = few_shot(recs, 4, seed=0, task="t")
+        other = few_shot(recs, 4, seed=1, task="t")
+    assert again == four and other != four
+    assert set(few_shot(recs, 2, seed=0, task="t")) <= set(recs)
+    assert few_shot(recs, 0) == list(recs)
+
+
+def test_read_image_names_the_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(BadImageError, match="bad.png"):
+        read_image(bad)
+    assert read_image(_png(tmp_path / "ok.png")).mode == "RGB"
+
+
+def test_parse_spec_from_mapping(tmp_path):
+    _folder(tmp_path / "d", {"a": 2, "b": 2})
+    spec = parse_spec({"task": [{"name": "t", "train": str(tmp_path / "d"), "test": str(tmp_path / "d")}]})
+    assert spec.tasks["t"].counts()["test"] == 4

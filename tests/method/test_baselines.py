@@ -1,0 +1,118 @@
+"""Baselines in the HiPro code path, and compare()."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hipro_fast.method.baselines import METHODS, ComparisonTable, build_method, compare
+from hipro_fast.method.training import TrainConfig, evaluate
+from tests.helpers_training import N_CTX, TASKS, TREE, tiny_clip, toy_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
+
+WIDTH, T = 64, len(TASKS)
+
+
+def test_zero_shot_is_open_clip_encode_text_of_the_template():
+    clip, tok = tiny_clip()
+    tasks = {**TASKS, "objects": ["traffic_light", "teddy bear", "hot-dog"]}
+    model = build_method("zero-shot", clip, tasks, tokenizer=tok)
+    assert model.num_trainable_parameters() == 0
+    with torch.no_grad():
+        feats = model.text_features()
+        for task, classes in tasks.items():
+            prompts = [f"a photo of a {c.replace('_', ' ')}." for c in classes]
+            want = F.normalize(clip.encode_text(tok(prompts)), dim=-1)
+            torch.testing.assert_close(feats[task], want, atol=2e-5, rtol=1e-4)
+
+
+def test_parameter_counts():
+    clip, tok = tiny_clip()
+    want = {
+        "zero-shot": 0,
+        "coop-per-task": T * N_CTX * WIDTH,
+        "coop-shared": N_CTX * WIDTH,
+        "two-level": (T + 1) * N_CTX * WIDTH,
+        "hipro": 5 * N_CTX * WIDTH,  # root, root/0 (animals+vehicles), 3 leaves
+    }
+    for method, n in want.items():
+        model = build_method(method, clip, TASKS, tree=TREE, n_ctx=N_CTX, tokenizer=tok)
+        assert model.num_trainable_parameters() == n, method
+    shared = build_method("coop-shared", clip, TASKS, n_ctx=N_CTX, tokenizer=tok)
+    assert all(shared.context_path(t) == ["root"] for t in TASKS)
+    per_task = build_method("coop-per-task", clip, TASKS, n_ctx=N_CTX, tokenizer=tok)
+    assert all(per_task.context_path(t) == [f"task/{t}"] for t in TASKS)
+    with pytest.raises(ValueError, match="unknown method 'coop'"):
+        build_method("coop", clip, TASKS, tokenizer=tok)
+
+
+def test_compare_table():
+    clip, tok = tiny_clip()
+    train, val, test = toy_data(seed=1), toy_data(seed=2, noise=1.0), toy_data(seed=3, noise=1.0)
+    cfg = TrainConfig(epochs=2, batch_size=4, steps_per_epoch=2, lr=0.05)
+    table = compare(clip, TASKS, train, test, val=val, seeds=(1, 2), tree=TREE, n_ctx=N_CTX,
+                    train_config=cfg, tokenizer=tok)
+    assert isinstance(table, ComparisonTable)
+    assert list(table.results) == list(METHODS)
+    params = {m: r.params for m, r in table.results.items()}
+    assert params == {"zero-shot": 0, "coop-per-task": T * N_CTX * WIDTH, "coop-shared": N_CTX * WIDTH,
+                      "two-level": (T + 1) * N_CTX * WIDTH, "hipro": 5 * N_CTX * WIDTH}
+    for m, r in table.results.items():
+        assert set(r.task_acc) == set(TASKS)
+        assert r.mean == pytest.approx(sum(r.seed_means) / len(r.seed_means))
+        assert r.mean == pytest.approx(sum(r.task_acc.values()) / T)
+        assert r.std >= 0 and 0 <= r.mean <= 1
+        assert len(r.seed_means) == (1 if m == "zero-shot" else 2)
+    zs = evaluate(build_method("zero-shot", clip, TASKS, tokenizer=tok), test)
+    assert table["zero-shot"].task_acc == pytest.approx(zs)
+    assert table["zero-shot"].train_seconds == 0 and table["hipro"].train_seconds > 0
+    md = table.to_markdown()
+    assert str(table) == md
+    for m in METHODS:
+        assert f"| {m} |" in md
+    assert "| method | animals | vehicles | colors | mean | std | params | train s |" in md
+    d = json.loads(json.dumps(table.to_dict()))
+    assert set(d["methods"]) == set(METHODS) and d["tree"] == TREE
+
+
+def test_compare_seed_reproducible_and_errors():
+    clip, tok = tiny_clip()
+    train, test = toy_data(seed=1), toy_data(seed=3)
+    cfg = TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1, lr=0.05)
+    a = compare(clip, TASKS, train, test, methods=["coop-shared"], seeds=(5,), train_config=cfg, tokenizer=tok,
+                n_ctx=N_CTX)
+    b = compare(clip, TASKS, train, test, methods=["coop-shared"], seeds=(5,), train_config=cfg, tokenizer=tok,
+                n_ctx=N_CTX)
+    assert a["coop-shared"].task_acc == b["coop-shared"].task_acc
+    with pytest.raises(ValueError, match="unknown method 'zeroshot'"):
+        compare(clip, TASKS, train, test, methods=["zeroshot"], tokenizer=tok)
+
+
+def test_compare_builds_hipro_tree_from_affinity(monkeypatch):
+    """tree=None: task_affinity(clip, tasks, train, **kw) -> TaskTree.from_affinity(matrix, names, **tree_kw)."""
+    from hipro_fast.method import baselines
+    from hipro_fast.method.tree import TaskTree
+
+    clip, tok = tiny_clip()
+    seen = {}
+
+    def task_affinity(clip_, tasks, train, **kw):
+        seen["affinity"] = (list(tasks), sorted(train), kw)
+        return torch.eye(len(tasks))
+
+    def from_affinity(matrix, names, **kw):
+        seen["tree"] = (tuple(matrix.shape), list(names), kw)
+        return TaskTree.from_nested(TREE)
+
+    monkeypatch.setattr(baselines, "task_affinity", task_affinity)
+    monkeypatch.setattr(TaskTree, "from_affinity", staticmethod(from_affinity))
+    train, test = toy_data(seed=1), toy_data(seed=3)
+    cfg = TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1)
+    table = compare(clip, TASKS, train, test, methods=["hipro"], seeds=(1,), n_ctx=N_CTX, train_config=cfg,
+                    affinity_config={"method": "text", "levels": 2}, tokenizer=tok)
+    assert seen["affinity"] == (list(TASKS), sorted(TASKS), {"method": "text"})
+    assert seen["tree"] == ((T, T), list(TASKS), {"levels": 2})
+    assert table.tree == TREE and table["hipro"].params == 5 * N_CTX * WIDTH

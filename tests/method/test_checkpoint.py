@@ -1,0 +1,234 @@
+"""Checkpoints: atomic writes, mismatch errors, exact resume (in-process and
+after SIGKILLs of real subprocesses)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hipro_fast import TaskSpecError, TreeError
+from hipro_fast.method import checkpoint as ckpt
+from hipro_fast.files import atomic_write_bytes
+from hipro_fast.method.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hipro_fast.method.training import fit
+from tests.helpers_training import data  # noqa: F401
+from tests.helpers_training import REPO, TASKS, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
+
+HELPER = str(Path(REPO) / "tests" / "helpers_training.py")
+RUN = dict(epochs=5, batch_size=4, steps_per_epoch=3, lr=0.05, seed=11)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _strip(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+# ------------------------------------------------------------------ atomic writes
+def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "x.json"
+    atomic_write_bytes(target, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new" * 1000)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_save_load_roundtrip_and_files(tmp_path, data):
+    train, val = data
+    model = make_model()
+    res = fit(model, train, val, checkpoint_dir=str(tmp_path), **RUN)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best-e%05d.safetensors" % res.best_epoch, "best.json", "last-e00004.safetensors",
+                     "last.json"]
+    other = make_model(seed=9)
+    state = load_checkpoint(tmp_path, other)
+    assert state.epoch == 4 and state.best_epoch == res.best_epoch
+    assert _same(other.context_state(), res.final_state)
+    assert _same(state.best_contexts, res.best_state)
+    assert set(state.momentum) == set(model.ctx)
+    assert _strip(state.history) == _strip(res.history)
+    record = json.loads((tmp_path / "last.json").read_text())
+    assert record["model"]["tree"] == [["animals", "vehicles"], "colors"]
+    assert record["train_config"]["seed"] == 11
+    best = load_checkpoint(tmp_path, make_model(seed=9), kind="best")
+    assert best.epoch == res.best_epoch and _same(best.contexts, res.best_state)
+
+
+def test_mismatch_errors_name_the_item(tmp_path):
+    model = make_model()
+    save_checkpoint(tmp_path, model, None, 0, [])
+    with pytest.raises(TaskSpecError, match="checkpoint task 'colors' is not a task of the model"):
+        load_checkpoint(tmp_path, make_model(tasks={k: v for k, v in TASKS.items() if k != "colors"},
+                                             tree=[["animals", "vehicles"]]))
+    with pytest.raises(TaskSpecError, match="model task 'shapes' is not in the checkpoint"):
+        load_checkpoint(tmp_path, make_model(tasks={**TASKS, "shapes": ["square", "circle"]},
+                                             tree=[["animals", "vehicles"], "colors", "shapes"]))
+    with pytest.raises(TaskSpecError, match="task 'colors': class 2 is 'blue' in the checkpoint but 'cyan'"):
+        load_checkpoint(tmp_path, make_model(tasks={**TASKS, "colors": ["red", "green", "cyan"]}))
+    with pytest.raises(TaskSpecError, match="task 'colors': checkpoint has 3 classes, the model 4"):
+        load_checkpoint(tmp_path, make_model(tasks={**TASKS, "colors": ["red", "green", "blue", "cyan"]}))
+    with pytest.raises(TreeError, match="task 'vehicles' sits at root > root/0 > task/vehicles in the checkpoint tree but at root > task/vehicles"):
+        load_checkpoint(tmp_path, make_model(tree=[["animals", "colors"], "vehicles"]))
+    with pytest.raises(TreeError, match="node 'root': checkpoint n_ctx 2 vs model 3"):
+        load_checkpoint(tmp_path, make_model(n_ctx={"root": 3}))
+    with pytest.raises(CheckpointError, match="combine"):
+        load_checkpoint(tmp_path, make_model(combine="concat"))
+    with pytest.raises(FileNotFoundError, match="no 'best' checkpoint"):
+        load_checkpoint(tmp_path, model, kind="best")
+    tensors = next(tmp_path.glob("last-e*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:-4] + b"oops")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tmp_path, model)
+
+
+def test_resume_rejects_different_training_options(tmp_path, data):
+    train, _ = data
+    fit(make_model(), train, None, checkpoint_dir=str(tmp_path), **{**RUN, "epochs": 2})
+    with pytest.raises(CheckpointError, match=r"lr=0.05, this run has lr=0.1"):
+        fit(make_model(), train, None, checkpoint_dir=str(tmp_path), resume=True, **{**RUN, "epochs": 2, "lr": 0.1})
+    smaller = {**train, "colors": (train["colors"][0][:5], train["colors"][1][:5])}
+    with pytest.raises(TaskSpecError, match="task 'colors' has 5 train samples"):
+        fit(make_model(), smaller, None, checkpoint_dir=str(tmp_path), resume=True, **{**RUN, "epochs": 2})
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_in_process_is_exact(tmp_path, data):
+    train, val = data
+    ref = fit(make_model(), train, val, **RUN)
+
+    def crash(info):
+        if info["epoch"] == 2 and info["step"] == 1:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        fit(make_model(), train, val, checkpoint_dir=str(tmp_path), callback=crash, **RUN)
+    assert json.loads((tmp_path / "last.json").read_text())["epoch"] == 1
+    model = make_model()
+    res = fit(model, train, val, checkpoint_dir=str(tmp_path), resume=True, **RUN)
+    assert _same(res.final_state, ref.final_state) and _same(res.best_state, ref.best_state)
+    assert res.best_epoch == ref.best_epoch and _strip(res.history) == _strip(ref.history)
+    assert _same(model.context_state(), ref.best_state)
+    # resuming a finished run returns its result without training
+    again = fit(make_model(), train, val, checkpoint_dir=str(tmp_path), resume=True, **RUN)
+    assert _same(again.final_state, ref.final_state) and again.best_epoch == ref.best_epoch
+
+
+def test_crash_during_commit_keeps_previous_checkpoint(tmp_path, data, monkeypatch):
+    """Dying after the tensor file of epoch 2 is written but before last.json is
+    replaced leaves epoch 1 loadable; the resumed run is exact and cleans up."""
+    train, val = data
+    ref = fit(make_model(), train, val, **RUN)
+    real = ckpt.atomic_write_text
+
+    def die_on_commit(path, text):
+        if str(path).endswith("last.json") and json.loads(text)["epoch"] == 2:
+            raise _Crash
+        return real(path, text)
+
+    monkeypatch.setattr(ckpt, "atomic_write_text", die_on_commit)
+    with pytest.raises(_Crash):
+        fit(make_model(), train, val, checkpoint_dir=str(tmp_path), **RUN)
+    monkeypatch.undo()
+    assert (tmp_path / "last-e00002.safetensors").exists() and (tmp_path / "last-e00001.safetensors").exists()
+    assert load_checkpoint(tmp_path, make_model()).epoch == 1
+    res = fit(make_model(), train, val, checkpoint_dir=str(tmp_path), resume=True, **RUN)
+    assert _same(res.final_state, ref.final_state) and _same(res.best_state, ref.best_state)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.glob("last*")) == ["last-e00004.safetensors", "last.json"]
+
+
+# ------------------------------------------------------------------ SIGKILLed subprocesses
+def _spawn(out: Path, ckdir: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, HELPER, "--dir", str(ckdir), "--out", str(out), "--epochs", "8",
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _last_epoch(ckdir: Path) -> int | None:
+    try:
+        return json.loads((ckdir / "last.json").read_text())["epoch"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 240) -> None:
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited ({proc.returncode}) early:\n{proc.stdout.read().decode()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the child")
+        time.sleep(0.005)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> int:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    if proc.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"child failed ({proc.returncode}):\n{out.decode()}")
+    return proc.returncode
+
+
+def _result(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    """Kill a real training process twice (mid-epoch, after a checkpoint exists),
+    resume it in fresh processes, and compare bitwise with an uninterrupted run."""
+    ref_dir, dir_ = tmp_path / "ref", tmp_path / "run"
+    ref = _spawn(tmp_path / "ref.safetensors", ref_dir)
+    # 1. once the checkpoint of epoch 1 exists, killed mid-epoch 2 (it hangs after optimiser step 1)
+    marker = tmp_path / "marker"
+    a = _spawn(tmp_path / "a.safetensors", dir_, "--marker-at", "2,1", "--marker", str(marker))
+    _wait_for(lambda: marker.exists() and (_last_epoch(dir_) or -1) >= 1, a)
+    a.send_signal(signal.SIGKILL)
+    assert _finish(a) == -signal.SIGKILL
+    assert _last_epoch(dir_) == 1
+    # 2. resumed, killed at an arbitrary point once the checkpoint of epoch 3 exists
+    b = _spawn(tmp_path / "b.safetensors", dir_, "--resume", "--step-sleep", "0.2")
+    _wait_for(lambda: (_last_epoch(dir_) or -1) >= 3, b)
+    b.send_signal(signal.SIGKILL)
+    assert _finish(b) == -signal.SIGKILL
+    assert 3 <= _last_epoch(dir_) < 7
+    # 3. resumed to the end
+    c = _spawn(tmp_path / "c.safetensors", dir_, "--resume")
+    assert _finish(c) == 0
+    assert _finish(ref) == 0
+    got, got_meta = _result(tmp_path / "c.safetensors")
+    want, want_meta = _result(tmp_path / "ref.safetensors")
+    assert got.keys() == want.keys() and len(got) > 0
+    for key in want:
+        assert torch.equal(got[key], want[key]), key  # bitwise: final, best and held contexts
+    assert got_meta == want_meta  # history (without timings) and best epoch
+    assert sorted(p.name for p in dir_.iterdir()) == sorted(
+        ["last.json", "last-e00007.safetensors", "best.json",
+         f"best-e{int(want_meta['best_epoch']):05d}.safetensors"])

@@ -1,0 +1,258 @@
+"""fit / evaluate: learning, batching, per-task losses, bad inputs, amp, seeds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hipro_fast import TaskSpecError
+from hipro_fast.method import training
+from hipro_fast.method.training import (FitResult, NonFiniteLossError, TrainConfig, batch_indices, evaluate, fit,
+                                 lr_at)
+from tests.helpers_training import data  # noqa: F401
+from tests.helpers_training import TASKS, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
+
+FAST = dict(epochs=3, batch_size=4, steps_per_epoch=2, lr=0.05, seed=3)
+
+
+def test_defaults_are_coop():
+    c = TrainConfig()
+    assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.epochs) == (0.002, 0.9, 5e-4, 32, 50)
+    assert (c.warmup_epochs, c.warmup_lr, c.amp, c.checkpoint_dir) == (1, 1e-5, None, None)
+
+
+def test_lr_schedule_constant_warmup_then_cosine():
+    c = TrainConfig(epochs=10)
+    assert lr_at(c, 0) == 1e-5
+    assert lr_at(c, 1) == pytest.approx(0.002)
+    assert lr_at(c, 6) == pytest.approx(0.001)
+    lrs = [lr_at(c, e) for e in range(1, 10)]
+    assert all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(TrainConfig(epochs=4, warmup_epochs=0), 0) == pytest.approx(0.002)
+
+
+def test_loss_decreases_and_accuracy_improves(data):
+    train, val = data
+    model = make_model()
+    before = evaluate(model, val)
+    res = fit(model, train, val, epochs=8, batch_size=8, steps_per_epoch=3, lr=0.05, seed=0)
+    assert isinstance(res, FitResult) and len(res.history) == 8
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0] - 0.1
+    assert [h["lr"] for h in res.history] == [lr_at(res.config, e) for e in range(8)]
+    assert res.best_val > sum(before.values()) / len(before) + 0.1
+    after = evaluate(model, val)  # the model holds the best state
+    assert sum(after.values()) / len(after) == pytest.approx(res.best_val)
+    h = res.history[0]
+    assert set(h) == {"epoch", "lr", "loss", "task_loss", "val_acc", "val_mean", "seconds"}
+    assert set(h["task_loss"]) == set(TASKS) and set(h["val_acc"]) == set(TASKS)
+
+
+def test_batch_indices_without_replacement_and_seeded():
+    b = batch_indices(10, 3, 4, seed=0, epoch=0, task="a")
+    assert b.shape == (3, 4)
+    flat = b.flatten().tolist()
+    assert sorted(flat[:10]) == list(range(10))  # one full permutation before any repeat
+    assert len(set(batch_indices(20, 3, 4, 0, 0, "a").flatten().tolist())) == 12
+    assert torch.equal(b, batch_indices(10, 3, 4, 0, 0, "a"))
+    assert not torch.equal(b, batch_indices(10, 3, 4, 0, 1, "a"))  # reshuffled each epoch
+    assert not torch.equal(b, batch_indices(10, 3, 4, 0, 0, "b"))
+    assert not torch.equal(b, batch_indices(10, 3, 4, 1, 0, "a"))
+
+
+def test_balanced_batches_own_classes_one_forest_pass(data, monkeypatch):
+    train, _ = data
+    sizes = {t: int(y.shape[0]) for t, (_, y) in train.items()}
+    assert len(set(sizes.values())) > 1  # uneven task sizes
+    model = make_model()
+    calls = {"text": 0, "loss": []}
+    real_text = model.text_features
+
+    def counting_text():
+        calls["text"] += 1
+        return real_text()
+
+    def spy_loss(logits, labels):
+        calls["loss"].append((tuple(logits.shape), labels.clone()))
+        return F.cross_entropy(logits.float(), labels)
+
+    monkeypatch.setattr(model, "text_features", counting_text)
+    monkeypatch.setattr(training, "task_loss", spy_loss)
+    res = fit(model, train, None, epochs=2, batch_size=5)
+    steps = math.ceil(max(sizes.values()) / 5)
+    assert res.config.steps_per_epoch == steps
+    assert calls["text"] == 2 * steps  # one forest pass per step for all tasks
+    assert len(calls["loss"]) == 2 * steps * len(TASKS)
+    for i, (shape, labels) in enumerate(calls["loss"]):
+        task = list(TASKS)[i % len(TASKS)]
+        assert shape == (5, len(TASKS[task]))  # same batch per task; own classes only
+        assert int(labels.max()) < len(TASKS[task])
+
+
+def test_loss_is_mean_of_per_task_ce(data):
+    train, _ = data
+    model = make_model()
+    init = make_model()
+    seen = []
+    fit(model, train, None, epochs=1, batch_size=4, steps_per_epoch=1, seed=5, callback=seen.append)
+    with torch.no_grad():
+        feats = init.text_features()
+        expected = {}
+        for task, (x, y) in train.items():
+            b = batch_indices(y.shape[0], 1, 4, 5, 0, task)[0]
+            logits = init.logit_scale * x[b] @ feats[task].t()
+            expected[task] = F.cross_entropy(logits, y[b]).item()
+    got = seen[0]["task_loss"]
+    for task in TASKS:
+        assert got[task] == pytest.approx(expected[task], rel=1e-5)
+    assert seen[0]["loss"] == pytest.approx(sum(expected.values()) / len(expected), rel=1e-5)
+
+
+def test_best_epoch_selection(data, monkeypatch):
+    train, val = data
+    # val accuracies 0.5, 0.7, 0.7, 0.6 -> best is epoch 1 (ties -> earlier)
+    script = iter([0.5, 0.7, 0.7, 0.6])
+    states = []
+
+    def fake_acc(model, data, batch_size):
+        states.append(model.context_state())
+        v = next(script)
+        return {t: v for t in data}
+
+    monkeypatch.setattr(training, "_accuracies", fake_acc)
+    model = make_model()
+    res = fit(model, train, val, epochs=4, batch_size=4, steps_per_epoch=1, lr=0.05)
+    assert res.best_epoch == 1 and res.best_val == pytest.approx(0.7)
+    for n, v in res.best_state.items():
+        assert torch.equal(v, states[1][n]) and torch.equal(model.ctx[n].detach(), v)
+    assert not all(torch.equal(res.final_state[n], res.best_state[n]) for n in res.best_state)
+
+
+def test_no_val_best_is_last_and_eval_every(data, monkeypatch):
+    train, val = data
+    model = make_model()
+    res = fit(model, train, None, epochs=3, batch_size=4, steps_per_epoch=1)
+    assert res.best_epoch == 2 and res.best_val is None
+    assert all(torch.equal(res.best_state[n], res.final_state[n]) for n in res.final_state)
+    res = fit(make_model(), train, val, epochs=5, batch_size=4, steps_per_epoch=1, eval_every=2, progress=True)
+    assert [h["val_mean"] is not None for h in res.history] == [False, True, False, True, True]
+
+
+def test_seeds_reproducible(data):
+    train, val = data
+    a = fit(make_model(), train, val, **FAST)
+    b = fit(make_model(), train, val, **FAST)
+    c = fit(make_model(), train, val, **{**FAST, "seed": 4})
+    for n in a.final_state:
+        assert torch.equal(a.final_state[n], b.final_state[n])
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert not all(torch.equal(a.final_state[n], c.final_state[n]) for n in a.final_state)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_contexts_stay_fp32(data, amp):
+    train, val = data
+    model = make_model()
+    before = model.context_state()
+    res = fit(model, train, val, amp=amp, **FAST)
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    for n, p in model.ctx.items():
+        assert p.dtype == torch.float32 and res.final_state[n].dtype == torch.float32
+    assert not all(torch.equal(before[n], res.final_state[n]) for n in before)
+
+
+def test_non_finite_loss_names_epoch_step_task(data):
+    train, _ = data
+    model = make_model()
+    with torch.no_grad():
+        model.ctx["task/colors"].fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 0.*'colors'") as info:
+        fit(model, train, None, epochs=2, batch_size=4, steps_per_epoch=2)
+    assert set(info.value.tasks) == {"colors"}
+    assert (info.value.epoch, info.value.step) == (0, 0)
+
+
+def test_non_finite_loss_from_divergence(data):
+    train, _ = data
+    model = make_model()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch \d+, step \d+"):
+        fit(model, train, None, epochs=3, batch_size=4, steps_per_epoch=4, warmup_epochs=0, lr=1e30)
+
+
+def _bad(data, task, x=None, y=None):
+    out = dict(data)
+    ox, oy = out[task]
+    out[task] = (ox if x is None else x, oy if y is None else y)
+    return out
+
+
+@pytest.mark.parametrize("case", ["extra_task", "missing_task", "empty", "label_high", "label_negative",
+                                  "dim", "length", "nan", "float_labels", "not_pair"])
+def test_bad_inputs_name_the_culprit(data, case):
+    train, _ = data
+    x, y = train["colors"]
+    cases = {
+        "extra_task": ({**train, "shapes": (x, y)}, r"'shapes'.*model lacks"),
+        "missing_task": ({t: v for t, v in train.items() if t != "vehicles"}, r"'vehicles' is missing"),
+        "empty": (_bad(train, "colors", x[:0], y[:0]), r"'colors'.*empty"),
+        "label_high": (_bad(train, "colors", y=torch.where(y == 1, 5, y)),
+                       r"'colors'.*label 5 .*out of range.*3 classes"),
+        "label_negative": (_bad(train, "animals", y=-train["animals"][1]), r"'animals'.*label -\d+"),
+        "dim": (_bad(train, "vehicles", x=torch.randn(train["vehicles"][0].shape[0], 16)),
+                r"'vehicles'.*dim 16.*embed_dim 24"),
+        "length": (_bad(train, "colors", y=y[:-1]), r"'colors'.*\d+ feature rows but \d+ labels"),
+        "nan": (_bad(train, "colors", x=torch.where(torch.arange(x.shape[0])[:, None] == 3, float("nan"), x)),
+                r"'colors'.*non-finite.*sample 3"),
+        "float_labels": (_bad(train, "colors", y=y.float() + 0.5), r"'colors'.*labels must be integers"),
+        "not_pair": ({**train, "colors": x}, r"'colors'.*\(features, labels\) pair"),
+    }
+    bad, pattern = cases[case]
+    with pytest.raises(TaskSpecError, match=pattern):
+        fit(make_model(), bad, None, epochs=1, batch_size=4, steps_per_epoch=1)
+
+
+def test_bad_val_and_eval_inputs(data):
+    train, val = data
+    x, y = val["colors"]
+    with pytest.raises(TaskSpecError, match=r"val data has task 'shapes'"):
+        fit(make_model(), train, {"shapes": (x, y)}, epochs=1)
+    with pytest.raises(TaskSpecError, match=r"'colors'.*eval label 3 .*3 classes"):
+        evaluate(make_model(), {"colors": (x, torch.full_like(y, 3))})
+    with pytest.raises(TypeError, match="unknown training option 'epoch'"):
+        fit(make_model(), train, epoch=3)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        fit(make_model(), train, amp="int8")
+
+
+def test_unnormalised_features_warn(data):
+    train, _ = data
+    bad = _bad(train, "colors", x=train["colors"][0] * 3)
+    with pytest.warns(UserWarning, match="'colors'.*not L2-normalised"):
+        fit(make_model(), bad, None, epochs=1, batch_size=4, steps_per_epoch=1)
+
+
+def test_evaluate_matches_manual_and_subset(data):
+    _, val = data
+    model = make_model()
+    acc = evaluate(model, {"animals": val["animals"]}, batch_size=5)
+    assert set(acc) == {"animals"}
+    with torch.no_grad():
+        x, y = val["animals"]
+        pred = model.logits("animals", x).argmax(1)
+    assert acc["animals"] == pytest.approx((pred == y).float().mean().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
+def test_cuda_fit(data, amp):
+    train, val = data
+    model = make_model()
+    res = fit(model, train, val, device="cuda", amp=amp, **FAST)
+    assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in model.ctx.values())
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    assert set(evaluate(model, val)) == set(TASKS)

@@ -1,0 +1,330 @@
+"""The fused ops against their PyTorch references and brute-force loops,
+forward and backward, plus opcheck and fp64 gradcheck."""
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hipro_fast import ops
+from hipro_fast.ops import reference
+from hipro_fast.ops.extension import _C
+from hipro_fast.engine.layout import build_forest_layout, encode_vocab_source
+from tests.oracle import brute_pool, brute_tree_attention, fp_tolerance, random_forest_parents
+
+needs_ext = pytest.mark.skipif(_C is None, reason="compiled extension missing")
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def random_layout(seed, num_segments, max_len=6):
+    rng = np.random.default_rng(seed)
+    parents, lengths = random_forest_parents(rng, num_segments, max_len)
+    sources, row = [], 0
+    for ln in lengths:
+        src = []
+        for _ in range(ln):
+            if rng.random() < 0.6:
+                src.append(row)
+                row += 1
+            else:
+                src.append(encode_vocab_source(int(rng.integers(0, 50))))
+        sources.append(src)
+    return build_forest_layout(parents, sources, 10_000), row
+
+
+def qkv(T, H, D, dtype, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(T, H, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+# ---------------------------------------------------------------- tree attention
+
+# The CPU op splits the pairs between batched GEMM blocks (segments with many
+# descendant queries) and scalar loops; each test runs with the default split,
+# with every segment that has descendants on the GEMM path, and with none.
+BLOCK_MODES = {"default": None, "all_gemm": 0, "scalar_only": 10**15}
+
+
+@contextlib.contextmanager
+def block_mode(mode):
+    if _C is None or BLOCK_MODES[mode] is None:
+        yield
+        return
+    before = ops.attention_block_min_pairs()
+    ops.set_attention_block_min_pairs(BLOCK_MODES[mode])
+    try:
+        yield
+    finally:
+        ops.set_attention_block_min_pairs(before)
+
+
+@pytest.fixture(params=list(BLOCK_MODES))
+def attention_path(request):
+    with block_mode(request.param):
+        yield request.param
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed,segments,H,D", [(0, 1, 1, 4), (1, 7, 2, 8), (2, 25, 3, 16), (3, 12, 4, 33)])
+def test_tree_attention_forward_matches_brute_force(dtype, seed, segments, H, D, attention_path):
+    lay, _ = random_layout(seed, segments)
+    q, k, v = qkv(lay.num_tokens, H, D, dtype, seed)
+    scale = D ** -0.5
+    out = ops.tree_attention(q, k, v, lay.segment_table, lay.token_segment, scale)
+    expected = brute_tree_attention(q, k, v, lay.segment_table, lay.token_segment, scale)
+    ref = reference.tree_attention(q, k, v, lay.segment_table, lay.token_segment, scale)
+    assert out.dtype == dtype
+    # The fused op may err at most about as much as the same-precision reference (+ eps).
+    ref_err = (ref.double() - expected).abs().max().item()
+    err = (out.double() - expected).abs().max().item()
+    assert err <= 2 * ref_err + fp_tolerance(dtype), (err, ref_err)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed,segments,H,D", [(4, 1, 1, 4), (5, 9, 2, 8), (6, 30, 2, 16)])
+def test_tree_attention_backward_matches_reference(dtype, seed, segments, H, D, attention_path):
+    lay, _ = random_layout(seed, segments)
+    T = lay.num_tokens
+    scale = D ** -0.5
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(T, H, D, generator=g, dtype=torch.float64)
+    q, k, v = qkv(T, H, D, dtype, seed, requires_grad=True)
+    ops.tree_attention(q, k, v, lay.segment_table, lay.token_segment, scale).backward(grad_out.to(dtype))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    reference.tree_attention(q64, k64, v64, lay.segment_table, lay.token_segment, scale).backward(grad_out)
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    reference.tree_attention(qr, kr, vr, lay.segment_table, lay.token_segment, scale).backward(grad_out.to(dtype))
+    for fused, same_prec, exact in ((q, qr, q64), (k, kr, k64), (v, vr, v64)):
+        err = (fused.grad.double() - exact.grad).abs().max().item()
+        ref_err = (same_prec.grad.double() - exact.grad).abs().max().item()
+        assert err <= 2 * ref_err + 4 * fp_tolerance(dtype), (err, ref_err)
+
+
+@needs_ext
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 100_000), segments=st.integers(1, 40), H=st.integers(1, 4),
+       D=st.sampled_from([1, 3, 8, 16, 64]), max_len=st.integers(1, 12),
+       mode=st.sampled_from(list(BLOCK_MODES)))
+def test_tree_attention_fuzz_fp32(seed, segments, H, D, max_len, mode):
+    with block_mode(mode):
+        _fuzz_case(seed, segments, H, D, max_len)
+
+
+def _fuzz_case(seed, segments, H, D, max_len):
+    lay, _ = random_layout(seed, segments, max_len)
+    q, k, v = qkv(lay.num_tokens, H, D, torch.float32, seed, requires_grad=True)
+    scale = D ** -0.5
+    out = ops.tree_attention(q, k, v, lay.segment_table, lay.token_segment, scale)
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = reference.tree_attention(qr, kr, vr, lay.segment_table, lay.token_segment, scale)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    go = torch.randn_like(out)
+    out.backward(go)
+    ref.backward(go)
+    for a, b in ((q, qr), (k, kr), (v, vr)):
+        torch.testing.assert_close(a.grad, b.grad, atol=5e-5, rtol=1e-4)
+
+
+@needs_ext
+def test_tree_attention_paths_agree_in_fp64():
+    """The GEMM blocks and the scalar loops compute the same sums in another
+    order: in fp64 every output agrees to rounding, with some segments on each
+    path in the default split."""
+    lay, _ = random_layout(21, 40, 8)
+    T, H, D = lay.num_tokens, 3, 16
+    q, k, v = qkv(T, H, D, torch.float64, 7)
+    go = torch.randn(T, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    results = {}
+    for mode, pairs in (("scalar_only", 10**15), ("split", 12), ("all_gemm", 0)):
+        before = ops.attention_block_min_pairs()
+        ops.set_attention_block_min_pairs(pairs)
+        try:
+            out, lse = torch.ops.hipro_fast.tree_attention(q, k, v, lay.segment_table, lay.token_segment, 0.25)
+            grads = torch.ops.hipro_fast.tree_attention_backward(go, q, k, v, out, lse, lay.segment_table,
+                                                                 lay.token_segment, 0.25)
+        finally:
+            ops.set_attention_block_min_pairs(before)
+        results[mode] = [out, lse, *grads]
+    table = lay.segment_table
+    pairs = (table[:, 3] - table[:, 0] - table[:, 1]) * table[:, 1]
+    assert ((pairs > 0) & (pairs < 12)).any() and (pairs >= 12).any()  # "split" really splits
+    for mode in ("split", "all_gemm"):
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results[mode], results["scalar_only"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{mode} {name}: {m}")
+
+
+@needs_ext
+def test_attention_block_knob_validates():
+    with pytest.raises(ValueError, match="min_pairs must be >= 0, got -1"):
+        ops.set_attention_block_min_pairs(-1)
+    assert ops.attention_block_min_pairs() == 256
+
+
+@needs_ext
+def test_tree_attention_gradcheck_fp64(attention_path):
+    lay, _ = random_layout(11, 6, 3)
+    q, k, v = qkv(lay.num_tokens, 2, 3, torch.float64, 3, requires_grad=True)
+    fn = lambda a, b, c: ops.tree_attention(a, b, c, lay.segment_table, lay.token_segment, 0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_opcheck(dtype):
+    lay, _ = random_layout(12, 8, 4)
+    q, k, v = qkv(lay.num_tokens, 2, 8, dtype, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.hipro_fast.tree_attention.default,
+                          (q, k, v, lay.segment_table, lay.token_segment, 0.35))
+
+
+@needs_ext
+def test_tree_attention_rejects_bad_tables():
+    lay, _ = random_layout(13, 5, 3)
+    q, k, v = qkv(lay.num_tokens, 1, 4, torch.float32)
+    bad = lay.token_segment.clone()
+    bad[0] = 99
+    with pytest.raises(RuntimeError, match="token 0 names segment 99"):
+        torch.ops.hipro_fast.tree_attention(q, k, v, lay.segment_table, bad, 1.0)
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.hipro_fast.tree_attention(q, k[:-1], v, lay.segment_table, lay.token_segment, 1.0)
+
+
+# ---------------------------------------------------------------- forest assembly
+
+def assembly_inputs(seed, segments, W, dtype):
+    lay, rows = random_layout(seed, segments)
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(max(rows, 1), W, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    emb = torch.randn(50, W, generator=g, dtype=torch.float64).to(dtype)
+    pos = torch.randn(int(lay.token_position.max()) + 1, W, generator=g, dtype=torch.float64).to(dtype)
+    return lay, ctx, emb, pos
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed,segments,W", [(0, 1, 5), (1, 10, 16), (2, 40, 33)])
+def test_assemble_forward_backward(dtype, seed, segments, W):
+    lay, ctx, emb, pos = assembly_inputs(seed, segments, W, dtype)
+    args = (lay.token_ctx_row, lay.token_vocab_id, lay.token_position)
+    out = ops.assemble_forest(ctx, emb, pos, *args)
+    ctx_r = ctx.detach().clone().requires_grad_()
+    ref = reference.assemble_forest(ctx_r, emb, pos, *args)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    # brute force, row by row
+    for t in range(lay.num_tokens):
+        r, vid, p = (int(a[t]) for a in args)
+        row = (ctx[r] if r >= 0 else emb[vid]) + pos[p]
+        torch.testing.assert_close(out[t], row, atol=0, rtol=0)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(ctx.grad, ctx_r.grad, atol=fp_tolerance(dtype), rtol=fp_tolerance(dtype))
+
+
+@needs_ext
+def test_assemble_grads_to_frozen_tables_when_asked():
+    lay, ctx, emb, pos = assembly_inputs(3, 12, 8, torch.float64)
+    emb.requires_grad_()
+    pos.requires_grad_()
+    args = (lay.token_ctx_row, lay.token_vocab_id, lay.token_position)
+    assert torch.autograd.gradcheck(lambda c, e, p: ops.assemble_forest(c, e, p, *args), (ctx, emb, pos))
+
+
+@needs_ext
+def test_assemble_opcheck_and_errors():
+    lay, ctx, emb, pos = assembly_inputs(4, 8, 8, torch.float32)
+    args = (ctx, emb, pos, lay.token_ctx_row, lay.token_vocab_id, lay.token_position)
+    torch.library.opcheck(torch.ops.hipro_fast.assemble_forest.default, args)
+    bad = lay.token_position.clone()
+    bad[-1] = 10_000
+    with pytest.raises(RuntimeError, match="position 10000"):
+        torch.ops.hipro_fast.assemble_forest(ctx, emb, pos, lay.token_ctx_row, lay.token_vocab_id, bad)
+
+
+# ---------------------------------------------------------------- EOS pooling
+
+def pool_inputs(seed, T, P, W, E, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, W, generator=g, dtype=torch.float64) * 3 + 1).to(dtype).requires_grad_()
+    eos = torch.randperm(T, generator=g)[:P]
+    weight = torch.randn(W, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(W, generator=g, dtype=torch.float64).to(dtype)
+    proj = torch.randn(W, E, generator=g, dtype=torch.float64).to(dtype)
+    return x, eos, weight, bias, proj
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,P,W,E", [(1, 1, 4, 3), (20, 7, 16, 8), (50, 50, 33, 12)])
+def test_pool_forward_backward(dtype, T, P, W, E):
+    x, eos, weight, bias, proj = pool_inputs(T + P, T, P, W, E, dtype)
+    out = ops.pool_eos(x, eos, weight, bias, proj, 1e-5)
+    torch.testing.assert_close(out.double(), brute_pool(x.detach(), eos, weight, bias, proj, 1e-5),
+                               atol=1e-5, rtol=1e-5)
+    xr = x.detach().clone().requires_grad_()
+    ref = reference.pool_eos(xr, eos, weight, bias, proj, 1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    assert x.grad.dtype == dtype
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else fp_tolerance(dtype)
+    torch.testing.assert_close(x.grad, xr.grad, atol=tol, rtol=tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_pool_ignores_autocast(amp_dtype):
+    """Inside an autocast region the op still computes (and returns) fp32: its
+    internal GEMM must not be autocast (on CUDA that raised a dtype error)."""
+    x, eos, weight, bias, proj = pool_inputs(3, 20, 7, 16, 8, torch.float32)
+    out = ops.pool_eos(x, eos, weight, bias, proj, 1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    xa = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=amp_dtype):
+        out_a = ops.pool_eos(xa, eos, weight, bias, proj, 1e-5)
+        out_a.backward(g)
+    assert out_a.dtype == torch.float32
+    torch.testing.assert_close(out_a, out, rtol=0, atol=0)
+    torch.testing.assert_close(xa.grad, x.grad, rtol=0, atol=0)
+
+
+@needs_ext
+def test_pool_gradcheck_all_inputs_fp64():
+    x, eos, weight, bias, proj = pool_inputs(0, 9, 4, 6, 5, torch.float64)
+    for t in (weight, bias, proj):
+        t.requires_grad_()
+    fn = lambda a, w, b, p: ops.pool_eos(a, eos, w, b, p, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, proj))
+
+
+@needs_ext
+def test_pool_opcheck():
+    x, eos, weight, bias, proj = pool_inputs(1, 12, 5, 8, 4, torch.float32)
+    torch.library.opcheck(torch.ops.hipro_fast.pool_eos.default, (x, eos, weight, bias, proj, 1e-5))
+
+
+def test_reference_fallback_warns_once(monkeypatch):
+    """Without the extension, ops fall back to the reference with one warning."""
+    import hipro_fast.ops.extension as ext
+    import hipro_fast.ops.interface as interface
+
+    monkeypatch.setattr(ext, "_C", None)
+    monkeypatch.setattr(ext, "EXTENSION_ERROR", "ImportError: simulated")
+    monkeypatch.setattr(ext, "_warned", set())
+    monkeypatch.setattr(interface, "fused_available", ext.fused_available)
+    monkeypatch.setattr(interface, "warn_fallback", ext.warn_fallback)
+    x, eos, weight, bias, proj = pool_inputs(2, 6, 3, 4, 4, torch.float32)
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        a = ops.pool_eos(x, eos, weight, bias, proj, 1e-5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = ops.pool_eos(x, eos, weight, bias, proj, 1e-5)
+    torch.testing.assert_close(a, b)
