@@ -57,10 +57,6 @@ class AffinityMatrixError(TreeError):
     """An affinity matrix that cannot be clustered (shape, names, non-finite values)."""
 
 
-class AffinityError(HiproError, ValueError):
-    """Bad inputs to task_affinity (tasks and training data that do not match)."""
-
-
 class CheckpointError(HiproError, ValueError):
     """A missing, corrupt or incompatible checkpoint (other than task/tree mismatches)."""
 

@@ -2,6 +2,7 @@
 unless a hub tag is asked for explicitly."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,54 @@ class LoadedClip:
     name: str
     pretrained: str | None
 
-    def __iter__(self):  # allows `model, tokenizer = load_clip(...)[:2]`-style unpacking
-        return iter((self.model, self.tokenizer))
+
+def clip_parts(clip: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
+    """(open_clip model, tokenizer) from a LoadedClip, a (model, tokenizer) pair,
+    or a bare open_clip model with `tokenizer=` (there is no default tokenizer:
+    a wrong one would silently give wrong prompts). An explicit `tokenizer`
+    overrides the one carried by `clip`."""
+    if isinstance(clip, LoadedClip):
+        return clip.model, tokenizer or clip.tokenizer
+    if isinstance(clip, (tuple, list)):
+        if len(clip) != 2:
+            raise TypeError(f"clip as a sequence must be (model, tokenizer), got {len(clip)} items")
+        return clip[0], tokenizer or clip[1]
+    if not isinstance(clip, torch.nn.Module):
+        raise TypeError(f"clip must be a LoadedClip, a (model, tokenizer) pair or an open_clip model, "
+                        f"got {type(clip).__name__}")
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= when clip is a bare open_clip model (or pass a LoadedClip)")
+    return clip, tokenizer
+
+
+def random_clip(width: int = 64, heads: int = 4, layers: int = 2, embed_dim: int = 24, *,
+                quick_gelu: bool = False, ls_init_value: float | None = None, perturb: float = 0.02,
+                logit_scale: float | None = None, seed: int = 0) -> torch.nn.Module:
+    """A tiny frozen random open_clip CLIP (77-token text tower, 16 px image tower)
+    for tests, the planted benchmark and smoke runs; the global RNG is left as it was.
+
+    open_clip's random init leaves LayerNorms at 1/0 and the projection at a
+    trivial scale, so every parameter gets N(0, `perturb`) noise: checks then
+    see generic values. `logit_scale` (e.g. 100, as in pretrained CLIP) replaces
+    the init's 1/0.07 when given.
+    """
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        text_cfg = CLIPTextCfg(context_length=77, vocab_size=49408, width=width, heads=heads, layers=layers,
+                               ls_init_value=ls_init_value)
+        vision_cfg = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16)
+        model = CLIP(embed_dim=embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * perturb)
+            if logit_scale is not None:
+                model.logit_scale.fill_(math.log(logit_scale))
+    finally:
+        torch.random.set_rng_state(state)
+    return _freeze(model)
 
 
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -56,8 +103,7 @@ def load_clip(name: str = "hipro-tiny-clip", pretrained: str | Path | None = Non
             set HF_HUB_OFFLINE=1 to forbid that).
         device: where to put the model.
     Returns:
-        LoadedClip(model, tokenizer, preprocess, name, pretrained); iterating it
-        yields (model, tokenizer).
+        LoadedClip(model, tokenizer, preprocess, name, pretrained).
     """
     import open_clip
 

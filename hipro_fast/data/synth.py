@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clip_loading import LoadedClip
+from .clip_loading import LoadedClip, clip_parts, random_clip
 from ..engine.encoder import ForestEncoder
 from ..engine.text_tower import TextTower
 
@@ -99,36 +99,9 @@ def planted_clip(width: int = 64, heads: int = 4, layers: int = 2, embed_dim: in
     with CoOp's SGD settings crawl).
     """
     import open_clip
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        text_cfg = CLIPTextCfg(context_length=77, vocab_size=49408, width=width, heads=heads, layers=layers)
-        vision_cfg = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16)
-        model = CLIP(embed_dim=embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=False)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-            model.logit_scale.fill_(float(np.log(logit_scale)))
-    finally:
-        torch.random.set_rng_state(state)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = random_clip(width, heads, layers, embed_dim, logit_scale=logit_scale, seed=seed)
     return LoadedClip(model, open_clip.get_tokenizer("ViT-B-16"), None, f"planted-tiny-w{width}-l{layers}", None)
-
-
-def _unpack(clip_or_model, tokenizer):
-    if isinstance(clip_or_model, LoadedClip):
-        return clip_or_model.model, tokenizer or clip_or_model.tokenizer
-    if isinstance(clip_or_model, (tuple, list)):
-        return clip_or_model[0], tokenizer or clip_or_model[1]
-    if tokenizer is None:
-        import open_clip
-
-        tokenizer = open_clip.get_tokenizer("ViT-B-16")
-    return clip_or_model, tokenizer
 
 
 def class_name_pool(tokenizer, max_tokens: int = 3) -> list[str]:
@@ -154,7 +127,7 @@ def make_planted_problem(clip_or_model, n_groups: int = 3, tasks_per_group: int 
     """Build a planted problem (see the module docstring).
 
     Args:
-        clip_or_model: a LoadedClip, (model, tokenizer) or an open_clip model
+        clip_or_model: a LoadedClip, (model, tokenizer) or an open_clip model with tokenizer=
             (tokenizer then defaults to ViT-B-16's).
         n_groups, tasks_per_group: the planted hierarchy.
         classes_per_task: classes of each task.
@@ -172,7 +145,7 @@ def make_planted_problem(clip_or_model, n_groups: int = 3, tasks_per_group: int 
     """
     if n_groups < 1 or tasks_per_group < 1 or classes_per_task < 2 or shots < 1:
         raise ValueError("need n_groups >= 1, tasks_per_group >= 1, classes_per_task >= 2, shots >= 1")
-    model, tokenizer = _unpack(clip_or_model, tokenizer)
+    model, tokenizer = clip_parts(clip_or_model, tokenizer)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     n_tasks = n_groups * tasks_per_group

@@ -13,7 +13,6 @@ import torch
 from ..ops.extension import _C, reference_forced
 from ..errors import ForestError
 
-SEG_COLUMNS = ("offset", "length", "parent", "subtree_end")
 
 
 def encode_vocab_source(vocab_id: int) -> int:

@@ -22,9 +22,8 @@ from .layout import ForestError, ForestLayout, build_forest_layout, encode_vocab
 
 Combine = Literal["concat", "mean"]
 COMBINE_MODES = ("concat", "mean")
-# The method-level default (HiProModel, compare, the CLI): the planted-hierarchy
-# ablation (benchmarks/results/ablation_planted.md) found "mean" +17 points over
-# "concat" and "concat" losing to CoOp per task.
+# The method-level default (HiProModel, compare, the CLI), chosen by the
+# planted-hierarchy ablation (benchmarks/results/ablation_planted.md).
 DEFAULT_COMBINE: Combine = "mean"
 
 

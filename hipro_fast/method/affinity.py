@@ -34,14 +34,13 @@ diagonal (self-affinity) is ignored by the tree builder (hipro_fast.method.group
   lookahead and gradcos take normalize="none" (default) or "zscore" (the
   column standardisation above).
 
-Which is the default was decided on the planted benchmark (hipro_fast.data.synth;
-scripts/ablation_planted.py, benchmarks/results/ablation_planted.md): the
-transfer affinity with the automatic tree rule recovered the planted groups in
-30/30 runs (1-4 shots, plain and conflicting labels), the gradient cosine in
-13/30 and TAG's look-ahead in 0/30: a few-shot gradient of one shared prompt
-is dominated by sampling noise and by what all tasks want from it (the
-look-ahead is, to first order, an unnormalised gradient dot product, so the
-tasks with the largest gradients look close to everyone).
+The default ("transfer") is the estimator that recovered the planted groups
+most often (hipro_fast.data.synth; scripts/ablation_planted.py, results in
+benchmarks/results/ablation_planted.md). Why the gradient estimators fall
+behind with few shots: a few-shot gradient of one shared prompt is dominated
+by sampling noise and by what all tasks want from it (the look-ahead is, to
+first order, an unnormalised gradient dot product, so the tasks with the
+largest gradients look close to everyone).
 """
 from __future__ import annotations
 
@@ -54,11 +53,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.clip_loading import LoadedClip
+from ..data.clip_loading import clip_parts
 from ..engine.encoder import ForestEncoder
 from .model import CTX_INIT_STD, validate_tasks
+from .task_data import validate_task_data
 from ..engine.text_tower import TextTower
-from ..errors import AffinityError
 from ..files import atomic_write_text
 
 METHODS = ("transfer", "lookahead", "gradcos")
@@ -76,41 +75,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------ inputs
-def _clip_parts(clip, tokenizer=None):
-    """(open_clip model, tokenizer) from a LoadedClip, a (model, tokenizer) pair or a model."""
-    if isinstance(clip, LoadedClip):
-        return clip.model, tokenizer or clip.tokenizer
-    if isinstance(clip, (tuple, list)) and len(clip) == 2:
-        return clip[0], tokenizer or clip[1]
-    if tokenizer is None:
-        import open_clip
-
-        tokenizer = open_clip.get_tokenizer("ViT-B-16")
-    return clip, tokenizer
-
-
 def _check_data(tasks: dict[str, list[str]], train, embed_dim: int, device):
-    if not isinstance(train, Mapping):
-        raise AffinityError(f"train must map task -> (features, labels), got {type(train).__name__}")
-    out = {}
-    for task, classes in tasks.items():
-        if task not in train:
-            raise AffinityError(f"task {task!r} has no training data")
-        x, y = train[task]
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
-        if x.dim() != 2 or x.shape[1] != embed_dim:
-            raise AffinityError(f"task {task!r}: features must be [N, {embed_dim}], got {tuple(x.shape)}")
-        if y.dim() != 1 or y.shape[0] != x.shape[0] or x.shape[0] == 0:
-            raise AffinityError(f"task {task!r}: need as many labels as feature rows (>= 1), "
-                                f"got {tuple(y.shape)} for {x.shape[0]} rows")
-        y = y.long()
-        if int(y.min()) < 0 or int(y.max()) >= len(classes):
-            raise AffinityError(f"task {task!r}: labels must lie in 0..{len(classes) - 1}")
-        out[task] = (F.normalize(x.float(), dim=-1).to(device), y.to(device))
-    extra = [t for t in train if t not in tasks]
-    if extra:
-        raise AffinityError(f"train has data for unknown task {extra[0]!r}")
-    return out
+    data = validate_task_data(tasks, train, embed_dim, role="train", require_all=True)
+    return {t: (F.normalize(x, dim=-1).to(device), y.to(device)) for t, (x, y) in data.items()}
 
 
 class _Sampler:
@@ -272,7 +239,7 @@ def task_affinity(clip, tasks: Mapping[str, Sequence[str]], train, method: str =
     """Symmetric [T, T] task affinity, rows/columns in the order of `tasks`.
 
     Args:
-        clip: a LoadedClip, (open_clip model, tokenizer) or an open_clip model.
+        clip: a LoadedClip, (open_clip model, tokenizer) or an open_clip model with tokenizer=.
         tasks: task -> class names.
         train: task -> (image features [N, E], labels [N]).
         method: "transfer" (default), "lookahead" or "gradcos" (module docstring).
@@ -296,7 +263,7 @@ def task_affinity(clip, tasks: Mapping[str, Sequence[str]], train, method: str =
     if int(cfg["n_ctx"]) < 1 or int(cfg["steps"]) < 1 or int(cfg["batch_size"]) < 1:
         raise ValueError("n_ctx, steps and batch_size must be >= 1")
     tasks = validate_tasks(tasks)
-    model, tokenizer = _clip_parts(clip, tokenizer)
+    model, tokenizer = clip_parts(clip, tokenizer)
     tower = TextTower(model)
     device = tower.token_embedding.device  # computed where the model is
     data = _check_data(tasks, train, tower.config.embed_dim, device)

@@ -30,10 +30,6 @@ METHODS = ("zero-shot", "coop-per-task", "coop-shared", "two-level", "hipro")
 ZERO_SHOT_PREFIX = "a photo of a"  # the template "a photo of a {}."
 
 
-def zero_shot_template() -> str:
-    return ZERO_SHOT_PREFIX + " {}."
-
-
 def _flat_ctx(tasks: Sequence[str], root: int, leaf: int) -> dict[str, int]:
     return {ROOT: root, **{leaf_id(t): leaf for t in tasks}}
 

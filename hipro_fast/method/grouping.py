@@ -30,20 +30,16 @@ Which cuts:
     correlation between a pair's distance and "the cut splits the pair"
     >= MIN_CORRELATION = 0.6); otherwise a flat tree. One internal level:
     root -> groups -> leaves.
-    Why these scores: the silhouette picks the number of groups best (on the
-    planted benchmark it found the planted groups in 60/60 transfer-affinity
-    matrices; the largest gap in merge heights, tried first, picked the
-    coarsest split whenever one group sat between two others), but it depends
-    on where D puts its zero, which the rescaling fixes arbitrarily (a graded
-    chain of tasks scores 1.0); gamma and the correlation are unchanged by
-    affine maps of D. Measured (scripts/ablation_planted.py and
-    tests/test_grouping.py): all planted transfer-affinity matrices pass
-    (gamma 1.0, correlation >= 0.69); a chain or a ring of 6 tasks does not
-    (correlation 0.53 / 0.49); uniformly random symmetric affinities pass
-    63% / 17% / 4% / 0% of the time at 4 / 6 / 8 / 12 tasks, so with few
-    tasks the rule cannot tell structure from noise: judge the estimate's
-    noise by repeating it with another seed. With many tasks and a noisy
-    affinity gamma = 1 is strict: ask for levels=1 to force the best cut.
+    Why these scores: the silhouette picks the number of groups (the largest
+    gap in merge heights picks the coarsest split whenever one group sits
+    between two others), but it depends on where D puts its zero, which the
+    rescaling fixes arbitrarily (a graded chain of tasks scores 1.0); gamma
+    and the correlation are unchanged by affine maps of D, so they decide
+    whether the cut is kept (a chain or a ring of tasks is not). With few
+    tasks random affinities can pass, so judge an estimate's noise by
+    repeating it with another seed; with many tasks and a noisy affinity
+    gamma = 1 is strict: ask for levels=1 to force the best cut. How often
+    each rule recovers planted groups: benchmarks/results/ablation_planted.md.
   * levels=L: cuts in decreasing silhouette, each kept only when it adds an
     internal level to the tree (a finer cut that only splits pairs into
     leaves adds none), until L levels or no cut is left; no correlation bar.

@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..data.clip_loading import LoadedClip
+from ..data.clip_loading import LoadedClip, clip_parts
 from ..engine.encoder import ForestEncoder
 from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
 from ..engine.text_tower import TextTower
@@ -41,8 +41,8 @@ class HiProModel(nn.Module):
     """Hierarchical prompts over a frozen CLIP.
 
     Args:
-        clip: a LoadedClip (from hipro_fast.load_clip) or an open_clip model
-            (then pass `tokenizer`).
+        clip: a LoadedClip (from hipro_fast.load_clip), a (model, tokenizer)
+            pair, or an open_clip model (then pass `tokenizer`).
         tasks: task name -> class names.
         tree: a TaskTree, or a nested list of task names (see TaskTree.from_nested).
         n_ctx: context tokens per node (an int, or node id -> int; unnamed nodes
@@ -69,12 +69,7 @@ class HiProModel(nn.Module):
         super().__init__()
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-        if isinstance(clip, LoadedClip):
-            clip_model, tokenizer = clip.model, tokenizer or clip.tokenizer
-        else:
-            clip_model = clip
-        if tokenizer is None:
-            raise ValueError("pass tokenizer= when clip is a bare open_clip model")
+        clip_model, tokenizer = clip_parts(clip, tokenizer)
         self.tasks = validate_tasks(tasks)
         self.tree = tree if isinstance(tree, TaskTree) else TaskTree.from_nested(tree)
         self.tree.check_tasks(list(self.tasks))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from hipro_fast.app.plots import plot_affinity
-from hipro_fast.method.affinity import (DEFAULTS, AffinityError, load_affinity_json, save_affinity_json,
+from hipro_fast.errors import TaskSpecError
+from hipro_fast.method.affinity import (DEFAULTS, load_affinity_json, save_affinity_json,
                                         task_affinity, zscore_columns)
 from hipro_fast.data.clip_loading import LoadedClip
 from hipro_fast.engine.encoder import ForestEncoder
@@ -139,15 +140,15 @@ def test_input_errors(tiny):
         task_affinity(clip, TASKS, data, method="tag")
     with pytest.raises(TypeError, match="no option 'every'"):
         task_affinity(clip, TASKS, data, method="transfer", every=3)
-    with pytest.raises(AffinityError, match="'food' has no training data"):
+    with pytest.raises(TaskSpecError, match="task 'food' is missing from the train data"):
         task_affinity(clip, TASKS, {k: v for k, v in data.items() if k != "food"})
-    with pytest.raises(AffinityError, match="unknown task 'extra'"):
+    with pytest.raises(TaskSpecError, match="train data has task 'extra'"):
         task_affinity(clip, TASKS, {**data, "extra": data["food"]})
     bad = dict(data, cars=(torch.randn(6, 10), data["cars"][1]))
-    with pytest.raises(AffinityError, match=r"'cars': features must be \[N, 24\]"):
+    with pytest.raises(TaskSpecError, match=r"'cars': train feature dim 10 does not match the model's embed_dim 24"):
         task_affinity(clip, TASKS, bad)
     bad = dict(data, food=(data["food"][0], torch.tensor([0, 1, 2, 0])))
-    with pytest.raises(AffinityError, match="'food': labels must lie in 0..1"):
+    with pytest.raises(TaskSpecError, match=r"'food': train label 2 \(sample 2\) is out of range for its 2 classes"):
         task_affinity(clip, TASKS, bad)
     with pytest.raises(ValueError, match="score"):
         task_affinity(clip, TASKS, data, steps=1, n_ctx=1, score="f1")

@@ -112,8 +112,8 @@ def test_load_clip_local_file_and_mismatch(tmp_path, tiny):
     save_file({k: v.contiguous() for k, v in full.model.state_dict().items()}, str(path))
     again = hf.load_clip("ViT-B-16", pretrained=path)
     torch.testing.assert_close(again.model.text_projection, full.model.text_projection)
-    model, tok = again
-    assert tok is again.tokenizer
+    model, tok = hf.data.clip_loading.clip_parts(again)
+    assert model is again.model and tok is again.tokenizer
     bad = tmp_path / "bad.safetensors"
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(bad))
     with pytest.raises(hf.WeightsMismatchError, match="does not match"):

@@ -1,0 +1,46 @@
+"""One way to turn what callers pass as `clip` into (model, tokenizer)."""
+import pytest
+
+import hipro_fast as hf
+from hipro_fast.data.clip_loading import LoadedClip, clip_parts, random_clip
+from tests.oracle import tokenizer
+
+
+def test_clip_parts_accepts_every_documented_form():
+    model, tok = random_clip(width=32, heads=2, layers=1), tokenizer()
+    loaded = LoadedClip(model, tok, None, "tiny", None)
+    other = tokenizer()
+    assert clip_parts(loaded) == (model, tok)
+    assert clip_parts(loaded, other)[1] is other          # an explicit tokenizer wins
+    assert clip_parts((model, tok)) == (model, tok)
+    assert clip_parts(model, tok) == (model, tok)
+
+
+def test_clip_parts_never_guesses_a_tokenizer():
+    model = random_clip(width=32, heads=2, layers=1)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        clip_parts(model)
+    with pytest.raises(TypeError, match=r"\(model, tokenizer\), got 3 items"):
+        clip_parts((model, tokenizer(), None))
+    with pytest.raises(TypeError, match="got str"):
+        clip_parts("ViT-B-16")
+
+
+def test_model_and_affinity_take_the_same_forms():
+    """HiProModel accepts the (model, tokenizer) pair that task_affinity accepts."""
+    model, tok = random_clip(width=32, heads=2, layers=1), tokenizer()
+    tasks = {"a": ["cat", "dog"], "b": ["car", "bus"]}
+    from_pair = hf.HiProModel((model, tok), tasks, ["a", "b"], n_ctx=2)
+    from_kw = hf.HiProModel(model, tasks, ["a", "b"], n_ctx=2, tokenizer=tok)
+    for t in tasks:
+        assert from_pair.text_features()[t].allclose(from_kw.text_features()[t])
+
+
+def test_random_clip_is_deterministic_and_leaves_the_global_rng_alone():
+    import torch
+
+    before = torch.random.get_rng_state()
+    a, b = random_clip(seed=3), random_clip(seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not any(p.requires_grad for p in a.parameters())
