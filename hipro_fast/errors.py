@@ -45,6 +45,10 @@ class BundledDataError(HiproError, RuntimeError):
 
 
 # ----------------------------------------------------------------- method
+class FewShotError(HiproError, ValueError):
+    """A few-shot draw that cannot be made (a class with too few images, bad K)."""
+
+
 class TaskSpecError(HiproError, ValueError):
     """Bad task definitions: empty tasks, duplicate class names, feature mismatches."""
 
@@ -74,3 +78,8 @@ class NonFiniteLossError(HiproError, RuntimeError):
 # -------------------------------------------------------------------- app
 class CliError(HiproError):
     """A usage problem found by the CLI itself (one line)."""
+
+
+class RunDirError(HiproError):
+    """A run directory that cannot be used as asked: not empty without --resume /
+    --overwrite, not a run of this command, or holding a symlink where hipro writes."""

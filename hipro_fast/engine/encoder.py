@@ -40,9 +40,11 @@ class ForestEncoder:
         """[R, W] rows of every node's context, in node order."""
         return torch.cat([ctx[n] for n in self.node_order])
 
-    def __call__(self, ctx: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{task: [C, E]} L2-normalised class features (fp32)."""
-        return self.tower.encode_forest(self.forest, self.context_table(ctx))
+    def __call__(self, ctx: Mapping[str, torch.Tensor],
+                 path_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """{task: [C, E]} L2-normalised class features (fp32). path_weights: task ->
+        [len(path)] weights of its path nodes' features ("mean" only; default equal)."""
+        return self.tower.encode_forest(self.forest, self.context_table(ctx), path_weights)
 
     def to(self, device) -> "ForestEncoder":
         self.forest = self.forest.to(device)

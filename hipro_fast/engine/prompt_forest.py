@@ -111,14 +111,29 @@ class PromptForest:
                             {t: p.to(device) for t, p in self.task_prompts.items()},
                             self.combine, self.context_length)
 
-    def gather(self, prompt_features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-task class features [C, E] from the pooled prompt features [P, E]."""
+    def gather(self, prompt_features: torch.Tensor,
+               path_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per-task class features [C, E] from the pooled prompt features [P, E].
+
+        `mean` combines a task's path-node features with equal weights, or with
+        `path_weights[task]` ([len(path)], one weight per context node on the
+        path, root first) when given: normalize(sum_k w_k f_k).
+        """
+        if path_weights is not None and self.combine != "mean":
+            raise ForestError("path weights combine per-node features: they need combine='mean'")
         out = {}
         for task, ids in self.task_prompts.items():
             if self.combine == "concat":
                 out[task] = prompt_features[ids]
-            else:
+            elif path_weights is None:
                 out[task] = F.normalize(prompt_features[ids].mean(0), dim=-1)
+            else:
+                w = path_weights[task]
+                if w.shape != (ids.shape[0],):
+                    raise ForestError(f"task {task!r}: path weights of shape {tuple(w.shape)}, but its "
+                                      f"path has {ids.shape[0]} context nodes")
+                weighted = (w.to(prompt_features.dtype)[:, None, None] * prompt_features[ids]).sum(0)
+                out[task] = F.normalize(weighted, dim=-1)
         return out
 
 

@@ -9,6 +9,7 @@ pools the EOS token: a token's state depends only on the tokens before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -136,10 +137,12 @@ class TextTower(nn.Module):
         ln = text.ln_final
         return ops.pool_eos(x, eos_index, ln.weight, ln.bias, self.projection, ln.eps)
 
-    def encode_forest(self, forest, ctx_table: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-task class features {task: [C, E]} for a PromptForest."""
+    def encode_forest(self, forest, ctx_table: torch.Tensor,
+                      path_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per-task class features {task: [C, E]} for a PromptForest (path_weights:
+        see PromptForest.gather)."""
         features = self.encode_layout(forest.layout, forest.eos_index, ctx_table)
-        return forest.gather(features)
+        return forest.gather(features, path_weights)
 
     def encode_embedded(self, embedded: torch.Tensor, eos_position: torch.Tensor) -> torch.Tensor:
         """open_clip's own computation on embedded full-length prompts (the oracle).

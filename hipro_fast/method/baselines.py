@@ -36,9 +36,11 @@ def _flat_ctx(tasks: Sequence[str], root: int, leaf: int) -> dict[str, int]:
 
 def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str]],
                  tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
-                 seed: int = 0, tokenizer=None) -> HiProModel:
-    """The HiProModel of one method (see the module docstring). `tree` is used by
-    "hipro" only; zero-shot's context is frozen (0 trainable parameters)."""
+                 seed: int = 0, tokenizer=None, **hipro_options: Any) -> HiProModel:
+    """The HiProModel of one method (see the module docstring). `tree` and
+    `hipro_options` (HiProModel's path_weights, leaf_weight, init_from_parent,
+    parent_prior) are used by "hipro" only; zero-shot's context is frozen (0
+    trainable parameters)."""
     names = list(validate_tasks(tasks))
     flat = TaskTree.flat(names)
     kw = dict(tokenizer=tokenizer, seed=seed)
@@ -57,7 +59,7 @@ def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping
     if method == "hipro":
         if tree is None:
             raise ValueError("method 'hipro' needs a tree")
-        return HiProModel(clip, tasks, tree, n_ctx=n_ctx, combine=combine, **kw)
+        return HiProModel(clip, tasks, tree, n_ctx=n_ctx, combine=combine, **kw, **hipro_options)
     raise ValueError(f"unknown method {method!r} (methods: {METHODS})")
 
 
@@ -136,7 +138,7 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
             val: Data | None = None, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (1, 2, 3),
             tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
             train_config: TrainConfig | None = None, affinity_config: Mapping[str, Any] | None = None,
-            tokenizer=None) -> ComparisonTable:
+            tokenizer=None, **hipro_options: Any) -> ComparisonTable:
     """Train and test every method on the same data, over several seeds.
 
     Each (method, seed) gets a fresh HiProModel (context init seeded by the seed)
@@ -144,6 +146,7 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
     unless train_config.checkpoint_dir is set, then one sub-directory per run) and
     tested on `test`. zero-shot is not trained and is evaluated once.
     tree: the tree of "hipro"; None builds one from task affinity.
+    hipro_options: HiProModel options of "hipro" (see build_method).
     """
     methods = list(methods)
     for m in methods:
@@ -162,7 +165,8 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         run_seeds = list(seeds)[:1] if method == "zero-shot" else list(seeds)
         accs, seconds, best_epochs, params = [], [], [], 0
         for seed in run_seeds:
-            model = build_method(method, clip, tasks, hipro_tree, n_ctx, combine, seed=seed, tokenizer=tokenizer)
+            model = build_method(method, clip, tasks, hipro_tree, n_ctx, combine, seed=seed, tokenizer=tokenizer,
+                                 **hipro_options)
             params = model.num_trainable_parameters()
             t0 = time.perf_counter()
             if method != "zero-shot":

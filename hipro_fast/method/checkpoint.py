@@ -39,14 +39,14 @@ KINDS = ("last", "best")
 
 # ------------------------------------------------------- optimizer state
 # TrainConfig fields (hipro_fast.method.training) that change the trajectory: a resume must match them.
-TRAJECTORY_FIELDS = ("lr", "momentum", "weight_decay", "epochs", "warmup_epochs", "warmup_lr",
+TRAJECTORY_FIELDS = ("lr", "momentum", "weight_decay", "epochs", "min_steps", "warmup_epochs", "warmup_lr",
                      "batch_size", "steps_per_epoch", "amp", "seed", "eval_every")
 
 
 def momentum_buffers(optimizer: torch.optim.Optimizer, model: HiProModel) -> dict[str, torch.Tensor]:
     """{node: SGD momentum buffer} of the contexts that have one."""
     out = {}
-    for node, p in model.ctx.items():
+    for node, p in model.learnable().items():
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             out[node] = buf.detach().clone()
@@ -55,10 +55,11 @@ def momentum_buffers(optimizer: torch.optim.Optimizer, model: HiProModel) -> dic
 
 def set_momentum_buffers(optimizer: torch.optim.Optimizer, model: HiProModel,
                           buffers: Mapping[str, torch.Tensor]) -> None:
+    learnable = model.learnable()
     for node, buf in buffers.items():
-        if node not in model.ctx:
+        if node not in learnable:
             raise TaskSpecError(f"checkpoint has a momentum buffer for unknown node {node!r}")
-        p = model.ctx[node]
+        p = learnable[node]
         optimizer.state[p]["momentum_buffer"] = buf.to(p.device, p.dtype).clone()
 
 
@@ -127,7 +128,7 @@ def save_checkpoint(directory: str | Path, model: HiProModel,
     if isinstance(optimizer_state, torch.optim.Optimizer):
         optimizer_state = momentum_buffers(optimizer_state, model)
     tensors: dict[str, torch.Tensor] = {}
-    for node, p in model.ctx.items():
+    for node, p in model.learnable().items():
         tensors[f"ctx/{node}"] = p.detach().float().cpu().contiguous()
     for node, buf in (optimizer_state or {}).items():
         tensors[f"momentum/{node}"] = buf.detach().float().cpu().contiguous()
@@ -210,7 +211,7 @@ def check_model_config(saved: Mapping[str, Any], model: HiProModel) -> None:
     for node in saved_ctx:
         if node not in mine["n_ctx"]:
             raise TreeError(f"node {node!r} has a context in the checkpoint but not in the model")
-    for key in ("combine", "width", "embed_dim"):
+    for key in ("combine", "width", "embed_dim", "path_weights"):
         if key in saved and saved[key] != mine[key]:
             raise CheckpointError(f"checkpoint {key} {saved[key]!r} differs from the model's {mine[key]!r}")
 

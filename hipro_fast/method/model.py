@@ -1,6 +1,7 @@
 """HiProModel: one learnable context per task-tree node on a frozen CLIP."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -8,15 +9,36 @@ import torch.nn as nn
 
 from ..data.clip_loading import LoadedClip, clip_parts
 from ..engine.encoder import ForestEncoder
-from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
+from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE, class_suffix_tokens
 from ..engine.text_tower import TextTower
-from .tree import ROOT, TaskTree, TreeError
+from .tree import ROOT, TaskTree, TreeError, leaf_id
 from ..errors import TaskSpecError
 
 CTX_INIT_STD = 0.02  # CoOp's N(0, 0.02) context initialisation
+PATH_WEIGHTS = ("uniform", "learned")
+PATH_PREFIX = "path/"  # state names of the learned path weights ("path/<task>"); no node id starts so
 
 
-def validate_tasks(tasks: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+def _same_prompt_check(task: str, names: Sequence[str], tokenizer) -> None:
+    """Raise TaskSpecError naming two classes of `task` whose prompt suffixes
+    tokenise identically ("big_dog" / "big dog", "Dog" / "dog": the tokenizer
+    lowercases and underscores become spaces): their text features would be
+    identical under every context, so one of them could never be predicted."""
+    first: dict[tuple[int, ...], str] = {}
+    for name in names:
+        ids = tuple(class_suffix_tokens(tokenizer, name))
+        other = first.setdefault(ids, name)
+        if other != name:
+            decode = getattr(tokenizer, "decode", None)
+            text = decode(list(ids[:-1])).strip() if decode is not None else str(list(ids))
+            raise TaskSpecError(f"task {task!r}: classes {other!r} and {name!r} tokenise identically "
+                                f"({text!r}), so their prompts and text features are identical and one "
+                                f"can never be predicted; rename one of them")
+
+
+def validate_tasks(tasks: Mapping[str, Sequence[str]], tokenizer=None) -> dict[str, list[str]]:
+    """{task: class names} checked: non-empty names, no duplicate class names and,
+    with a `tokenizer`, no two classes of a task whose prompts tokenise identically."""
     if not tasks:
         raise TaskSpecError("no tasks given")
     out = {}
@@ -33,6 +55,8 @@ def validate_tasks(tasks: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
             if name in seen:
                 raise TaskSpecError(f"task {task!r} has duplicate class name {name!r}")
             seen.add(name)
+        if tokenizer is not None:
+            _same_prompt_check(task, names, tokenizer)
         out[task] = names
     return out
 
@@ -57,6 +81,17 @@ class HiProModel(nn.Module):
             `concat` mode the root does and the other nodes start random. A phrase
             fixes n_ctx of the nodes it initialises to its token count.
         seed: seed of the context initialisation.
+        path_weights: "uniform" (the mean above) or "learned" (`mean` only): each
+            task learns softmax weights over its path nodes' features, starting
+            with `leaf_weight` on its own node and the rest shared equally by
+            its ancestors, so a task can lean on its own prompt when sharing
+            does not help it.
+        init_from_parent: a node starts from its parent's initial context (same
+            n_ctx) instead of its own random draw.
+        parent_prior: weight of the hierarchical prior added to the training
+            loss (see regularization()): a node's context is pulled toward its
+            parent's, so a task departs from its group only as far as its own
+            data asks (`mean` only).
 
     `model.ctx[node_id]` is the node's context parameter [n_ctx, width] (fp32).
     Only the contexts are parameters of this module; the CLIP stays frozen and
@@ -65,16 +100,28 @@ class HiProModel(nn.Module):
 
     def __init__(self, clip: LoadedClip | nn.Module, tasks: Mapping[str, Sequence[str]],
                  tree: TaskTree | Sequence[Any], n_ctx: int | Mapping[str, int] = 16,
-                 combine: str = DEFAULT_COMBINE, ctx_init: str | None = None, tokenizer=None, seed: int = 0):
+                 combine: str = DEFAULT_COMBINE, ctx_init: str | None = None, tokenizer=None, seed: int = 0,
+                 path_weights: str = "uniform", leaf_weight: float = 0.5, init_from_parent: bool = False,
+                 parent_prior: float = 0.0):
         super().__init__()
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+        if path_weights not in PATH_WEIGHTS:
+            raise ValueError(f"path_weights must be one of {PATH_WEIGHTS}, got {path_weights!r}")
+        if path_weights == "learned" and combine != "mean":
+            raise ValueError("path_weights='learned' weighs the path nodes' features: it needs combine='mean'")
+        if not 0.0 < float(leaf_weight) < 1.0:
+            raise ValueError(f"leaf_weight must be in (0, 1), got {leaf_weight!r}")
+        if not float(parent_prior) >= 0.0:
+            raise ValueError(f"parent_prior must be >= 0, got {parent_prior!r}")
         clip_model, tokenizer = clip_parts(clip, tokenizer)
-        self.tasks = validate_tasks(tasks)
+        self.tasks = validate_tasks(tasks, tokenizer)
         self.tree = tree if isinstance(tree, TaskTree) else TaskTree.from_nested(tree)
         self.tree.check_tasks(list(self.tasks))
         self.combine = combine
         self.ctx_init = ctx_init
+        self.path_weights, self.leaf_weight = path_weights, float(leaf_weight)
+        self.init_from_parent, self.parent_prior = bool(init_from_parent), float(parent_prior)
         self.tokenizer = tokenizer
         # Not registered as submodules: the state of a HiProModel is its contexts.
         object.__setattr__(self, "clip", clip_model)
@@ -100,16 +147,56 @@ class HiProModel(nn.Module):
             if counts[node] == 0:
                 continue  # a node without context adds nothing to its tasks' prompts
             from_phrase = init is not None and (combine == "mean" or node == ROOT)
+            parent = self.context_parent(node)
             if from_phrase:
                 value = init.clone()
             else:
+                # Drawn even when replaced below, so that the other nodes' inits do
+                # not depend on init_from_parent.
                 value = torch.randn(counts[node], width, generator=gen) * CTX_INIT_STD
+                if init_from_parent and parent is not None and counts[parent] == counts[node]:
+                    value = self.ctx[parent].detach().cpu().clone()
             p = nn.Parameter(value.float().to(device))
             self._params.append(p)
             self.ctx[node] = p
+        if parent_prior and combine == "concat":
+            raise ValueError("parent_prior pulls a node's context toward its parent's, which only "
+                             "compares like with like in combine='mean' (each node's own prompt)")
+        # Learned path weights: per-task logits over its path's context nodes,
+        # initialised so that the leaf's feature weighs `leaf_weight` and the
+        # ancestors share the rest equally (a leaf-less path starts uniform).
+        self.path_logits: dict[str, nn.Parameter] = {}
+        if path_weights == "learned":
+            for task in self.tasks:
+                path = self.context_path(task)
+                logits = torch.zeros(len(path))
+                if len(path) > 1 and path[-1] == leaf_id(task):
+                    logits[-1] = math.log(leaf_weight * (len(path) - 1) / (1 - leaf_weight))
+                p = nn.Parameter(logits.to(device))
+                self._params.append(p)
+                self.path_logits[task] = p
         self.encoder = ForestEncoder(
             self.tower, tokenizer, {n: p.shape[0] for n, p in self.ctx.items()},
             {t: self.context_path(t) for t in self.tasks}, self.tasks, combine).to(device)
+
+    @classmethod
+    def from_config(cls, clip: Any, config: Mapping[str, Any], tokenizer=None) -> "HiProModel":
+        """The model that config() describes (contexts freshly initialised; load
+        them with load_context_state). Older configs lack the newer options,
+        which then take their defaults."""
+        tree = TaskTree.from_nested(config["tree"])
+        counts = {n: int(config.get("n_ctx", {}).get(n, 0)) for n in tree.nodes}
+        options = {k: config[k] for k in ("path_weights", "leaf_weight", "init_from_parent", "parent_prior")
+                   if k in config}
+        return cls(clip, config["tasks"], tree, n_ctx=counts, combine=config.get("combine", "concat"),
+                   tokenizer=tokenizer, **options)
+
+    def context_parent(self, node: str) -> str | None:
+        """The nearest ancestor of `node` that holds a context (None at the top)."""
+        parent = self.tree.nodes[node].parent
+        while parent is not None and parent not in self.ctx:
+            parent = self.tree.nodes[parent].parent
+        return parent
 
     def context_path(self, task: str) -> list[str]:
         """Nodes on the task's root-to-leaf path that hold a context."""
@@ -139,9 +226,31 @@ class HiProModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.detach().exp().float()
 
+    def path_weight_values(self) -> dict[str, torch.Tensor] | None:
+        """{task: [len(context path)] softmax weights of its path nodes' features},
+        or None for equal weights."""
+        if not self.path_logits:
+            return None
+        return {t: torch.softmax(p, dim=0) for t, p in self.path_logits.items()}
+
     def text_features(self) -> dict[str, torch.Tensor]:
         """{task: [n_classes, embed_dim]} L2-normalised, all tasks in one forest pass."""
-        return self.encoder(self.ctx)
+        return self.encoder(self.ctx, self.path_weight_values())
+
+    def regularization(self) -> torch.Tensor | None:
+        """The hierarchical prior added to the training loss: parent_prior times
+        the mean over context nodes with a context-holding parent of
+        ||ctx[node] - ctx[parent]||^2 / n_ctx; None when off."""
+        if not self.parent_prior:
+            return None
+        terms = []
+        for node, p in self.ctx.items():
+            parent = self.context_parent(node)
+            if parent is not None and self.ctx[parent].shape == p.shape and p.requires_grad:
+                terms.append((p - self.ctx[parent]).pow(2).sum() / p.shape[0])
+        if not terms:
+            return None
+        return self.parent_prior * torch.stack(terms).mean()
 
     def check_features(self, task: str, image_features: torch.Tensor) -> None:
         if task not in self.tasks:
@@ -158,26 +267,32 @@ class HiProModel(nn.Module):
         return self.logit_scale * image_features.float() @ feats[task].t()
 
     # ------------------------------------------------------------ state
+    def learnable(self) -> dict[str, nn.Parameter]:
+        """Every learned tensor by name: the contexts (node ids) and, with learned
+        path weights, the per-task path logits ("path/<task>")."""
+        return {**self.ctx, **{PATH_PREFIX + t: p for t, p in self.path_logits.items()}}
+
     def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.ctx.values() if p.requires_grad)
+        return sum(p.numel() for p in self.learnable().values() if p.requires_grad)
 
     def context_state(self) -> dict[str, torch.Tensor]:
-        """{node id: context} detached copies (what a checkpoint stores)."""
-        return {n: p.detach().clone() for n, p in self.ctx.items()}
+        """{name: tensor} detached copies of learnable() (what a checkpoint stores)."""
+        return {n: p.detach().clone() for n, p in self.learnable().items()}
 
     def load_context_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load contexts saved by context_state(); names any node or shape that differs."""
-        missing = [n for n in self.ctx if n not in state]
-        extra = [n for n in state if n not in self.ctx]
+        """Load a context_state(); names any node or shape that differs."""
+        mine = self.learnable()
+        missing = [n for n in mine if n not in state]
+        extra = [n for n in state if n not in mine]
         if missing:
             raise TreeError(f"checkpoint lacks context for node {missing[0]!r}")
         if extra:
             raise TreeError(f"checkpoint has context for unknown node {extra[0]!r}")
-        for n, p in self.ctx.items():
+        for n, p in mine.items():
             if tuple(state[n].shape) != tuple(p.shape):
                 raise TreeError(f"node {n!r}: checkpoint context {tuple(state[n].shape)} vs model {tuple(p.shape)}")
         with torch.no_grad():
-            for n, p in self.ctx.items():
+            for n, p in mine.items():
                 p.copy_(state[n].to(p.device, p.dtype))
 
     def config(self) -> dict[str, Any]:
@@ -188,6 +303,10 @@ class HiProModel(nn.Module):
             "n_ctx": {n: int(p.shape[0]) for n, p in self.ctx.items()},
             "combine": self.combine,
             "ctx_init": self.ctx_init,
+            "path_weights": self.path_weights,
+            "leaf_weight": self.leaf_weight,
+            "init_from_parent": self.init_from_parent,
+            "parent_prior": self.parent_prior,
             "width": self.tower.config.width,
             "embed_dim": self.embed_dim,
         }

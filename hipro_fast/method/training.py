@@ -53,7 +53,11 @@ class TrainConfig:
     lr, momentum, weight_decay: SGD. epochs: number of epochs, with a cosine lr
     schedule over them. warmup_epochs / warmup_lr: constant-lr warm-up epochs
     (counted within `epochs`). batch_size: samples PER TASK per step.
-    steps_per_epoch: None = ceil(largest task's train size / batch_size).
+    steps_per_epoch: None = the budget rule: ceil(largest task's train size /
+    batch_size), raised so that the run takes at least `min_steps` optimiser
+    steps in all (ceil(min_steps / epochs) per epoch). Counting epochs alone
+    starves small few-shot tasks (2 shots x 12 classes at batch 32 is one step
+    per epoch); a floor in steps gives every task size a converged run.
     amp: None, "bf16" or "fp16" (torch.autocast on the model's device type;
     contexts stay fp32; fp16 on CUDA uses a GradScaler). seed: sampling seed.
     device: None = where the model is. checkpoint_dir: None = no checkpoints,
@@ -71,6 +75,7 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     batch_size: int = 32
     steps_per_epoch: int | None = None
+    min_steps: int = 200
     amp: str | None = None
     seed: int = 0
     device: str | None = None
@@ -94,6 +99,7 @@ class TrainConfig:
         need(int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.steps_per_epoch is None or int(self.steps_per_epoch) >= 1,
              f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
+        need(int(self.min_steps) >= 0, f"min_steps must be >= 0, got {self.min_steps}")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(int(self.seed) >= 0, f"seed must be >= 0, got {self.seed}")
         need(int(self.eval_every) >= 1, f"eval_every must be >= 1, got {self.eval_every}")
@@ -150,8 +156,11 @@ def batch_indices(n: int, steps: int, batch_size: int, seed: int, epoch: int, ta
     return torch.cat(perms)[:need].view(steps, batch_size)
 
 
-def default_steps_per_epoch(train: Data, batch_size: int) -> int:
-    return max(math.ceil(int(y.shape[0]) / batch_size) for _, y in train.values())
+def default_steps_per_epoch(train: Data, batch_size: int, epochs: int = 1, min_steps: int = 0) -> int:
+    """The budget rule (see TrainConfig): one pass over the largest task per
+    epoch, and at least `min_steps` steps over `epochs` epochs."""
+    one_pass = max(math.ceil(int(y.shape[0]) / batch_size) for _, y in train.values())
+    return max(one_pass, math.ceil(int(min_steps) / int(epochs)))
 
 
 # ---------------------------------------------------------------- validation
@@ -240,13 +249,14 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     config = _resolve_config(config, overrides)
     train_data = validate_data(model, train, role="train", require_all=True)
     val_data = validate_data(model, val, role="val", require_all=False) if val is not None else None
-    params = [(n, p) for n, p in model.ctx.items() if p.requires_grad]
+    params = [(n, p) for n, p in model.learnable().items() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable contexts (every node has n_ctx 0 or is frozen)")
     if config.device is not None:
         model.to(config.device)
     device = _model_device(model)
-    steps = int(config.steps_per_epoch or default_steps_per_epoch(train_data, config.batch_size))
+    steps = int(config.steps_per_epoch or default_steps_per_epoch(train_data, config.batch_size, config.epochs,
+                                                                  config.min_steps))
     config = dataclasses.replace(config, steps_per_epoch=steps)
     tasks = list(train_data)
     xs = {t: train_data[t][0].to(device) for t in tasks}
@@ -314,6 +324,9 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                     bar.close()
                 raise NonFiniteLossError(epoch, step, bad)
             loss = stacked.mean()
+            prior = model.regularization()
+            if prior is not None:
+                loss = loss + prior.float()
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

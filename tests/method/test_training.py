@@ -82,7 +82,7 @@ def test_balanced_batches_own_classes_one_forest_pass(data, monkeypatch):
 
     monkeypatch.setattr(model, "text_features", counting_text)
     monkeypatch.setattr(training, "task_loss", spy_loss)
-    res = fit(model, train, None, epochs=2, batch_size=5)
+    res = fit(model, train, None, epochs=2, batch_size=5, min_steps=0)
     steps = math.ceil(max(sizes.values()) / 5)
     assert res.config.steps_per_epoch == steps
     assert calls["text"] == 2 * steps  # one forest pass per step for all tasks
@@ -163,6 +163,48 @@ def test_autocast_contexts_stay_fp32(data, amp):
     for n, p in model.ctx.items():
         assert p.dtype == torch.float32 and res.final_state[n].dtype == torch.float32
     assert not all(torch.equal(before[n], res.final_state[n]) for n in before)
+
+
+@pytest.mark.parametrize("amp,dtype", [(None, torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_amp_runs_the_forward_under_cpu_autocast(data, amp, dtype):
+    """amp= really autocasts on the CPU: inside the training forward the text
+    tower's GEMMs (an MLP Linear, seen by a forward hook) run in the amp dtype,
+    with autocast enabled; amp=None keeps them fp32."""
+    train, _ = data
+    model = make_model()
+    seen = []
+
+    def hook(module, inputs, output):
+        seen.append((output.dtype, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+
+    handle = model.tower.blocks[0].mlp.c_fc.register_forward_hook(hook)
+    try:
+        fit(model, train, None, amp=amp, epochs=1, batch_size=4, steps_per_epoch=2, lr=0.05)
+    finally:
+        handle.remove()
+    assert len(seen) == 2  # one forest pass per step
+    for out_dtype, enabled, cast_dtype in seen:
+        assert out_dtype == dtype
+        assert enabled == (amp is not None)
+        if amp is not None:
+            assert cast_dtype == dtype
+
+
+def test_sgd_applies_weight_decay(data):
+    """Weight decay reaches the optimiser (CoOp's SGD, weight_decay 5e-4 by default):
+    one plain SGD step (momentum 0, no warm-up) with decay wd moves every context
+    by -lr * wd * ctx more than the same step without decay (torch's SGD adds
+    wd * ctx to the gradient)."""
+    train, _ = data
+    run = dict(epochs=1, warmup_epochs=0, steps_per_epoch=1, batch_size=4, lr=0.05, momentum=0.0, seed=0)
+    init = make_model().context_state()
+    final = {wd: fit(make_model(), train, None, weight_decay=wd, **run).final_state for wd in (0.0, 0.5)}
+    lr = lr_at(TrainConfig(**{k: run[k] for k in ("epochs", "warmup_epochs", "lr")}), 0)
+    assert lr == pytest.approx(0.05)
+    for n, c in init.items():
+        moved = final[0.5][n] - final[0.0][n]
+        torch.testing.assert_close(moved, -lr * 0.5 * c, rtol=1e-3, atol=1e-8)
+        assert moved.abs().max() > 1e-4  # the decay term is far above rounding
 
 
 def test_non_finite_loss_names_epoch_step_task(data):
@@ -256,3 +298,22 @@ def test_cuda_fit(data, amp):
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in model.ctx.values())
     assert all(math.isfinite(h["loss"]) for h in res.history)
     assert set(evaluate(model, val)) == set(TASKS)
+
+
+def test_budget_rule_floors_the_number_of_steps(data):
+    """Epochs alone starve small tasks; the default budget gives every task size
+    at least min_steps optimiser steps, and large tasks one pass per epoch."""
+    from hipro_fast.method.training import default_steps_per_epoch
+
+    tiny = {"a": (torch.zeros(20, 2), torch.zeros(20))}
+    big = {"a": (torch.zeros(20, 2), torch.zeros(20)), "b": (torch.zeros(3200, 2), torch.zeros(3200))}
+    assert default_steps_per_epoch(tiny, 32, epochs=50, min_steps=0) == 1
+    assert default_steps_per_epoch(tiny, 32, epochs=50, min_steps=200) == 4      # 50 x 4 = 200
+    assert default_steps_per_epoch(tiny, 32, epochs=3, min_steps=200) == 67      # ceil(200 / 3)
+    assert default_steps_per_epoch(big, 32, epochs=50, min_steps=200) == 100     # one pass of the largest task
+    assert TrainConfig().min_steps == 200
+    train, val = data
+    res = fit(make_model(), train, val, epochs=2, batch_size=4, min_steps=9, lr=0.05)
+    assert res.config.steps_per_epoch == 5 and len(res.history) == 2
+    with pytest.raises(ValueError, match="min_steps must be >= 0"):
+        fit(make_model(), train, val, epochs=1, min_steps=-1)

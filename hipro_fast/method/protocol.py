@@ -1,0 +1,222 @@
+"""CoOp's few-shot protocol: accuracy against the number of shots, over seeds
+that each draw their own few-shot split.
+
+For every (shots K, seed): draw K training images per class from each task's
+training pool and a few-shot validation set of min(K, 4) other images per
+class (CoOp's rule), then train every method on that draw, choose whatever is
+chosen (best epoch, the tree of "hipro") on the validation set, and score the
+test split, which informs no choice. The draw depends on (task, K, seed) only.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import FewShotError
+from .baselines import METHODS, ComparisonTable, compare
+from .task_data import validate_task_data
+from .training import Data, TrainConfig
+
+__all__ = ["FewShotDraw", "val_shots_for", "draw_few_shot", "ProtocolResult", "run_protocol",
+           "DEFAULT_SHOTS", "DEFAULT_SEEDS"]
+
+DEFAULT_SHOTS = (1, 2, 4, 8, 16)
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+def val_shots_for(shots: int) -> int:
+    """CoOp's few-shot validation size per class: min(K, 4)."""
+    return min(int(shots), 4)
+
+
+@dataclass
+class FewShotDraw:
+    """One seed's few-shot split. train / val: task -> (features [N, D], labels [N]);
+    indices: task -> (train rows, val rows) into the task's pool."""
+
+    shots: int
+    seed: int
+    train: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    val: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    indices: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _draw_seed(task: str, shots: int, seed: int) -> int:
+    return int(np.random.SeedSequence([zlib.crc32(task.encode("utf-8")), int(shots), int(seed)])
+               .generate_state(1)[0])
+
+
+def draw_few_shot(tasks: Mapping[str, Sequence[str]], pool: Data, shots: int, seed: int,
+                  val_shots: int | None = None) -> FewShotDraw:
+    """K training and min(K, 4) validation images per class from each task's pool.
+
+    Args:
+        tasks: task -> class names.
+        pool: task -> (features [N, D], labels [N]): every training image of the task.
+        shots: K >= 1.
+        seed: the draw's seed (each seed draws its own split).
+        val_shots: validation images per class (default min(K, 4); 0 = no validation set).
+    Raises:
+        FewShotError naming the task and class when a class has fewer than
+        K + val_shots images (no silent fallback: the draw would not be K-shot).
+    """
+    if isinstance(shots, bool) or int(shots) != shots or shots < 1:
+        raise FewShotError(f"shots must be an integer >= 1, got {shots!r}")
+    shots = int(shots)
+    val_shots = val_shots_for(shots) if val_shots is None else int(val_shots)
+    if val_shots < 0:
+        raise FewShotError(f"val_shots must be >= 0, got {val_shots}")
+    data = validate_task_data(tasks, pool, next(iter(pool.values()))[0].shape[1] if pool else 0,
+                              role="training pool", require_all=True)
+    train, val, indices = {}, {}, {}
+    for task, classes in tasks.items():
+        x, y = data[task]
+        gen = np.random.default_rng(_draw_seed(task, shots, seed))
+        tr, va = [], []
+        for label, name in enumerate(classes):
+            rows = (y == label).nonzero().flatten().cpu().numpy()
+            need = shots + val_shots
+            if rows.size < need:
+                raise FewShotError(
+                    f"task {task!r}, class {name!r}: {rows.size} training images, but {shots} shots + "
+                    f"{val_shots} validation shots need {need}; lower --shots")
+            picked = gen.permutation(rows)
+            tr.append(np.sort(picked[:shots]))
+            va.append(np.sort(picked[shots:need]))
+        tr_idx = torch.from_numpy(np.concatenate(tr)).to(x.device)
+        va_idx = torch.from_numpy(np.concatenate(va)).to(x.device)
+        train[task] = (pool[task][0][tr_idx], y[tr_idx])
+        if val_shots:
+            val[task] = (pool[task][0][va_idx], y[va_idx])
+        indices[task] = (tr_idx, va_idx)
+    return FewShotDraw(shots, int(seed), train, val, indices)
+
+
+@dataclass
+class ProtocolResult:
+    """Test accuracy of every method at every shot count and seed.
+
+    runs[(shots, seed)] is that draw's ComparisonTable (one seed); trees records
+    the tree "hipro" used on each draw.
+    """
+
+    tasks: list[str]
+    shots: list[int]
+    seeds: list[int]
+    methods: list[str]
+    runs: dict[tuple[int, int], ComparisonTable] = field(default_factory=dict)
+
+    def seed_means(self, method: str, shots: int) -> list[float]:
+        """Mean task accuracy (fraction) of each seed."""
+        return [self.runs[(shots, s)][method].mean for s in self.seeds if (shots, s) in self.runs]
+
+    def mean_std(self, method: str, shots: int) -> tuple[float, float | None]:
+        """(mean over seeds, std over seeds with ddof 1; None with one seed)."""
+        v = self.seed_means(method, shots)
+        m = sum(v) / len(v)
+        if len(v) < 2:
+            return m, None
+        return m, math.sqrt(sum((a - m) ** 2 for a in v) / (len(v) - 1))
+
+    def task_mean(self, method: str, shots: int) -> dict[str, float]:
+        """Per-task accuracy (fraction), mean over seeds."""
+        tables = [self.runs[(shots, s)] for s in self.seeds if (shots, s) in self.runs]
+        return {t: sum(tb[method].task_acc[t] for tb in tables) / len(tables) for t in self.tasks}
+
+    def margin_over_best_baseline(self, shots: int, method: str = "hipro") -> tuple[float, str] | None:
+        """(mean of `method` - mean of the best other trained method, its name): the
+        "HiPro - best baseline" row. None when `method` or no baseline ran."""
+        others = [m for m in self.methods if m != method]
+        if method not in self.methods or not others:
+            return None
+        best = max(others, key=lambda m: self.mean_std(m, shots)[0])
+        return self.mean_std(method, shots)[0] - self.mean_std(best, shots)[0], best
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tasks": self.tasks, "shots": self.shots, "seeds": self.seeds,
+                               "methods": self.methods, "results": {}}
+        for k in self.shots:
+            out["results"][str(k)] = {
+                m: {"mean": self.mean_std(m, k)[0], "std": self.mean_std(m, k)[1],
+                    "seed_means": self.seed_means(m, k), "task_acc": self.task_mean(m, k)}
+                for m in self.methods}
+            out["results"][str(k)]["trees"] = {str(s): self.runs[(k, s)].tree for s in self.seeds
+                                               if (k, s) in self.runs}
+        return out
+
+    def summary_markdown(self) -> str:
+        """Methods x shots: mean accuracy (%) over seeds, ± std when there are
+        several seeds, and the "hipro - best baseline" row."""
+        several = len(self.seeds) > 1
+        head = "| method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in self.shots) + " |"
+        lines = [head, "|---" + "|---:" * len(self.shots) + "|"]
+        for m in self.methods:
+            cells = []
+            for k in self.shots:
+                mean, std = self.mean_std(m, k)
+                cells.append(f"{100 * mean:.2f} ± {100 * std:.2f}" if several else f"{100 * mean:.2f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        margins = [self.margin_over_best_baseline(k) for k in self.shots]
+        if all(x is not None for x in margins):
+            lines.append("| **hipro − best baseline** | " + " | ".join(
+                f"{100 * d:+.2f} (vs {b})" for d, b in margins) + " |")
+        seeds = f"seeds {self.seeds}" if several else f"one seed ({self.seeds[0]}; no spread)"
+        lines.append(f"\ntest accuracy in %, mean over tasks, then over {seeds}; each seed draws its own "
+                     "few-shot split; best epoch and tree chosen on the few-shot validation split")
+        return "\n".join(lines)
+
+    def shot_table_markdown(self, shots: int) -> str:
+        """Per-task accuracy (%) of every method at one shot count, mean over seeds."""
+        head = ["method", *self.tasks, "mean"] + (["std"] if len(self.seeds) > 1 else [])
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for m in self.methods:
+            acc = self.task_mean(m, shots)
+            mean, std = self.mean_std(m, shots)
+            cells = [m, *(f"{100 * acc[t]:.2f}" for t in self.tasks), f"{100 * mean:.2f}"]
+            if std is not None:
+                cells.append(f"{100 * std:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Data, *,
+                 shots: Sequence[int] = DEFAULT_SHOTS, seeds: Sequence[int] = DEFAULT_SEEDS,
+                 methods: Sequence[str] = METHODS, tree: Any = None, n_ctx: int = 16,
+                 combine: str | None = None, train_config: TrainConfig | None = None,
+                 affinity_config: Mapping[str, Any] | None = None, tokenizer=None,
+                 on_run: Callable[[int, int, ComparisonTable], None] | None = None,
+                 **method_options: Any) -> ProtocolResult:
+    """Every method on every (shots, seed), each seed with its own few-shot draw.
+
+    Args:
+        pool: task -> (features, labels) of every training image (the draws come from it).
+        test: task -> (features, labels), scored only.
+        shots / seeds: the grid; tree: the tree of "hipro" (None = from task
+            affinity on each draw's training split); combine, n_ctx,
+            method_options: as hipro_fast.compare.
+        on_run: called after each (shots, seed) with its table (progress, logs).
+    """
+    shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
+    if not shots or not seeds:
+        raise FewShotError("the protocol needs at least one shot count and one seed")
+    # Validate every draw before training anything: a class too small for the
+    # largest K fails now, not after an hour of training the smaller ones.
+    draws = {(k, s): draw_few_shot(tasks, pool, k, s) for k in shots for s in seeds}
+    result = ProtocolResult(list(tasks), shots, seeds, list(methods))
+    kw = dict(methods=methods, tree=tree, n_ctx=n_ctx, train_config=train_config,
+              affinity_config=affinity_config, tokenizer=tokenizer, **method_options)
+    if combine is not None:
+        kw["combine"] = combine
+    for k in shots:
+        for s in seeds:
+            d = draws[(k, s)]
+            table = compare(clip, tasks, d.train, test, val=d.val or None, seeds=(s,), **kw)
+            result.runs[(k, s)] = table
+            if on_run is not None:
+                on_run(k, s, table)
+    return result

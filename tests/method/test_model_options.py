@@ -1,0 +1,133 @@
+"""HiProModel's hierarchy options: learned path weights, init from the parent,
+the parent prior; exact against open_clip, gradients to every learned tensor,
+checkpoints and from_config."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hipro_fast as hf
+from hipro_fast.method.checkpoint import load_checkpoint, save_checkpoint
+from tests import oracle
+
+TASKS = {"a": ["dog", "cat"], "b": ["car", "bus", "bike"], "c": ["pizza", "pasta"]}
+TREE = [["a", "b"], "c"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models["w64_h4_l2_gelu"]
+
+
+def _model(tiny, tokenizer, **kw):
+    return hf.HiProModel(tiny, TASKS, TREE, n_ctx=3, combine="mean", tokenizer=tokenizer, seed=2, **kw)
+
+
+def test_learned_path_weights_start_toward_the_leaf(tiny, tokenizer):
+    model = _model(tiny, tokenizer, path_weights="learned", leaf_weight=0.7)
+    w = model.path_weight_values()
+    torch.testing.assert_close(w["a"], torch.tensor([0.15, 0.15, 0.7]))   # root, root/0, task/a
+    torch.testing.assert_close(w["c"], torch.tensor([0.3, 0.7]))          # root, task/c
+    assert set(model.learnable()) == set(model.ctx) | {"path/a", "path/b", "path/c"}
+
+
+def test_weighted_features_equal_open_clip_per_node_features(tiny, tokenizer):
+    """normalize(sum_k w_k f_k) where f_k is open_clip's own feature of
+    [SOS] ctx[node_k] class. [EOS] at full length."""
+    model = _model(tiny, tokenizer, path_weights="learned", leaf_weight=0.6)
+    with torch.no_grad():  # generic weights, not the init's symmetric ones
+        for t, p in model.path_logits.items():
+            p.copy_(torch.linspace(-0.7, 0.9, p.numel()) * (1 + len(t)))
+    feats = model.text_features()
+    weights = model.path_weight_values()
+    ctx = {n: p.detach() for n, p in model.ctx.items()}
+    for task, classes in TASKS.items():
+        path = model.context_path(task)
+        per_node = torch.stack([
+            oracle.task_features(tiny, tokenizer, ctx, {task: [n]}, {task: classes}, "concat")[task] for n in path])
+        expected = F.normalize((weights[task].detach()[:, None, None] * per_node).sum(0), dim=-1)
+        torch.testing.assert_close(feats[task], expected, atol=1e-5, rtol=0)
+
+
+def test_uniform_weights_are_the_plain_mean(tiny, tokenizer):
+    plain = _model(tiny, tokenizer)
+    learned = _model(tiny, tokenizer, path_weights="learned", leaf_weight=0.5)
+    with torch.no_grad():
+        for p in learned.path_logits.values():
+            p.zero_()
+    a, b = plain.text_features(), learned.text_features()
+    for t in TASKS:
+        torch.testing.assert_close(a[t], b[t], atol=1e-6, rtol=0)
+
+
+def test_gradients_reach_every_context_and_path_weight(tiny, tokenizer):
+    model = _model(tiny, tokenizer, path_weights="learned", parent_prior=0.5)
+    feats = model.text_features()
+    loss = sum((f * torch.randn_like(f)).sum() for f in feats.values()) + model.regularization()
+    loss.backward()
+    for name, p in model.learnable().items():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+def test_parent_prior_is_the_stated_penalty(tiny, tokenizer):
+    model = _model(tiny, tokenizer, parent_prior=0.25)
+    ctx = model.ctx
+    pairs = [("root/0", "root"), ("task/a", "root/0"), ("task/b", "root/0"), ("task/c", "root")]
+    expected = 0.25 * sum(float((ctx[c] - ctx[p]).detach().pow(2).sum()) / 3 for c, p in pairs) / len(pairs)
+    assert float(model.regularization()) == pytest.approx(expected, rel=1e-6)
+    assert _model(tiny, tokenizer).regularization() is None
+
+
+def test_init_from_parent_copies_the_parent_and_keeps_other_draws(tiny, tokenizer):
+    plain = _model(tiny, tokenizer)
+    copied = _model(tiny, tokenizer, init_from_parent=True)
+    torch.testing.assert_close(copied.ctx["root"], plain.ctx["root"])
+    for node in ("root/0", "task/a", "task/b", "task/c"):
+        torch.testing.assert_close(copied.ctx[node], copied.ctx[copied.context_parent(node)])
+    feats = copied.text_features()   # every path starts as one shared prompt
+    torch.testing.assert_close(feats["a"], F.normalize(
+        oracle.task_features(tiny, tokenizer, {"root": copied.ctx["root"].detach()}, {"a": ["root"]},
+                             {"a": TASKS["a"]}, "concat")["a"], dim=-1), atol=1e-5, rtol=0)
+
+
+def test_prior_lowers_the_distance_to_the_parent_in_training(tiny, tokenizer):
+    train = {t: (torch.nn.functional.normalize(torch.randn(8, 24), dim=-1), torch.arange(8) % len(c))
+             for t, c in TASKS.items()}
+    dist = {}
+    for prior in (0.0, 100.0):
+        model = _model(tiny, tokenizer, parent_prior=prior)
+        hf.fit(model, train, None, epochs=3, steps_per_epoch=5, lr=0.05, min_steps=0)
+        dist[prior] = float((model.ctx["task/a"] - model.ctx["root/0"]).norm())
+    assert dist[100.0] < 0.7 * dist[0.0], dist   # measured 0.55
+
+
+def test_options_survive_checkpoint_and_from_config(tiny, tokenizer, tmp_path):
+    model = _model(tiny, tokenizer, path_weights="learned", leaf_weight=0.8, parent_prior=0.1)
+    with torch.no_grad():
+        model.path_logits["b"].add_(0.3)
+    save_checkpoint(tmp_path, model, None, 0, [], kind="last")
+    again = hf.HiProModel.from_config(tiny, model.config(), tokenizer=tokenizer)
+    assert (again.path_weights, again.leaf_weight, again.parent_prior) == ("learned", 0.8, 0.1)
+    load_checkpoint(tmp_path, again, kind="last")
+    a, b = model.text_features(), again.text_features()
+    for t in TASKS:
+        torch.testing.assert_close(a[t], b[t])
+    plain = _model(tiny, tokenizer)
+    with pytest.raises(hf.CheckpointError, match="path_weights 'learned' differs from the model's 'uniform'"):
+        load_checkpoint(tmp_path, plain, kind="last")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(path_weights="softmax"), "path_weights must be one of"),
+    (dict(path_weights="learned", combine="concat"), "needs combine='mean'"),
+    (dict(leaf_weight=1.0, path_weights="learned"), r"leaf_weight must be in \(0, 1\)"),
+    (dict(parent_prior=-1.0), "parent_prior must be >= 0"),
+    (dict(parent_prior=math.nan), "parent_prior must be >= 0"),
+    (dict(parent_prior=1.0, combine="concat"), "only compares like with like"),
+])
+def test_bad_options_are_named(tiny, tokenizer, kw, match):
+    args = dict(n_ctx=3, combine="mean", tokenizer=tokenizer)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        hf.HiProModel(tiny, TASKS, TREE, **args)

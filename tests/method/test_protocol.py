@@ -1,0 +1,78 @@
+"""CoOp's few-shot protocol: per-seed draws, disjoint validation, the grid."""
+import pytest
+import torch
+
+from hipro_fast.errors import FewShotError
+from hipro_fast.method.protocol import draw_few_shot, run_protocol, val_shots_for
+from hipro_fast.method.training import TrainConfig
+from tests.helpers_training import TASKS, tiny_clip, toy_data
+
+
+def _pool(per_class=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t, classes in TASKS.items():
+        y = torch.arange(len(classes)).repeat_interleave(per_class)
+        x = torch.nn.functional.normalize(torch.randn(y.numel(), 24, generator=g), dim=-1)
+        out[t] = (x, y)
+    return out
+
+
+def test_val_shots_rule():
+    assert [val_shots_for(k) for k in (1, 2, 4, 8, 16)] == [1, 2, 4, 4, 4]
+
+
+@pytest.mark.parametrize("shots", [1, 2, 4, 8])
+def test_draw_sizes_disjoint_splits_and_per_seed_draws(shots):
+    pool = _pool()
+    a, b = draw_few_shot(TASKS, pool, shots, seed=0), draw_few_shot(TASKS, pool, shots, seed=1)
+    again = draw_few_shot(TASKS, pool, shots, seed=0)
+    differs = False
+    for t, classes in TASKS.items():
+        tr, va = a.indices[t]
+        assert not set(tr.tolist()) & set(va.tolist())                       # val never overlaps train
+        y = pool[t][1]
+        assert torch.bincount(y[tr], minlength=len(classes)).tolist() == [shots] * len(classes)
+        assert torch.bincount(y[va], minlength=len(classes)).tolist() == [val_shots_for(shots)] * len(classes)
+        torch.testing.assert_close(a.train[t][0], pool[t][0][tr])
+        assert torch.equal(again.indices[t][0], tr) and torch.equal(again.indices[t][1], va)   # reproducible
+        differs |= not torch.equal(b.indices[t][0], tr)
+    assert differs                                                            # each seed its own draw
+
+
+def test_a_class_too_small_is_named():
+    pool = _pool(per_class=5)
+    x, y = pool["colors"]
+    keep = ~((y == 1) & (torch.arange(y.numel()) % 5 >= 3))   # class 1 of "colors" keeps 3 images
+    pool["colors"] = (x[keep], y[keep])
+    name = TASKS["colors"][1]
+    with pytest.raises(FewShotError, match=rf"task 'colors', class '{name}': 3 training images, but 2 shots "
+                                           r"\+ 2 validation shots need 4"):
+        draw_few_shot(TASKS, pool, 2, seed=0)
+    assert draw_few_shot(TASKS, pool, 1, seed=0).shots == 1
+    with pytest.raises(FewShotError, match="shots must be an integer >= 1"):
+        draw_few_shot(TASKS, pool, 0, seed=0)
+
+
+def test_protocol_runs_the_grid_and_summarises_it():
+    clip, tok = tiny_clip()
+    pool, test = _pool(per_class=10), toy_data(seed=5)
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=4, lr=0.05)
+    seen = []
+    res = run_protocol((clip, tok), TASKS, pool, test, shots=(1, 2), seeds=(0, 1),
+                       methods=["zero-shot", "coop-per-task", "hipro"], tree=list(TASKS), n_ctx=2,
+                       train_config=cfg, on_run=lambda k, s, t: seen.append((k, s)))
+    assert seen == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for k in (1, 2):
+        means = res.seed_means("coop-per-task", k)
+        assert len(means) == 2
+        m, std = res.mean_std("coop-per-task", k)
+        assert m == pytest.approx(sum(means) / 2) and std == pytest.approx(abs(means[0] - means[1]) / 2 ** 0.5)
+        margin, best = res.margin_over_best_baseline(k)
+        assert margin == pytest.approx(res.mean_std("hipro", k)[0] - res.mean_std(best, k)[0])
+    md = res.summary_markdown()
+    assert "hipro − best baseline" in md and "±" in md and "1 shot " in md
+    one = run_protocol((clip, tok), TASKS, pool, test, shots=(1,), seeds=(3,), methods=["coop-per-task"],
+                       n_ctx=2, train_config=cfg)
+    assert "±" not in one.summary_markdown() and "no spread" in one.summary_markdown()
+    assert one.mean_std("coop-per-task", 1)[1] is None
