@@ -7,7 +7,7 @@
     hipro eval     --spec tasks.toml --checkpoint ckpt
     hipro compare  --spec tasks.toml          HiPro vs. baselines table
     hipro export   --checkpoint ckpt --out classifier
-    hipro bench    [bench options]            text-engine benchmark (hipro_fast.bench.text_step;
+    hipro bench    [bench options]            text-engine benchmark (hipro_fast.bench.cpu;
                                               with --device cuda: hipro_fast.bench.gpu)
     hipro demo                                all of the above on the bundled benchmark
 
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from .app import pipeline, plots, report
 from .bench import gpu as bench_gpu
-from .bench import text_step as bench
+from .bench import cpu as bench
 from .data.feature_cache import default_cache_dir
 from .data.tasks_spec import load_spec
 from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output .safetensors path (default: <run-dir>/classifier.safetensors)")
 
-    p = sub.add_parser("bench", help="text-engine benchmark (options go to hipro_fast.bench.text_step)", add_help=False)
+    p = sub.add_parser("bench", help="text-engine benchmark (options go to hipro_fast.bench.cpu)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("demo", help="the whole pipeline on the bundled benchmark")

@@ -105,9 +105,9 @@ set -e
 
 bench_rc=0
 if [[ "${BENCH:-1}" == "1" ]]; then
-  echo "== GPU text-step benchmark (python -m hipro_fast.bench_gpu)"
+  echo "== GPU text-step benchmark (python -m hipro_fast.bench.gpu)"
   set +e
-  timeout "${BENCH_TIMEOUT:-600}" "$PY" -m hipro_fast.bench_gpu --profile --json "$RESULTS/bench_gpu.json" ${BENCH_ARGS:-} \
+  timeout "${BENCH_TIMEOUT:-600}" "$PY" -m hipro_fast.bench.gpu --profile --json "$RESULTS/bench_gpu.json" ${BENCH_ARGS:-} \
     2>&1 | tee "$RESULTS/bench_gpu.log"
   bench_rc=${PIPESTATUS[0]}
   set -e

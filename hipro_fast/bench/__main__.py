@@ -1,6 +1,6 @@
-"""``python -m hipro_fast.bench``: the CPU text-step benchmark (see ``text_step``)."""
+"""``python -m hipro_fast.bench``: the CPU text-step benchmark (``hipro_fast.bench.cpu``)."""
 import sys
 
-from .text_step import main
+from .cpu import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Baseline text-side training steps for `hipro_fast.bench.text_step` (no forest engine).
+"""Baseline text-side training steps that the forest is timed against (no forest engine).
 
 Every baseline runs the frozen open_clip text tower on full prompts built the
 CoOp way: the token embeddings of the tokenised f"{name}." prompt (SOS first,
@@ -121,8 +121,9 @@ def encode_truncated(tower, embedded: torch.Tensor, eos_position: torch.Tensor) 
 def graph_bytes_estimate(tokens: int, seq_len: int, layers: int, width: int, heads: int) -> float:
     """Rough autograd-graph size of open_clip's text transformer on `tokens` tokens.
 
-    Calibrated on ViT-B-16 (about 306 KB per full-length token, 2.14 CPU):
     ~11.5 W activations plus the H x seq attention map per token and layer, fp32.
+    The 11.5 W term was calibrated on ViT-B-16 (fp32, CPU); the estimate only
+    decides where a step is split into micro-batches, never what a step computes.
     """
     return float(tokens) * layers * (11.5 * width + heads * seq_len) * 4.0
 
@@ -133,6 +134,9 @@ class _Group:
     suffix: torch.Tensor      # [n, Lb - 1 - n_ctx, W] frozen suffix embeddings (+ zero-token padding)
     eos: torch.Tensor         # [n] EOS positions
 
+    def to(self, device) -> None:
+        self.rows, self.suffix, self.eos = self.rows.to(device), self.suffix.to(device), self.eos.to(device)
+
 
 @dataclass
 class _Batch:
@@ -142,6 +146,12 @@ class _Batch:
     # loss terms: (task, local prompt ids [C'] or [n_path, C'], class indices [C'])
     terms: list[tuple[str, torch.Tensor, torch.Tensor]]
     tokens: int
+
+    def to(self, device) -> None:
+        self.eos, self.prompt_ids = self.eos.to(device), self.prompt_ids.to(device)
+        self.terms = [(t, local.to(device), cls.to(device)) for t, local, cls in self.terms]
+        for g in self.groups:
+            g.to(device)
 
 
 @dataclass
@@ -170,6 +180,16 @@ class BaselineStep:
     @property
     def micro_batches(self) -> int:
         return len(self.batches)
+
+    def _all_batches(self) -> list[_Batch]:
+        return [b for g in self.batches for b in g]
+
+    def to(self, device) -> "BaselineStep":
+        """Move the prebuilt index/embedding tensors and loss weights to `device` in place."""
+        for b in self._all_batches():
+            b.to(device)
+        self.weights = {t: w.to(device) for t, w in self.weights.items()}
+        return self
 
     def _embed(self, batch: _Batch, ctx_table: torch.Tensor, sos: torch.Tensor) -> torch.Tensor:
         parts = []
@@ -294,6 +314,9 @@ class NaiveStep(BaselineStep):
     @property
     def micro_batches(self) -> int:
         return len(self.task_graphs)
+
+    def _all_batches(self) -> list[_Batch]:
+        return [b for g in self.task_graphs for _, bs in g for b in bs]
 
     def step(self, ctx_table: torch.Tensor, collect: bool = False, limit_graphs: int | None = None):
         spec = self.spec

@@ -21,6 +21,7 @@ def test_bench_gpu_harness_on_cpu(tmp_path):
     (res,) = out["results"]
     assert res["verify_naive"]["feature_max_abs_diff"] < 1e-5
     assert res["verify_naive"]["ctx_grad_rel_diff"] < 1e-4
+    assert res["verify_naive"]["prompts_compared"] == res["prompts"] > 0
     methods = res["methods"]
     assert set(methods) == {"forest", "naive", "truncated"}
     forest = methods["forest"]

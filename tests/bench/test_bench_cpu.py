@@ -1,0 +1,138 @@
+"""The CPU text-step benchmark (hipro_fast.bench.cpu) on a tiny random open_clip
+text tower: every baseline gives the forest's features and context gradients,
+the token and FLOP counts follow their formulas, and the result has every
+field the tables and the README are made from. Correctness only, never timings."""
+import pytest
+import torch
+
+from hipro_fast.bench import cpu
+from hipro_fast.bench.counting import forest_visible_keys
+from hipro_fast.bench.model import load_model, load_tokenizer
+from hipro_fast.bench.problems import Problem, main_problems
+from hipro_fast.engine.prompt_forest import class_suffix_tokens
+from hipro_fast.engine.text_tower import TextTower
+from hipro_fast.ops.reference import tree_attention_mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _expected_forest_tokens(tok, problem: Problem) -> int:
+    """1 shared SOS + every node's context once + the class suffixes under each distinct leaf."""
+    n_ctx = sum(c for _, c in problem.node_ctx_rows.values())
+    suffix = {t: sum(len(class_suffix_tokens(tok, n)) for n in names) for t, names in problem.task_classes.items()}
+    if problem.combine == "concat":
+        leaves = {tuple(p): t for t, p in problem.task_paths.items()}  # distinct paths
+        return 1 + n_ctx + sum(suffix[t] for t in leaves.values())
+    nodes = {}
+    for t, p in problem.task_paths.items():
+        for n in p:
+            nodes.setdefault(n, t)
+    return 1 + n_ctx + sum(suffix[t] for t in nodes.values())
+
+
+def test_smoke_quick_tiny(tmp_path):
+    cfg = cpu.BenchConfig(model="tiny", quick=True, sweep_classes=(65, 130), sweep_depths=(1, 2, 4),
+                          forest_repeats=1, sweep_forest_repeats=1, profile=False, verbose=False,
+                          est_tokens=1024, json_path=str(tmp_path / "bench.json"),
+                          png_path=str(tmp_path / "bench.png"))
+    result = cpu.run_bench(cfg)
+    assert (tmp_path / "bench.json").is_file() and (tmp_path / "bench.png").is_file()
+    tok = load_tokenizer()
+    problems = main_problems(tok, 16)
+    L = result["meta"]["text_config"]["context_length"]
+    for name, res in result["configs"].items():
+        prob = problems[name]
+        ms = res["methods"]
+        assert set(ms) == {"naive", "padded", "truncated", "forest"}
+        # features (and, where a full step ran, context gradients) agree across methods
+        for m, v in res["verify"].items():
+            assert v["prompts_compared"] > 0, (name, m)
+            assert v["prompt_max_abs_diff"] < 1e-5, (name, m, v)
+            if v.get("task_max_abs_diff") is not None:
+                assert v["task_max_abs_diff"] < 1e-5, (name, m, v)
+            if v.get("ctx_grad_rel_diff") is not None:
+                assert v["ctx_grad_rel_diff"] < 1e-4, (name, m, v)
+        # token counts follow the formulas
+        C = len(next(iter(prob.task_classes.values())))
+        n_sets = sum(len(p) if prob.combine == "mean" else 1 for p in prob.task_paths.values())
+        P = res["prompts"]
+        n_ctx_path = {t: 16 * len(p) if prob.combine == "concat" else 16 for t, p in prob.task_paths.items()}
+        lc = max(1 + n_ctx_path[t] + len(class_suffix_tokens(tok, c))
+                 for t, names in prob.task_classes.items() for c in names)
+        assert ms["naive"]["tokens"] == n_sets * C * L
+        assert ms["padded"]["tokens"] == P * L
+        assert ms["truncated"]["tokens"] == P * lc and ms["truncated"]["seq_len"] == lc
+        assert ms["forest"]["tokens"] == _expected_forest_tokens(tok, prob)
+        expected_p = {"a": 4 * C, "b": 7 * C, "c": C}[name]
+        assert P == expected_p
+        # ideal ratio = token ratio; FLOPs use 24 W^2 per token-layer forward (mlp_ratio 4)
+        for base in ("naive", "padded", "truncated"):
+            assert res["ratios"][base]["ideal"] == pytest.approx(ms[base]["tokens"] / ms["forest"]["tokens"])
+        W = result["meta"]["text_config"]["width"]
+        assert result["meta"]["linear_flops_per_token_layer"] == 24 * W * W
+    # visible-key count of the forest = the dense tree mask's count
+    r = cpu.make_runner(TextTower(load_model("tiny")), tok, problems["a"], cfg)
+    lay = r.forest.layout
+    assert forest_visible_keys(lay) == int(tree_attention_mask(lay.segment_table, lay.token_segment).sum())
+    # sweep rows
+    sw = result["sweep"]
+    assert [row["classes"] for row in sw["classes"]] == [65, 130]
+    assert [row["depth"] for row in sw["depth"]] == [1, 2, 4]
+    for row in sw["classes"] + sw["depth"]:
+        assert row["ideal_vs_truncated"] == pytest.approx(row["truncated_tokens"] / row["forest_tokens"])
+        assert row["naive_tokens"] == 4 * row["classes"] * L
+    targets = cpu.evaluate_targets(result)
+    assert len(targets) == 3 * 3 + 1
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_measured_baselines_agree_split_graphs(name):
+    """Full (measured) steps with a tiny graph budget, so every baseline is split into
+    several backward calls: features and context gradients still match the forest."""
+    tok = load_tokenizer()
+    tower = TextTower(load_model("tiny"))
+    cfg = cpu.BenchConfig(model="tiny", baseline_repeats=1, forest_repeats=1, forest_warmup=1,
+                          max_graph_gb=0.02, profile=False, verbose=False)
+    res = cpu.run_problem(tower, tok, main_problems(tok, 16)[name], cfg, lambda s: None)
+    for m in ("naive", "padded", "truncated"):
+        assert res["methods"][m]["micro_batches"] > 1, m
+        v = res["verify"][m]
+        assert v["prompts_compared"] == res["prompts"]
+        assert v["prompt_max_abs_diff"] < 1e-5 and v["task_max_abs_diff"] < 1e-5, (m, v)
+        assert v["ctx_grad_rel_diff"] < 1e-4, (m, v)
+
+
+def _tensors(obj, path="step"):
+    """(path, tensor) of every tensor reachable through dataclass fields, lists, tuples, dicts."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, (list, tuple)):
+        for i, x in enumerate(obj):
+            yield from _tensors(x, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        for k, x in obj.items():
+            yield from _tensors(x, f"{path}[{k!r}]")
+    elif hasattr(obj, "__dataclass_fields__"):
+        for k in obj.__dataclass_fields__:
+            yield from _tensors(getattr(obj, k), f"{path}.{k}")
+
+
+@pytest.mark.parametrize("method", ["naive", "truncated"])
+def test_baseline_steps_move_every_tensor(method):
+    """What the GPU runner relies on: `to(device)` moves every tensor a baseline step
+    owns (the shared prompt list and the tower stay where they are)."""
+    tok = load_tokenizer()
+    r = cpu.make_runner(TextTower(load_model("tiny")), tok, main_problems(tok, 4)["b"],
+                        cpu.BenchConfig(model="tiny", max_graph_gb=0.002))
+    step = r.baseline(method)
+    assert step.micro_batches > 1  # several graphs, so every kind of container is walked
+
+    def owned():
+        return {k: getattr(step, k) for k in step.__dataclass_fields__ if k not in ("tower", "spec")}
+
+    before = list(_tensors(owned()))
+    assert len(before) > 10 and all(t.device.type == "cpu" for _, t in before)
+    step.to("meta")
+    after = list(_tensors(owned()))
+    assert [p for p, _ in after] == [p for p, _ in before]
+    assert [p for p, t in after if t.device.type != "meta"] == []
