@@ -13,13 +13,19 @@
 
 Every command writes a run directory (``--run-dir``, default
 ``runs/<timestamp>-<command>``) holding config.json (the resolved
-configuration), metrics.jsonl, checkpoints/, PNG figures and report.md.
+configuration), metrics.jsonl, checkpoints/, PNG figures and report.md. An
+existing non-empty run directory is refused (and left untouched) unless
+``--overwrite`` (delete its contents, start over) or, for train and compare,
+``--resume`` (continue from its last checkpoint; the result equals an
+uninterrupted run) is given. Numeric options are checked before anything loads.
 Failures exit non-zero with one line ``hipro: error: <reason>`` (``--debug``
 shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 import warnings
@@ -32,53 +38,140 @@ from .bench import cpu as bench
 from .data.feature_cache import default_cache_dir
 from .data.tasks_spec import load_spec
 from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
-from .errors import CliError, HiproError
+from .errors import CliError, ForestError, HiproError
 from .method import affinity as aff
-from .method import export
+from .method import baselines, export
+from .method.grouping import LINKAGES
+from .method.model import validate_tasks
 
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
 
 # Demo settings: small enough for a few minutes on 2 CPU cores with hipro-tiny-clip.
 DEMO_DEFAULTS = {"shots": 16, "seeds": [0], "epochs": 10, "n_ctx": 4, "affinity_steps": 30}
+DEFAULT_N_CTX = 16  # HiProModel's and compare()'s default
+# The affinity step keeps its own default rather than following --n-ctx: on the bundled benchmark (seed 0,
+# 16 shots, the demo's 30 steps) 16 tokens give the grouped tree the README shows, 4 tokens a flat one.
+AFFINITY_N_CTX = aff.DEFAULTS[aff.DEFAULT_METHOD]["n_ctx"]
+MAX_SEED = 2**32 - 1
+
+
+# ------------------------------------------------------------------ option values
+# Every numeric option is checked by the parser, before any model is loaded:
+# a bad value is a usage error (exit 2) that names the option.
+def _int_at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+    return parse
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _seed_list(text: str) -> list[int]:
+    parse = _int_at_least(0, MAX_SEED)
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list of seeds, e.g. 0,1,2, got {text!r}")
+    try:
+        return [parse(x) for x in items]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+def _method_list(text: str) -> str:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in baselines.METHODS]
+    if not names or bad:
+        what = f"unknown method {bad[0]!r}" if bad else "no method given"
+        raise argparse.ArgumentTypeError(f"{what} (methods: {', '.join(baselines.METHODS)})")
+    return ",".join(names)
+
+
+def _tree_arg(text: str) -> str:
+    """--tree: a value starting with "[" or "{" is inline JSON (checked here, never tried as a path)."""
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"invalid JSON tree ({e.msg} at character {e.pos})") from None
+    return text
+
+
+_SEED = _int_at_least(0, MAX_SEED)
+_NONNEG = _int_at_least(0)
+_POSITIVE = _int_at_least(1)
 
 
 # ------------------------------------------------------------------ parser
-def _common(p: argparse.ArgumentParser, spec: bool = True, data: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, spec: bool = True, data: bool = True, resumable: bool = False) -> None:
     g = p.add_argument_group("common options")
     if spec:
         g.add_argument("--spec", help="multi-task spec (TOML); see hipro_fast.data.tasks_spec")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw, splits and initialisation")
+    g.add_argument("--seed", type=_SEED, default=0,
+                   help=f"seed of the few-shot draw, splits and initialisation (0..{MAX_SEED})")
     if data:
-        g.add_argument("--shots", type=int, default=16,
+        g.add_argument("--shots", type=_NONNEG, default=16,
                        help="K training images per class (1/2/4/8/16; 0 = the whole training split)")
         g.add_argument("--skip-bad-images", action="store_true",
                        help="skip (and count) images that cannot be decoded instead of failing")
-        g.add_argument("--aug-views", type=int, default=0,
+        g.add_argument("--aug-views", type=_NONNEG, default=0,
                        help="K augmented views per training image (random resized crop + flip), each "
                             "used as a training sample; 0 = plain features")
-        g.add_argument("--batch-size", type=int, default=128, help="images per encoding batch")
-        g.add_argument("--workers", type=int, default=None, help="data-loading workers (default: 0 on CPU)")
+        g.add_argument("--batch-size", type=_POSITIVE, default=128, help="images per encoding batch")
+        g.add_argument("--workers", type=_NONNEG, default=None, help="data-loading workers (default: 0 on CPU)")
     g.add_argument("--model", default="hipro-tiny-clip", help="open_clip model name (default: hipro-tiny-clip)")
     g.add_argument("--pretrained", default=None, help="weights file (.pt/.safetensors) or open_clip tag")
     g.add_argument("--model-config", default=None,
                    help="open_clip model config JSON to register (its file stem becomes the model name)")
-    g.add_argument("--run-dir", default=None, help="output folder (default: runs/<timestamp>-<command>)")
+    g.add_argument("--run-dir", default=None,
+                   help="output folder (default: runs/<timestamp>-<command>); an existing non-empty one is "
+                        "refused unless --overwrite (or, for train and compare, --resume) is given")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the contents of an existing --run-dir (a previous hipro run) and start over")
+    if resumable:
+        again.add_argument("--resume", action="store_true",
+                           help="continue the run in --run-dir from its last checkpoint (same options; the result "
+                                "equals an uninterrupted run); an absent or empty --run-dir starts a new run")
     g.add_argument("--cache-dir", default=None,
                    help="feature cache folder (default: $HIPRO_CACHE_DIR or ~/.cache/hipro_fast)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def _train_opts(p: argparse.ArgumentParser, tree: bool = True) -> None:
+def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: int | None = DEFAULT_N_CTX) -> None:
     g = p.add_argument_group("training")
     if tree:
-        g.add_argument("--tree", default="auto",
+        g.add_argument("--tree", type=_tree_arg, default="auto",
                        help="auto (from the task affinity), flat, a tree.json file or a JSON nested list")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (TrainConfig default if unset)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (TrainConfig default if unset)")
-    g.add_argument("--train-batch-size", type=int, default=None, help="training batch size")
-    g.add_argument("--n-ctx", type=int, default=None, help="context tokens per tree node (default 16)")
+    g.add_argument("--epochs", type=_POSITIVE, default=None, help="training epochs (TrainConfig default if unset)")
+    g.add_argument("--lr", type=_positive_float, default=None, help="learning rate (TrainConfig default if unset)")
+    g.add_argument("--train-batch-size", type=_POSITIVE, default=None, help="training batch size")
+    g.add_argument("--n-ctx", type=_POSITIVE, default=n_ctx_default,
+                   help="context tokens per tree node, >= 1 (default %(default)s; the affinity step of "
+                        "--tree auto has its own --affinity-n-ctx)")
     g.add_argument("--combine", choices=list(COMBINE_MODES), default=DEFAULT_COMBINE,
                    help="how a task combines its path contexts (default %(default)s, see README ablation)")
     g.add_argument("--ctx-init", default=None, help='initialise contexts from a phrase, e.g. "a photo of a"')
@@ -86,12 +179,16 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True) -> None:
 
 def _affinity_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("affinity / tree")
-    g.add_argument("--affinity-method", default=None,
+    g.add_argument("--affinity-method", default=None, choices=list(aff.METHODS),
                    help="transfer (default), lookahead or gradcos (see hipro_fast.method.affinity)")
-    g.add_argument("--affinity-steps", type=int, default=None, help="optimiser steps of the affinity estimate")
-    g.add_argument("--levels", type=int, default=None, help="tree levels below the root")
-    g.add_argument("--threshold", type=float, default=None, help="affinity threshold for merging")
-    g.add_argument("--linkage", default="average", help="agglomerative linkage")
+    g.add_argument("--affinity-steps", type=_POSITIVE, default=None, help="optimiser steps of the affinity estimate")
+    g.add_argument("--affinity-n-ctx", type=_POSITIVE, default=AFFINITY_N_CTX,
+                   help="context tokens of each prompt the affinity step trains, >= 1 (default %(default)s, "
+                        "the affinity method's own default; independent of --n-ctx)")
+    cut = g.add_mutually_exclusive_group()
+    cut.add_argument("--levels", type=_NONNEG, default=None, help="tree levels below the root (0 = flat)")
+    cut.add_argument("--threshold", type=_float, default=None, help="affinity threshold for merging")
+    g.add_argument("--linkage", default="average", choices=list(LINKAGES), help="agglomerative linkage")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--affinity", default=None, help="affinity.json from `hipro affinity` (else computed)")
 
     p = sub.add_parser("train", help="train HiPro, evaluate on the test splits, save a checkpoint")
-    _common(p)
+    _common(p, resumable=True)
     _train_opts(p)
     _affinity_opts(p)
 
@@ -133,11 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
 
     p = sub.add_parser("compare", help="HiPro vs. baselines on the same features")
-    _common(p)
+    _common(p, resumable=True)
     _train_opts(p)
     _affinity_opts(p)
-    p.add_argument("--methods", default=None, help="comma list (default: hipro_fast.method.baselines defaults)")
-    p.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
+    p.add_argument("--methods", type=_method_list, default=None,
+                   help="comma list (default: hipro_fast.method.baselines defaults)")
+    p.add_argument("--seeds", type=_seed_list, default="0", help="comma list of seeds, e.g. 0,1,2")
 
     p = sub.add_parser("export", help="export a checkpoint as a standalone classifier")
     _common(p, spec=False, data=False)
@@ -151,12 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on the bundled benchmark")
     _common(p, spec=False)
-    _train_opts(p, tree=False)
+    _train_opts(p, tree=False, n_ctx_default=None)
     _affinity_opts(p)
     p.add_argument("--data-dir", default=None,
                    help="where to export the bundled images (default: <cache-dir>/bundled-seed<seed>)")
-    p.add_argument("--methods", default=None, help="comma list of baseline methods")
-    p.add_argument("--seeds", default=None, help="comma list of seeds (default: 0)")
+    p.add_argument("--methods", type=_method_list, default=None, help="comma list of baseline methods")
+    p.add_argument("--seeds", type=_seed_list, default=None, help="comma list of seeds (default: 0)")
     p.set_defaults(shots=DEMO_DEFAULTS["shots"])
     return ap
 
@@ -173,7 +271,15 @@ class _Ctx:
         cfg = {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
         cfg["device_resolved"] = self.device
         cfg["command"] = command
-        self.run = pipeline.Run(args.run_dir, command, cfg)
+        resume = bool(getattr(args, "resume", False))
+        if resume and not args.run_dir:
+            raise CliError("--resume needs --run-dir (the run to continue)")
+        mode = "resume" if resume else ("overwrite" if getattr(args, "overwrite", False) else "new")
+        # Checked before anything is written or loaded: a refused run directory is left untouched.
+        self.run = pipeline.Run(args.run_dir, command, cfg, mode=mode, resumable=command in ("train", "compare"))
+        if resume and not self.run.resumed:
+            self.say(f"nothing to resume in {self.run.dir} (absent or empty): starting a new run")
+        self.run.log("start", command=command, mode=mode, resumed=self.run.resumed)
         self.config = cfg
         self._clip = None
         self._feats = None
@@ -207,6 +313,8 @@ class _Ctx:
             a = self.args
             spec = spec or self.spec()
             clip = self.clip()
+            # Classes whose prompts tokenise alike can never be told apart: refuse them before encoding.
+            validate_tasks(spec.class_names(), clip.tokenizer)
             self._feats = self.pipeline.cache_features(
                 clip, spec, shots=a.shots or None, seed=a.seed, cache_dir=self.cache_dir, device=self.device,
                 views=a.aug_views, skip_bad_images=a.skip_bad_images, progress=self.progress,
@@ -246,8 +354,11 @@ class _Ctx:
 def _affinity(ctx: _Ctx):
     a = ctx.args
     ctx.say("task affinity ...")
-    return ctx.pipeline.compute_affinity(ctx.clip(), ctx.features(), a.affinity_method, progress=ctx.progress,
-                                         steps=a.affinity_steps)
+    try:
+        return ctx.pipeline.compute_affinity(ctx.clip(), ctx.features(), a.affinity_method,
+                                             progress=ctx.progress, steps=a.affinity_steps, n_ctx=a.affinity_n_ctx)
+    except ForestError as e:  # its prompts have their own context count: say which option sets it
+        raise ForestError(f"{e} (the affinity step's context tokens are set by --affinity-n-ctx)") from None
 
 
 def _affinity_and_tree(ctx: _Ctx, write_tree: bool = True):
@@ -265,7 +376,8 @@ def _save_affinity(ctx: _Ctx, matrix, names) -> None:
     a = ctx.args
     aff.save_affinity_json(matrix, names, ctx.run.path("affinity.json"),
                            method=a.affinity_method or aff.DEFAULT_METHOD,
-                           config={"steps": a.affinity_steps, "shots": a.shots, "seed": a.seed})
+                           config={"steps": a.affinity_steps, "shots": a.shots, "seed": a.seed,
+                                   "n_ctx": a.affinity_n_ctx})
 
     png = plots.plot_affinity_heatmap(matrix, names, ctx.run.path("affinity.png"))
     ctx.run.report.add_figure("Task affinity", png, "Higher = the tasks help each other more "
@@ -275,7 +387,7 @@ def _save_affinity(ctx: _Ctx, matrix, names) -> None:
 
 def _save_tree(ctx: _Ctx, tree, matrix=None, names=None) -> None:
 
-    ctx.run.path("tree.json").write_text(tree.to_json())
+    ctx.run.write_text("tree.json", tree.to_json())
     png = plots.plot_dendrogram(tree, ctx.run.path("dendrogram.png"), matrix=matrix, names=names,
                               linkage=getattr(ctx.args, "linkage", "average"))
     ctx.run.report.add_figure("Task tree", png, "```\n" + tree.render() + "\n```")
@@ -324,6 +436,19 @@ def _ckpt_path(ctx: _Ctx) -> Path:
     return ctx.run.dir / "checkpoints"
 
 
+def _report_missing(ctx: _Ctx, feats, split: str) -> list[str]:
+    """Warn about, log and report the tasks that have no `split` images (they get no
+    accuracy and are not in its mean) instead of letting them drop out silently."""
+    missing = feats.missing(split)
+    if missing:
+        text = (f"{len(missing)} task(s) have no {split} images and get no {split} accuracy (not in the mean): "
+                + ", ".join(missing))
+        warnings.warn(text + f" (give them a {split} source, or more images per class for the split)")
+        ctx.run.log("missing_split", split=split, tasks=missing)
+        ctx.run.report.add(f"Tasks without {split} images", text + ".")
+    return missing
+
+
 # ------------------------------------------------------------------ commands
 def cmd_cache(ctx: _Ctx) -> int:
     feats = ctx.features()
@@ -345,8 +470,6 @@ def cmd_affinity(ctx: _Ctx) -> int:
 def cmd_tree(ctx: _Ctx) -> int:
     a = ctx.args
     if a.affinity:
-        import json
-
         p = Path(a.affinity)
         if not p.is_file():
             raise FileNotFoundError(f"affinity file not found: {p}")
@@ -366,10 +489,17 @@ def _train_and_eval(ctx: _Ctx, tree):
     a = ctx.args
     feats = ctx.features()
     ctx.say(f"training HiPro on {len(feats.tasks)} tasks ...")
+    if ctx.run.resumed:
+        done = ctx.pipeline.last_checkpoint_epoch(_ckpt_path(ctx))
+        note = (f"resumed from the checkpoint after epoch {done + 1}" if done is not None
+                else "resumed before the first checkpoint: training from epoch 1")
+        ctx.say(note)
+        ctx.run.log("resume", checkpoint_epoch=done)
+        ctx.run.report.add("Resumed", note + " (the result equals an uninterrupted run).")
     model, result = ctx.pipeline.train_hipro(
-        ctx.clip(), feats, tree, n_ctx=a.n_ctx or 16, combine=a.combine, ctx_init=a.ctx_init, seed=a.seed,
+        ctx.clip(), feats, tree, n_ctx=a.n_ctx, combine=a.combine, ctx_init=a.ctx_init, seed=a.seed,
         device=ctx.device, train_overrides=ctx.train_overrides(), checkpoint_dir=_ckpt_path(ctx),
-        progress=ctx.progress)
+        progress=ctx.progress, resume=ctx.run.resumed)
     hist = _log_fit(ctx, result)
 
     png = plots.plot_curves(hist, ctx.run.path("training.png"), keys=("loss", "val_mean"))
@@ -378,6 +508,7 @@ def _train_and_eval(ctx: _Ctx, tree):
     ckpt = ctx.pipeline.save_model(model, _ckpt_path(ctx), {"spec": str(a.spec), "model": ctx.clip().name,
                                                             "seed": a.seed, "shots": a.shots}, result)
     ctx.run.log("checkpoint", path=str(ckpt))
+    _report_missing(ctx, feats, "test")
     acc = ctx.pipeline.evaluate_model(model, feats.test)
     ctx.run.log("eval", split="test", accuracy=acc, mean=sum(acc.values()) / len(acc))
     ctx.run.write_json("test_accuracy.json", acc)
@@ -402,6 +533,7 @@ def cmd_eval(ctx: _Ctx) -> int:
     data = {"test": feats.test, "val": feats.val, "train": feats.train}[a.split]
     if not data:
         raise CliError(f"no {a.split} split in the spec")
+    _report_missing(ctx, feats, a.split)
     acc = ctx.pipeline.evaluate_model(model, data)
     ctx.run.log("eval", split=a.split, accuracy=acc, mean=sum(acc.values()) / len(acc), checkpoint=a.checkpoint)
     ctx.run.write_json(f"{a.split}_accuracy.json", acc)
@@ -411,13 +543,9 @@ def cmd_eval(ctx: _Ctx) -> int:
     return 0
 
 
-def _seeds(s: str | None, default: Sequence[int]) -> list[int]:
-    if not s:
-        return list(default)
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise CliError(f"--seeds {s!r}: expected a comma list of integers") from None
+def _seeds(s: Sequence[int] | None, default: Sequence[int]) -> list[int]:
+    """--seeds (already parsed and checked by _seed_list), else `default`."""
+    return list(s) if s else list(default)
 
 
 def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
@@ -425,11 +553,19 @@ def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
     feats = ctx.features()
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
     ctx.say(f"comparing {', '.join(methods) if methods else 'all methods'} over seeds {list(seeds)} ...")
+    if ctx.run.resumed:
+        note = ("resumed: every (method, seed) continues from its checkpoint in checkpoints/<method>-seed<seed> "
+                "(finished ones are only re-evaluated; their train seconds count the resumed part only)")
+        ctx.say(note)
+        ctx.run.log("resume")
+        ctx.run.report.add("Resumed", note + ".")
+    _report_missing(ctx, feats, "test")
     table = ctx.pipeline.run_compare(ctx.clip(), feats, methods=methods, seeds=seeds, tree=tree, n_ctx=a.n_ctx,
                                      combine=a.combine, train_overrides=ctx.train_overrides(),
-                                     progress=ctx.progress)
+                                     progress=ctx.progress, checkpoint_dir=_ckpt_path(ctx),
+                                     resume=ctx.run.resumed)
     md = table.to_markdown()
-    ctx.run.path("comparison.md").write_text(md + "\n")
+    ctx.run.write_text("comparison.md", md + "\n")
     results = ctx.pipeline.table_results(table)
     if results:
         ctx.run.write_json("comparison.json", results)

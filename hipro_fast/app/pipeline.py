@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from ..data.bundled import export_image_folders
 from ..data.clip_loading import load_clip
 from ..data.feature_cache import FeatureCache, stack_views
 from ..data.tasks_spec import MultiTaskSpec, few_shot
@@ -23,6 +26,8 @@ from ..method import baselines, training
 from ..method import checkpoint as ckpt
 from ..method.model import HiProModel
 from ..method.tree import TaskTree
+from ..errors import ForestError, RunDirError
+from ..files import atomic_write_text
 from .report import Report
 
 __all__ = [
@@ -57,17 +62,73 @@ def _json_default(o):
 
 
 def dump_json(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    tmp.replace(path)
-    return path
+    """Write `obj` as indented JSON atomically (umask permissions; a symlink at
+    `path` is replaced, never followed)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+RUN_MODES = ("new", "resume", "overwrite")
+# config.json keys that may differ when a run is resumed: where and how it runs, not what it computes.
+RESUME_FREE_KEYS = frozenset({
+    "resume", "overwrite", "no_progress", "debug", "device", "device_resolved", "run_dir", "cache_dir",
+    "workers", "batch_size", "model_resolved"})
+
+
+def _read_run_config(directory: Path) -> dict[str, Any] | None:
+    """The config.json a hipro command wrote in `directory` (a dict with "command"), else None."""
+    p = directory / "config.json"
+    if p.is_symlink() or not p.is_file():
+        return None
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) and isinstance(cfg.get("command"), str) else None
+
+
+def _clear_directory(directory: Path) -> None:
+    """Remove everything inside `directory` (symlinks are removed, not followed)."""
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], directory: Path) -> None:
+    """Raise RunDirError naming the first option (other than RESUME_FREE_KEYS) whose
+    value differs between the run's config.json and this command: a resumed run
+    must compute the same thing."""
+    now = json.loads(json.dumps(dict(config), default=_json_default))
+    for key in now:
+        if key in RESUME_FREE_KEYS or key not in saved or saved[key] == now[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise RunDirError(f"cannot resume {directory}: {flag} was {saved[key]!r} in that run, now {now[key]!r} "
+                          f"(rerun with the original options, or pass --overwrite to start over)")
 
 
 class Run:
-    """A run directory: config.json, metrics.jsonl, checkpoints/, figures, report.md."""
+    """A run directory: config.json, metrics.jsonl, checkpoints/, figures, report.md.
 
-    def __init__(self, run_dir: str | Path | None, command: str, config: Mapping[str, Any] | None = None):
+    mode (checked before anything is written, so a refused run touches nothing):
+      "new": the directory must not exist or be empty (RunDirError otherwise);
+      "resume": continue the run of the same `command` in it (its config.json must
+        agree with `config` except RESUME_FREE_KEYS); `resumed` says whether there
+        was one (an absent or empty directory starts a new run);
+      "overwrite": delete the contents of a previous run first (a non-empty
+        directory without a hipro config.json is refused, never deleted).
+    `resumable`: whether the command offers --resume (only for the message).
+
+    Files are written with the umask's permissions and never through a symlink:
+    JSON and text atomically (a symlink is replaced), metrics.jsonl appended with
+    O_NOFOLLOW, and path() refuses a name that is a symlink.
+    """
+
+    def __init__(self, run_dir: str | Path | None, command: str, config: Mapping[str, Any] | None = None,
+                 mode: str = "new", resumable: bool = False):
+        if mode not in RUN_MODES:
+            raise ValueError(f"run mode must be one of {RUN_MODES}, got {mode!r}")
         if run_dir is None:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = Path("runs") / f"{stamp}-{command}"
@@ -76,28 +137,80 @@ class Run:
                 run_dir = Path("runs") / f"{stamp}-{command}-{i}"
                 i += 1
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.command = command
+        self.resumed = self._prepare(mode, config, resumable)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.report = Report(self.dir, title=f"hipro {command}")
         if config is not None:
             self.write_config(config)
 
+    def _prepare(self, mode: str, config: Mapping[str, Any] | None, resumable: bool) -> bool:
+        d = self.dir
+        if d.exists() and not d.is_dir():
+            raise RunDirError(f"run directory {d} exists and is not a directory")
+        if not d.exists() or not any(d.iterdir()):
+            return False
+        if mode == "new":
+            how = ("pass --resume to continue the run in it or --overwrite to delete its contents and start over"
+                   if resumable else "pass --overwrite to delete its contents and start over, or choose another "
+                                     "--run-dir")
+            raise RunDirError(f"run directory {d} is not empty: {how}")
+        saved = _read_run_config(d)
+        if saved is None:
+            raise RunDirError(f"refusing to {'resume' if mode == 'resume' else 'delete the contents of'} {d}: "
+                              f"it is not empty and holds no config.json written by hipro")
+        if mode == "overwrite":
+            _clear_directory(d)
+            return False
+        if saved["command"] != self.command:
+            raise RunDirError(f"cannot resume {d}: it is a `hipro {saved['command']}` run, not `hipro "
+                              f"{self.command}`")
+        if config is not None:
+            check_resume_config(saved, config, d)
+        return True
+
     def path(self, name: str) -> Path:
+        """run_dir/name (parents created); RunDirError if it is a symlink."""
         p = self.dir / name
         p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_symlink():
+            raise RunDirError(f"{p} is a symbolic link: hipro writes only regular files in its run directory "
+                              f"(remove the link)")
         return p
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
         return dump_json(dict(config), self.dir / "config.json")
 
     def log(self, event: str, **values) -> None:
+        """Append one JSON line to metrics.jsonl (created with the umask's permissions;
+        a symlink there is refused: O_NOFOLLOW)."""
         rec = {"time": round(_dt.datetime.now().timestamp(), 3), "event": event, **values}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(rec, default=_json_default) + "\n")
+        line = (json.dumps(rec, default=_json_default) + "\n").encode("utf-8")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.metrics_path, flags, 0o666)
+        except OSError:
+            if self.metrics_path.is_symlink():
+                raise RunDirError(f"{self.metrics_path} is a symbolic link: hipro appends only to a regular "
+                                  f"file (remove the link)") from None
+            raise
+        with os.fdopen(fd, "ab") as f:  # closes fd; writes the whole line
+            f.write(line)
 
     def write_json(self, name: str, obj: Any) -> Path:
         return dump_json(obj, self.path(name))
+
+    def write_text(self, name: str, text: str) -> Path:
+        return atomic_write_text(self.path(name), text)
+
+
+def last_checkpoint_epoch(directory: str | Path) -> int | None:
+    """The epoch (0-based) of the `last` checkpoint in `directory`, or None."""
+    directory = Path(directory)
+    if not ckpt.has_checkpoint(directory, "last"):
+        return None
+    return ckpt.load_checkpoint(directory, None, kind="last").epoch
 
 
 # ------------------------------------------------------------------ model
@@ -185,6 +298,12 @@ class TaskFeatures:
             out[t] = stack_views(self.train_views[t], y) if t in self.train_views else (f, y)
         return out
 
+    def missing(self, split: str) -> list[str]:
+        """Tasks of the spec without any `split` features (e.g. a split that left a
+        task no test image): they have no accuracy on that split."""
+        have = {"train": self.train, "val": self.val, "test": self.test}[split]
+        return [t for t in self.spec.tasks if t not in have]
+
     def summary_rows(self) -> list[dict[str, Any]]:
         rows = []
         for t in self.spec.tasks:
@@ -249,6 +368,9 @@ def compute_affinity(clip, feats: TaskFeatures, method: str | None = None, progr
     try:
         matrix = aff.task_affinity(clip, feats.tasks, feats.train_for_fit(), method=method,
                                    progress=(lambda step: bar.update(1)) if bar is not None else None, **config)
+    except ForestError as e:  # say which step builds these prompts, with how many context tokens
+        n_ctx = config.get("n_ctx", aff.DEFAULTS[method]["n_ctx"])
+        raise ForestError(f"task-affinity step ({method}, {n_ctx} context tokens per prompt): {e}") from None
     finally:
         if bar is not None:
             bar.close()
@@ -261,21 +383,33 @@ def build_tree(matrix, names: Sequence[str], levels: int | None = None, threshol
 
 
 def load_tree(spec: str, names: Sequence[str]):
-    """A TaskTree from "flat", a tree.json path, or a JSON/nested-list literal."""
+    """A TaskTree from "flat", a JSON literal (a nested list, or tree.json's {"tree": ...}),
+    or a tree.json path. A value starting with "[" or "{" is JSON, never a path
+    (a long inline tree is not a file name)."""
 
     if spec == "flat":
         return TaskTree.flat(list(names))
-    p = Path(spec)
-    if p.suffix == ".json" or p.exists():
-        if not p.is_file():
-            raise FileNotFoundError(f"tree file not found: {p}")
-        tree = TaskTree.from_json(p)
-    else:
+    usage = "expected 'flat', 'auto', a tree.json file or a JSON nested list"
+    if spec.lstrip().startswith(("[", "{")):
         try:
             tree = TaskTree.from_json(spec)
-        except json.JSONDecodeError:
-            raise ValueError(f"--tree {spec!r}: expected 'flat', 'auto', a tree.json file or a JSON nested list") \
-                from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--tree: invalid JSON ({e.msg} at character {e.pos}); {usage}") from None
+    else:
+        p = Path(spec)
+        try:
+            exists = p.exists()
+        except OSError:  # e.g. a name too long for the file system
+            exists = False
+        if p.suffix == ".json" or exists:
+            if not p.is_file():
+                raise FileNotFoundError(f"tree file not found: {p}")
+            try:
+                tree = TaskTree.from_json(p)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"tree file {p}: invalid JSON ({e.msg} at character {e.pos})") from None
+        else:
+            raise ValueError(f"--tree {spec!r}: {usage}")
     tree.check_tasks(list(names))
     return tree
 
@@ -294,14 +428,16 @@ def train_config_overrides(train_cfg_cls, overrides: Mapping[str, Any]) -> dict[
 def train_hipro(clip, feats: TaskFeatures, tree, *, n_ctx=16, combine: str = DEFAULT_COMBINE,
                 ctx_init: str | None = None, seed: int = 0, device: str = "cpu",
                 train_overrides: Mapping[str, Any] | None = None, callback=None,
-                checkpoint_dir: str | Path | None = None, progress: bool = True):
-    """Build HiProModel on `tree` and fit it (checkpoints in `checkpoint_dir`);
-    returns (model holding the best contexts, FitResult)."""
+                checkpoint_dir: str | Path | None = None, progress: bool = True, resume: bool = False):
+    """Build HiProModel on `tree` and fit it (checkpoints in `checkpoint_dir`;
+    resume=True continues from its `last` checkpoint when there is one, exactly:
+    see hipro_fast.method.training); returns (model holding the best contexts, FitResult)."""
     model = HiProModel(clip, feats.tasks, tree, n_ctx=n_ctx, combine=combine, ctx_init=ctx_init, seed=seed)
     model = model.to(device)
     overrides = train_config_overrides(getattr(training, "TrainConfig", None),
                                        {**(train_overrides or {}), "seed": seed, "progress": progress,
-                                        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None})
+                                        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
+                                        "resume": bool(resume)})
     result = training.fit(model, feats.train_for_fit(), feats.val or None, callback=callback, **overrides)
     return model, result
 
@@ -344,14 +480,11 @@ def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
     directory, kind = _checkpoint_location(path)
     record = ckpt.load_checkpoint(directory, None, kind=kind)
     cfg = record.model_config
-    tree = TaskTree.from_nested(cfg["tree"])
-    counts = {n: int(cfg.get("n_ctx", {}).get(n, 0)) for n in tree.nodes}
     width = getattr(getattr(clip.model, "token_embedding", None), "weight", None)
     if width is not None and "width" in cfg and int(cfg["width"]) != int(width.shape[1]):
         raise ValueError(f"checkpoint {directory} was trained on a text tower of width {cfg['width']}, "
                          f"model {clip.name!r} has width {int(width.shape[1])} (pass the same --model)")
-    model = HiProModel(clip, cfg["tasks"], tree, n_ctx=counts, combine=cfg.get("combine", "concat"))
-    model = model.to(device)
+    model = HiProModel.from_config(clip, cfg).to(device)
     ckpt.load_checkpoint(directory, model, kind=kind)  # checks tasks/tree/contexts, loads the contexts
     return model
 
@@ -371,12 +504,16 @@ def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = 
 # ------------------------------------------------------------------ baselines
 def run_compare(clip, feats: TaskFeatures, *, methods: Sequence[str] | None = None,
                 seeds: Sequence[int] = (0,), tree=None, n_ctx: int | None = None, combine: str = DEFAULT_COMBINE,
-                train_overrides: Mapping[str, Any] | None = None, progress: bool = True):
-    """baselines.compare on the cached features (train = the few-shot draw)."""
-    cfg = training.TrainConfig(**train_config_overrides(training.TrainConfig,
-                                                        {**(train_overrides or {}), "progress": progress}))
+                train_overrides: Mapping[str, Any] | None = None, progress: bool = True,
+                checkpoint_dir: str | Path | None = None, resume: bool = False):
+    """baselines.compare on the cached features (train = the few-shot draw).
+    With `checkpoint_dir`, every trained (method, seed) checkpoints into
+    <checkpoint_dir>/<method>-seed<seed>, and resume=True continues each from there."""
+    cfg = training.TrainConfig(**train_config_overrides(training.TrainConfig, {
+        **(train_overrides or {}), "progress": progress,
+        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "resume": bool(resume)}))
     kw: dict[str, Any] = {"seeds": list(seeds), "tree": tree, "combine": combine, "train_config": cfg}
-    if n_ctx:
+    if n_ctx is not None:
         kw["n_ctx"] = n_ctx
     if methods:
         kw["methods"] = list(methods)

@@ -13,7 +13,7 @@ from ..method.grouping import affinity_to_distance, cut_info, linkage_matrix, va
 from ..method.tree import ROOT, TaskTree, leaf_id
 
 __all__ = ["plot_affinity", "dendrogram_plot", "plot_tree", "plot_affinity_heatmap", "plot_dendrogram",
-           "plot_accuracy_bars", "plot_curves"]
+           "plot_accuracy_bars", "plot_curves", "plot_accuracy_vs_shots"]
 
 
 def _plt():
@@ -203,3 +203,34 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: str | Path, keys: 
     return path
 
 
+
+
+def plot_accuracy_vs_shots(result, path: str | Path, title: str = "accuracy vs shots") -> Path:
+    """CoOp's main figure: mean test accuracy (%) over tasks against the number of
+    shots, one line per method, with a ±std band over seeds when there are
+    several. `result` is a hipro_fast.method.protocol.ProtocolResult."""
+    plt = _plt()
+    shots = list(result.shots)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in result.methods:
+        stats = [result.mean_std(method, k) for k in shots]
+        mean = np.array([100 * m for m, _ in stats])
+        style = dict(lw=2.4, marker="o") if method == "hipro" else dict(lw=1.4, marker=".")
+        (line,) = ax.plot(shots, mean, label=method, **style)
+        if all(s is not None for _, s in stats):
+            std = np.array([100 * s for _, s in stats])
+            ax.fill_between(shots, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("mean test accuracy over tasks (%)")
+    seeds = f"{len(result.seeds)} seeds, ±std band" if len(result.seeds) > 1 else "one seed"
+    ax.set_title(f"{title} ({seeds})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,8 +1,6 @@
-"""Run reports: matplotlib PNGs and a report.md that links them.
-
-Every figure function writes one PNG and returns its path; :class:`Report`
-collects markdown sections and writes ``report.md`` in a run directory.
-"""
+"""Run reports: :class:`Report` collects markdown sections (tables, and the
+figures of :mod:`hipro_fast.app.plots` linked relatively) and writes
+``report.md`` in a run directory, atomically."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -8,11 +8,19 @@ when there is one). Each set is persisted as a safetensors file:
 * its **file name** is derived from what the set *is*: the model (name +
   weights file path/size/mtime, or a content hash of the image tower's
   weights when there is no file), the preprocessing (``repr`` of the
-  transform), a tag (task / split / few-shot draw) and the augmentation
-  settings;
-* its **key** (stored in the metadata) adds the image list with every file's
-  size and mtime. A file whose key differs is *stale* (an image was changed,
-  added or removed) and is rebuilt;
+  transform), a tag (task / split / few-shot draw), the augmentation settings
+  and the labelled image list (every path and label). Two different image
+  lists never share a file, so two specs with a task of the same name can
+  share one cache folder without evicting each other; a list that gains or
+  loses an image is a new set (the old file stays until the folder is
+  cleaned: delete any of these files at any time, they are rebuilt);
+* its **key** (stored in the metadata) adds every image file's size and
+  modification time (``st_size``, ``st_mtime_ns``). A file whose key differs is
+  *stale* and is rebuilt, with a warning naming how many images changed and
+  the first one. The bytes are not hashed (that would read every image on
+  every run): an edit that keeps both the size and the mtime, e.g. a same-size
+  file copied in with ``cp -p`` / ``rsync -t``, serves the old features until
+  the file is touched or the cache file deleted;
 * the metadata also stores a SHA-256 of the tensor bytes; a file that does not
   parse or whose checksum differs is *corrupt* and is rebuilt. Neither is ever
   used silently: a warning names the file and the reason.
@@ -222,15 +230,8 @@ class EncodedSet:
     status: str = "built"  # hit | built | stale | corrupt | uncached
     file: Path | None = None
 
-    @property
-    def hit(self) -> bool:
-        return self.status == "hit"
-
     def __len__(self) -> int:
         return self.features.shape[0]
-
-    def as_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features, self.labels
 
 
 class FeatureCache:
@@ -276,15 +277,26 @@ class FeatureCache:
                 "tag": tag, "views": int(views), "aug_seed": int(seed) if views else None,
                 "augmentation": preprocess_repr(train_augmentation(self.preprocess, clip=self.clip)) if views else None}
 
-    def file_for(self, tag: str, views: int = 0, seed: int = 0) -> Path:
+    def file_for(self, tag: str, views: int = 0, seed: int = 0,
+                 records: Sequence[ImageRecord] | None = None) -> Path:
+        """The cache file of `records` under `tag`: named by the identity (model,
+        preprocessing, tag, augmentation) and the labelled image list, so that
+        different image lists never share (and evict) a file."""
         if self.cache_dir is None:
             raise ValueError("this FeatureCache has no cache_dir")
-        ident = _sha(json.dumps(self.identity(tag, views, seed), sort_keys=True))[:20]
+        body: dict[str, Any] = {"identity": self.identity(tag, views, seed)}
+        if records is not None:
+            body["images"] = [[r.path, int(r.label)] for r in records]
+        ident = _sha(json.dumps(body, sort_keys=True))[:20]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)[:80]
         return self.cache_dir / f"{safe}-{ident}.safetensors"
 
-    def key(self, tag: str, records: Sequence[ImageRecord], views: int, seed: int) -> str:
-        body = {"identity": self.identity(tag, views, seed), "images": _image_stats(records),
+    def key(self, tag: str, records: Sequence[ImageRecord], views: int, seed: int,
+            stats: list[list[Any]] | None = None) -> str:
+        """Hash of the identity, every image's (path, label, size, mtime_ns) (`stats`,
+        from _image_stats, or read now) and skip_bad_images."""
+        body = {"identity": self.identity(tag, views, seed),
+                "images": stats if stats is not None else _image_stats(records),
                 "skip_bad_images": self.skip_bad_images}
         return _sha(json.dumps(body, sort_keys=True))
 
@@ -299,8 +311,9 @@ class FeatureCache:
             out = self._encode(records, tag, views, seed)
             out.status = "uncached"
             return out
-        key = self.key(tag, records, views, seed)
-        path = self.file_for(tag, views, seed)
+        stats = _image_stats(records)  # once: the key and the saved stats describe the same files
+        key = self.key(tag, records, views, seed, stats)
+        path = self.file_for(tag, views, seed, records)
         status = "built"
         if path.exists():
             loaded, reason = self._load(path, key, records)
@@ -310,7 +323,7 @@ class FeatureCache:
             status = "stale" if reason.startswith("stale") else "corrupt"
             warnings.warn(f"{status} feature cache {path}: {reason}; rebuilding", CacheWarning, stacklevel=2)
         out = self._encode(records, tag, views, seed)
-        self._save(path, key, out, records)
+        self._save(path, key, out, records, stats)
         out.status, out.file = status, path
         self.log.append(f"{tag}: {status} -> encoded {len(out)} images into {path.name}")
         return out
@@ -358,17 +371,20 @@ class FeatureCache:
                           torch.cat(vfeats) if views else None, skipped)
 
     # ---------------------------------------------------------------- disk
-    def _save(self, path: Path, key: str, enc: EncodedSet, records) -> None:
+    def _save(self, path: Path, key: str, enc: EncodedSet, records, stats: list[list[Any]]) -> None:
         from safetensors.torch import save
 
         index = {r.path: i for i, r in enumerate(records)}
         tensors = {"features": enc.features.detach().cpu().contiguous(),
                    "labels": enc.labels.detach().cpu().contiguous(),
-                   "kept": torch.tensor([index[p] for p in enc.paths], dtype=torch.long)}
+                   "kept": torch.tensor([index[p] for p in enc.paths], dtype=torch.long),
+                   # [N, 2] (size, mtime_ns) of every image: lets a stale file say which image changed
+                   "stats": torch.tensor([s[2:] for s in stats], dtype=torch.long)}
         if enc.views is not None:
             tensors["views"] = enc.views.detach().cpu().contiguous()
         meta = {"format": FORMAT, "key": key, "checksum": _tensor_hash(tensors),
-                "n_images": str(len(records)), "skipped": json.dumps(enc.skipped)}
+                "n_images": str(len(records)), "skipped": json.dumps(enc.skipped),
+                "skip_bad_images": json.dumps(bool(self.skip_bad_images))}
         atomic_write_bytes(path, save(tensors, metadata=meta))
 
     def _load(self, path: Path, key: str, records) -> tuple[EncodedSet | None, str]:
@@ -380,7 +396,8 @@ class FeatureCache:
                 if meta.get("format") != FORMAT:
                     return None, f"unknown format {meta.get('format')!r}"
                 if meta.get("key") != key:
-                    return None, "stale: the model, preprocessing or images changed"
+                    stats = f.get_tensor("stats").tolist() if "stats" in f.keys() else None
+                    return None, "stale: " + self._why_stale(meta, stats, records)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types on a damaged file
             return None, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -398,6 +415,21 @@ class FeatureCache:
                           [records[i].path for i in kept],
                           views.to(self.device) if views is not None else None,
                           json.loads(meta.get("skipped", "[]")), "hit", path), ""
+
+    def _why_stale(self, meta: dict, stats: list | None, records) -> str:
+        """What changed since a file of the same name (same model, preprocessing,
+        tag and labelled image list) was written: image sizes/mtimes or the
+        skip_bad_images setting."""
+        if stats is None or len(stats) != len(records):
+            return "written by another version of hipro_fast"
+        now = [s[2:] for s in _image_stats(records)]
+        changed = [r.path for r, old, new in zip(records, stats, now) if list(old) != list(new)]
+        if changed:
+            return (f"{len(changed)} of {len(records)} images changed (size or modification time) since "
+                    f"they were cached, first {changed[0]}")
+        if meta.get("skip_bad_images") != json.dumps(bool(self.skip_bad_images)):
+            return f"cached with skip_bad_images={meta.get('skip_bad_images')}"
+        return "its key differs (written by another version of hipro_fast)"
 
 
 def _bad(path: str, err: str) -> BadImageError:

@@ -34,10 +34,15 @@ Rules:
 
 Every problem raises :class:`SpecError` (a ``ValueError``) with one line that
 names the culprit: a missing folder or file, a class folder without images, a
-CSV row with an unknown label (``file:line``), a task named twice. Images that
-cannot be decoded are found when features are cached
-(:mod:`hipro_fast.data.feature_cache`), which raises :class:`BadImageError` naming
-the file, or skips and counts them with ``skip_bad_images=True``.
+CSV row with an unknown label (``file:line``), a task named twice, a task with
+only one class, an unknown key (top-level or in a task), a value of the wrong
+type (``split = {val = "x"}``, ``task = 5``), a spec that is not UTF-8. A task
+whose split leaves it no test image is kept (``TaskData.counts()["test"] == 0``);
+the CLI reports it. Images that cannot be decoded are found when features are
+cached (:mod:`hipro_fast.data.feature_cache`), which raises
+:class:`BadImageError` naming the file, or skips and counts them with
+``skip_bad_images=True``. High-bit-depth images (16-bit PNG/TIFF, 32-bit int or
+float) are scaled to 8 bits, not clipped (:func:`read_image`).
 
 Few-shot training sets are drawn as CoOp does: K images per class from the
 training split, seeded (:func:`few_shot`).
@@ -100,19 +105,6 @@ class MultiTaskSpec:
         """{task: class names}: what HiProModel / the baselines take."""
         return {n: list(t.classes) for n, t in self.tasks.items()}
 
-    def groups(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for n, t in self.tasks.items():
-            if t.group:
-                out.setdefault(t.group, []).append(n)
-        return out
-
-    def summary(self) -> str:
-        lines = []
-        for n, t in self.tasks.items():
-            c = t.counts()
-            lines.append(f"{n}: {len(t.classes)} classes, train {c['train']}, val {c['val']}, test {c['test']}")
-        return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ sources
@@ -199,8 +191,14 @@ def _split_fracs(task: str, split: Any) -> dict[str, float]:
     bad = [k for k in split if k not in ("val", "test", "seed")]
     if bad:
         raise SpecError(f"task {task!r}: unknown split key {bad[0]!r} (use val, test, seed)")
-    out = {"val": float(split.get("val", 0.0)), "test": float(split.get("test", 0.0)),
-           "seed": int(split.get("seed", 0))}
+    for key in ("val", "test"):
+        v = split.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SpecError(f"task {task!r}: split.{key} must be a fraction (a number in [0, 1)), got {v!r}")
+    seed = split.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SpecError(f"task {task!r}: split.seed must be an integer, got {seed!r}")
+    out = {"val": float(split.get("val", 0.0)), "test": float(split.get("test", 0.0)), "seed": seed}
     if out["val"] < 0 or out["test"] < 0 or out["val"] + out["test"] >= 1:
         raise SpecError(f"task {task!r}: split fractions must be >= 0 and sum to < 1, got "
                         f"val={out['val']} test={out['test']}")
@@ -289,6 +287,9 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
 
     train_labels, train_items = _read_source(name, "train", sources["train"], known)
     labels = known if known is not None else train_labels
+    if len(labels) < 2:  # one class: loss 0, accuracy 100% by construction, a silent inflation of the mean
+        raise SpecError(f"task {name!r} has only one class ({labels[0]!r}): a classifier needs at least 2 "
+                        f"classes (add a class or remove the task)")
     for k in renames:
         if k not in labels:
             raise SpecError(f"task {name!r}: 'classes' renames unknown label {k!r} (labels: {', '.join(labels)})")
@@ -326,13 +327,22 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
 
 def parse_spec(data: Mapping[str, Any], base: str | Path = ".", path: Path | None = None) -> MultiTaskSpec:
     """A spec from an already-parsed TOML mapping (paths relative to `base`)."""
+    where = f"spec {path}" if path else "spec"
     entries = data.get("task", data.get("tasks"))
+    unknown = [k for k in data if k not in ("task", "tasks")]
     if "task" in data and "tasks" in data:
-        raise SpecError("spec has both [[task]] and [[tasks]] tables; use one")
+        raise SpecError(f"{where} has both [[task]] and [[tasks]] tables; use one")
     if entries is None:
-        raise SpecError(f"spec {path or ''} has no [[task]] tables".replace("  ", " "))
+        extra = f" (unknown top-level key(s): {', '.join(map(repr, unknown))})" if unknown else ""
+        raise SpecError(f"{where} has no [[task]] tables{extra}")
+    if unknown:  # a misspelt or misplaced key would otherwise be ignored silently
+        raise SpecError(f"{where}: unknown top-level key(s) {', '.join(map(repr, unknown))} "
+                        f"(a spec holds only [[task]] tables; task options go inside them)")
     if isinstance(entries, Mapping):
         raise SpecError("write each task as a [[task]] table (array of tables)")
+    if not isinstance(entries, list):
+        raise SpecError(f"{where}: 'task' must be an array of tables ([[task]] ...), "
+                        f"got {type(entries).__name__} {entries!r}")
     tasks: dict[str, TaskData] = {}
     for i, entry in enumerate(entries):
         name = entry.get("name") if isinstance(entry, Mapping) else None
@@ -355,6 +365,9 @@ def load_spec(path: str | Path) -> MultiTaskSpec:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # tomllib's message names neither the file nor TOML
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                        f"{e.start}); TOML files are UTF-8") from None
     return parse_spec(data, path.resolve().parent, path)
 
 
@@ -391,14 +404,51 @@ def few_shot(records: Sequence[ImageRecord], shots: int | None, seed: int = 0,
 
 
 # ------------------------------------------------------------------ images
+def _to_8bit(im):
+    """A high-bit-depth single-channel PIL image as 8-bit "L", scaled, not clipped.
+
+    PIL's own convert("RGB") clips these modes at 255, so a 16-bit image turns
+    (almost) pure white. Modes: "I;16*" (unsigned 16-bit; a 16-bit PNG) and
+    "I" (32-bit int, which PIL uses for 16-bit TIFF/PNG data) map 0..65535 to
+    0..255 (v / 257, rounded: exact for v = 257 k); "F" (32-bit float) maps
+    [0, 1] to 0..255, and values in [0, 255] are taken as 8-bit levels. Values
+    outside those ranges have no defined 8-bit scaling and raise ValueError.
+    Returns None for any other mode (PIL converts those correctly).
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return None
+    a = np.asarray(im).astype(np.float64)
+    if a.size and not np.isfinite(a).all():
+        raise ValueError(f"mode {mode} image has non-finite pixel values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode == "F":
+        if lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif not (lo >= 0 and hi <= 255):
+            raise ValueError(f"mode F pixel values span [{lo:g}, {hi:g}]: expected [0, 1] or [0, 255]")
+    else:
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"mode {mode} pixel values span [{lo:g}, {hi:g}]: expected 16-bit 0..65535")
+        a = a / 257.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def read_image(path: str | Path):
-    """Decode an image to RGB (PIL), raising BadImageError naming the file."""
+    """Decode an image to RGB (PIL), raising BadImageError naming the file.
+
+    High-bit-depth single-channel images (16-bit PNG/TIFF, 32-bit int or float
+    TIFF) are scaled to 8 bits first (see _to_8bit), not clipped.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            gray = _to_8bit(im)
+            return (gray if gray is not None else im).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadImageError(path, reason) from None

@@ -9,6 +9,7 @@ test split, which informs no choice. The draw depends on (task, K, seed) only.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..data.feature_cache import stack_views
 from ..errors import FewShotError
 from .baselines import METHODS, ComparisonTable, compare
 from .task_data import validate_task_data
@@ -52,7 +54,8 @@ def _draw_seed(task: str, shots: int, seed: int) -> int:
 
 
 def draw_few_shot(tasks: Mapping[str, Sequence[str]], pool: Data, shots: int, seed: int,
-                  val_shots: int | None = None) -> FewShotDraw:
+                  val_shots: int | None = None,
+                  pool_views: Mapping[str, torch.Tensor] | None = None) -> FewShotDraw:
     """K training and min(K, 4) validation images per class from each task's pool.
 
     Args:
@@ -61,6 +64,9 @@ def draw_few_shot(tasks: Mapping[str, Sequence[str]], pool: Data, shots: int, se
         shots: K >= 1.
         seed: the draw's seed (each seed draws its own split).
         val_shots: validation images per class (default min(K, 4); 0 = no validation set).
+        pool_views: task -> [N, V, D] augmented views of the pool's images: the
+            training split then holds every view of each drawn image as a sample
+            (the draw is made on images, so no image has views on both sides).
     Raises:
         FewShotError naming the task and class when a class has fewer than
         K + val_shots images (no silent fallback: the draw would not be K-shot).
@@ -90,7 +96,10 @@ def draw_few_shot(tasks: Mapping[str, Sequence[str]], pool: Data, shots: int, se
             va.append(np.sort(picked[shots:need]))
         tr_idx = torch.from_numpy(np.concatenate(tr)).to(x.device)
         va_idx = torch.from_numpy(np.concatenate(va)).to(x.device)
-        train[task] = (pool[task][0][tr_idx], y[tr_idx])
+        if pool_views is not None and task in pool_views:
+            train[task] = stack_views(pool_views[task][tr_idx], y[tr_idx])
+        else:
+            train[task] = (pool[task][0][tr_idx], y[tr_idx])
         if val_shots:
             val[task] = (pool[task][0][va_idx], y[va_idx])
         indices[task] = (tr_idx, va_idx)
@@ -190,6 +199,7 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
                  combine: str | None = None, train_config: TrainConfig | None = None,
                  affinity_config: Mapping[str, Any] | None = None, tokenizer=None,
                  on_run: Callable[[int, int, ComparisonTable], None] | None = None,
+                 pool_views: Mapping[str, torch.Tensor] | None = None,
                  **method_options: Any) -> ProtocolResult:
     """Every method on every (shots, seed), each seed with its own few-shot draw.
 
@@ -200,13 +210,16 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
             affinity on each draw's training split); combine, n_ctx,
             method_options: as hipro_fast.compare.
         on_run: called after each (shots, seed) with its table (progress, logs).
+        pool_views: augmented views of the pool (see draw_few_shot).
+        train_config.checkpoint_dir: each draw checkpoints under
+            <dir>/shots<K>-seed<S>/<method>-seed<S> (resume continues each there).
     """
     shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
     if not shots or not seeds:
         raise FewShotError("the protocol needs at least one shot count and one seed")
     # Validate every draw before training anything: a class too small for the
     # largest K fails now, not after an hour of training the smaller ones.
-    draws = {(k, s): draw_few_shot(tasks, pool, k, s) for k in shots for s in seeds}
+    draws = {(k, s): draw_few_shot(tasks, pool, k, s, pool_views=pool_views) for k in shots for s in seeds}
     result = ProtocolResult(list(tasks), shots, seeds, list(methods))
     kw = dict(methods=methods, tree=tree, n_ctx=n_ctx, train_config=train_config,
               affinity_config=affinity_config, tokenizer=tokenizer, **method_options)
@@ -215,7 +228,10 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
     for k in shots:
         for s in seeds:
             d = draws[(k, s)]
-            table = compare(clip, tasks, d.train, test, val=d.val or None, seeds=(s,), **kw)
+            config = train_config
+            if config is not None and config.checkpoint_dir is not None:
+                config = dataclasses.replace(config, checkpoint_dir=f"{config.checkpoint_dir}/shots{k}-seed{s}")
+            table = compare(clip, tasks, d.train, test, val=d.val or None, seeds=(s,), **{**kw, "train_config": config})
             result.runs[(k, s)] = table
             if on_run is not None:
                 on_run(k, s, table)

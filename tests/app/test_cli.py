@@ -1,8 +1,17 @@
 """End to end through the `hipro` CLI on tiny generated image folders and a tiny
-random open_clip model (registered from a config JSON with --model-config)."""
+random open_clip model (registered from a config JSON with --model-config).
+
+The older cases call `main()` in this process; the cases of issue 12 (resume,
+protected run directories, inputs that used to pass silently) run the real
+`hipro` command in a subprocess (`_hipro`)."""
 import json
 import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -48,7 +57,7 @@ def world(tmp_path_factory):
     return {"root": root, "spec": spec, "config": cfg, "cache": root / "cache"}
 
 
-def _run(world, *argv, run_dir=None, spec=True, cache=None):
+def _cli_args(world, argv, run_dir=None, spec=True, cache=None) -> list[str]:
     args = list(argv)
     if spec and "--spec" not in args:
         args += ["--spec", str(world["spec"])]
@@ -57,7 +66,11 @@ def _run(world, *argv, run_dir=None, spec=True, cache=None):
         args += ["--cache-dir", str(cache or world["cache"])]
     if run_dir is not None:
         args += ["--run-dir", str(run_dir)]
-    return main(args)
+    return args
+
+
+def _run(world, *argv, run_dir=None, spec=True, cache=None):
+    return main(_cli_args(world, argv, run_dir, spec, cache))
 
 
 def _events(run_dir: Path, event: str) -> list[dict]:
@@ -123,7 +136,13 @@ def test_default_run_dir(world, tmp_path, monkeypatch):
     assert _run(world, "cache", "--shots", "1") == 0
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.endswith("-cache")
-    assert (runs[0] / "config.json").exists() and (runs[0] / "metrics.jsonl").exists()
+    cfg = json.loads((runs[0] / "config.json").read_text())
+    assert cfg["command"] == "cache" and cfg["shots"] == 1
+    # one cache event per (task, split) of the spec: 3 tasks x train/val/test
+    events = _events(runs[0], "cache")
+    assert sorted((r["task"], r["split"]) for r in events) == sorted((t, s) for t in TASKS
+                                                                     for s in ("train", "val", "test"))
+    assert all(r["images"] == len(TASKS[r["task"]]) for r in events if r["split"] == "train")  # 1 shot per class
 
 
 # ------------------------------------------------------------------ bad input
@@ -237,10 +256,28 @@ def test_compare_writes_table(world, tmp_path, capsys):
     assert _run(world, "compare", "--methods", "zero-shot,coop-shared,hipro", "--tree", "flat", "--shots", "2",
                 "--epochs", "1", "--n-ctx", "2", run_dir=run_dir) == 0
     out = capsys.readouterr().out
-    assert "| coop-shared |" in out
-    assert (run_dir / "comparison.md").read_text().startswith("| method |")
-    assert set(json.loads((run_dir / "comparison.json").read_text())) == {"zero-shot", "coop-shared", "hipro"}
-    assert "Comparison" in (run_dir / "report.md").read_text()
+    md = (run_dir / "comparison.md").read_text()
+    assert md.startswith("| method |") and md.strip() in out
+    results = json.loads((run_dir / "comparison.json").read_text())
+    assert set(results) == {"zero-shot", "coop-shared", "hipro"}
+    # the markdown rows carry the JSON's numbers, and the parameter counts of n_ctx 2 x width 32 per node
+    rows = {cells[0]: cells for cells in (ln.strip("|").split("|") for ln in md.splitlines() if ln.startswith("| "))}
+    params = {"zero-shot": 0, "coop-shared": 2 * 32, "hipro": 4 * 2 * 32}  # flat tree: root + 3 leaves
+    for method, acc in results.items():
+        cells = [c.strip() for c in rows[f" {method} "]]
+        assert cells[1:1 + len(TASKS)] == [f"{100 * acc[t]:.2f}" for t in TASKS]
+        assert cells[-2] == f"{params[method]:,}"
+    # zero-shot's numbers are evaluate() of the "a photo of a {}." model on the cached test features
+    from hipro_fast.app import pipeline
+    from hipro_fast.data.tasks_spec import load_spec
+    from hipro_fast.method.baselines import build_method
+    from hipro_fast.method.training import evaluate
+
+    clip = pipeline.load_model(model_config=world["config"], seed=0)
+    feats = pipeline.cache_features(clip, load_spec(world["spec"]), shots=2, cache_dir=world["cache"], device="cpu",
+                                    progress=False)
+    assert evaluate(build_method("zero-shot", clip, feats.tasks), feats.test) == pytest.approx(results["zero-shot"])
+    assert md.strip() in (run_dir / "report.md").read_text()
 
 
 def test_affinity_and_tree(world, tmp_path):
@@ -254,6 +291,11 @@ def test_affinity_and_tree(world, tmp_path):
     assert _run(world, "tree", "--affinity", str(aff_dir / "affinity.json"), run_dir=tree_dir) == 0
     tree = json.loads((tree_dir / "tree.json").read_text())["tree"]
     assert sorted(json.dumps(tree).count(f'"{t}"') for t in TASKS) == [1, 1, 1]
+    matrix = np.array(data["matrix"])
+    assert matrix.shape == (3, 3) and np.all(np.isfinite(matrix)) and np.allclose(matrix, matrix.T)
+    from hipro_fast.method.tree import TaskTree
+
+    assert tree == TaskTree.from_affinity(matrix, data["tasks"]).to_nested()  # the tree of that matrix
     assert (tree_dir / "dendrogram.png").exists() and data["tasks"] == list(TASKS)
     assert "affinity.png" in (aff_dir / "report.md").read_text()
     # --tree auto: affinity -> tree -> HiPro, in one command
@@ -267,9 +309,11 @@ def test_augmented_views_train(world, tmp_path):
     run_dir = tmp_path / "aug"
     assert _run(world, "train", "--aug-views", "2", "--tree", "flat", "--shots", "1", "--epochs", "1",
                 "--n-ctx", "2", run_dir=run_dir) == 0
-    assert (run_dir / "checkpoints" / "best.json").exists()
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["aug_views"] == 2
+    # every augmented view is a training sample: 1 shot x 2 views per class
+    record = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert record["extra"]["train_sizes"] == {t: 2 * len(c) for t, c in TASKS.items()}
 
 
 def test_help_usage_errors_and_bench_delegation(capsys):
@@ -298,3 +342,373 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "| hipro |" in capsys.readouterr().out
     for name in ("report.md", "affinity.png", "dendrogram.png", "accuracy.png", "comparison.md", "tree.json"):
         assert (run_dir / name).exists(), name
+
+
+# ------------------------------------------------------------------ issue 12: the real `hipro` command
+# Children get one thread each and run offline, so two runs of one command compute the same bits.
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+TREE = '[["shapes", "texture"], "scenes"]'
+
+
+def _hipro_command() -> list[str]:
+    """The `hipro` console script installed next to this interpreter, else `python -m hipro_fast.cli`."""
+    script = Path(sys.executable).with_name("hipro")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "hipro_fast.cli"]
+
+
+def _start(world, *argv, run_dir=None, spec=True, cache=None, umask=None) -> subprocess.Popen:
+    return subprocess.Popen(_hipro_command() + _cli_args(world, argv, run_dir, spec, cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **CHILD_ENV},
+                            preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _hipro(world, *argv, **kw) -> subprocess.CompletedProcess:
+    return _finish(_start(world, *argv, **kw))
+
+
+def _hipro_many(world, cases: list[dict]) -> list[subprocess.CompletedProcess]:
+    """Several independent commands at once (each pays the interpreter start-up); kwargs per case."""
+    procs = [_start(world, *c["argv"], **{k: v for k, v in c.items() if k != "argv"}) for c in cases]
+    return [_finish(p) for p in procs]
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hipro: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under `directory`: (bytes, mtime_ns, mode)."""
+    out = {}
+    for f in sorted(directory.rglob("*")):
+        st = f.lstat()
+        out[str(f.relative_to(directory))] = (f.read_bytes() if f.is_file() else b"", st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def _checkpoint_tensors(run_dir: Path, kind: str, sub: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    d = run_dir / "checkpoints" / sub
+    record = json.loads((d / f"{kind}.json").read_text())
+    return record, load_file(str(d / record["tensors"]))
+
+
+def _strip_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("time", "seconds")} for r in rows]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, limit: float = 240) -> None:
+    """Poll (every 2 ms) until `path` exists; fail if the process ends first."""
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"ended (rc {proc.returncode}) before {path} appeared: {proc.communicate()}")
+        assert time.monotonic() < deadline, f"{path} did not appear within {limit} s"
+        time.sleep(0.002)
+
+
+NO_MODEL = ["--model", "no-such-model"]  # a check that ran after loading the model would report this instead
+
+BAD_NUMBERS = [
+    (["train", "--epochs", "0"], "--epochs"), (["train", "--lr", "0"], "--lr"), (["train", "--lr", "nan"], "--lr"),
+    (["train", "--lr", "inf"], "--lr"), (["train", "--seed", "-1"], "--seed"),
+    (["train", "--aug-views", "-2"], "--aug-views"), (["train", "--n-ctx", "0"], "--n-ctx"),
+    (["train", "--shots", "-1"], "--shots"), (["train", "--train-batch-size", "0"], "--train-batch-size"),
+    (["cache", "--batch-size", "0"], "--batch-size"), (["cache", "--workers", "-1"], "--workers"),
+    (["compare", "--seeds", "0,-1"], "--seeds"), (["compare", "--methods", "hipro,coop"], "--methods"),
+    (["affinity", "--affinity-steps", "0"], "--affinity-steps"), (["tree", "--threshold", "nan"], "--threshold"),
+    (["tree", "--levels", "-1"], "--levels"), (["train", "--tree", "[[\"shapes\", "], "--tree"),
+]
+
+
+ISSUE_NUMBERS = BAD_NUMBERS[:6]  # the values issue 12 names; the rest go through main() in this process
+
+
+def test_bad_numbers_fail_in_the_parser_before_any_model_load(world, tmp_path, capsys):
+    """Before: --epochs 0 / --lr 0 / --lr nan / --seed -1 were refused only after the model was loaded and
+    the features cached, --lr inf and --aug-views -2 with messages that did not name the option."""
+    missing_spec = str(tmp_path / "no-such-spec.toml")  # a spec loaded before the check would fail on this
+    cases = [{"argv": argv + NO_MODEL + ["--spec", missing_spec], "run_dir": tmp_path / f"run{i}"}
+             for i, (argv, _) in enumerate(ISSUE_NUMBERS)]
+    for i, ((argv, option), proc) in enumerate(zip(ISSUE_NUMBERS, _hipro_many(world, cases))):
+        assert proc.returncode == 2, (argv, proc.stderr)
+        line = _error_line(proc)
+        assert f"argument {option}" in line and f"hipro {argv[0]} --help" in line, line
+        assert not (tmp_path / f"run{i}").exists()  # nothing written
+    for i, (argv, option) in enumerate(BAD_NUMBERS):
+        run_dir = tmp_path / f"inproc{i}"
+        assert _run(world, *argv, *NO_MODEL, "--spec", missing_spec, run_dir=run_dir) == 2, argv
+        line = _one_error_line(capsys)
+        assert f"argument {option}" in line, line
+        assert not run_dir.exists()
+
+
+def _world_spec(world, extra: str = "", name: str = "spec.toml", replace: tuple[str, str] | None = None,
+                prefix: str = "") -> Path:
+    """A variant of the world's spec (`extra` lands in its last task, "scenes", unless it opens a table)."""
+    text = world["spec"].read_text()
+    if replace:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    p = world["root"] / name
+    p.write_text(prefix + text + extra)
+    return p
+
+
+def test_bad_specs_fail_with_one_line_naming_the_culprit(world, tmp_path, capsys):
+    root = world["root"]
+    one = root / "one_class"
+    for i in range(3):
+        _png(one / "only" / f"{i}.png", seed=500 + i)
+    latin = root / "latin1.toml"
+    latin.write_bytes('[[task]]\nname = "caf\u00e9"\nimages = "data/shapes"\n'.encode("latin-1"))
+    cases = [  # (spec, culprit in the error line); before: each was accepted or a message without the culprit
+        (_world_spec(world, name="toplevel.toml", prefix='shots = 4\n'), "unknown top-level key(s) 'shots'"),
+        (_world_spec(world, name="task5.toml", replace=(world["spec"].read_text(), "task = 5\n")),
+         "'task' must be an array of tables"),
+        (_world_spec(world, name="splitx.toml", replace=("split = {val = 0.2, test = 0.34, seed = 0}",
+                                                         'split = { val = "x" }')),
+         "task 'shapes': split.val must be a fraction"),
+        (latin, f"{latin}: not UTF-8"),
+        (_world_spec(world, name="oneclass.toml", extra=f'\n[[task]]\nname = "solo"\nimages = "{one}"\n'),
+         "task 'solo' has only one class ('only')"),
+    ]
+    procs = _hipro_many(world, [{"argv": ["train", "--spec", str(spec), "--tree", "flat", "--shots", "1",
+                                          "--epochs", "1"], "run_dir": tmp_path / f"r{i}"}
+                                for i, (spec, _) in enumerate(cases)])
+    for (spec, culprit), proc in zip(cases, procs):
+        assert proc.returncode == 1, (spec, proc.stderr)
+        assert culprit in _error_line(proc), (culprit, proc.stderr)
+    # classes whose prompts tokenise identically (checked once the tokenizer is loaded, before encoding)
+    same = _world_spec(world, name="sametokens.toml", extra='classes = {day = "big_dog", night = "Big dog"}\n')
+    assert _run(world, "train", "--spec", str(same), "--tree", "flat", "--shots", "1", "--epochs", "1",
+                run_dir=tmp_path / "same") == 1
+    assert "task 'scenes': classes 'big_dog' and 'Big dog' tokenise identically" in _one_error_line(capsys)
+    assert not _events(tmp_path / "same", "cache")  # refused before any image was encoded
+
+
+def test_existing_run_dir_is_refused_untouched_unless_resume_or_overwrite(world, tmp_path):
+    run_dir = tmp_path / "run"
+    assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--n-ctx", "2",
+                run_dir=run_dir) == 0
+    (run_dir / "notes.txt").write_text("mine")
+    before = _snapshot(run_dir)
+    # before: the rerun replaced the checkpoints, mixed two runs' metrics lines and kept stale files
+    train, cache = _hipro_many(world, [
+        {"argv": ["train", "--tree", "flat", "--shots", "1", "--epochs", "2", *NO_MODEL], "run_dir": run_dir},
+        {"argv": ["cache", "--shots", "1", *NO_MODEL], "run_dir": run_dir}])
+    line = _error_line(train)
+    assert train.returncode == 1 and str(run_dir) in line and "--resume" in line and "--overwrite" in line, line
+    line = _error_line(cache)  # `hipro cache` has no --resume: the message offers --overwrite only
+    assert cache.returncode == 1 and str(run_dir) in line and "--overwrite" in line and "--resume" not in line
+    assert _snapshot(run_dir) == before
+
+    # --overwrite: the old contents are removed first; files get the umask's permissions; n_ctx is recorded
+    proc = _hipro(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "2", "--overwrite",
+                  run_dir=run_dir, umask=0o027)
+    assert proc.returncode == 0, proc.stderr
+    assert not (run_dir / "notes.txt").exists()
+    assert [e["mode"] for e in _events(run_dir, "start")] == ["overwrite"]
+    assert len(_events(run_dir, "train_epoch")) == 2  # this run's epochs only
+    assert json.loads((run_dir / "config.json").read_text())["n_ctx"] == 16  # before: null (the default, unsaid)
+    record, _ = _checkpoint_tensors(run_dir, "best")
+    assert set(record["model"]["n_ctx"].values()) == {16}
+    modes = {str(f.relative_to(run_dir)): stat.S_IMODE(f.stat().st_mode) for f in run_dir.rglob("*") if f.is_file()}
+    assert set(modes.values()) == {0o640}, modes
+
+    # a non-empty folder that no hipro command wrote is never emptied
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    proc = _hipro(world, "cache", "--shots", "1", "--overwrite", *NO_MODEL, run_dir=precious)
+    assert proc.returncode == 1 and "no config.json written by hipro" in _error_line(proc)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_resume_checks_before_anything_is_loaded(world, tmp_path, capsys):
+    run_dir, cache_run = tmp_path / "run", tmp_path / "cache-run"
+    assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--n-ctx", "2",
+                run_dir=run_dir) == 0
+    assert _run(world, "cache", "--shots", "1", run_dir=cache_run) == 0
+    before = _snapshot(run_dir)
+    common = ["--tree", "flat", "--shots", "1", "--n-ctx", "2", *NO_MODEL]
+    capsys.readouterr()
+    assert _run(world, "train", *common[:-2], "--epochs", "3", "--resume", run_dir=run_dir) == 1
+    line = _one_error_line(capsys)
+    assert "cannot resume" in line and "--epochs was 1 in that run, now 3" in line, line
+    assert _run(world, "train", *common, "--epochs", "1", "--resume", run_dir=cache_run) == 1
+    assert "it is a `hipro cache` run" in _one_error_line(capsys)
+    assert _run(world, "train", *common, "--epochs", "1", "--resume") == 1
+    assert "--resume needs --run-dir" in _one_error_line(capsys)
+    assert _run(world, "train", *common, "--epochs", "1", "--resume", "--overwrite", run_dir=run_dir) == 2
+    assert "not allowed with" in _one_error_line(capsys)
+    assert _snapshot(run_dir) == before
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run(world, tmp_path):
+    """Before: there was no --resume; rerunning restarted at epoch 0 over the old checkpoints."""
+    argv = ["train", "--tree", TREE, "--shots", "2", "--epochs", "40", "--n-ctx", "2"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = _start(world, *argv, run_dir=killed)
+    _wait_for(killed / "checkpoints" / "last.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    _finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    done = json.loads((killed / "checkpoints" / "last.json").read_text())["epoch"]
+    assert done < 39, "the run ended before it could be killed"
+
+    resumed = _hipro(world, *argv, "--resume", run_dir=killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from the checkpoint after epoch {done + 1}" in resumed.stdout
+    assert _hipro(world, *argv, run_dir=whole).returncode == 0
+
+    for kind in ("best", "last"):
+        (rec_a, a), (rec_b, b) = _checkpoint_tensors(killed, kind), _checkpoint_tensors(whole, kind)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind  # bit for bit
+        assert (rec_a["epoch"], rec_a["best_epoch"]) == (rec_b["epoch"], rec_b["best_epoch"])
+        assert _strip_times(rec_a["history"]) == _strip_times(rec_b["history"])
+    assert (killed / "test_accuracy.json").read_text() == (whole / "test_accuracy.json").read_text()
+    assert _strip_times(_events(killed, "train_epoch")) == _strip_times(_events(whole, "train_epoch"))
+    assert len(_events(killed, "train_epoch")) == 40
+    assert [e["mode"] for e in _events(killed, "start")] == ["new", "resume"]
+    assert [e["checkpoint_epoch"] for e in _events(killed, "resume")] == [done]
+    assert "Resumed" in (killed / "report.md").read_text()
+
+
+def test_compare_sigkill_then_resume_equals_the_uninterrupted_run(world, tmp_path):
+    argv = ["compare", "--methods", "coop-shared,hipro", "--tree", TREE, "--shots", "2", "--epochs", "20",
+            "--n-ctx", "2"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = _start(world, *argv, run_dir=killed)
+    _wait_for(killed / "checkpoints" / "hipro-seed0" / "last.json", proc)  # coop-shared done, hipro under way
+    proc.send_signal(signal.SIGKILL)
+    _finish(proc)
+    assert json.loads((killed / "checkpoints" / "hipro-seed0" / "last.json").read_text())["epoch"] < 19
+    resumed = _hipro(world, *argv, "--resume", run_dir=killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _hipro(world, *argv, run_dir=whole).returncode == 0
+    assert (json.loads((killed / "comparison.json").read_text())
+            == json.loads((whole / "comparison.json").read_text()))
+    for sub in ("coop-shared-seed0", "hipro-seed0"):
+        (_, a), (_, b) = _checkpoint_tensors(killed, "last", sub), _checkpoint_tensors(whole, "last", sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_run_files_are_never_written_through_a_symlink(world, tmp_path):
+    """Before: a planted metrics.jsonl symlink was followed and its target appended to."""
+    run_dir = tmp_path / "run"
+    assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--n-ctx", "2",
+                run_dir=run_dir) == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("untouched\n")
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.jsonl").symlink_to(outside / "victim.txt")
+    proc = _hipro(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--n-ctx", "2", "--resume",
+                  run_dir=run_dir)
+    line = _error_line(proc)
+    assert proc.returncode == 1 and "metrics.jsonl is a symbolic link" in line, line
+    assert (outside / "victim.txt").read_text() == "untouched\n"
+
+    # --overwrite removes links (to files and to folders) without following them
+    (outside / "keep").mkdir()
+    (outside / "keep" / "data.bin").write_bytes(b"\x00\x01")
+    (run_dir / "linked_dir").symlink_to(outside / "keep", target_is_directory=True)
+    proc = _hipro(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--n-ctx", "2", "--overwrite",
+                  run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert not (run_dir / "linked_dir").exists() and not (run_dir / "metrics.jsonl").is_symlink()
+    assert (outside / "victim.txt").read_text() == "untouched\n"
+    assert (outside / "keep" / "data.bin").read_bytes() == b"\x00\x01"
+
+
+def test_run_directory_writes_replace_or_refuse_symlinks(tmp_path):
+    """The library side of the same rule (hipro_fast.app.pipeline.Run)."""
+    from hipro_fast.app.pipeline import Run
+    from hipro_fast.errors import RunDirError
+
+    run = Run(tmp_path / "run", "train", {"command": "train", "seed": 0})
+    target = tmp_path / "target.txt"
+    target.write_text("keep\n")
+    for name in ("metrics.jsonl", "figure.png", "report.json"):
+        (run.dir / name).symlink_to(target)
+    with pytest.raises(RunDirError, match="metrics.jsonl is a symbolic link"):
+        run.log("epoch", loss=1.0)
+    with pytest.raises(RunDirError, match="figure.png is a symbolic link"):
+        run.path("figure.png")
+    with pytest.raises(RunDirError, match="report.json is a symbolic link"):
+        run.write_json("report.json", {"a": 1})
+    assert target.read_text() == "keep\n"
+    # the atomic writer itself replaces a link by a regular file, never writing through it
+    from hipro_fast.app.pipeline import dump_json
+
+    dump_json({"a": 1}, run.dir / "report.json")
+    assert not (run.dir / "report.json").is_symlink() and target.read_text() == "keep\n"
+    assert json.loads((run.dir / "report.json").read_text()) == {"a": 1}
+
+
+def test_auto_tree_affinity_step_names_itself_and_takes_its_own_n_ctx(world, tmp_path):
+    """A 66-token class name fits with --n-ctx 4 (1 + 4 + 66 <= 77) but not in the affinity step's
+    16-token prompts. Before: --tree auto failed with a message that did not say it was the affinity step
+    (nor how to change its count). Now the message names the step, its count and --affinity-n-ctx."""
+    long_name = " ".join(["a"] * 64)
+    spec = _world_spec(world, name="long.toml", extra=f'classes = {{day = "{long_name}"}}\n')
+    common = ["train", "--spec", str(spec), "--tree", "auto", "--n-ctx", "4", "--affinity-steps", "2",
+              "--shots", "1", "--epochs", "1"]
+    default, four = _hipro_many(world, [{"argv": common, "run_dir": tmp_path / "a16"},
+                                        {"argv": common + ["--affinity-n-ctx", "4"], "run_dir": tmp_path / "a4"}])
+    line = _error_line(default)
+    assert default.returncode == 1 and "task-affinity step (transfer, 16 context tokens per prompt)" in line, line
+    assert "'scenes'" in line and "context length 77" in line and "--affinity-n-ctx" in line, line
+    assert four.returncode == 0, four.stderr
+    assert json.loads((tmp_path / "a4" / "affinity.json").read_text())["config"]["n_ctx"] == 4
+    assert json.loads((tmp_path / "a4" / "config.json").read_text())["affinity_n_ctx"] == 4
+
+
+def test_inline_json_tree_longer_than_a_file_name(world, tmp_path):
+    """Before: `[Errno 36] File name too long` (the value was tried as a path first)."""
+    tree = '[["shapes", "texture"],' + " " * 300 + '"scenes"]'
+    proc = _hipro(world, "train", "--tree", tree, "--shots", "1", "--epochs", "1", "--n-ctx", "2",
+                  run_dir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "tree.json").read_text())["tree"] == [["shapes", "texture"], "scenes"]
+
+
+def test_a_task_without_test_images_is_reported_not_dropped(world, tmp_path):
+    """One image per class: the split leaves the task no test image. Before: it silently left the results."""
+    tiny = world["root"] / "tiny_task"
+    for c in ("p", "q"):
+        _png(tiny / c / "0.png", seed=zlib.crc32(c.encode()))
+    spec = _world_spec(world, name="notest.toml",
+                       extra=f'\n[[task]]\nname = "tiny"\nimages = "{tiny}"\nsplit = {{test = 0.34}}\n')
+    proc = _hipro(world, "train", "--spec", str(spec), "--tree", "flat", "--shots", "1", "--epochs", "1",
+                  "--n-ctx", "2", run_dir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    warn = [ln for ln in proc.stderr.splitlines() if ln.startswith("hipro: warning:") and "no test images" in ln]
+    assert len(warn) == 1 and "tiny" in warn[0], proc.stderr
+    assert [(e["split"], e["tasks"]) for e in _events(tmp_path / "run", "missing_split")] == [("test", ["tiny"])]
+    report_md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Tasks without test images" in report_md and "tiny" in report_md
+    assert set(json.loads((tmp_path / "run" / "test_accuracy.json").read_text())) == set(TASKS)
+
+
+def test_two_specs_with_a_same_named_task_share_one_cache_folder(world, tmp_path):
+    """Before: each run evicted the other's "shapes" cache with a misleading "model, preprocessing or
+    images changed" warning."""
+    other = _world_spec(world, name="other_shapes.toml", replace=('images = "data/shapes"', 'images = "data/scenes"'))
+    cache = tmp_path / "cache"
+    assert _run(world, "cache", "--shots", "1", run_dir=tmp_path / "a1", cache=cache) == 0
+    assert _run(world, "cache", "--spec", str(other), "--shots", "1", run_dir=tmp_path / "b1", cache=cache) == 0
+    again = _hipro(world, "cache", "--shots", "1", run_dir=tmp_path / "a2", cache=cache)
+    assert again.returncode == 0, again.stderr
+    assert "stale" not in again.stderr
+    assert {r["status"] for r in _events(tmp_path / "a2", "cache")} == {"hit"}

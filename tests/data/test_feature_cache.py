@@ -71,15 +71,45 @@ def test_changed_image_makes_the_cache_stale(tmp_path, clip):
     fc = FeatureCache(clip, tmp_path / "cache", progress=False)
     first = fc.encode(recs, tag="t")
     _touch_new(recs[2].path, seed=99)
-    with pytest.warns(CacheWarning, match="stale"):
+    with pytest.warns(CacheWarning, match="stale") as w:
         again = fc.encode(recs, tag="t")
+    # the warning says what changed (not "the model, preprocessing or images")
+    assert f"1 of 6 images changed" in str(w[0].message) and recs[2].path in str(w[0].message)
     assert again.status == "stale" and again.file == first.file
     torch.testing.assert_close(again.features, _reference(clip, recs), atol=1e-5, rtol=0)
     assert not torch.allclose(again.features[2], first.features[2])
     assert fc.encode(recs, tag="t").status == "hit"
-    # a different image list (one image fewer) is stale too
-    with pytest.warns(CacheWarning, match="stale"):
-        assert fc.encode(recs[:-1], tag="t").status == "stale"
+    # a different image list (one image fewer) is a set of its own: built, and the full list stays a hit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        fewer = fc.encode(recs[:-1], tag="t")
+        assert fewer.status == "built" and fewer.file != again.file
+        assert fc.encode(recs, tag="t").status == "hit"
+
+
+def test_same_tag_different_images_do_not_evict_each_other(tmp_path, clip):
+    """Two specs with a task of the same name share one cache folder: each keeps its file."""
+    a, b = _records(tmp_path / "spec_a" / "img"), _records(tmp_path / "spec_b" / "img", n=4)
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)  # before the fix: "stale ... rebuilding" on every switch
+        first_a, first_b = fc.encode(a, tag="pets/test"), fc.encode(b, tag="pets/test")
+        assert first_a.file != first_b.file
+        for _ in range(2):
+            assert fc.encode(a, tag="pets/test").status == "hit"
+            assert fc.encode(b, tag="pets/test").status == "hit"
+    # same paths, other labels (a spec that orders its classes differently): its own file too
+    relabelled = [type(r)(r.path, 1 - r.label) for r in a]
+    assert fc.encode(relabelled, tag="pets/test").status == "built"
+    assert fc.encode(a, tag="pets/test").status == "hit"
+
+
+def test_stale_warning_names_a_changed_skip_setting(tmp_path, clip):
+    recs = _records(tmp_path / "img", n=3)
+    FeatureCache(clip, tmp_path / "cache", progress=False).encode(recs, tag="t")
+    with pytest.warns(CacheWarning, match="cached with skip_bad_images=false"):
+        out = FeatureCache(clip, tmp_path / "cache", progress=False, skip_bad_images=True).encode(recs, tag="t")
+    assert out.status == "stale"
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "garbage"])

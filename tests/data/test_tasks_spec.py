@@ -1,4 +1,5 @@
 """Multi-task spec files: sources, splits, class names, few-shot draws, bad input."""
+import shutil
 import warnings
 import zlib
 from pathlib import Path
@@ -85,7 +86,9 @@ def test_folder_renames(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_dir", "empty_class", "csv_unknown_label", "duplicate_task",
                                   "missing_csv_image", "unknown_key", "bad_toml", "no_tasks",
-                                  "rename_unknown", "unknown_test_folder"])
+                                  "rename_unknown", "unknown_test_folder", "unknown_top_level_key",
+                                  "task_not_tables", "split_not_a_number", "split_nan", "split_seed_float",
+                                  "one_class_folder", "one_class_list"])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, case):
     _folder(tmp_path / "d", {"a": 3, "b": 3})
     base = '[[task]]\nname = "t"\nimages = "d"\n'
@@ -111,14 +114,50 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, case):
         text, culprit = "title = 'x'\n", "[[task]]"
     elif case == "rename_unknown":
         text, culprit = base + 'classes = {zz = "z"}\n', "'zz'"
+    elif case == "unknown_top_level_key":  # before: ignored silently
+        text, culprit = 'shots = 4\ntitel = "x"\n' + base, "'shots', 'titel'"
+    elif case == "task_not_tables":  # before: TypeError 'int' object is not iterable
+        text, culprit = "task = 5\n", "'task' must be an array of tables"
+    elif case == "split_not_a_number":  # before: could not convert string to float: 'x' (no task named)
+        text, culprit = base + 'split = { val = "x" }\n', "task 't': split.val must be a fraction"
+    elif case == "split_nan":  # before: accepted (nan compares false with every bound)
+        text, culprit = base + "split = { test = nan }\n", "split.test"
+    elif case == "split_seed_float":
+        text, culprit = base + "split = { test = 0.3, seed = 1.5 }\n", "split.seed must be an integer"
+    elif case == "one_class_folder":  # before: trained with loss 0 and counted as 100% in the mean
+        (tmp_path / "one" / "a").mkdir(parents=True)
+        _png(tmp_path / "one" / "a" / "0.png")
+        _png(tmp_path / "one" / "a" / "1.png", seed=1)
+        text, culprit = '[[task]]\nname = "solo"\nimages = "one"\n', "task 'solo' has only one class ('a')"
+    elif case == "one_class_list":
+        text, culprit = base + 'classes = ["a"]\n', "only one class"
     else:
         _folder(tmp_path / "te", {"a": 1, "q": 1})
         text, culprit = '[[task]]\nname = "t"\ntrain = "d"\ntest = "te"\n', str(tmp_path / "te" / "q")
+    if case == "one_class_list":  # folder "b" is then an unknown class folder: keep only "a"
+        shutil.rmtree(tmp_path / "d" / "b")
     with pytest.raises(SpecError) as e:
         _spec(tmp_path, text)
     msg = str(e.value)
     assert "\n" not in msg
     assert culprit in msg, msg
+
+
+def test_non_utf8_spec_names_the_file(tmp_path):
+    """Before: a bare codec error ('utf-8' codec can't decode byte 0xe9 ...) without the file name."""
+    _folder(tmp_path / "d", {"a": 2, "b": 2})
+    p = tmp_path / "latin1.toml"
+    p.write_bytes('[[task]]\nname = "caf\u00e9"\nimages = "d"\n'.encode("latin-1"))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert str(p) in str(e.value) and "UTF-8" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_task_without_test_images_is_kept_with_an_empty_test_split(tmp_path):
+    """One image per class: split.test rounds to 0 test images. The task stays (the CLI reports it)."""
+    _folder(tmp_path / "d", {"a": 1, "b": 1})
+    spec = _spec(tmp_path, '[[task]]\nname = "tiny"\nimages = "d"\nsplit = {test = 0.3}\n')
+    assert spec.tasks["tiny"].counts() == {"train": 2, "val": 0, "test": 0}
 
 
 def test_missing_spec_file(tmp_path):
@@ -150,6 +189,45 @@ def test_read_image_names_the_file(tmp_path):
     with pytest.raises(BadImageError, match="bad.png"):
         read_image(bad)
     assert read_image(_png(tmp_path / "ok.png")).mode == "RGB"
+
+
+@pytest.mark.parametrize("mode,fmt", [("I;16", "png"), ("I;16", "tiff"), ("I", "tiff"), ("F", "tiff")])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, mode, fmt):
+    """Before: PIL's convert("RGB") clipped 16-bit values at 255: a 16-bit photo decoded as pure white.
+    Every 8-bit level k stored at full depth (16-bit: 257 k, float: k / 255) decodes back to exactly k."""
+    levels = (0, 1, 2, 127, 128, 254, 255)
+    k = np.array(levels * 4, dtype=np.float64).reshape(4, len(levels))
+    if mode == "F":
+        full = (k / 255).astype(np.float32)
+    else:
+        full = (k * 257).astype(np.uint16 if mode == "I;16" else np.int32)
+    path = tmp_path / f"deep.{fmt}"
+    Image.fromarray(full).save(path)
+    with Image.open(path) as im:
+        assert im.mode == mode  # the premise: PIL reads it back at full depth
+    rgb = read_image(path)
+    assert rgb.mode == "RGB"
+    got = np.asarray(rgb)
+    assert (got == k.astype(np.uint8)[..., None]).all(), got[..., 0]
+    # the same picture stored as an 8-bit PNG decodes to the same pixels
+    eight = _png_gray(tmp_path / "eight.png", k.astype(np.uint8))
+    assert np.array_equal(np.asarray(read_image(eight)), got)
+
+
+def _png_gray(path: Path, a: np.ndarray) -> Path:
+    Image.fromarray(a, mode="L").save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode,values,reason", [("I", [0, 70000], "0..65535"), ("F", [0.0, 300.0], "[0, 1]"),
+                                                ("F", [0.0, float("nan")], "non-finite")])
+def test_high_bit_depth_values_without_an_8_bit_meaning_name_the_file(tmp_path, mode, values, reason):
+    a = np.array([values], dtype=np.int32 if mode == "I" else np.float32)
+    path = tmp_path / "odd.tiff"
+    Image.fromarray(a).save(path)
+    with pytest.raises(BadImageError) as e:
+        read_image(path)
+    assert "odd.tiff" in str(e.value) and reason in str(e.value)
 
 
 def test_parse_spec_from_mapping(tmp_path):

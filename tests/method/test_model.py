@@ -120,3 +120,21 @@ def test_load_clip_local_file_and_mismatch(tmp_path, tiny):
         hf.load_clip("ViT-B-16", pretrained=bad)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         hf.load_clip("ViT-B-16", pretrained=tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("pair", [("big_dog", "big dog"), ("Dog", "dog"), ("hot  dog", "hot dog")])
+def test_classes_that_tokenise_identically_are_rejected_naming_both(tiny, tokenizer, pair):
+    """Before: accepted, with identical text features (one class never predicted)."""
+    a, b = pair
+    tasks = {"pets": ["cat", a, b], "other": ["x", "y"]}
+    suffix = hf.engine.prompt_forest.class_suffix_tokens
+    assert suffix(tokenizer, a) == suffix(tokenizer, b)  # the premise: the prompts are the same tokens
+    with pytest.raises(hf.errors.TaskSpecError) as e:
+        hf.HiProModel(tiny, tasks, list(tasks), n_ctx=2, tokenizer=tokenizer)
+    msg = str(e.value)
+    assert "'pets'" in msg and repr(a) in msg and repr(b) in msg and "\n" not in msg
+    with pytest.raises(hf.errors.TaskSpecError, match="tokenise identically"):
+        hf.method.model.validate_tasks(tasks, tokenizer)
+    # the same two names in different tasks are fine; without a tokenizer only exact duplicates are checked
+    hf.HiProModel(tiny, {"t1": ["cat", a], "t2": ["cat", b]}, ["t1", "t2"], n_ctx=2, tokenizer=tokenizer)
+    assert hf.method.model.validate_tasks(tasks) == tasks
