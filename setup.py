@@ -7,33 +7,24 @@ uses the torch already installed (build isolation would fetch another one).
 """
 from __future__ import annotations
 
-import glob
 import os
-import shutil
+import runpy
+from collections import defaultdict
 from pathlib import Path
 
+ROOT = Path(__file__).parent
+# One CUDA-root search for setup.py, the C++ tests and the shell (stdlib only).
+_find_cuda_home = runpy.run_path(str(ROOT / "scripts" / "find_cuda_home.py"))["find_cuda_home"]
 
-def _find_cuda_home() -> str | None:
-    """The real CUDA toolkit root (the one holding lib64/libcudart).
 
-    On some machines the `nvcc` on the PATH is a wrapper script outside the
-    toolkit, so torch's guess (nvcc's grandparent) misses libcudart at link
-    time. Prefer an explicit CUDA_HOME, then toolkit roots that really hold
-    the runtime library.
-    """
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    candidates = ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
-    for root in candidates:
-        root_path = Path(root)
-        if (root_path / "bin" / "nvcc").exists() and any(
-            (root_path / lib).glob("libcudart.so*") for lib in ("lib64", "lib")
-        ):
-            return str(root_path.resolve())
-    return None
+def _source_groups() -> dict[str, list[str]]:
+    """csrc/sources.txt ("<group> <path>" lines, also read by CMakeLists.txt)."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            group, path = line.split()
+            groups[group].append(path)
+    return groups
 
 
 _cuda_home = _find_cuda_home()
@@ -46,10 +37,9 @@ import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-ROOT = Path(__file__).parent
-CPU_SOURCES = ["csrc/python_module.cpp", "csrc/op_schemas.cpp", "csrc/forest_layout.cpp", "csrc/checks.cpp", *sorted(
-    str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
-CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+_SOURCES = _source_groups()
+CPU_SOURCES = _SOURCES["python"] + _SOURCES["layout"] + _SOURCES["ops"]
+CUDA_SOURCES = _SOURCES["cuda"]
 
 
 def _want_cuda() -> bool:

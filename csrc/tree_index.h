@@ -102,11 +102,12 @@ HIPRO_HD bool query_sees_key(const int64_t* table, int64_t qseg, int64_t q,
 HIPRO_HD bool token_reads_context(int64_t ctx_row) { return ctx_row >= 0; }
 
 // ---------------------------------------------------------------------------
-// Validation predicates (added for the CUDA ops). They mirror the host-side
-// check_tokens of cpu/tree_attention_cpu.cpp; the CUDA ops evaluate them in a
-// device-side validation kernel (no host sync), so a malformed table stops
-// with a kernel assertion instead of reading out of bounds. Every table the
-// layout builder produces passes them.
+// Validation predicates, the one definition of a well-formed forest for both
+// backends: the CPU ops evaluate them on the host (check_forest_values in
+// checks.cpp, which raises naming the culprit), the CUDA ops in a device-side
+// validation kernel (no host sync), so a malformed table stops with an error
+// instead of reading out of bounds. Every table the layout builder produces
+// passes them.
 
 // Row s of the segment table is safe for a forest of num_tokens tokens: its
 // tokens and subtree lie inside [0, num_tokens) and its parent comes earlier

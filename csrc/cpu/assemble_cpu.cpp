@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../acc_type.h"
 #include "../checks.h"
 #include "../tree_index.h"
 
@@ -14,35 +15,22 @@ at::Tensor assemble_forest_cpu(const at::Tensor& ctx_table, const at::Tensor& to
                                const at::Tensor& positional_embedding,
                                const at::Tensor& token_ctx_row, const at::Tensor& token_vocab_id,
                                const at::Tensor& token_position) {
+  check_assemble_args(ctx_table, token_embedding, positional_embedding, token_ctx_row,
+                      token_vocab_id, token_position);
   const int64_t T = token_ctx_row.numel();
   const int64_t W = ctx_table.size(1);
-  check_index_vector(token_ctx_row, "token_ctx_row", -1);
-  check_index_vector(token_vocab_id, "token_vocab_id", T);
-  check_index_vector(token_position, "token_position", T);
-  TORCH_CHECK(ctx_table.dim() == 2 && token_embedding.dim() == 2 &&
-                  positional_embedding.dim() == 2,
-              "ctx_table, token_embedding, positional_embedding must be 2-D");
-  TORCH_CHECK(token_embedding.size(1) == W && positional_embedding.size(1) == W,
-              "width mismatch: ctx_table ", ctx_table.sizes(), ", token_embedding ",
-              token_embedding.sizes(), ", positional_embedding ", positional_embedding.sizes());
-  TORCH_CHECK(token_embedding.scalar_type() == ctx_table.scalar_type() &&
-                  positional_embedding.scalar_type() == ctx_table.scalar_type(),
-              "ctx_table, token_embedding and positional_embedding must share a dtype");
   const auto ctx = ctx_table.contiguous();
   const auto emb = token_embedding.contiguous();
   const auto pos = positional_embedding.contiguous();
+  // The loops read the index vectors densely: a strided view gets a copy.
+  const auto crow_c = token_ctx_row.contiguous();
+  const auto vid_c = token_vocab_id.contiguous();
+  const auto tpos_c = token_position.contiguous();
+  check_assemble_values(crow_c, vid_c, tpos_c, ctx.size(0), emb.size(0), pos.size(0));
   auto out = at::empty({T, W}, ctx_table.options());
-  const int64_t* crow = token_ctx_row.data_ptr<int64_t>();
-  const int64_t* vid = token_vocab_id.data_ptr<int64_t>();
-  const int64_t* tpos = token_position.data_ptr<int64_t>();
-  const int64_t R = ctx.size(0), V = emb.size(0), L = pos.size(0);
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(token_reads_context(crow[t]) ? crow[t] < R : (vid[t] >= 0 && vid[t] < V),
-                "token ", t, " has an out-of-range source (ctx_row ", crow[t], ", vocab_id ",
-                vid[t], ")");
-    TORCH_CHECK(tpos[t] >= 0 && tpos[t] < L, "token ", t, " has position ", tpos[t],
-                " outside the positional table of ", L, " rows");
-  }
+  const int64_t* crow = crow_c.data_ptr<int64_t>();
+  const int64_t* vid = vid_c.data_ptr<int64_t>();
+  const int64_t* tpos = tpos_c.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ctx.scalar_type(), "assemble_forest_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* c = ctx.data_ptr<scalar_t>();
@@ -65,17 +53,14 @@ at::Tensor assemble_forest_cpu(const at::Tensor& ctx_table, const at::Tensor& to
 
 at::Tensor assemble_forest_backward_cpu(const at::Tensor& grad_out, const at::Tensor& token_ctx_row,
                                         int64_t num_ctx_rows) {
-  check_index_vector(token_ctx_row, "token_ctx_row", grad_out.size(0));
-  TORCH_CHECK(grad_out.dim() == 2, "grad_out must be [T, W]");
+  check_assemble_backward_args(grad_out, token_ctx_row, num_ctx_rows);
   const int64_t T = grad_out.size(0), W = grad_out.size(1);
   const auto g = grad_out.contiguous();
-  auto acc = at::zeros({num_ctx_rows, W}, grad_out.options().dtype(
-      grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  const int64_t* crow = token_ctx_row.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(crow[t] < num_ctx_rows, "token ", t, " reads ctx row ", crow[t], " >= ",
-                num_ctx_rows);
-  }
+  const auto crow_c = token_ctx_row.contiguous();
+  check_ctx_rows(crow_c, num_ctx_rows);
+  auto acc = at::zeros({num_ctx_rows, W},
+                       grad_out.options().dtype(acc_scalar_type(grad_out.scalar_type())));
+  const int64_t* crow = crow_c.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "assemble_forest_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.data_ptr<scalar_t>();

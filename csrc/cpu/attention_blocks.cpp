@@ -3,6 +3,7 @@
 
 #include <atomic>
 
+#include "../checks.h"
 #include "../tree_index.h"
 
 namespace hipro {
@@ -29,7 +30,7 @@ at::Tensor heads_first(const at::Tensor& x, int64_t begin, int64_t n) {
 int64_t attention_block_min_pairs() { return g_block_min_pairs.load(); }
 
 void set_attention_block_min_pairs(int64_t min_pairs) {
-  TORCH_CHECK(min_pairs >= 0, "min_pairs must be >= 0, got ", min_pairs);
+  TORCH_CHECK(min_pairs >= 0, cat("min_pairs must be >= 0, got ", min_pairs));
   g_block_min_pairs.store(min_pairs);
 }
 

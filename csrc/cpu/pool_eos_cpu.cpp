@@ -8,24 +8,11 @@
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include "../acc_type.h"
 #include "../checks.h"
 
 namespace hipro {
 namespace {
-
-at::ScalarType acc_type_for(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_pool_args(const at::Tensor& x, const at::Tensor& eos_index, const at::Tensor& ln_weight,
-                     const at::Tensor& ln_bias, const at::Tensor& projection) {
-  check_pool_shapes(x, eos_index, ln_weight, ln_bias, projection);
-  const int64_t T = x.size(0);
-  const int64_t* e = eos_index.data_ptr<int64_t>();
-  for (int64_t p = 0; p < eos_index.numel(); ++p) {
-    TORCH_CHECK(e[p] >= 0 && e[p] < T, "eos_index[", p, "] = ", e[p], " outside [0, ", T, ")");
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_eos_cpu(
     const at::Tensor& x, const at::Tensor& eos_index, const at::Tensor& ln_weight,
@@ -34,15 +21,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_eos_cpu(
   // autocast region: its at::mm must not be autocast to bf16 / fp16.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_pool_args(x, eos_index, ln_weight, ln_bias, projection);
+  const auto eos = eos_index.contiguous();
+  check_eos_values(eos, x.size(0));
   const int64_t P = eos_index.numel(), W = x.size(1);
-  const auto acc = acc_type_for(x.scalar_type());
+  const auto acc = acc_scalar_type(x.scalar_type());
   const auto xc = x.contiguous();
   const auto gamma = ln_weight.to(acc).contiguous();
   const auto beta = ln_bias.to(acc).contiguous();
   auto x_hat = at::empty({P, W}, x.options().dtype(acc));
   auto y = at::empty({P, W}, x.options().dtype(acc));
   auto rstd = at::empty({P}, x.options().dtype(acc));
-  const int64_t* e = eos_index.data_ptr<int64_t>();
+  const int64_t* e = eos.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "pool_eos_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
@@ -87,8 +76,14 @@ at::Tensor pool_eos_backward_cpu(const at::Tensor& grad_features, const at::Tens
   // The op computes in its documented precision (fp32 / fp64) even inside an
   // autocast region: its at::mm must not be autocast to bf16 / fp16.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  check_pool_backward_args(grad_features, features, x_hat, rstd, proj_norm, ln_weight, projection,
+                           eos_index, num_tokens);
   const int64_t P = x_hat.size(0), W = x_hat.size(1);
+  // x_hat is in the forward's accumulation dtype; the loop below reads it and
+  // rstd densely in that dtype.
   const auto acc = x_hat.scalar_type();
+  const auto xh = x_hat.contiguous();
+  const auto rs = rstd.to(acc).contiguous();
   const auto df = grad_features.to(acc);
   // d/dz of z/|z|: project out the feature direction, divide by the norm.
   const auto radial = (df * features).sum(1, true);
@@ -97,8 +92,8 @@ at::Tensor pool_eos_backward_cpu(const at::Tensor& grad_features, const at::Tens
   auto dx_rows = at::empty({P, W}, dxh.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "pool_eos_backward_cpu", [&] {
     const scalar_t* g = dxh.data_ptr<scalar_t>();
-    const scalar_t* h = x_hat.data_ptr<scalar_t>();
-    const scalar_t* r = rstd.data_ptr<scalar_t>();
+    const scalar_t* h = xh.data_ptr<scalar_t>();
+    const scalar_t* r = rs.data_ptr<scalar_t>();
     scalar_t* out = dx_rows.data_ptr<scalar_t>();
     at::parallel_for(0, P, 8, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {

@@ -12,6 +12,10 @@
 // other pair -- a token's own segment causally, and small ancestors -- runs
 // in the scalar loops below. Partial softmax statistics merge by
 // log-sum-exp; the order of merges is fixed, so results are deterministic.
+//
+// Before any index is read, checks.h validates the arguments (the checks the
+// CUDA op runs too) and the forest (check_forest_values: the tree_index.h
+// predicates that the CUDA validation kernel evaluates on the device).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "../acc_type.h"
 #include "../checks.h"
 #include "../tree_index.h"
 #include "attention_blocks.h"
@@ -71,25 +76,6 @@ struct Strider {
   int64_t operator()(int64_t i) const { return (i * stride) % n; }
 };
 
-void check_tokens(const at::Tensor& segment_table, const at::Tensor& token_segment, int64_t T) {
-  check_segment_table(segment_table, T);
-  check_index_vector(token_segment, "token_segment", T);
-  const int64_t S = segment_table.size(0);
-  const int64_t* tab = segment_table.data_ptr<int64_t>();
-  const int64_t* tseg = token_segment.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t s = tseg[t];
-    TORCH_CHECK(s >= 0 && s < S, "token ", t, " names segment ", s, " outside [0, ", S, ")");
-    TORCH_CHECK(t >= seg_offset(tab, s) && t < seg_offset(tab, s) + seg_length(tab, s),
-                "token ", t, " lies outside its segment ", s);
-  }
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(seg_parent(tab, s) < s, "segment ", s, " has parent ", seg_parent(tab, s),
-                " which is not earlier in DFS preorder");
-    TORCH_CHECK(seg_subtree_end(tab, s) <= T, "segment ", s, " subtree ends past token ", T);
-  }
-}
-
 // Row-strided [T, H, D] view: element (t, h, d) at data[t * row + h * D + d].
 template <typename scalar_t>
 struct Rows {
@@ -118,7 +104,7 @@ inline int scalar_key_ranges(const Forest& f, int64_t t, int64_t* begins, int64_
   int64_t chain[kMaxDepth];
   int depth = 0;
   for (int64_t a = seg_parent(f.table, seg); a >= 0; a = seg_parent(f.table, a)) {
-    TORCH_CHECK(depth < kMaxDepth - 1, "forest deeper than ", kMaxDepth);
+    TORCH_CHECK(depth < kMaxDepth - 1, cat("forest deeper than ", kMaxDepth));
     chain[depth++] = a;
   }
   int n = 0;
@@ -289,10 +275,10 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const
                                                       const at::Tensor& segment_table,
                                                       const at::Tensor& token_segment,
                                                       double scale) {
-  check_qkv(q, k, v);
+  check_attention_args(q, k, v, segment_table, token_segment);
+  check_forest_values(segment_table, token_segment);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  check_tokens(segment_table, token_segment, T);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_scalar_type(q.scalar_type());
   const auto plan = plan_attention_blocks(segment_table, attention_block_min_pairs());
   // o (unnormalised), m, l per (token, head): the scalar loops write them, the
   // GEMM blocks merge into them, then one normalisation.
@@ -323,11 +309,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segment_table,
     const at::Tensor& token_segment, double scale) {
-  check_qkv(q, k, v);
+  check_attention_backward_args(grad_out, q, k, v, out, lse, segment_table, token_segment);
+  check_forest_values(segment_table, token_segment);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  check_tokens(segment_table, token_segment, T);
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({T, H}), "lse must be [T, H]");
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_scalar_type(q.scalar_type());
   const auto plan = plan_attention_blocks(segment_table, attention_block_min_pairs());
   const auto go = grad_out.contiguous().to(q.scalar_type());
   const auto o = out.contiguous();

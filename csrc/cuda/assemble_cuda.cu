@@ -11,11 +11,12 @@
 //             cast to grad_out's dtype. The atomics make the summation order,
 //             and hence the last bits, vary run to run when rows repeat.
 //
-// Index checks: the CPU op validates the index tensors on the host. Doing that
-// here would need a device->host copy and a sync per call, so the kernels
-// check each index as they read it with a device-side assertion instead
-// (like ATen's own gather kernels): an out-of-range index stops the kernel
-// rather than reading out of bounds.
+// Argument checks: check_assemble_args / check_assemble_backward_args of
+// ../checks.h, as in the CPU op. Index values: the CPU op validates them on
+// the host. Doing that here would need a device->host copy and a sync per
+// call, so the kernels check each index as they read it with a device-side
+// assertion instead (like ATen's own gather kernels): an out-of-range index
+// stops the kernel rather than reading out of bounds.
 #include "common.cuh"
 
 namespace hipro {
@@ -81,27 +82,10 @@ at::Tensor assemble_forest_cuda(const at::Tensor& ctx_table, const at::Tensor& t
                                 const at::Tensor& positional_embedding,
                                 const at::Tensor& token_ctx_row, const at::Tensor& token_vocab_id,
                                 const at::Tensor& token_position) {
-  check_index_vector(token_ctx_row, "token_ctx_row", -1);
+  check_assemble_args(ctx_table, token_embedding, positional_embedding, token_ctx_row,
+                      token_vocab_id, token_position);
   const int64_t T = token_ctx_row.numel();
-  check_index_vector(token_vocab_id, "token_vocab_id", T);
-  check_index_vector(token_position, "token_position", T);
-  TORCH_CHECK(ctx_table.dim() == 2 && token_embedding.dim() == 2 &&
-                  positional_embedding.dim() == 2,
-              "ctx_table, token_embedding, positional_embedding must be 2-D");
   const int64_t W = ctx_table.size(1);
-  TORCH_CHECK(token_embedding.size(1) == W && positional_embedding.size(1) == W,
-              "width mismatch: ctx_table ", shape_of(ctx_table), ", token_embedding ",
-              shape_of(token_embedding), ", positional_embedding ", shape_of(positional_embedding));
-  TORCH_CHECK(token_embedding.scalar_type() == ctx_table.scalar_type() &&
-                  positional_embedding.scalar_type() == ctx_table.scalar_type(),
-              "ctx_table, token_embedding and positional_embedding must share a dtype");
-  check_floating(ctx_table, "ctx_table");
-  check_on_device(ctx_table, ctx_table, "ctx_table");
-  check_on_device(token_embedding, ctx_table, "token_embedding");
-  check_on_device(positional_embedding, ctx_table, "positional_embedding");
-  check_on_device(token_ctx_row, ctx_table, "token_ctx_row");
-  check_on_device(token_vocab_id, ctx_table, "token_vocab_id");
-  check_on_device(token_position, ctx_table, "token_position");
   const c10::cuda::CUDAGuard guard(ctx_table.device());
   const auto ctx = ctx_table.contiguous();
   const auto emb = token_embedding.contiguous();
@@ -127,12 +111,7 @@ at::Tensor assemble_forest_cuda(const at::Tensor& ctx_table, const at::Tensor& t
 at::Tensor assemble_forest_backward_cuda(const at::Tensor& grad_out,
                                          const at::Tensor& token_ctx_row,
                                          int64_t num_ctx_rows) {
-  TORCH_CHECK(grad_out.dim() == 2, "grad_out must be [T, W]");
-  check_index_vector(token_ctx_row, "token_ctx_row", grad_out.size(0));
-  TORCH_CHECK(num_ctx_rows >= 0, "num_ctx_rows must be >= 0, got ", num_ctx_rows);
-  check_floating(grad_out, "grad_out");
-  check_on_device(grad_out, grad_out, "grad_out");
-  check_on_device(token_ctx_row, grad_out, "token_ctx_row");
+  check_assemble_backward_args(grad_out, token_ctx_row, num_ctx_rows);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t T = grad_out.size(0), W = grad_out.size(1);
   const auto g = grad_out.contiguous();

@@ -1,7 +1,9 @@
 // Device helpers shared by the hipro_fast CUDA kernels: warp/block
 // reductions with a fixed summation order (so every kernel is deterministic
-// run to run), exp/log/sqrt overloads for the accumulation types, launch
-// sizing and host-side argument checks.
+// run to run), exp/log/sqrt overloads for the accumulation types and launch
+// sizing. The host-side argument checks are in ../checks.h (shared with the
+// CPU ops, compiled by the host compiler), the accumulation dtype in
+// ../acc_type.h.
 #pragma once
 
 // Stream and device guard come from c10/cuda directly rather than through
@@ -21,6 +23,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "../acc_type.h"
 #include "../checks.h"
 #include "../tree_index.h"
 
@@ -79,24 +82,6 @@ __device__ __forceinline__ T neg_infinity() {
 inline unsigned elementwise_blocks(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 20)));
-}
-
-// Accumulation dtype of the ops: fp64 for fp64, fp32 otherwise.
-inline at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline void check_floating(const at::Tensor& t, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              name, " must be float32, float64, float16 or bfloat16, got ", st);
-}
-
-// Every tensor argument of a CUDA op must live on the same CUDA device (the
-// index tensors too: the kernels read them directly).
-inline void check_on_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be on ", ref.device(),
-              " like the other arguments, got ", t.device());
 }
 
 }  // namespace cuda

@@ -17,9 +17,10 @@
 //   4. grad_x = zeros[T, W].index_add_(0, eos, dx) (accumulates if two
 //      prompts share an EOS token), cast to x's dtype.
 //
-// Index checks: the gather kernel checks each eos index with a device-side
-// assertion instead of the CPU op's host loop (no device->host sync); the
-// backward's index_add_ checks its indices itself.
+// Argument checks: check_pool_args / check_pool_backward_args of ../checks.h,
+// as in the CPU op. Index values: the gather kernel checks each eos index
+// with a device-side assertion instead of the CPU op's host loop (no
+// device->host sync); the backward's index_add_ checks its indices itself.
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "common.cuh"
@@ -122,20 +123,11 @@ layernorm_backward_kernel(const acc_t* __restrict__ dxh, const acc_t* __restrict
   }
 }
 
-void check_pool_args(const at::Tensor& x, const at::Tensor& eos_index, const at::Tensor& ln_weight,
-                     const at::Tensor& ln_bias, const at::Tensor& projection) {
-  check_pool_shapes(x, eos_index, ln_weight, ln_bias, projection);
-  check_floating(x, "x");
-  check_floating(ln_weight, "ln_weight");
-  check_floating(ln_bias, "ln_bias");
-  check_floating(projection, "projection");
-  check_on_device(x, x, "x");
-  check_on_device(eos_index, x, "eos_index");
-  check_on_device(ln_weight, x, "ln_weight");
-  check_on_device(ln_bias, x, "ln_bias");
-  check_on_device(projection, x, "projection");
-  TORCH_CHECK(eos_index.numel() <= std::numeric_limits<int32_t>::max(),
-              "too many prompts for one launch: ", eos_index.numel());
+// One block per prompt: P must fit the grid (beyond the checks shared with
+// the CPU op, ../checks.h).
+void check_prompt_count(int64_t P) {
+  check_at_most(P, std::numeric_limits<int32_t>::max(),
+                "hipro_fast.pool_eos (CUDA): the number of prompts (one block each)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_eos_cuda(
@@ -145,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_eos_cuda(
   // autocast region: its at::mm must not be autocast to bf16 / fp16.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_pool_args(x, eos_index, ln_weight, ln_bias, projection);
+  check_prompt_count(eos_index.numel());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t P = eos_index.numel(), T = x.size(0), W = x.size(1);
   const auto acc = acc_scalar_type(x.scalar_type());
@@ -189,39 +182,11 @@ at::Tensor pool_eos_backward_cuda(const at::Tensor& grad_features, const at::Ten
   // The op computes in its documented precision (fp32 / fp64) even inside an
   // autocast region: its at::mm must not be autocast to bf16 / fp16.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  TORCH_CHECK(x_hat.dim() == 2, "x_hat must be [P, W], got ", shape_of(x_hat));
-  const int64_t P = x_hat.size(0), W = x_hat.size(1);
+  check_pool_backward_args(grad_features, features, x_hat, rstd, proj_norm, ln_weight, projection,
+                           eos_index, num_tokens);
+  const int64_t P = x_hat.size(0), W = x_hat.size(1), E = projection.size(1);
   const auto acc = x_hat.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "x_hat must be float32 or float64, got ",
-              acc);
-  TORCH_CHECK(projection.dim() == 2 && projection.size(0) == W, "projection must be [", W,
-              ", E], got ", shape_of(projection));
-  const int64_t E = projection.size(1);
-  TORCH_CHECK(grad_features.dim() == 2 && grad_features.size(0) == P &&
-                  grad_features.size(1) == E,
-              "grad_features must be [", P, ", ", E, "], got ", shape_of(grad_features));
-  TORCH_CHECK(features.sizes() == grad_features.sizes(), "features must be [", P, ", ", E,
-              "], got ", shape_of(features));
-  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == P, "rstd must be [", P, "]");
-  TORCH_CHECK(proj_norm.dim() == 1 && proj_norm.size(0) == P, "proj_norm must be [", P, "]");
-  TORCH_CHECK(ln_weight.dim() == 1 && ln_weight.size(0) == W, "ln_weight must be [", W, "]");
-  check_index_vector(eos_index, "eos_index", P);
-  TORCH_CHECK(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
-  check_floating(grad_features, "grad_features");
-  check_floating(features, "features");
-  check_floating(rstd, "rstd");
-  check_floating(proj_norm, "proj_norm");
-  check_floating(ln_weight, "ln_weight");
-  check_floating(projection, "projection");
-  check_on_device(x_hat, x_hat, "x_hat");
-  check_on_device(grad_features, x_hat, "grad_features");
-  check_on_device(features, x_hat, "features");
-  check_on_device(rstd, x_hat, "rstd");
-  check_on_device(proj_norm, x_hat, "proj_norm");
-  check_on_device(ln_weight, x_hat, "ln_weight");
-  check_on_device(projection, x_hat, "projection");
-  check_on_device(eos_index, x_hat, "eos_index");
-  TORCH_CHECK(P <= std::numeric_limits<int32_t>::max(), "too many prompts for one launch: ", P);
+  check_prompt_count(P);
   const c10::cuda::CUDAGuard guard(x_hat.device());
 
   const auto df = grad_features.to(acc).contiguous();

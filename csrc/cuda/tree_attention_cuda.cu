@@ -31,7 +31,8 @@
 // predicates (segment_row_valid / token_in_segment in tree_index.h) on the
 // device before the attention kernels, on the same stream, and stops with a
 // device-side assertion on a malformed forest. Shapes, dtypes, devices and
-// row layouts are checked on the host with TORCH_CHECK.
+// row layouts are checked on the host by the checks the CPU op runs too
+// (check_attention_args in ../checks.h), plus this backend's launch limits.
 #include "common.cuh"
 
 namespace hipro {
@@ -393,26 +394,12 @@ void dispatch_elems_per_lane(int64_t D, F&& f) {
   }
 }
 
-void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& segment_table, const at::Tensor& token_segment) {
-  check_qkv(q, k, v);
-  check_floating(q, "q");
-  check_on_device(q, q, "q");
-  check_on_device(k, q, "k");
-  check_on_device(v, q, "v");
-  check_on_device(segment_table, q, "segment_table");
-  check_on_device(token_segment, q, "token_segment");
-  const int64_t T = q.size(0);
-  check_segment_table(segment_table, T);
-  check_index_vector(token_segment, "token_segment", T);
-  TORCH_CHECK(token_segment.is_contiguous(), "token_segment must be contiguous");
-  TORCH_CHECK(T * q.size(1) <= std::numeric_limits<int32_t>::max(),
-              "hipro_fast.tree_attention (CUDA): T * H must fit a 1-D grid, got ", T, " * ",
-              q.size(1));
-  TORCH_CHECK(q.size(2) <= kMaxHeadDim, "hipro_fast.tree_attention (CUDA) supports head dim <= ",
-              kMaxHeadDim, ", got ", q.size(2));
-  TORCH_CHECK(T == 0 || segment_table.size(0) > 0, "segment_table is empty but there are ", T,
-              " tokens");
+// What the kernels' launch shapes allow, beyond the checks shared with the
+// CPU op (../checks.h).
+void check_cuda_limits(const at::Tensor& q) {
+  check_at_most(q.size(0) * q.size(1), std::numeric_limits<int32_t>::max(),
+                "hipro_fast.tree_attention (CUDA): T * H (one 1-D grid)");
+  check_at_most(q.size(2), kMaxHeadDim, "hipro_fast.tree_attention (CUDA): head dim");
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -421,6 +408,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
                                                        const at::Tensor& token_segment,
                                                        double scale) {
   check_attention_args(q, k, v, segment_table, token_segment);
+  check_cuda_limits(q);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   auto out = at::empty({T, H, D}, q.options());
@@ -448,18 +436,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segment_table,
     const at::Tensor& token_segment, double scale) {
-  check_attention_args(q, k, v, segment_table, token_segment);
+  check_attention_backward_args(grad_out, q, k, v, out, lse, segment_table, token_segment);
+  check_cuda_limits(q);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must be ", shape_of(q), ", got ",
-              shape_of(grad_out));
-  TORCH_CHECK(out.sizes() == q.sizes(), "out must be ", shape_of(q), ", got ", shape_of(out));
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({T, H}), "lse must be [T, H]");
-  check_floating(grad_out, "grad_out");
-  check_floating(out, "out");
-  check_floating(lse, "lse");
-  check_on_device(grad_out, q, "grad_out");
-  check_on_device(out, q, "out");
-  check_on_device(lse, q, "lse");
   const c10::cuda::CUDAGuard guard(q.device());
   auto dq = at::empty({T, H, D}, q.options());
   auto dk = at::empty({T, H, D}, q.options());

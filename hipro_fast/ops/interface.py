@@ -134,6 +134,8 @@ def _row_strided(x: torch.Tensor) -> torch.Tensor:
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The ops' accumulation dtype (fp64 for fp64, else fp32): the Python side of
+    csrc/acc_type.h, for the fake registrations."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -1,6 +1,8 @@
 """Builds the C++ sources against libtorch with CMake and runs the ctest suite
-(layout builder, shared index math, CPU ops through the dispatcher)."""
+(layout builder, shared index math, CPU ops through the dispatcher), and checks
+that the one source list both builds read names every source file."""
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -10,13 +12,22 @@ import pytest
 import torch.utils
 
 ROOT = Path(__file__).resolve().parents[2]
+find_cuda_home = runpy.run_path(str(ROOT / "scripts" / "find_cuda_home.py"))["find_cuda_home"]
 
 
-def _cuda_root():
-    for cand in [os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]:
-        if cand and Path(cand, "bin", "nvcc").exists():
-            return cand
-    return None
+def test_source_list_names_every_source_once():
+    """csrc/sources.txt feeds setup.py and CMake: a source file missing from it
+    would silently drop out of both builds."""
+    listed = []
+    for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            group, path = line.split()
+            assert group in {"layout", "ops", "python", "cuda"}, line
+            assert (ROOT / path).is_file(), line
+            listed.append(path)
+    on_disk = sorted(str(p.relative_to(ROOT)) for ext in ("*.cpp", "*.cu")
+                     for p in (ROOT / "csrc").rglob(ext) if "tests" not in p.relative_to(ROOT / "csrc").parts)
+    assert sorted(listed) == on_disk
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
@@ -25,7 +36,7 @@ def test_ctest_suite():
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
     configure = ["cmake", "-S", str(ROOT), "-B", str(build),
                  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython_EXECUTABLE={sys.executable}"]
-    cuda = _cuda_root()
+    cuda = find_cuda_home()
     if cuda:
         # libtorch's CMake config wants the toolkit even for CPU-only targets.
         configure += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda}", f"-DCUDAToolkit_ROOT={cuda}"]
