@@ -42,12 +42,14 @@ from .errors import CliError, ForestError, HiproError
 from .method import affinity as aff
 from .method import baselines, export
 from .method.grouping import LINKAGES
-from .method.model import validate_tasks
+from .method.training import TrainConfig
+from .method.baselines import DEFAULT_HIPRO_OPTIONS
+from .method.model import PATH_WEIGHTS, validate_tasks
 
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
 
 # Demo settings: small enough for a few minutes on 2 CPU cores with hipro-tiny-clip.
-DEMO_DEFAULTS = {"shots": 16, "seeds": [0], "epochs": 10, "n_ctx": 4, "affinity_steps": 30}
+DEMO_DEFAULTS = {"shots": [1, 4, 16], "seeds": [0, 1, 2], "epochs": 50, "n_ctx": 4, "affinity_steps": 30}
 DEFAULT_N_CTX = 16  # HiProModel's and compare()'s default
 # The affinity step keeps its own default rather than following --n-ctx: on the bundled benchmark (seed 0,
 # 16 shots, the demo's 30 steps) 16 tokens give the grouped tree the README shows, 4 tokens a flat one.
@@ -99,6 +101,42 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
+def _shot_list(text: str) -> list[int]:
+    """--shots of compare/demo: a comma list of shot counts >= 1 (the protocol's
+    grid, e.g. 1,2,4,8,16), or 0 alone (the whole training split, spec splits)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list of shot counts, e.g. 1,2,4, got {text!r}")
+    try:
+        shots = [_int_at_least(0)(x) for x in items]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if 0 in shots and shots != [0]:
+        raise argparse.ArgumentTypeError(f"{text!r}: 0 (the whole training split) cannot be combined with shot counts")
+    if len(set(shots)) != len(shots):
+        raise argparse.ArgumentTypeError(f"{text!r}: a shot count is repeated")
+    return shots
+
+
+def _single_shots(shots: int | list[int]) -> int:
+    """The one shot count of a command that is not on the protocol's grid."""
+    return shots[0] if isinstance(shots, list) else shots
+
+
+def _unit_interval(text: str) -> float:
+    value = _float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
 def _method_list(text: str) -> str:
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in baselines.METHODS]
@@ -124,7 +162,8 @@ _POSITIVE = _int_at_least(1)
 
 
 # ------------------------------------------------------------------ parser
-def _common(p: argparse.ArgumentParser, spec: bool = True, data: bool = True, resumable: bool = False) -> None:
+def _common(p: argparse.ArgumentParser, spec: bool = True, data: bool = True, resumable: bool = False,
+            shot_grid: bool = False) -> None:
     g = p.add_argument_group("common options")
     if spec:
         g.add_argument("--spec", help="multi-task spec (TOML); see hipro_fast.data.tasks_spec")
@@ -132,8 +171,15 @@ def _common(p: argparse.ArgumentParser, spec: bool = True, data: bool = True, re
     g.add_argument("--seed", type=_SEED, default=0,
                    help=f"seed of the few-shot draw, splits and initialisation (0..{MAX_SEED})")
     if data:
-        g.add_argument("--shots", type=_NONNEG, default=16,
-                       help="K training images per class (1/2/4/8/16; 0 = the whole training split)")
+        if shot_grid:
+            g.add_argument("--shots", type=_shot_list, default=[16],
+                           help="comma list of K (training images per class), e.g. 1,2,4,8,16: every (K, seed) "
+                                "draws its own K-shot training split and a min(K, 4)-shot validation split "
+                                "(from the spec's val split, else from the remaining training images: CoOp's "
+                                "protocol); 0 = the whole training split and the spec's val split")
+        else:
+            g.add_argument("--shots", type=_NONNEG, default=16,
+                           help="K training images per class (1/2/4/8/16; 0 = the whole training split)")
         g.add_argument("--skip-bad-images", action="store_true",
                        help="skip (and count) images that cannot be decoded instead of failing")
         g.add_argument("--aug-views", type=_NONNEG, default=0,
@@ -169,12 +215,24 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: in
     g.add_argument("--epochs", type=_POSITIVE, default=None, help="training epochs (TrainConfig default if unset)")
     g.add_argument("--lr", type=_positive_float, default=None, help="learning rate (TrainConfig default if unset)")
     g.add_argument("--train-batch-size", type=_POSITIVE, default=None, help="training batch size")
+    g.add_argument("--min-steps", type=_NONNEG, default=None,
+                   help="budget rule: at least this many optimiser steps per run, whatever the task size "
+                        "(TrainConfig default 200 if unset)")
     g.add_argument("--n-ctx", type=_POSITIVE, default=n_ctx_default,
                    help="context tokens per tree node, >= 1 (default %(default)s; the affinity step of "
                         "--tree auto has its own --affinity-n-ctx)")
     g.add_argument("--combine", choices=list(COMBINE_MODES), default=DEFAULT_COMBINE,
                    help="how a task combines its path contexts (default %(default)s, see README ablation)")
     g.add_argument("--ctx-init", default=None, help='initialise contexts from a phrase, e.g. "a photo of a"')
+    h = p.add_argument_group("HiPro options (see HiProModel)")
+    h.add_argument("--path-weights", choices=list(PATH_WEIGHTS), default=DEFAULT_HIPRO_OPTIONS["path_weights"],
+                   help="uniform mean of the path nodes' features, or per-task learned weights "
+                        "(--combine mean; default %(default)s)")
+    h.add_argument("--leaf-weight", type=_unit_interval, default=DEFAULT_HIPRO_OPTIONS["leaf_weight"],
+                   help="initial weight of a task's own node with learned path weights (default %(default)s)")
+    h.add_argument("--init-from-parent", action="store_true", help="start each node from its parent's context")
+    h.add_argument("--parent-prior", type=_nonneg_float, default=0.0,
+                   help="weight of the penalty pulling a node's context toward its parent's (--combine mean)")
 
 
 def _affinity_opts(p: argparse.ArgumentParser) -> None:
@@ -229,13 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory from `hipro train` (<run>/checkpoints) or its best.json")
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
 
-    p = sub.add_parser("compare", help="HiPro vs. baselines on the same features")
-    _common(p, resumable=True)
+    p = sub.add_parser("compare", help="HiPro vs. baselines on the same features (over shots x seeds)")
+    _common(p, resumable=True, shot_grid=True)
     _train_opts(p)
     _affinity_opts(p)
     p.add_argument("--methods", type=_method_list, default=None,
                    help="comma list (default: hipro_fast.method.baselines defaults)")
     p.add_argument("--seeds", type=_seed_list, default="0", help="comma list of seeds, e.g. 0,1,2")
+    p.add_argument("--select", choices=["none", "per-task"], default="none",
+                   help="per-task: HiPro takes, task by task, the best of its tree, the flat two-level tree "
+                        "and CoOp per task on the validation split")
 
     p = sub.add_parser("export", help="export a checkpoint as a standalone classifier")
     _common(p, spec=False, data=False)
@@ -248,13 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("demo", help="the whole pipeline on the bundled benchmark")
-    _common(p, spec=False)
+    _common(p, spec=False, shot_grid=True)
     _train_opts(p, tree=False, n_ctx_default=None)
     _affinity_opts(p)
     p.add_argument("--data-dir", default=None,
                    help="where to export the bundled images (default: <cache-dir>/bundled-seed<seed>)")
     p.add_argument("--methods", type=_method_list, default=None, help="comma list of baseline methods")
-    p.add_argument("--seeds", type=_seed_list, default=None, help="comma list of seeds (default: 0)")
+    p.add_argument("--seeds", type=_seed_list, default=None, help="comma list of seeds (default: 0,1,2)")
+    p.add_argument("--select", choices=["none", "per-task"], default="none", help="as for compare")
     p.set_defaults(shots=DEMO_DEFAULTS["shots"])
     return ap
 
@@ -316,7 +378,7 @@ class _Ctx:
             # Classes whose prompts tokenise alike can never be told apart: refuse them before encoding.
             validate_tasks(spec.class_names(), clip.tokenizer)
             self._feats = self.pipeline.cache_features(
-                clip, spec, shots=a.shots or None, seed=a.seed, cache_dir=self.cache_dir, device=self.device,
+                clip, spec, shots=None if self.shot_grid else (_single_shots(a.shots) or None), seed=a.seed, cache_dir=self.cache_dir, device=self.device,
                 views=a.aug_views, skip_bad_images=a.skip_bad_images, progress=self.progress,
                 batch_size=a.batch_size, num_workers=a.workers, splits=splits, log=self.run.log)
             f = self._feats
@@ -340,10 +402,26 @@ class _Ctx:
         self.run.report.add("Data", f"{shots}, seed {f.seed}.\n\n" + "\n".join(lines))
         self.run.write_json("data.json", rows)
 
+    @property
+    def shot_grid(self) -> list[int] | None:
+        """The protocol's shot counts (compare/demo with --shots K[,K...] >= 1), else None."""
+        shots = getattr(self.args, "shots", None)
+        return list(shots) if isinstance(shots, list) and shots != [0] else None
+
+    def hipro_options(self) -> dict[str, Any]:
+        a = self.args
+        opts = {"path_weights": getattr(a, "path_weights", DEFAULT_HIPRO_OPTIONS["path_weights"]),
+                "leaf_weight": getattr(a, "leaf_weight", DEFAULT_HIPRO_OPTIONS["leaf_weight"]),
+                "init_from_parent": bool(getattr(a, "init_from_parent", False)),
+                "parent_prior": float(getattr(a, "parent_prior", 0.0) or 0.0)}
+        if getattr(a, "combine", DEFAULT_COMBINE) != "mean":  # these options weigh per-node features
+            opts["path_weights"], opts["parent_prior"] = "uniform", 0.0
+        return opts
+
     def train_overrides(self) -> dict[str, Any]:
         a = self.args
         return {"epochs": getattr(a, "epochs", None), "lr": getattr(a, "lr", None),
-                "batch_size": getattr(a, "train_batch_size", None)}
+                "batch_size": getattr(a, "train_batch_size", None), "min_steps": getattr(a, "min_steps", None)}
 
     def finish(self) -> None:
         self.run.log("done", seconds=round(time.time() - self.t0, 2))
@@ -499,7 +577,7 @@ def _train_and_eval(ctx: _Ctx, tree):
     model, result = ctx.pipeline.train_hipro(
         ctx.clip(), feats, tree, n_ctx=a.n_ctx, combine=a.combine, ctx_init=a.ctx_init, seed=a.seed,
         device=ctx.device, train_overrides=ctx.train_overrides(), checkpoint_dir=_ckpt_path(ctx),
-        progress=ctx.progress, resume=ctx.run.resumed)
+        progress=ctx.progress, resume=ctx.run.resumed, hipro_options=ctx.hipro_options())
     hist = _log_fit(ctx, result)
 
     png = plots.plot_curves(hist, ctx.run.path("training.png"), keys=("loss", "val_mean"))
@@ -548,7 +626,66 @@ def _seeds(s: Sequence[int] | None, default: Sequence[int]) -> list[int]:
     return list(s) if s else list(default)
 
 
+def _affinity_config(a) -> dict[str, Any]:
+    """What compare() needs to build "hipro"'s tree from each draw's affinity."""
+    cfg = {"method": a.affinity_method, "steps": a.affinity_steps, "n_ctx": a.affinity_n_ctx,
+           "levels": a.levels, "threshold": a.threshold, "linkage": a.linkage}
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
+    """CoOp's protocol over --shots x --seeds: each seed its own few-shot draw;
+    writes comparison.{md,json}, the accuracy-vs-shots figure and the report."""
+    a = ctx.args
+    feats = ctx.features()
+    shots = ctx.shot_grid
+    methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
+    ctx.say(f"protocol: {', '.join(methods) if methods else 'all methods'} at shots {shots} x seeds {list(seeds)} "
+            f"(each seed draws its own split; validation: min(K, 4) per class from the val split, else from the "
+            f"remaining training images)")
+    if ctx.run.resumed:
+        note = ("resumed: every (shots, seed, method) continues from its checkpoint in "
+                "checkpoints/shots<K>-seed<S>/<method>-seed<S> (finished ones are only re-evaluated)")
+        ctx.say(note)
+        ctx.run.log("resume")
+        ctx.run.report.add("Resumed", note + ".")
+    _report_missing(ctx, feats, "test")
+    t0 = time.time()
+
+    def on_run(k, seed, table):
+        means = ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
+        ctx.say(f"  {k} shot{'s' if k > 1 else ''}, seed {seed}: {means}  [{time.time() - t0:.0f} s]")
+        ctx.run.log("draw", shots=k, seed=seed, tree=table.tree, results=ctx.pipeline.table_results(table),
+                    choices={m: r.choices for m, r in table.results.items() if r.choices})
+
+    select = None if getattr(a, "select", "none") == "none" else a.select
+    result = ctx.pipeline.run_shots_protocol(
+        ctx.clip(), feats, shots=shots, seeds=seeds, methods=methods, tree=tree, n_ctx=a.n_ctx, combine=a.combine,
+        train_overrides=ctx.train_overrides(), affinity_config=_affinity_config(a) if tree is None else None,
+        progress=False, checkpoint_dir=_ckpt_path(ctx), resume=ctx.run.resumed,
+        hipro_options={**ctx.hipro_options(), "select": select}, on_run=on_run)
+    summary = result.summary_markdown()
+    per_shot = "\n\n".join(f"### {k} shot{'s' if k > 1 else ''}\n\n" + result.shot_table_markdown(k)
+                            for k in result.shots)
+    ctx.run.write_text("comparison.md", summary + "\n\n" + per_shot + "\n")
+    ctx.run.write_json("comparison.json", result.to_dict())
+    png = plots.plot_accuracy_vs_shots(result, ctx.run.path("accuracy_vs_shots.png"))
+    ctx.run.report.add_figure("Accuracy vs shots", png, "Mean test accuracy over tasks; band: ±1 std over seeds.")
+    ctx.run.report.add("Comparison (mean over tasks)", summary)
+    ctx.run.report.add("Per-task accuracy at each shot count (%, mean over seeds)", per_shot)
+    trees = "\n".join(f"- {k} shots, seed {s}: `{json.dumps(table.tree)}`" for (k, s), table in result.runs.items()
+                      if table.tree is not None)
+    if trees:
+        ctx.run.report.add("HiPro's tree on each draw", trees)
+    ctx.run.log("compare", table=summary, results=result.to_dict())
+    print(summary, flush=True)
+    ctx.say(f"accuracy-vs-shots figure: {png}")
+    return result
+
+
 def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
+    if ctx.shot_grid:
+        return _protocol(ctx, tree, seeds)
     a = ctx.args
     feats = ctx.features()
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
@@ -563,7 +700,9 @@ def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
     table = ctx.pipeline.run_compare(ctx.clip(), feats, methods=methods, seeds=seeds, tree=tree, n_ctx=a.n_ctx,
                                      combine=a.combine, train_overrides=ctx.train_overrides(),
                                      progress=ctx.progress, checkpoint_dir=_ckpt_path(ctx),
-                                     resume=ctx.run.resumed)
+                                     resume=ctx.run.resumed, hipro_options={
+                                         **ctx.hipro_options(),
+                                         "select": None if getattr(a, "select", "none") == "none" else a.select})
     md = table.to_markdown()
     ctx.run.write_text("comparison.md", md + "\n")
     results = ctx.pipeline.table_results(table)
@@ -579,7 +718,8 @@ def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
 
 
 def cmd_compare(ctx: _Ctx) -> int:
-    tree = _resolve_tree(ctx, ctx.args.tree)
+    # On the protocol's grid "auto" builds the tree from each draw's own affinity.
+    tree = None if ctx.shot_grid and ctx.args.tree == "auto" else _resolve_tree(ctx, ctx.args.tree)
     _compare(ctx, tree, _seeds(ctx.args.seeds, [ctx.args.seed]))
     ctx.finish()
     return 0
@@ -613,15 +753,22 @@ def cmd_demo(ctx: _Ctx) -> int:
     ctx.config.update({"spec": a.spec, "epochs": a.epochs, "n_ctx": a.n_ctx, "seeds": seeds,
                        "affinity_steps": a.affinity_steps, "data_dir": str(data_dir)})
     ctx.run.write_config(ctx.config)
-    ctx.say(f"demo settings: {a.shots} shots, seeds {seeds}, {a.epochs} epochs, n_ctx {a.n_ctx}, "
-            f"affinity steps {a.affinity_steps}, model {a.model}, device {ctx.device}")
+    shots = ctx.shot_grid or [_single_shots(a.shots)]
+    ctx.say(f"demo settings: shots {shots}, seeds {seeds}, {a.epochs} epochs (>= {TrainConfig.min_steps} steps), "
+            f"n_ctx {a.n_ctx}, affinity steps {a.affinity_steps}, model {a.model}, device {ctx.device}")
     ctx.run.report.title = "hipro demo (bundled benchmark)"
-    ctx.run.report.add("Settings", f"{a.shots} shots per class, seeds {seeds}, {a.epochs} epochs, "
-                                   f"{a.n_ctx} context tokens per node, {a.affinity_steps} affinity steps, "
-                                   f"model `{a.model}`, device `{ctx.device}`.")
+    ctx.run.report.add("Settings", f"CoOp's protocol: shots {shots}, seeds {seeds} (each seed draws its own "
+                                   f"few-shot split), {a.epochs} epochs and at least {TrainConfig.min_steps} "
+                                   f"optimiser steps per run, {a.n_ctx} context tokens per node, "
+                                   f"{a.affinity_steps} affinity steps per draw, combine `{a.combine}`, path "
+                                   f"weights `{ctx.hipro_options()['path_weights']}`, model `{a.model}`, "
+                                   f"device `{ctx.device}`.")
     ctx.features()
-    _, _, tree = _affinity_and_tree(ctx)
-    _compare(ctx, tree, seeds)
+    if ctx.shot_grid:
+        _compare(ctx, None, seeds)   # "hipro"'s tree comes from each draw's affinity
+    else:
+        _, _, tree = _affinity_and_tree(ctx)
+        _compare(ctx, tree, seeds)
     ctx.say(f"demo took {time.time() - ctx.t0:.0f} s")
     ctx.finish()
     return 0

@@ -24,6 +24,7 @@ from ..engine.prompt_forest import DEFAULT_COMBINE
 from ..method import affinity as aff
 from ..method import baselines, training
 from ..method import checkpoint as ckpt
+from ..method import protocol
 from ..method.model import HiProModel
 from ..method.tree import TaskTree
 from ..errors import ForestError, RunDirError
@@ -428,11 +429,13 @@ def train_config_overrides(train_cfg_cls, overrides: Mapping[str, Any]) -> dict[
 def train_hipro(clip, feats: TaskFeatures, tree, *, n_ctx=16, combine: str = DEFAULT_COMBINE,
                 ctx_init: str | None = None, seed: int = 0, device: str = "cpu",
                 train_overrides: Mapping[str, Any] | None = None, callback=None,
-                checkpoint_dir: str | Path | None = None, progress: bool = True, resume: bool = False):
+                checkpoint_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
+                hipro_options: Mapping[str, Any] | None = None):
     """Build HiProModel on `tree` and fit it (checkpoints in `checkpoint_dir`;
     resume=True continues from its `last` checkpoint when there is one, exactly:
     see hipro_fast.method.training); returns (model holding the best contexts, FitResult)."""
-    model = HiProModel(clip, feats.tasks, tree, n_ctx=n_ctx, combine=combine, ctx_init=ctx_init, seed=seed)
+    model = HiProModel(clip, feats.tasks, tree, n_ctx=n_ctx, combine=combine, ctx_init=ctx_init, seed=seed,
+                       **dict(hipro_options or {}))
     model = model.to(device)
     overrides = train_config_overrides(getattr(training, "TrainConfig", None),
                                        {**(train_overrides or {}), "seed": seed, "progress": progress,
@@ -505,19 +508,47 @@ def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = 
 def run_compare(clip, feats: TaskFeatures, *, methods: Sequence[str] | None = None,
                 seeds: Sequence[int] = (0,), tree=None, n_ctx: int | None = None, combine: str = DEFAULT_COMBINE,
                 train_overrides: Mapping[str, Any] | None = None, progress: bool = True,
-                checkpoint_dir: str | Path | None = None, resume: bool = False):
+                checkpoint_dir: str | Path | None = None, resume: bool = False,
+                hipro_options: Mapping[str, Any] | None = None):
     """baselines.compare on the cached features (train = the few-shot draw).
     With `checkpoint_dir`, every trained (method, seed) checkpoints into
     <checkpoint_dir>/<method>-seed<seed>, and resume=True continues each from there."""
     cfg = training.TrainConfig(**train_config_overrides(training.TrainConfig, {
         **(train_overrides or {}), "progress": progress,
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "resume": bool(resume)}))
-    kw: dict[str, Any] = {"seeds": list(seeds), "tree": tree, "combine": combine, "train_config": cfg}
+    kw: dict[str, Any] = {"seeds": list(seeds), "tree": tree, "combine": combine, "train_config": cfg,
+                          **dict(hipro_options or {})}
     if n_ctx is not None:
         kw["n_ctx"] = n_ctx
     if methods:
         kw["methods"] = list(methods)
     return baselines.compare(clip, feats.tasks, feats.train_for_fit(), feats.test, feats.val or None, **kw)
+
+
+def run_shots_protocol(clip, feats: TaskFeatures, *, shots: Sequence[int], seeds: Sequence[int],
+                       methods: Sequence[str] | None = None, tree=None, n_ctx: int | None = None,
+                       combine: str = DEFAULT_COMBINE, train_overrides: Mapping[str, Any] | None = None,
+                       affinity_config: Mapping[str, Any] | None = None, progress: bool = True,
+                       checkpoint_dir: str | Path | None = None, resume: bool = False,
+                       hipro_options: Mapping[str, Any] | None = None, on_run=None) -> protocol.ProtocolResult:
+    """CoOp's protocol (hipro_fast.method.protocol.run_protocol) on cached features:
+    `feats.train` is every training image of each task (cache_features with
+    shots=None); each (K, seed) draws K training images per class from it and
+    min(K, 4) validation images per class from the task's val split (`feats.val`)
+    when the spec gives one, else from the remaining training images. With
+    `checkpoint_dir`, each draw checkpoints under <dir>/shots<K>-seed<S>/."""
+    cfg = training.TrainConfig(**train_config_overrides(training.TrainConfig, {
+        **(train_overrides or {}), "progress": progress,
+        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "resume": bool(resume)}))
+    kw: dict[str, Any] = {"shots": list(shots), "seeds": list(seeds), "tree": tree, "combine": combine,
+                          "train_config": cfg, "affinity_config": dict(affinity_config or {}) or None,
+                          "on_run": on_run, "pool_views": feats.train_views or None,
+                          "val_pool": feats.val or None, **dict(hipro_options or {})}
+    if n_ctx is not None:
+        kw["n_ctx"] = n_ctx
+    if methods:
+        kw["methods"] = list(methods)
+    return protocol.run_protocol(clip, feats.tasks, feats.train, feats.test, **kw)
 
 
 def table_results(table) -> dict[str, dict[str, float]]:

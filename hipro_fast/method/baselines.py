@@ -27,6 +27,13 @@ from .training import Data, TrainConfig, evaluate, fit
 from .tree import ROOT, TaskTree, leaf_id
 
 METHODS = ("zero-shot", "coop-per-task", "coop-shared", "two-level", "hipro")
+# The options of method "hipro" unless the caller sets them: in combine="mean"
+# each task learns how much its path's nodes weigh, starting at 3/4 on its own
+# node. The only setting of the ablation (benchmarks/results/ablation_hipro.md)
+# that beat CoOp per task on both the planted and the bundled benchmark.
+DEFAULT_HIPRO_OPTIONS = {"path_weights": "learned", "leaf_weight": 0.75}
+SELECT_MODES = (None, "per-task")
+SELECT_CANDIDATES = ("hipro", "two-level", "coop-per-task")  # preference order on validation ties
 ZERO_SHOT_PREFIX = "a photo of a"  # the template "a photo of a {}."
 
 
@@ -39,7 +46,8 @@ def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping
                  seed: int = 0, tokenizer=None, **hipro_options: Any) -> HiProModel:
     """The HiProModel of one method (see the module docstring). `tree` and
     `hipro_options` (HiProModel's path_weights, leaf_weight, init_from_parent,
-    parent_prior) are used by "hipro" only; zero-shot's context is frozen (0
+    parent_prior; DEFAULT_HIPRO_OPTIONS fill the unset ones in combine="mean")
+    are used by "hipro" only; zero-shot's context is frozen (0
     trainable parameters)."""
     names = list(validate_tasks(tasks))
     flat = TaskTree.flat(names)
@@ -59,7 +67,8 @@ def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping
     if method == "hipro":
         if tree is None:
             raise ValueError("method 'hipro' needs a tree")
-        return HiProModel(clip, tasks, tree, n_ctx=n_ctx, combine=combine, **kw, **hipro_options)
+        options = {**(DEFAULT_HIPRO_OPTIONS if combine == "mean" else {}), **hipro_options}
+        return HiProModel(clip, tasks, tree, n_ctx=n_ctx, combine=combine, **kw, **options)
     raise ValueError(f"unknown method {method!r} (methods: {METHODS})")
 
 
@@ -96,6 +105,7 @@ class MethodResult:
     train_seconds: float                 # mean over seeds
     seed_means: list[float] = field(default_factory=list)
     best_epochs: list[int] = field(default_factory=list)
+    choices: list[dict[str, str]] = field(default_factory=list)  # per seed, task -> candidate (select)
 
 
 @dataclass
@@ -112,7 +122,7 @@ class ComparisonTable:
             "tasks": list(self.tasks), "seeds": list(self.seeds), "tree": self.tree,
             "methods": {m: {"task_acc": r.task_acc, "mean": r.mean, "std": r.std, "params": r.params,
                             "train_seconds": r.train_seconds, "seed_means": r.seed_means,
-                            "best_epochs": r.best_epochs}
+                            "best_epochs": r.best_epochs, "choices": r.choices}
                         for m, r in self.results.items()},
         }
 
@@ -138,7 +148,7 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
             val: Data | None = None, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (1, 2, 3),
             tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
             train_config: TrainConfig | None = None, affinity_config: Mapping[str, Any] | None = None,
-            tokenizer=None, **hipro_options: Any) -> ComparisonTable:
+            tokenizer=None, select: str | None = None, **hipro_options: Any) -> ComparisonTable:
     """Train and test every method on the same data, over several seeds.
 
     Each (method, seed) gets a fresh HiProModel (context init seeded by the seed)
@@ -147,6 +157,10 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
     tested on `test`. zero-shot is not trained and is evaluated once.
     tree: the tree of "hipro"; None builds one from task affinity.
     hipro_options: HiProModel options of "hipro" (see build_method).
+    select: None, or "per-task": "hipro" takes for each task the model among
+        SELECT_CANDIDATES (its own tree, the flat two-level tree, CoOp per task)
+        with the best validation accuracy on that task (ties: that order); the
+        candidates missing from `methods` are trained too. Needs `val`.
     """
     methods = list(methods)
     for m in methods:
@@ -160,23 +174,54 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
     if "hipro" in methods:
         hipro_tree = tree if tree is not None else affinity_tree(clip, tasks, train, affinity_config)
         hipro_tree = hipro_tree if isinstance(hipro_tree, TaskTree) else TaskTree.from_nested(hipro_tree)
-    results: dict[str, MethodResult] = {}
-    for method in methods:
+    if select not in SELECT_MODES:
+        raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
+    if select == "per-task" and val is None:
+        raise ValueError("select='per-task' chooses on the validation split: pass val=")
+    # Every (method, seed) is trained once; "hipro" with select="per-task" then
+    # takes, task by task, the candidate with the best validation accuracy, so
+    # the hierarchy is used only where the validation data says it helps.
+    needed = list(methods) + [m for m in (SELECT_CANDIDATES if select and "hipro" in methods else ())
+                              if m not in methods]
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for method in needed:
         run_seeds = list(seeds)[:1] if method == "zero-shot" else list(seeds)
-        accs, seconds, best_epochs, params = [], [], [], 0
         for seed in run_seeds:
             model = build_method(method, clip, tasks, hipro_tree, n_ctx, combine, seed=seed, tokenizer=tokenizer,
                                  **hipro_options)
-            params = model.num_trainable_parameters()
+            run: dict[str, Any] = {"params": model.num_trainable_parameters(), "seconds": 0.0, "best_epoch": None}
             t0 = time.perf_counter()
             if method != "zero-shot":
                 overrides: dict[str, Any] = {"seed": seed}
                 if base.checkpoint_dir is not None:
                     overrides["checkpoint_dir"] = f"{base.checkpoint_dir}/{method}-seed{seed}"
                 result = fit(model, train, val, base, **overrides)
-                best_epochs.append(result.best_epoch)
-            seconds.append(time.perf_counter() - t0 if method != "zero-shot" else 0.0)
-            accs.append(evaluate(model, test, batch_size=base.eval_batch_size))
+                run["best_epoch"] = result.best_epoch
+                run["seconds"] = time.perf_counter() - t0
+            run["test"] = evaluate(model, test, batch_size=base.eval_batch_size)
+            if select:
+                run["val"] = evaluate(model, val, batch_size=base.eval_batch_size)
+            runs[(method, seed)] = run
+    results: dict[str, MethodResult] = {}
+    for method in methods:
+        run_seeds = list(seeds)[:1] if method == "zero-shot" else list(seeds)
+        accs, seconds, best_epochs, params, choices = [], [], [], 0, []
+        for seed in run_seeds:
+            run = runs[(method, seed)]
+            if method == "hipro" and select == "per-task":
+                cands = [runs[(m, seed)] for m in SELECT_CANDIDATES]
+                chosen = {t: max(range(len(cands)), key=lambda i: (cands[i]["val"].get(t, -1.0), -i))
+                          for t in run["test"]}
+                accs.append({t: cands[i]["test"][t] for t, i in chosen.items()})
+                choices.append({t: SELECT_CANDIDATES[i] for t, i in chosen.items()})
+                params = sum(c["params"] for c in cands)
+                seconds.append(sum(c["seconds"] for c in cands))
+            else:
+                accs.append(run["test"])
+                params = run["params"]
+                seconds.append(run["seconds"])
+            if run["best_epoch"] is not None:
+                best_epochs.append(run["best_epoch"])
         test_tasks = [t for t in names if t in accs[0]]
         task_acc = {t: sum(a[t] for a in accs) / len(accs) for t in test_tasks}
         seed_means = [sum(a[t] for t in test_tasks) / len(test_tasks) for a in accs]
@@ -184,7 +229,7 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         std = math.sqrt(sum((s - mean) ** 2 for s in seed_means) / (len(seed_means) - 1)) \
             if len(seed_means) > 1 else 0.0
         results[method] = MethodResult(method, task_acc, mean, std, params,
-                                       sum(seconds) / len(seconds), seed_means, best_epochs)
+                                       sum(seconds) / len(seconds), seed_means, best_epochs, choices)
     table_tasks = [t for t in names if t in test]
     return ComparisonTable(table_tasks, list(seeds), results,
                            hipro_tree.to_nested() if hipro_tree is not None else None)

@@ -16,6 +16,8 @@ from ..errors import TaskSpecError
 
 CTX_INIT_STD = 0.02  # CoOp's N(0, 0.02) context initialisation
 PATH_WEIGHTS = ("uniform", "learned")
+DEFAULT_PATH_WEIGHTS = "uniform"
+DEFAULT_LEAF_WEIGHT = 0.75  # learned path weights start with 3/4 of the weight on the task's own node
 PATH_PREFIX = "path/"  # state names of the learned path weights ("path/<task>"); no node id starts so
 
 
@@ -101,7 +103,8 @@ class HiProModel(nn.Module):
     def __init__(self, clip: LoadedClip | nn.Module, tasks: Mapping[str, Sequence[str]],
                  tree: TaskTree | Sequence[Any], n_ctx: int | Mapping[str, int] = 16,
                  combine: str = DEFAULT_COMBINE, ctx_init: str | None = None, tokenizer=None, seed: int = 0,
-                 path_weights: str = "uniform", leaf_weight: float = 0.5, init_from_parent: bool = False,
+                 path_weights: str = DEFAULT_PATH_WEIGHTS, leaf_weight: float = DEFAULT_LEAF_WEIGHT,
+                 init_from_parent: bool = False,
                  parent_prior: float = 0.0):
         super().__init__()
         if combine not in COMBINE_MODES:

@@ -2,8 +2,9 @@
 that each draw their own few-shot split.
 
 For every (shots K, seed): draw K training images per class from each task's
-training pool and a few-shot validation set of min(K, 4) other images per
-class (CoOp's rule), then train every method on that draw, choose whatever is
+training pool and a few-shot validation set of min(K, 4) images per class
+(CoOp's rule) from the task's validation split when it has one, else from the
+training images not drawn for training, then train every method on that draw, choose whatever is
 chosen (best epoch, the tree of "hipro") on the validation set, and score the
 test split, which informs no choice. The draw depends on (task, K, seed) only.
 """
@@ -39,7 +40,8 @@ def val_shots_for(shots: int) -> int:
 @dataclass
 class FewShotDraw:
     """One seed's few-shot split. train / val: task -> (features [N, D], labels [N]);
-    indices: task -> (train rows, val rows) into the task's pool."""
+    indices: task -> (train rows into the task's pool, val rows into its
+    validation pool when it has one, else into the pool)."""
 
     shots: int
     seed: int
@@ -55,7 +57,8 @@ def _draw_seed(task: str, shots: int, seed: int) -> int:
 
 def draw_few_shot(tasks: Mapping[str, Sequence[str]], pool: Data, shots: int, seed: int,
                   val_shots: int | None = None,
-                  pool_views: Mapping[str, torch.Tensor] | None = None) -> FewShotDraw:
+                  pool_views: Mapping[str, torch.Tensor] | None = None,
+                  val_pool: Data | None = None) -> FewShotDraw:
     """K training and min(K, 4) validation images per class from each task's pool.
 
     Args:
@@ -64,6 +67,8 @@ def draw_few_shot(tasks: Mapping[str, Sequence[str]], pool: Data, shots: int, se
         shots: K >= 1.
         seed: the draw's seed (each seed draws its own split).
         val_shots: validation images per class (default min(K, 4); 0 = no validation set).
+        val_pool: task -> (features, labels) of a validation split to draw the
+            validation shots from (tasks without one draw them from the pool).
         pool_views: task -> [N, V, D] augmented views of the pool's images: the
             training split then holds every view of each drawn image as a sample
             (the draw is made on images, so no image has views on both sides).
@@ -77,23 +82,33 @@ def draw_few_shot(tasks: Mapping[str, Sequence[str]], pool: Data, shots: int, se
     val_shots = val_shots_for(shots) if val_shots is None else int(val_shots)
     if val_shots < 0:
         raise FewShotError(f"val_shots must be >= 0, got {val_shots}")
-    data = validate_task_data(tasks, pool, next(iter(pool.values()))[0].shape[1] if pool else 0,
-                              role="training pool", require_all=True)
+    dim = next(iter(pool.values()))[0].shape[1] if pool else 0
+    data = validate_task_data(tasks, pool, dim, role="training pool", require_all=True)
+    vdata = validate_task_data(tasks, val_pool, dim, role="validation pool", require_all=False) if val_pool else {}
     train, val, indices = {}, {}, {}
     for task, classes in tasks.items():
         x, y = data[task]
+        own_val = task in vdata
         gen = np.random.default_rng(_draw_seed(task, shots, seed))
         tr, va = [], []
         for label, name in enumerate(classes):
             rows = (y == label).nonzero().flatten().cpu().numpy()
-            need = shots + val_shots
+            need = shots if own_val else shots + val_shots
             if rows.size < need:
+                extra = "" if own_val else f" + {val_shots} validation shots"
                 raise FewShotError(
-                    f"task {task!r}, class {name!r}: {rows.size} training images, but {shots} shots + "
-                    f"{val_shots} validation shots need {need}; lower --shots")
+                    f"task {task!r}, class {name!r}: {rows.size} training images, but {shots} shots{extra} "
+                    f"need {need}; lower --shots")
             picked = gen.permutation(rows)
             tr.append(np.sort(picked[:shots]))
-            va.append(np.sort(picked[shots:need]))
+            if own_val:
+                vrows = (vdata[task][1] == label).nonzero().flatten().cpu().numpy()
+                if vrows.size < val_shots:
+                    raise FewShotError(f"task {task!r}, class {name!r}: {vrows.size} validation images, but "
+                                       f"{shots} shots need {val_shots} validation shots; lower --shots")
+                va.append(np.sort(gen.permutation(vrows)[:val_shots]))
+            else:
+                va.append(np.sort(picked[shots:need]))
         tr_idx = torch.from_numpy(np.concatenate(tr)).to(x.device)
         va_idx = torch.from_numpy(np.concatenate(va)).to(x.device)
         if pool_views is not None and task in pool_views:
@@ -101,7 +116,8 @@ def draw_few_shot(tasks: Mapping[str, Sequence[str]], pool: Data, shots: int, se
         else:
             train[task] = (pool[task][0][tr_idx], y[tr_idx])
         if val_shots:
-            val[task] = (pool[task][0][va_idx], y[va_idx])
+            vx, vy = (val_pool[task][0], vdata[task][1]) if own_val else (pool[task][0], y)
+            val[task] = (vx[va_idx], vy[va_idx])
         indices[task] = (tr_idx, va_idx)
     return FewShotDraw(shots, int(seed), train, val, indices)
 
@@ -180,8 +196,9 @@ class ProtocolResult:
         return "\n".join(lines)
 
     def shot_table_markdown(self, shots: int) -> str:
-        """Per-task accuracy (%) of every method at one shot count, mean over seeds."""
-        head = ["method", *self.tasks, "mean"] + (["std"] if len(self.seeds) > 1 else [])
+        """Per-task accuracy (%) of every method at one shot count, mean over seeds,
+        and the method's trainable parameters."""
+        head = ["method", *self.tasks, "mean"] + (["std"] if len(self.seeds) > 1 else []) + ["params"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         for m in self.methods:
             acc = self.task_mean(m, shots)
@@ -189,6 +206,8 @@ class ProtocolResult:
             cells = [m, *(f"{100 * acc[t]:.2f}" for t in self.tasks), f"{100 * mean:.2f}"]
             if std is not None:
                 cells.append(f"{100 * std:.2f}")
+            first = next(self.runs[(shots, s)] for s in self.seeds if (shots, s) in self.runs)
+            cells.append(f"{first[m].params:,}")
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -199,7 +218,7 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
                  combine: str | None = None, train_config: TrainConfig | None = None,
                  affinity_config: Mapping[str, Any] | None = None, tokenizer=None,
                  on_run: Callable[[int, int, ComparisonTable], None] | None = None,
-                 pool_views: Mapping[str, torch.Tensor] | None = None,
+                 pool_views: Mapping[str, torch.Tensor] | None = None, val_pool: Data | None = None,
                  **method_options: Any) -> ProtocolResult:
     """Every method on every (shots, seed), each seed with its own few-shot draw.
 
@@ -210,7 +229,7 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
             affinity on each draw's training split); combine, n_ctx,
             method_options: as hipro_fast.compare.
         on_run: called after each (shots, seed) with its table (progress, logs).
-        pool_views: augmented views of the pool (see draw_few_shot).
+        pool_views / val_pool: see draw_few_shot.
         train_config.checkpoint_dir: each draw checkpoints under
             <dir>/shots<K>-seed<S>/<method>-seed<S> (resume continues each there).
     """
@@ -219,7 +238,8 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
         raise FewShotError("the protocol needs at least one shot count and one seed")
     # Validate every draw before training anything: a class too small for the
     # largest K fails now, not after an hour of training the smaller ones.
-    draws = {(k, s): draw_few_shot(tasks, pool, k, s, pool_views=pool_views) for k in shots for s in seeds}
+    draws = {(k, s): draw_few_shot(tasks, pool, k, s, pool_views=pool_views, val_pool=val_pool)
+             for k in shots for s in seeds}
     result = ProtocolResult(list(tasks), shots, seeds, list(methods))
     kw = dict(methods=methods, tree=tree, n_ctx=n_ctx, train_config=train_config,
               affinity_config=affinity_config, tokenizer=tokenizer, **method_options)

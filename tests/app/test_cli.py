@@ -252,21 +252,32 @@ def test_train_eval_export(world, tmp_path, capsys):
 
 
 def test_compare_writes_table(world, tmp_path, capsys):
+    """compare runs CoOp's protocol (here 1 shot x seeds 0, 1) and writes the
+    summary, the per-shot table with parameter counts, the JSON and the figure."""
     run_dir = tmp_path / "cmp"
-    assert _run(world, "compare", "--methods", "zero-shot,coop-shared,hipro", "--tree", "flat", "--shots", "2",
-                "--epochs", "1", "--n-ctx", "2", run_dir=run_dir) == 0
+    assert _run(world, "compare", "--methods", "zero-shot,coop-shared,hipro", "--tree", "flat", "--shots", "1",
+                "--seeds", "0,1", "--epochs", "1", "--n-ctx", "2", run_dir=run_dir) == 0
     out = capsys.readouterr().out
     md = (run_dir / "comparison.md").read_text()
-    assert md.startswith("| method |") and md.strip() in out
+    summary = md.split("\n\n")[0]
+    assert summary.startswith("| method | 1 shot |") and summary.strip() in out
+    assert "hipro − best baseline" in summary and (run_dir / "accuracy_vs_shots.png").stat().st_size > 1000
     results = json.loads((run_dir / "comparison.json").read_text())
-    assert set(results) == {"zero-shot", "coop-shared", "hipro"}
-    # the markdown rows carry the JSON's numbers, and the parameter counts of n_ctx 2 x width 32 per node
-    rows = {cells[0]: cells for cells in (ln.strip("|").split("|") for ln in md.splitlines() if ln.startswith("| "))}
-    params = {"zero-shot": 0, "coop-shared": 2 * 32, "hipro": 4 * 2 * 32}  # flat tree: root + 3 leaves
-    for method, acc in results.items():
-        cells = [c.strip() for c in rows[f" {method} "]]
-        assert cells[1:1 + len(TASKS)] == [f"{100 * acc[t]:.2f}" for t in TASKS]
-        assert cells[-2] == f"{params[method]:,}"
+    assert results["shots"] == [1] and results["seeds"] == [0, 1]
+    by_method = results["results"]["1"]
+    assert {m for m in by_method if m != "trees"} == {"zero-shot", "coop-shared", "hipro"}
+    # the per-shot table carries the JSON's numbers and the parameter counts (n_ctx 2 x width 32 per node)
+    rows = {cells[0].strip(): [c.strip() for c in cells]
+            for cells in (ln.strip("|").split("|") for ln in md.split("### 1 shot")[1].splitlines()
+                          if ln.startswith("| "))}
+    # flat tree: root + 3 leaves, + 2 learned path weights per task (the default options)
+    params = {"zero-shot": 0, "coop-shared": 2 * 32, "hipro": 4 * 2 * 32 + 3 * 2}
+    for method in params:
+        acc = by_method[method]["task_acc"]
+        assert rows[method][1:1 + len(TASKS)] == [f"{100 * acc[t]:.2f}" for t in TASKS]
+        assert rows[method][-1] == f"{params[method]:,}"
+        m, s = by_method[method]["mean"], by_method[method]["std"]
+        assert f"{100 * m:.2f} ± {100 * s:.2f}" in rows.get(method, []) or f"{100 * m:.2f} ± {100 * s:.2f}" in summary
     # zero-shot's numbers are evaluate() of the "a photo of a {}." model on the cached test features
     from hipro_fast.app import pipeline
     from hipro_fast.data.tasks_spec import load_spec
@@ -274,10 +285,11 @@ def test_compare_writes_table(world, tmp_path, capsys):
     from hipro_fast.method.training import evaluate
 
     clip = pipeline.load_model(model_config=world["config"], seed=0)
-    feats = pipeline.cache_features(clip, load_spec(world["spec"]), shots=2, cache_dir=world["cache"], device="cpu",
-                                    progress=False)
-    assert evaluate(build_method("zero-shot", clip, feats.tasks), feats.test) == pytest.approx(results["zero-shot"])
-    assert md.strip() in (run_dir / "report.md").read_text()
+    feats = pipeline.cache_features(clip, load_spec(world["spec"]), shots=None, cache_dir=world["cache"],
+                                    device="cpu", progress=False)
+    assert evaluate(build_method("zero-shot", clip, feats.tasks), feats.test) == \
+        pytest.approx(by_method["zero-shot"]["task_acc"])
+    assert summary.strip() in (run_dir / "report.md").read_text()
 
 
 def test_affinity_and_tree(world, tmp_path):
@@ -585,20 +597,21 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(world, tmp_path):
 
 
 def test_compare_sigkill_then_resume_equals_the_uninterrupted_run(world, tmp_path):
-    argv = ["compare", "--methods", "coop-shared,hipro", "--tree", TREE, "--shots", "2", "--epochs", "20",
-            "--n-ctx", "2"]
+    argv = ["compare", "--methods", "coop-shared,hipro", "--tree", TREE, "--shots", "1", "--epochs", "20",
+            "--min-steps", "0", "--n-ctx", "2"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
+    draw = Path("checkpoints") / "shots1-seed0"
     proc = _start(world, *argv, run_dir=killed)
-    _wait_for(killed / "checkpoints" / "hipro-seed0" / "last.json", proc)  # coop-shared done, hipro under way
+    _wait_for(killed / draw / "hipro-seed0" / "last.json", proc)  # coop-shared done, hipro under way
     proc.send_signal(signal.SIGKILL)
     _finish(proc)
-    assert json.loads((killed / "checkpoints" / "hipro-seed0" / "last.json").read_text())["epoch"] < 19
+    assert json.loads((killed / draw / "hipro-seed0" / "last.json").read_text())["epoch"] < 19
     resumed = _hipro(world, *argv, "--resume", run_dir=killed)
     assert resumed.returncode == 0, resumed.stderr
     assert _hipro(world, *argv, run_dir=whole).returncode == 0
     assert (json.loads((killed / "comparison.json").read_text())
             == json.loads((whole / "comparison.json").read_text()))
-    for sub in ("coop-shared-seed0", "hipro-seed0"):
+    for sub in ("shots1-seed0/coop-shared-seed0", "shots1-seed0/hipro-seed0"):
         (_, a), (_, b) = _checkpoint_tensors(killed, "last", sub), _checkpoint_tensors(whole, "last", sub)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
 

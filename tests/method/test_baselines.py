@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hipro_fast.method.baselines import METHODS, ComparisonTable, build_method, compare
-from hipro_fast.method.training import TrainConfig, evaluate
+from hipro_fast.method.training import TrainConfig, evaluate, fit
 from tests.helpers_training import N_CTX, TASKS, TREE, tiny_clip, toy_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
@@ -36,7 +37,9 @@ def test_parameter_counts():
         "coop-per-task": T * N_CTX * WIDTH,
         "coop-shared": N_CTX * WIDTH,
         "two-level": (T + 1) * N_CTX * WIDTH,
-        "hipro": 5 * N_CTX * WIDTH,  # root, root/0 (animals+vehicles), 3 leaves
+        # root, root/0 (animals+vehicles), 3 leaves; + the learned path weights of the
+        # default options: 3 for animals and vehicles (root, root/0, leaf), 2 for colors
+        "hipro": 5 * N_CTX * WIDTH + 3 + 3 + 2,
     }
     for method, n in want.items():
         model = build_method(method, clip, TASKS, tree=TREE, n_ctx=N_CTX, tokenizer=tok)
@@ -47,28 +50,55 @@ def test_parameter_counts():
     assert all(per_task.context_path(t) == [f"task/{t}"] for t in TASKS)
     with pytest.raises(ValueError, match="unknown method 'coop'"):
         build_method("coop", clip, TASKS, tokenizer=tok)
+    plain = build_method("hipro", clip, TASKS, tree=TREE, n_ctx=N_CTX, tokenizer=tok, path_weights="uniform")
+    assert plain.num_trainable_parameters() == 5 * N_CTX * WIDTH and not plain.path_logits
+    concat = build_method("hipro", clip, TASKS, tree=TREE, n_ctx=N_CTX, tokenizer=tok, combine="concat")
+    assert concat.path_weights == "uniform"     # the default options only apply to combine="mean"
 
 
-def test_compare_table():
+class _Clock:
+    """Stands in for baselines' `time` module: perf_counter advances 1.5 s per call,
+    so a (start, stop) pair around one training run reads exactly 1.5 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.5
+        return self.now
+
+
+def test_compare_table(monkeypatch):
+    from hipro_fast.method import baselines
+
     clip, tok = tiny_clip()
     train, val, test = toy_data(seed=1), toy_data(seed=2, noise=1.0), toy_data(seed=3, noise=1.0)
     cfg = TrainConfig(epochs=2, batch_size=4, steps_per_epoch=2, lr=0.05)
+    monkeypatch.setattr(baselines, "time", _Clock())
     table = compare(clip, TASKS, train, test, val=val, seeds=(1, 2), tree=TREE, n_ctx=N_CTX,
                     train_config=cfg, tokenizer=tok)
     assert isinstance(table, ComparisonTable)
     assert list(table.results) == list(METHODS)
     params = {m: r.params for m, r in table.results.items()}
     assert params == {"zero-shot": 0, "coop-per-task": T * N_CTX * WIDTH, "coop-shared": N_CTX * WIDTH,
-                      "two-level": (T + 1) * N_CTX * WIDTH, "hipro": 5 * N_CTX * WIDTH}
+                      "two-level": (T + 1) * N_CTX * WIDTH, "hipro": 5 * N_CTX * WIDTH + 8}  # + path weights
     for m, r in table.results.items():
         assert set(r.task_acc) == set(TASKS)
         assert r.mean == pytest.approx(sum(r.seed_means) / len(r.seed_means))
         assert r.mean == pytest.approx(sum(r.task_acc.values()) / T)
-        assert r.std >= 0 and 0 <= r.mean <= 1
+        assert r.std == pytest.approx(statistics.stdev(r.seed_means) if len(r.seed_means) > 1 else 0.0)
+        assert 0 <= r.mean <= 1
         assert len(r.seed_means) == (1 if m == "zero-shot" else 2)
     zs = evaluate(build_method("zero-shot", clip, TASKS, tokenizer=tok), test)
     assert table["zero-shot"].task_acc == pytest.approx(zs)
-    assert table["zero-shot"].train_seconds == 0 and table["hipro"].train_seconds > 0
+    # zero-shot is not trained; every trained run is timed once around its fit (fake clock: 1.5 s)
+    assert table["zero-shot"].train_seconds == 0
+    assert all(r.train_seconds == 1.5 for m, r in table.results.items() if m != "zero-shot")
+    # the table's numbers are evaluate()'s numbers for the model compare trained (same seed, same config)
+    model = build_method("hipro", clip, TASKS, TREE, N_CTX, seed=2, tokenizer=tok)
+    fit(model, train, val, cfg, seed=2)
+    acc = evaluate(model, test)
+    assert table["hipro"].seed_means[1] == pytest.approx(sum(acc.values()) / T)
     md = table.to_markdown()
     assert str(table) == md
     for m in METHODS:
@@ -115,4 +145,4 @@ def test_compare_builds_hipro_tree_from_affinity(monkeypatch):
                     affinity_config={"method": "text", "levels": 2}, tokenizer=tok)
     assert seen["affinity"] == (list(TASKS), sorted(TASKS), {"method": "text"})
     assert seen["tree"] == ((T, T), list(TASKS), {"levels": 2})
-    assert table.tree == TREE and table["hipro"].params == 5 * N_CTX * WIDTH
+    assert table.tree == TREE and table["hipro"].params == 5 * N_CTX * WIDTH + 8  # + path weights

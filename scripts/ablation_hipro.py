@@ -1,0 +1,148 @@
+"""Ablation of HiPro's hierarchy options on the bundled and the planted benchmark.
+
+bundled: CoOp's protocol (hipro_fast.method.protocol) on the bundled benchmark
+  with hipro-tiny-clip, scored on a DEV split: a quarter of every class's
+  training images, held out before any draw (seed 1234), so that choosing the
+  defaults never looks at the test split. One run per variant:
+
+    python scripts/ablation_hipro.py bundled --variant base      # + the baselines
+    python scripts/ablation_hipro.py bundled --variant pw75      # learned path weights, leaf 0.75
+    python scripts/ablation_hipro.py bundled --variant pw90
+    python scripts/ablation_hipro.py bundled --variant pw50
+    python scripts/ablation_hipro.py bundled --variant prior1    # init from parent + parent prior 1.0
+    python scripts/ablation_hipro.py bundled --variant pw75prior # learned weights + parent prior 1.0
+    python scripts/ablation_hipro.py bundled --variant pw75sel   # learned weights + per-task selection on val
+    python scripts/ablation_hipro.py bundled --variant concat    # combine concat (two-level + hipro)
+
+planted: hipro_fast.data.synth problems (3 groups x 2 tasks, 1/2/4 shots and
+  conflicting labels at 2 shots, seeds 0-2), HiPro on the affinity tree with
+  uniform / learned (0.75, 0.9) path weights against CoOp per task and shared:
+
+    python scripts/ablation_hipro.py planted --budget ablation   # 50 epochs, min_steps 0 (tests/method/test_planted.py)
+    python scripts/ablation_hipro.py planted --budget default    # 50 epochs, min_steps 200 (TrainConfig default)
+
+Results: benchmarks/results/ablation_hipro.md. One thread per run (--threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import hipro_fast as hf  # noqa: E402
+from hipro_fast.app import pipeline  # noqa: E402
+from hipro_fast.data.synth import make_planted_problem, planted_clip  # noqa: E402
+from hipro_fast.data.tasks_spec import load_spec  # noqa: E402
+from hipro_fast.method.affinity import task_affinity  # noqa: E402
+from hipro_fast.method.baselines import compare  # noqa: E402
+from hipro_fast.method.protocol import run_protocol  # noqa: E402
+from hipro_fast.method.training import TrainConfig  # noqa: E402
+from hipro_fast.method.tree import tree_from_affinity  # noqa: E402
+
+BUNDLED_VARIANTS = {
+    "base": ("mean", ["coop-per-task", "coop-shared", "two-level", "hipro"], {"path_weights": "uniform"}),
+    "pw75": ("mean", ["hipro"], {"path_weights": "learned", "leaf_weight": 0.75}),
+    "pw90": ("mean", ["hipro"], {"path_weights": "learned", "leaf_weight": 0.9}),
+    "pw50": ("mean", ["hipro"], {"path_weights": "learned", "leaf_weight": 0.5}),
+    "prior1": ("mean", ["hipro"], {"path_weights": "uniform", "init_from_parent": True, "parent_prior": 1.0}),
+    "pw75prior": ("mean", ["hipro"], {"path_weights": "learned", "leaf_weight": 0.75, "parent_prior": 1.0}),
+    "pw75sel": ("mean", ["coop-per-task", "two-level", "hipro"],
+                {"path_weights": "learned", "leaf_weight": 0.75, "select": "per-task"}),
+    "concat": ("concat", ["two-level", "hipro"], {}),
+}
+PLANTED_VARIANTS = {"uniform": {"path_weights": "uniform"},
+                    "pw75": {"path_weights": "learned", "leaf_weight": 0.75},
+                    "pw90": {"path_weights": "learned", "leaf_weight": 0.9}}
+
+
+def dev_split(pool, seed: int = 1234):
+    """(pool without the dev images, dev): a quarter of every class's images."""
+    g = torch.Generator().manual_seed(seed)
+    rest, dev = {}, {}
+    for t, (x, y) in pool.items():
+        keep, hold = [], []
+        for c in range(int(y.max()) + 1):
+            rows = (y == c).nonzero().flatten()
+            rows = rows[torch.randperm(rows.numel(), generator=g)]
+            n = rows.numel() // 4
+            hold.append(rows[:n])
+            keep.append(rows[n:])
+        keep, hold = torch.cat(keep).sort().values, torch.cat(hold).sort().values
+        rest[t], dev[t] = (x[keep], y[keep]), (x[hold], y[hold])
+    return rest, dev
+
+
+def bundled(a) -> dict:
+    combine, methods, options = BUNDLED_VARIANTS[a.variant]
+    clip = hf.load_clip("hipro-tiny-clip")
+    root = Path(a.work) / "bundled"
+    spec_path = root / "tasks.toml" if (root / "tasks.toml").exists() else pipeline.export_bundled(root, seed=0)
+    feats = pipeline.cache_features(clip, load_spec(spec_path), shots=None, seed=0, cache_dir=Path(a.work) / "cache",
+                                    progress=False, splits=("train", "test"))
+    pool, dev = dev_split(feats.train)
+    t0 = time.time()
+
+    def on_run(k, s, table):
+        print(f"  {k} shots, seed {s}: " + ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
+              + f"  tree {table.tree}  [{time.time() - t0:.0f} s]", flush=True)
+
+    res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=methods, n_ctx=4,
+                       combine=combine, train_config=TrainConfig(epochs=50, min_steps=200, lr=0.002),
+                       affinity_config={"steps": 100}, on_run=on_run, **options)
+    print(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
+    return res.to_dict()
+
+
+def planted(a) -> dict:
+    clip = planted_clip()
+    train = TrainConfig(epochs=50, lr=0.002, batch_size=32, min_steps=0 if a.budget == "ablation" else 200)
+    out = {}
+    for conflict, shots in [(False, 1), (False, 2), (False, 4), (True, 2)]:
+        for seed in a.seeds:
+            p = make_planted_problem(clip, shots=shots, seed=seed, conflict=conflict)
+            tree = tree_from_affinity(task_affinity(clip, p.tasks, p.train), list(p.tasks))
+            t = compare(clip, p.tasks, p.train, p.test, val=p.val, methods=["coop-per-task", "coop-shared"],
+                        seeds=(seed,), n_ctx=4, combine="mean", train_config=train)
+            row = {m: t[m].mean for m in ("coop-per-task", "coop-shared")}
+            for name, options in PLANTED_VARIANTS.items():
+                t = compare(clip, p.tasks, p.train, p.test, val=p.val, methods=["hipro"], seeds=(seed,), tree=tree,
+                            n_ctx=4, combine="mean", train_config=train, **options)
+                row[name] = t["hipro"].mean
+            out[f"conflict={conflict} shots={shots} seed={seed}"] = row
+            print(conflict, shots, seed, {k: round(100 * v, 1) for k, v in row.items()}, flush=True)
+    for k in ["coop-per-task", "coop-shared", *PLANTED_VARIANTS]:
+        print(f"{k}: {100 * np.mean([r[k] for r in out.values()]):.2f}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("benchmark", choices=["bundled", "planted"])
+    ap.add_argument("--variant", choices=list(BUNDLED_VARIANTS), default="base")
+    ap.add_argument("--budget", choices=["ablation", "default"], default="default")
+    ap.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", default=os.environ.get("HIPRO_ABLATION_DIR", "/tmp/hipro-ablation"),
+                    help="where the bundled images and feature cache go")
+    ap.add_argument("--json", default=None, help="write the results here")
+    a = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(a.threads)
+    result = bundled(a) if a.benchmark == "bundled" else planted(a)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
