@@ -633,6 +633,17 @@ def _affinity_config(a) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if v is not None}
 
 
+def _note_resume_and_missing(ctx: _Ctx, feats, how: str) -> None:
+    """Say (console, metrics, report) how a resumed comparison continues, and
+    report tasks without test images."""
+    if ctx.run.resumed:
+        note = f"resumed: {how}"
+        ctx.say(note)
+        ctx.run.log("resume")
+        ctx.run.report.add("Resumed", note + ".")
+    _report_missing(ctx, feats, "test")
+
+
 def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
     """CoOp's protocol over --shots x --seeds: each seed its own few-shot draw;
     writes comparison.{md,json}, the accuracy-vs-shots figure and the report."""
@@ -643,13 +654,9 @@ def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
     ctx.say(f"protocol: {', '.join(methods) if methods else 'all methods'} at shots {shots} x seeds {list(seeds)} "
             f"(each seed draws its own split; validation: min(K, 4) per class from the val split, else from the "
             f"remaining training images)")
-    if ctx.run.resumed:
-        note = ("resumed: every (shots, seed, method) continues from its checkpoint in "
-                "checkpoints/shots<K>-seed<S>/<method>-seed<S> (finished ones are only re-evaluated)")
-        ctx.say(note)
-        ctx.run.log("resume")
-        ctx.run.report.add("Resumed", note + ".")
-    _report_missing(ctx, feats, "test")
+    _note_resume_and_missing(ctx, feats, "every (shots, seed, method) continues from its checkpoint in "
+                                         "checkpoints/shots<K>-seed<S>/<method>-seed<S> (finished ones are only "
+                                         "re-evaluated)")
     t0 = time.time()
 
     def on_run(k, seed, table):
@@ -690,13 +697,9 @@ def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
     feats = ctx.features()
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
     ctx.say(f"comparing {', '.join(methods) if methods else 'all methods'} over seeds {list(seeds)} ...")
-    if ctx.run.resumed:
-        note = ("resumed: every (method, seed) continues from its checkpoint in checkpoints/<method>-seed<seed> "
-                "(finished ones are only re-evaluated; their train seconds count the resumed part only)")
-        ctx.say(note)
-        ctx.run.log("resume")
-        ctx.run.report.add("Resumed", note + ".")
-    _report_missing(ctx, feats, "test")
+    _note_resume_and_missing(ctx, feats, "every (method, seed) continues from its checkpoint in "
+                                         "checkpoints/<method>-seed<seed> (finished ones are only re-evaluated; "
+                                         "their train seconds count the resumed part only)")
     table = ctx.pipeline.run_compare(ctx.clip(), feats, methods=methods, seeds=seeds, tree=tree, n_ctx=a.n_ctx,
                                      combine=a.combine, train_overrides=ctx.train_overrides(),
                                      progress=ctx.progress, checkpoint_dir=_ckpt_path(ctx),

@@ -16,6 +16,17 @@ __all__ = ["plot_affinity", "dendrogram_plot", "plot_tree", "plot_affinity_heatm
            "plot_accuracy_bars", "plot_curves", "plot_accuracy_vs_shots"]
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write as a 120-dpi PNG (creating the folder) and close `fig`."""
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -48,12 +59,7 @@ def plot_affinity(matrix, names: Sequence[str], path: str | Path, title: str = "
                 ax.text(j, i, f"{m[i, j]:.2g}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def dendrogram_plot(matrix, names: Sequence[str], path: str | Path, linkage: str = "average",
@@ -84,10 +90,7 @@ def dendrogram_plot(matrix, names: Sequence[str], path: str | Path, linkage: str
             ax.legend(loc="upper left", fontsize=7)
         ax.set_ylabel("normalised distance (1 - scaled affinity)")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_tree(tree: TaskTree, path: str | Path, title: str = "task tree") -> Path:
@@ -121,11 +124,7 @@ def plot_tree(tree: TaskTree, path: str | Path, title: str = "task tree") -> Pat
     ax.set_xticks(range(max_depth + 1))
     ax.set_xlabel("tree level (0 = root)")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 
@@ -171,11 +170,7 @@ def plot_accuracy_bars(results: Mapping[str, Mapping[str, float]], path: str | P
     ax.grid(axis="y", alpha=0.3)
     if len(methods) > 1:
         ax.legend(fontsize=8, ncols=min(4, len(methods)))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 
@@ -196,11 +191,7 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: str | Path, keys: 
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 
@@ -228,9 +219,4 @@ def plot_accuracy_vs_shots(result, path: str | Path, title: str = "accuracy vs s
     ax.set_title(f"{title} ({seeds})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
