@@ -75,38 +75,33 @@ def data():
 
 # ------------------------------------------------------------------ subprocess script
 def _script(argv: list[str]) -> None:
-    """--dir D --out O [--resume] [--marker-at E,S --marker M] [--step-sleep S]
+    """--dir D --out O [--resume] [--kill-at E,S] [--epochs N]
 
     Trains the toy problem (seeded) with a checkpoint per epoch and writes the
-    final/best contexts and the history to O. --marker-at: after optimiser step S
-    of epoch E, create file M and hang (the parent SIGKILLs us). --step-sleep:
-    seconds to sleep after every step (so a parent can kill us mid-run).
+    final/best contexts and the history to O. --kill-at: right after optimiser
+    step S of epoch E the process SIGKILLs itself: a real kill at a known point
+    (mid-epoch, after the checkpoint of epoch E-1), with no timing involved.
     """
     import argparse
     import json
-    import time
+    import signal
 
     torch.set_num_threads(1)
     p = argparse.ArgumentParser()
     p.add_argument("--dir")
     p.add_argument("--out")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--marker-at")
-    p.add_argument("--marker")
-    p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--kill-at")
     p.add_argument("--epochs", type=int, default=6)
     a = p.parse_args(argv)
 
     from hipro_fast.method.training import fit
 
-    target = tuple(int(v) for v in a.marker_at.split(",")) if a.marker_at else None
+    target = tuple(int(v) for v in a.kill_at.split(",")) if a.kill_at else None
 
     def callback(info):
-        if a.step_sleep:
-            time.sleep(a.step_sleep)
         if target == (info["epoch"], info["step"]):
-            open(a.marker, "w").close()
-            time.sleep(600)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     model = make_model()
     train = toy_data(seed=1)

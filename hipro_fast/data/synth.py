@@ -41,6 +41,16 @@ A student that recovers the hierarchy (a group-shared context + task
 contexts) pools the group's shots for the dominant group part, which a
 per-task prompt cannot, and keeps groups apart, which one shared prompt
 cannot.
+
+Structure vs depth. On the default 3 groups x 2 tasks a wrong tree of the
+planted shape trains almost as well as the planted one (the gain of the
+extra level is mostly path depth). With more tasks per group and few shots
+(``n_groups=4, tasks_per_group=4, shots=1``) a group node pools the shots of
+four tasks that share a label space, and the planted tree beats a wrong tree
+of the same shape (9 of 10 seeds, +3.4 accuracy points on average, with
+HiProModel's defaults as of its learned path weights; +6.3 and 10 of 10 with
+fixed equal path weights)
+(tests/method/test_planted.py::test_hipro_needs_the_right_tree_not_only_its_shape).
 """
 from __future__ import annotations
 

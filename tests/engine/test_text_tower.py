@@ -13,6 +13,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from hipro_fast.engine.layout import ForestError
 from hipro_fast.engine.prompt_forest import build_prompt_forest, class_suffix_tokens
 from hipro_fast.engine.text_tower import TextTower, UnsupportedTextTower
+from hipro_fast.ops.extension import fused_available
 from tests import oracle
 
 TOL = 1e-4  # fp32 max abs error bound from the spec
@@ -65,6 +66,11 @@ HIPRO_TREE = dict(
 
 @pytest.mark.parametrize("combine", ["concat", "mean"])
 def test_vit_b16_exact(vit_b16, tokenizer, backend, combine):
+    # the fixture perturbed every LayerNorm and the projection (oracle.perturb_norms_and_projection)
+    norms = [vit_b16.ln_final] + [ln for blk in vit_b16.transformer.resblocks for ln in (blk.ln_1, blk.ln_2)]
+    assert len(norms) == 25
+    for m in norms:
+        assert not torch.all(m.weight == 1) and not torch.all(m.bias == 0)
     check_exact(vit_b16, tokenizer, combine=combine, **HIPRO_TREE)
 
 
@@ -141,10 +147,14 @@ def _fit_context(tok, node_ctx, paths, classes, combine, fill_exact, limit=77):
     return node_ctx
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# `backend` runs the fuzz with the fused ops and with the plain-PyTorch fallback;
+# its environment variable holds for every example of one test call.
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                 HealthCheck.function_scoped_fixture])
 @given(problem=random_problem(), combine=st.sampled_from(["concat", "mean"]))
-def test_fuzz_random_forests_exact(tiny_models, tokenizer, problem, combine):
+def test_fuzz_random_forests_exact(tiny_models, tokenizer, backend, problem, combine):
     node_ctx, paths, classes, fill_exact = problem
+    assert fused_available("cpu") == (backend == "fused")
     node_ctx = _fit_context(tokenizer, dict(node_ctx), paths, classes, combine, fill_exact)
     if node_ctx is None:
         return
@@ -207,3 +217,58 @@ def test_siglip_config_rejected():
                                            text_cfg=text_cfg)
     with pytest.raises(UnsupportedTextTower):
         TextTower(model)
+
+
+def _small_clip(**text_kw):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vision_cfg = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16)
+    return CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=CLIPTextCfg(width=32, heads=2, layers=2, **text_kw))
+
+
+def _unsupported(case):
+    """A tower the forest engine cannot encode exactly, and the words its error must say."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+
+    if case == "coca_cls_token":
+        vision_cfg = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16)
+        return CustomTextCLIP(embed_dim=16, vision_cfg=vision_cfg,
+                              text_cfg=CLIPTextCfg(width=32, heads=2, layers=1, embed_cls=True)), "CLS token"
+    if case in ("custom_block", "qk_norm"):
+        kw = {"block_type": "custom"} if case == "custom_block" else {"qk_norm": True}
+        return _small_clip(**kw), "block 0 is CustomResidualAttentionBlock"
+    if case == "projection_bias":
+        return _small_clip(proj_bias=True), "projection with a bias"
+    model = _small_clip()
+    blk = model.transformer.resblocks[1]
+    if case == "attention_bias_kv":
+        blk.attn.bias_k = torch.nn.Parameter(torch.zeros(1, 1, 32))
+        return model, "block 1: unsupported MultiheadAttention options"
+    if case == "attention_add_zero_attn":
+        blk.attn.add_zero_attn = True
+        return model, "block 1: unsupported MultiheadAttention options"
+    if case == "attention_kdim":
+        blk.attn = torch.nn.MultiheadAttention(32, 2, kdim=16, vdim=16, batch_first=True)
+        return model, "block 1: unsupported MultiheadAttention options"
+    if case == "ln_final_not_affine":
+        model.ln_final = torch.nn.LayerNorm(32, elementwise_affine=False)
+        return model, "ln_final must be an affine LayerNorm"
+    if case == "no_text_transformer":  # e.g. a Hugging Face text tower
+        return torch.nn.Module(), "has no open_clip TextTransformer"
+    if case == "attn_mask_wrong_size":
+        model.attn_mask = model.attn_mask[:-1, :-1]
+        return model, "not causal"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["coca_cls_token", "custom_block", "qk_norm", "projection_bias",
+                                  "attention_bias_kv", "attention_add_zero_attn", "attention_kdim",
+                                  "ln_final_not_affine", "no_text_transformer", "attn_mask_wrong_size"])
+def test_unsupported_towers_are_rejected_naming_the_part(case):
+    """Every check of TextTower's constructor (README: "checks: causal,
+    EOS(argmax)-pooled, standard blocks") refuses its tower with a message that
+    names the part; the same CLIP without the change is accepted."""
+    model, words = _unsupported(case)
+    with pytest.raises(UnsupportedTextTower, match=words):
+        TextTower(model)
+    TextTower(_small_clip())

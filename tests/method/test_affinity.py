@@ -1,6 +1,7 @@
 """Task affinity estimators: batched look-ahead / gradient cosine against naive
 per-task loops, transfer semantics, output files, input errors."""
 import json
+import math
 import os
 
 import numpy as np
@@ -95,6 +96,57 @@ def test_batched_lookahead_and_gradcos_match_naive_loops(tiny):
     gc = task_affinity((model, tok), TASKS, data, method="gradcos", steps=1, every=1, n_ctx=n_ctx, seed=seed)
     np.testing.assert_allclose(gc, cos, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.diag(gc), 1.0, atol=1e-5)
+
+
+def test_transfer_matches_its_definition_task_by_task(tiny):
+    """The transfer estimator rebuilt from its definition, one task at a time:
+    each task's prompt trained alone from the shared init (Adam, cosine lr, full
+    batch), s[i, j] = -log L_j(prompt i), every column standardised over the
+    OTHER tasks' prompts (mean 0, std 1 over i != j), then (Z + Z^T) / 2; and
+    normalize="own": s[i, j] - s[j, j]. Four tasks, so a column's standardised
+    off-diagonal entries are not just +-1."""
+    model, tok = tiny
+    tasks = {**TASKS, "tools": ["hammer", "saw", "drill"]}
+    data = toy_data(tasks, seed=3)
+    n_ctx, steps, lr, seed = 2, 4, 0.05, 1
+    tower = TextTower(model)
+    scale = float(model.logit_scale.exp())
+    names = list(tasks)
+
+    def features(task, prompt):
+        enc = ForestEncoder(tower, tok, {"p": n_ctx}, {task: ["p"]}, {task: tasks[task]})
+        return enc({"p": prompt})[task]
+
+    init = torch.randn(n_ctx, 64, generator=torch.Generator().manual_seed(seed)) * 0.02
+    prompts = {}
+    for t in names:
+        c = init.clone().requires_grad_(True)
+        opt = torch.optim.Adam([c], lr=lr)
+        x, y = data[t]
+        for step in range(steps):
+            opt.param_groups[0]["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+            loss = F.cross_entropy(scale * x @ features(t, c).t(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        prompts[t] = c.detach()
+    s = np.zeros((4, 4))
+    with torch.no_grad():
+        for i, ti in enumerate(names):
+            for j, tj in enumerate(names):
+                x, y = data[tj]
+                s[i, j] = -math.log(float(F.cross_entropy(scale * x @ features(tj, prompts[ti]).t(), y)))
+    z = np.empty_like(s)
+    for j in range(4):
+        others = np.delete(s[:, j], j)
+        z[:, j] = (s[:, j] - others.mean()) / others.std()
+    kw = dict(method="transfer", n_ctx=n_ctx, steps=steps, lr=lr, seed=seed)
+    got = task_affinity((model, tok), tasks, data, **kw)
+    np.testing.assert_allclose(got, (z + z.T) / 2, rtol=0, atol=1e-3)
+    own = s - np.diag(s)[None, :]
+    np.testing.assert_allclose(task_affinity((model, tok), tasks, data, normalize="own", **kw), (own + own.T) / 2,
+                               rtol=0, atol=1e-4)
+    assert np.abs(z - s).max() > 0.5  # the standardisation changes the matrix: the check can tell
 
 
 def test_transfer_ranks_a_duplicated_task_first(tiny):
