@@ -146,3 +146,31 @@ def test_compare_builds_hipro_tree_from_affinity(monkeypatch):
     assert seen["affinity"] == (list(TASKS), sorted(TASKS), {"method": "text"})
     assert seen["tree"] == ((T, T), list(TASKS), {"levels": 2})
     assert table.tree == TREE and table["hipro"].params == 5 * N_CTX * WIDTH + 8  # + path weights
+
+
+def test_select_per_task_takes_each_tasks_best_candidate_on_validation():
+    """select="per-task": for each task, the candidate (its tree, two-level, CoOp
+    per task) with the best validation accuracy, ties in that order; its test
+    accuracy is that candidate's own."""
+    clip, tok = tiny_clip()
+    train, val, test = toy_data(seed=1), toy_data(seed=2), toy_data(seed=3)
+    cfg = TrainConfig(epochs=2, batch_size=4, steps_per_epoch=2, lr=0.05, min_steps=0)
+    table = compare(clip, TASKS, train, test, val=val, methods=["coop-per-task", "hipro"], seeds=(4,), tree=TREE,
+                    n_ctx=N_CTX, train_config=cfg, tokenizer=tok, select="per-task")
+    assert set(table.results) == {"coop-per-task", "hipro"}      # two-level trained, not reported
+    (choice,) = table["hipro"].choices
+    candidates = {}
+    for method in ("hipro", "two-level", "coop-per-task"):
+        model = build_method(method, clip, TASKS, TREE, N_CTX, seed=4, tokenizer=tok)
+        fit(model, train, val, cfg, seed=4)
+        candidates[method] = (evaluate(model, val), evaluate(model, test))
+    for task in TASKS:
+        order = ["hipro", "two-level", "coop-per-task"]
+        best = max(order, key=lambda m: (candidates[m][0][task], -order.index(m)))
+        assert choice[task] == best
+        assert table["hipro"].task_acc[task] == pytest.approx(candidates[best][1][task])
+    assert table["coop-per-task"].task_acc == pytest.approx(candidates["coop-per-task"][1])
+    with pytest.raises(ValueError, match="chooses on the validation split: pass val="):
+        compare(clip, TASKS, train, test, methods=["hipro"], tree=TREE, tokenizer=tok, select="per-task")
+    with pytest.raises(ValueError, match="select must be one of"):
+        compare(clip, TASKS, train, test, val=val, methods=["hipro"], tree=TREE, tokenizer=tok, select="best")
