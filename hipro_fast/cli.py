@@ -43,7 +43,7 @@ from .method import affinity as aff
 from .method import baselines, export
 from .method.grouping import LINKAGES
 from .method.training import TrainConfig
-from .method.baselines import DEFAULT_HIPRO_OPTIONS
+from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT
 from .method.model import PATH_WEIGHTS, validate_tasks
 
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
@@ -294,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_method_list, default=None,
                    help="comma list (default: hipro_fast.method.baselines defaults)")
     p.add_argument("--seeds", type=_seed_list, default="0", help="comma list of seeds, e.g. 0,1,2")
-    p.add_argument("--select", choices=["none", "per-task"], default="none",
-                   help="per-task: HiPro takes, task by task, the best of its tree, the flat two-level tree "
-                        "and CoOp per task on the validation split")
+    p.add_argument("--select", choices=["none", "per-task"], default=DEFAULT_PROTOCOL_SELECT,
+                   help="per-task (default): HiPro takes, task by task, the best of its tree, the flat two-level "
+                        "tree and CoOp per task on the validation split; none: its tree alone")
 
     p = sub.add_parser("export", help="export a checkpoint as a standalone classifier")
     _common(p, spec=False, data=False)
@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to export the bundled images (default: <cache-dir>/bundled-seed<seed>)")
     p.add_argument("--methods", type=_method_list, default=None, help="comma list of baseline methods")
     p.add_argument("--seeds", type=_seed_list, default=None, help="comma list of seeds (default: 0,1,2)")
-    p.add_argument("--select", choices=["none", "per-task"], default="none", help="as for compare")
+    p.add_argument("--select", choices=["none", "per-task"], default=DEFAULT_PROTOCOL_SELECT,
+                   help="as for compare")
     p.set_defaults(shots=DEMO_DEFAULTS["shots"])
     return ap
 

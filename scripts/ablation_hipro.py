@@ -20,6 +20,15 @@ planted: hipro_fast.data.synth problems (3 groups x 2 tasks, 1/2/4 shots and
 
     python scripts/ablation_hipro.py planted --budget ablation   # 50 epochs, min_steps 0 (tests/method/test_planted.py)
     python scripts/ablation_hipro.py planted --budget default    # 50 epochs, min_steps 200 (TrainConfig default)
+    python scripts/ablation_hipro.py planted --budget default --planted-variants pw75prior,pw75sel
+
+budget: the training-budget check on the bundled DEV split: every trained
+  method (default HiPro options) at learning rate --lr and --scale times the
+  default budget (epochs and min_steps multiplied), so that a rule can be
+  chosen whose doubled budget moves no method's mean by more than 0.5 points:
+
+    python scripts/ablation_hipro.py budget --lr 0.002 --scale 1 --shots 1,4,16
+    python scripts/ablation_hipro.py budget --lr 0.002 --scale 2 --shots 1,4,16
 
 Results: benchmarks/results/ablation_hipro.md. One thread per run (--threads).
 """
@@ -62,7 +71,9 @@ BUNDLED_VARIANTS = {
 }
 PLANTED_VARIANTS = {"uniform": {"path_weights": "uniform"},
                     "pw75": {"path_weights": "learned", "leaf_weight": 0.75},
-                    "pw90": {"path_weights": "learned", "leaf_weight": 0.9}}
+                    "pw90": {"path_weights": "learned", "leaf_weight": 0.9},
+                    "pw75prior": {"path_weights": "learned", "leaf_weight": 0.75, "parent_prior": 1.0},
+                    "pw75sel": {"path_weights": "learned", "leaf_weight": 0.75, "select": "per-task"}}
 
 
 def dev_split(pool, seed: int = 1234):
@@ -98,9 +109,37 @@ def bundled(a) -> dict:
 
     res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=methods, n_ctx=4,
                        combine=combine, train_config=TrainConfig(epochs=50, min_steps=200, lr=0.002),
-                       affinity_config={"steps": 100}, on_run=on_run, **options)
+                       affinity_config=affinity_config(a, 100), on_run=on_run, **options)
     print(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
     return res.to_dict()
+
+
+def affinity_config(a, steps: int) -> dict:
+    """The affinity options of a run: `steps` optimiser steps, and --levels
+    (None = the automatic tree rule) for the tree."""
+    return {"steps": steps} if a.levels is None else {"steps": steps, "levels": a.levels}
+
+
+def budget(a) -> dict:
+    """Every trained method on the bundled dev split at lr a.lr and a.scale x
+    (50 epochs, min_steps 200)."""
+    clip = hf.load_clip("hipro-tiny-clip")
+    root = Path(a.work) / "bundled"
+    spec_path = root / "tasks.toml" if (root / "tasks.toml").exists() else pipeline.export_bundled(root, seed=0)
+    feats = pipeline.cache_features(clip, load_spec(spec_path), shots=None, seed=0, cache_dir=Path(a.work) / "cache",
+                                    progress=False, splits=("train", "test"))
+    pool, dev = dev_split(feats.train)
+    t0 = time.time()
+
+    def on_run(k, s, table):
+        print(f"  {k} shots, seed {s}: " + ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
+              + f"  [{time.time() - t0:.0f} s]", flush=True)
+
+    config = TrainConfig(epochs=int(50 * a.scale), min_steps=int(200 * a.scale), lr=a.lr)
+    res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=a.methods, n_ctx=4,
+                       train_config=config, affinity_config=affinity_config(a, 30), on_run=on_run)
+    print(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
+    return {"lr": a.lr, "scale": a.scale, **res.to_dict()}
 
 
 def planted(a) -> dict:
@@ -114,32 +153,43 @@ def planted(a) -> dict:
             t = compare(clip, p.tasks, p.train, p.test, val=p.val, methods=["coop-per-task", "coop-shared"],
                         seeds=(seed,), n_ctx=4, combine="mean", train_config=train)
             row = {m: t[m].mean for m in ("coop-per-task", "coop-shared")}
-            for name, options in PLANTED_VARIANTS.items():
-                t = compare(clip, p.tasks, p.train, p.test, val=p.val, methods=["hipro"], seeds=(seed,), tree=tree,
+            for name in a.planted_variants:
+                options = PLANTED_VARIANTS[name]
+                # per-task selection picks among hipro, the flat two-level tree and CoOp per task
+                methods = ["coop-per-task", "two-level", "hipro"] if options.get("select") else ["hipro"]
+                t = compare(clip, p.tasks, p.train, p.test, val=p.val, methods=methods, seeds=(seed,), tree=tree,
                             n_ctx=4, combine="mean", train_config=train, **options)
                 row[name] = t["hipro"].mean
             out[f"conflict={conflict} shots={shots} seed={seed}"] = row
             print(conflict, shots, seed, {k: round(100 * v, 1) for k, v in row.items()}, flush=True)
-    for k in ["coop-per-task", "coop-shared", *PLANTED_VARIANTS]:
+    for k in ["coop-per-task", "coop-shared", *a.planted_variants]:
         print(f"{k}: {100 * np.mean([r[k] for r in out.values()]):.2f}")
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("benchmark", choices=["bundled", "planted"])
+    ap.add_argument("benchmark", choices=["bundled", "planted", "budget"])
     ap.add_argument("--variant", choices=list(BUNDLED_VARIANTS), default="base")
     ap.add_argument("--budget", choices=["ablation", "default"], default="default")
+    ap.add_argument("--planted-variants", type=lambda s: s.split(","), default=["uniform", "pw75", "pw90"],
+                    help=f"planted: comma list of {list(PLANTED_VARIANTS)}")
     ap.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=0.002, help="budget: learning rate")
+    ap.add_argument("--scale", type=float, default=1.0, help="budget: multiple of the default budget")
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=["coop-per-task", "coop-shared", "two-level", "hipro"],
+                    help="budget: the methods run")
+    ap.add_argument("--levels", type=int, default=None,
+                    help="tree levels below the root for hipro's affinity tree (default: the automatic rule)")
     ap.add_argument("--work", default=os.environ.get("HIPRO_ABLATION_DIR", "/tmp/hipro-ablation"),
                     help="where the bundled images and feature cache go")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
-    result = bundled(a) if a.benchmark == "bundled" else planted(a)
+    result = {"bundled": bundled, "planted": planted, "budget": budget}[a.benchmark](a)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
 

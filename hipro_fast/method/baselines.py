@@ -32,6 +32,11 @@ METHODS = ("zero-shot", "coop-per-task", "coop-shared", "two-level", "hipro")
 # node. The only setting of the ablation (benchmarks/results/ablation_hipro.md)
 # that beat CoOp per task on both the planted and the bundled benchmark.
 DEFAULT_HIPRO_OPTIONS = {"path_weights": "learned", "leaf_weight": 0.75}
+# The protocol's (run_protocol, `hipro compare`, `hipro demo`) default: per-task
+# selection on the validation split won on both benchmarks
+# (benchmarks/results/ablation_hipro.md). compare() itself keeps None, since it
+# may be called without a validation split.
+DEFAULT_PROTOCOL_SELECT = "per-task"
 SELECT_MODES = (None, "per-task")
 SELECT_CANDIDATES = ("hipro", "two-level", "coop-per-task")  # preference order on validation ties
 ZERO_SHOT_PREFIX = "a photo of a"  # the template "a photo of a {}."

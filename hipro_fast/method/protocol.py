@@ -21,7 +21,7 @@ import torch
 
 from ..data.feature_cache import stack_views
 from ..errors import FewShotError
-from .baselines import METHODS, ComparisonTable, compare
+from .baselines import DEFAULT_PROTOCOL_SELECT, METHODS, ComparisonTable, compare
 from .task_data import validate_task_data
 from .training import Data, TrainConfig
 
@@ -135,6 +135,7 @@ class ProtocolResult:
     seeds: list[int]
     methods: list[str]
     runs: dict[tuple[int, int], ComparisonTable] = field(default_factory=dict)
+    select: str | None = None  # how "hipro" was chosen (see compare's select)
 
     def seed_means(self, method: str, shots: int) -> list[float]:
         """Mean task accuracy (fraction) of each seed."""
@@ -164,7 +165,7 @@ class ProtocolResult:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tasks": self.tasks, "shots": self.shots, "seeds": self.seeds,
-                               "methods": self.methods, "results": {}}
+                               "methods": self.methods, "select": self.select, "results": {}}
         for k in self.shots:
             out["results"][str(k)] = {
                 m: {"mean": self.mean_std(m, k)[0], "std": self.mean_std(m, k)[1],
@@ -192,7 +193,9 @@ class ProtocolResult:
                 f"{100 * d:+.2f} (vs {b})" for d, b in margins) + " |")
         seeds = f"seeds {self.seeds}" if several else f"one seed ({self.seeds[0]}; no spread)"
         lines.append(f"\ntest accuracy in %, mean over tasks, then over {seeds}; each seed draws its own "
-                     "few-shot split; best epoch and tree chosen on the few-shot validation split")
+                     "few-shot split; best epoch and tree chosen on the few-shot validation split"
+                     + ("; hipro takes, task by task, the best of its tree, the flat two-level tree and CoOp "
+                        "per task on that split" if self.select == "per-task" else ""))
         return "\n".join(lines)
 
     def shot_table_markdown(self, shots: int) -> str:
@@ -227,12 +230,15 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
         test: task -> (features, labels), scored only.
         shots / seeds: the grid; tree: the tree of "hipro" (None = from task
             affinity on each draw's training split); combine, n_ctx,
-            method_options: as hipro_fast.compare.
+            method_options: as hipro_fast.compare; `select` defaults to
+            DEFAULT_PROTOCOL_SELECT ("per-task": every draw has a validation
+            split; pass select=None for HiPro's tree alone).
         on_run: called after each (shots, seed) with its table (progress, logs).
         pool_views / val_pool: see draw_few_shot.
         train_config.checkpoint_dir: each draw checkpoints under
             <dir>/shots<K>-seed<S>/<method>-seed<S> (resume continues each there).
     """
+    method_options.setdefault("select", DEFAULT_PROTOCOL_SELECT)
     shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
     if not shots or not seeds:
         raise FewShotError("the protocol needs at least one shot count and one seed")
@@ -240,7 +246,7 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
     # largest K fails now, not after an hour of training the smaller ones.
     draws = {(k, s): draw_few_shot(tasks, pool, k, s, pool_views=pool_views, val_pool=val_pool)
              for k in shots for s in seeds}
-    result = ProtocolResult(list(tasks), shots, seeds, list(methods))
+    result = ProtocolResult(list(tasks), shots, seeds, list(methods), select=method_options["select"])
     kw = dict(methods=methods, tree=tree, n_ctx=n_ctx, train_config=train_config,
               affinity_config=affinity_config, tokenizer=tokenizer, **method_options)
     if combine is not None:

@@ -256,14 +256,14 @@ def test_compare_writes_table(world, tmp_path, capsys):
     summary, the per-shot table with parameter counts, the JSON and the figure."""
     run_dir = tmp_path / "cmp"
     assert _run(world, "compare", "--methods", "zero-shot,coop-shared,hipro", "--tree", "flat", "--shots", "1",
-                "--seeds", "0,1", "--epochs", "1", "--n-ctx", "2", run_dir=run_dir) == 0
+                "--seeds", "0,1", "--epochs", "1", "--n-ctx", "2", "--select", "none", run_dir=run_dir) == 0
     out = capsys.readouterr().out
     md = (run_dir / "comparison.md").read_text()
     summary = md.split("\n\n")[0]
     assert summary.startswith("| method | 1 shot |") and summary.strip() in out
     assert "hipro − best baseline" in summary and (run_dir / "accuracy_vs_shots.png").stat().st_size > 1000
     results = json.loads((run_dir / "comparison.json").read_text())
-    assert results["shots"] == [1] and results["seeds"] == [0, 1]
+    assert results["shots"] == [1] and results["seeds"] == [0, 1] and results["select"] is None
     by_method = results["results"]["1"]
     assert {m for m in by_method if m != "trees"} == {"zero-shot", "coop-shared", "hipro"}
     # the per-shot table carries the JSON's numbers and the parameter counts (n_ctx 2 x width 32 per node)

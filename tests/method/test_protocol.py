@@ -76,3 +76,24 @@ def test_protocol_runs_the_grid_and_summarises_it():
                        n_ctx=2, train_config=cfg)
     assert "±" not in one.summary_markdown() and "no spread" in one.summary_markdown()
     assert one.mean_std("coop-per-task", 1)[1] is None
+
+
+def test_protocol_selects_per_task_by_default_and_select_none_keeps_the_tree():
+    """run_protocol's default (DEFAULT_PROTOCOL_SELECT, chosen by the ablation)
+    gives "hipro" each task's best candidate on the draw's validation split;
+    select=None scores HiPro's own tree. The choices are recorded per task."""
+    clip, tok = tiny_clip()
+    pool, test = _pool(per_class=10), toy_data(seed=5)
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=4, lr=0.05)
+    kw = dict(shots=(2,), seeds=(0,), methods=["coop-per-task", "two-level", "hipro"], tree=list(TASKS), n_ctx=2,
+              train_config=cfg)
+    chosen = run_protocol((clip, tok), TASKS, pool, test, **kw)
+    plain = run_protocol((clip, tok), TASKS, pool, test, select=None, **kw)
+    assert chosen.select == "per-task" and plain.select is None
+    assert "task by task" in chosen.summary_markdown() and "task by task" not in plain.summary_markdown()
+    table, own = chosen.runs[(2, 0)], plain.runs[(2, 0)]
+    picks = table["hipro"].choices[0]
+    assert set(picks) == set(TASKS)
+    for task, method in picks.items():
+        source = own["hipro"] if method == "hipro" else own[method]
+        assert table["hipro"].task_acc[task] == pytest.approx(source.task_acc[task])
