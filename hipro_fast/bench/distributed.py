@@ -47,7 +47,7 @@ _NOUN = ["fox", "lamp", "river", "chair", "tower", "boat", "flower", "stone", "b
 
 
 def class_names(task: int, n: int) -> list[str]:
-    """n distinct two-or-three-word names for task `task` (distinct across tasks)."""
+    """n distinct two- or three-word names for task `task` (distinct across tasks)."""
     out = []
     i = task * n
     while len(out) < n:
