@@ -929,7 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         rank = dist_group.rank()
-        print(f"hipro: error: {'' if rank == 0 else f'[rank {rank}] '}{_one_line(e)}", file=sys.stderr)
+        msg = dist_group.collective_failure(e) or _one_line(e)
+        print(f"hipro: error: {'' if rank == 0 else f'[rank {rank}] '}{msg}", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = old_show

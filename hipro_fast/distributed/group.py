@@ -34,7 +34,7 @@ from ..errors import DistributedError, PeerTimeoutError, RankMismatchError
 
 __all__ = ["DistInfo", "DEFAULT_TIMEOUT_S", "launched", "backend_for", "init_from_env", "current", "rank",
            "world_size", "is_main", "barrier", "all_reduce_sum", "all_gather_object", "broadcast_object",
-           "check_agreement", "shutdown"]
+           "check_agreement", "collective_failure", "shutdown"]
 
 DEFAULT_TIMEOUT_S = 300.0  # collectives and the rendezvous wait this long for a peer before failing
 _ARRIVED = "hipro/arrived/"
@@ -248,6 +248,23 @@ def check_agreement(values: Mapping[str, Any], what: str) -> None:
                 shown = f": rank 0 has {a}, rank {r} has {b}" if max(len(str(a)), len(str(b))) <= 200 else ""
                 raise RankMismatchError(f"ranks disagree on {what}: {key!r} differs between rank 0 and rank {r}"
                                         f"{shown} (every rank must run the same command on the same inputs)")
+
+
+_COLLECTIVE_FAILURES = ("gloo", "nccl", "timed out waiting", "connection reset by peer", "connection closed by peer")
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """A one-line account of `e` when it is a failed collective of this group (a
+    peer that died, or stalled longer than the timeout), else None."""
+    info = current()
+    if info is None or not isinstance(e, RuntimeError) or isinstance(e, DistributedError):
+        return None
+    text = " ".join(str(e).split())
+    if not any(k in text.lower() for k in _COLLECTIVE_FAILURES):
+        return None
+    first = text.split("] ", 1)[-1] if text.startswith("[") else text  # drop torch's source location
+    return (f"rank {info.rank}: a collective failed: a peer died or stalled for more than {info.timeout_s:g} s "
+            f"(--dist-timeout); see the other ranks' output ({first})")
 
 
 def shutdown() -> None:

@@ -56,3 +56,16 @@ def test_nproc_wraps_torchrun_once():
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
     assert cmd[-5:] == ["train", "--spec", "t.toml", "--epochs", "1"]
     assert cmd[cmd.index("-m", 3) + 1] == "hipro_fast.cli" and "--nproc" not in cmd[cmd.index("-m", 3):]
+
+
+def test_a_failed_collective_is_told_as_a_lost_peer(monkeypatch):
+    from hipro_fast.distributed import group
+
+    assert group.collective_failure(RuntimeError("Timed out waiting 5000ms")) is None  # not in a group
+    monkeypatch.setattr(group, "current", lambda: group.DistInfo(1, 2, 1, "gloo", "cpu", 5.0))
+    gloo = RuntimeError("[/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation")
+    msg = group.collective_failure(gloo)
+    assert msg.startswith("rank 1: a collective failed: a peer died or stalled for more than 5 s (--dist-timeout)")
+    assert msg.endswith("(Timed out waiting 5000ms for recv operation)")
+    assert group.collective_failure(RuntimeError("shape mismatch")) is None
+    assert group.collective_failure(ValueError("gloo")) is None
