@@ -421,6 +421,11 @@ class _Ctx:
             clip = self.clip()
             # Classes whose prompts tokenise alike can never be told apart: refuse them before encoding.
             validate_tasks(spec.class_names(), clip.tokenizer)
+            if self.dist is not None:  # the same --spec path may name different files on different nodes
+                dist_group.check_agreement(
+                    {"classes": spec.class_names(),
+                     "images": {t: {s: [[r.path, r.label] for r in recs] for s, recs in task.splits.items()}
+                                for t, task in spec.tasks.items()}}, f"the task spec {a.spec}")
             self._feats = self.pipeline.cache_features(
                 clip, spec, shots=None if self.shot_grid else (_single_shots(a.shots) or None), seed=a.seed, cache_dir=self.cache_dir, device=self.device,
                 views=a.aug_views, skip_bad_images=a.skip_bad_images, progress=self.progress,
