@@ -77,9 +77,9 @@ class ShardedForestEncoder:
     the classes and all-gathers the features of all of them.
 
     Args: as ForestEncoder, plus rank / world_size (of the default process group).
-    Attributes: `counts` [world_size] (task, class) pairs per rank; `local` this
-    rank's ForestEncoder (None when all its tasks' classes are elsewhere: never,
-    balanced_split gives every rank at least one pair).
+    Attributes: `ranges` / `counts` the [start, end) run and the number of
+    (task, class) pairs of every rank (each holds at least one); `local` this
+    rank's ForestEncoder over its pairs; `local_tasks` the tasks it touches.
     """
 
     def __init__(self, tower: TextTower, tokenizer, node_ctx: Mapping[str, int],
@@ -91,7 +91,6 @@ class ShardedForestEncoder:
         costs = unit_costs(tokenizer, task_paths, task_classes, combine)
         self.ranges = balanced_split(costs, self.world_size)
         self.counts = [e - s for s, e in self.ranges]
-        self.unit_tokens = [sum(costs[s:e]) for s, e in self.ranges]
         start, end = self.ranges[self.rank]
         local_classes: dict[str, list[str]] = {}
         for t, i in units[start:end]:
