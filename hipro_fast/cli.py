@@ -20,6 +20,11 @@ existing non-empty run directory is refused (and left untouched) unless
 uninterrupted run) is given. Numeric options are checked before anything loads.
 Failures exit non-zero with one line ``hipro: error: <reason>`` (``--debug``
 shows the traceback).
+
+Several processes: ``torchrun --nproc-per-node N -m hipro_fast.cli train ...``
+(or ``hipro train ... --nproc N`` on one machine) runs cache, train, eval,
+compare, affinity and tree in a process group (hipro_fast.distributed); only
+rank 0 writes the run directory and prints.
 """
 from __future__ import annotations
 
@@ -36,9 +41,11 @@ from .app import pipeline, plots, report
 from .bench import gpu as bench_gpu
 from .bench import cpu as bench
 from .data.feature_cache import default_cache_dir
+from .distributed import group as dist_group
+from .distributed.launch import run_under_torchrun
 from .data.tasks_spec import load_spec
 from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
-from .errors import CliError, ForestError, HiproError
+from .errors import CliError, DistributedError, ForestError, HiproError
 from .method import affinity as aff
 from .method import baselines, export
 from .method.grouping import LINKAGES
@@ -205,6 +212,12 @@ def _common(p: argparse.ArgumentParser, spec: bool = True, data: bool = True, re
                    help="feature cache folder (default: $HIPRO_CACHE_DIR or ~/.cache/hipro_fast)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--nproc", type=_POSITIVE, default=None,
+                   help="run the command in N processes on this machine (wraps torchrun --standalone; gloo on "
+                        "CPU, nccl with one GPU per process); several machines: call torchrun yourself")
+    g.add_argument("--dist-timeout", type=_positive_float, default=dist_group.DEFAULT_TIMEOUT_S,
+                   help="seconds a process waits for a peer (start-up and every collective) before the job "
+                        f"fails naming it (default {dist_group.DEFAULT_TIMEOUT_S:g})")
 
 
 def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: int | None = DEFAULT_N_CTX) -> None:
@@ -329,17 +342,26 @@ class _Ctx:
     def __init__(self, args, command: str):
         self.args = args
         self.pipeline = pipeline
-        self.progress = not getattr(args, "no_progress", False)
-        self.device = pipeline.resolve_device(args.device)
+        self.dist = dist_group.current()
+        self.main = self.dist is None or self.dist.is_main
+        self.progress = not getattr(args, "no_progress", False) and self.main
+        self.device = self.dist.device if self.dist is not None else pipeline.resolve_device(args.device)
         cfg = {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
         cfg["device_resolved"] = self.device
         cfg["command"] = command
+        cfg["world_size"] = self.dist.world_size if self.dist is not None else 1
+        cfg["backend"] = self.dist.backend if self.dist is not None else None
         resume = bool(getattr(args, "resume", False))
         if resume and not args.run_dir:
             raise CliError("--resume needs --run-dir (the run to continue)")
         mode = "resume" if resume else ("overwrite" if getattr(args, "overwrite", False) else "new")
+        if self.dist is not None:
+            if command not in DIST_COMMANDS:
+                raise CliError(f"hipro {command} runs in one process (under torchrun: {', '.join(DIST_COMMANDS)})")
+            # Ranks that run different commands would hang in different collectives: compare first.
+            dist_group.check_agreement({k: v for k, v in cfg.items() if k != "device_resolved"}, "the command line")
         # Checked before anything is written or loaded: a refused run directory is left untouched.
-        self.run = pipeline.Run(args.run_dir, command, cfg, mode=mode, resumable=command in ("train", "compare"))
+        self.run = self._open_run(args.run_dir, command, cfg, mode)
         if resume and not self.run.resumed:
             self.say(f"nothing to resume in {self.run.dir} (absent or empty): starting a new run")
         self.run.log("start", command=command, mode=mode, resumed=self.run.resumed)
@@ -348,8 +370,30 @@ class _Ctx:
         self._feats = None
         self.t0 = time.time()
 
+    def _open_run(self, run_dir, command: str, cfg: dict, mode: str):
+        """Rank 0 (or the only process) opens the run directory; the other ranks
+        get its path and `resumed` from rank 0 and write nothing there."""
+        resumable = command in ("train", "compare")
+        if self.dist is None:
+            return pipeline.Run(run_dir, command, cfg, mode=mode, resumable=resumable)
+        run, outcome = None, None
+        if self.main:
+            try:
+                run = pipeline.Run(run_dir, command, cfg, mode=mode, resumable=resumable)
+                outcome = (str(run.dir), run.resumed, None)
+            except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+                outcome = (None, False, _one_line(e))
+                dist_group.broadcast_object(outcome)
+                raise
+        directory, resumed, error = dist_group.broadcast_object(outcome)
+        if error is not None:
+            raise DistributedError(f"rank 0 stopped: {error}")
+        return run if run is not None else pipeline.Run(directory, command, cfg, mode=mode, writer=False,
+                                                        resumed=resumed)
+
     def say(self, msg: str) -> None:
-        print(msg, flush=True)
+        if self.main:
+            print(msg, flush=True)
 
     @property
     def cache_dir(self) -> Path:
@@ -378,6 +422,11 @@ class _Ctx:
             clip = self.clip()
             # Classes whose prompts tokenise alike can never be told apart: refuse them before encoding.
             validate_tasks(spec.class_names(), clip.tokenizer)
+            if self.dist is not None:  # the same --spec path may name different files on different nodes
+                dist_group.check_agreement(
+                    {"classes": spec.class_names(),
+                     "images": {t: {s: [[r.path, r.label] for r in recs] for s, recs in task.splits.items()}
+                                for t, task in spec.tasks.items()}}, f"the task spec {a.spec}")
             self._feats = self.pipeline.cache_features(
                 clip, spec, shots=None if self.shot_grid else (_single_shots(a.shots) or None), seed=a.seed, cache_dir=self.cache_dir, device=self.device,
                 views=a.aug_views, skip_bad_images=a.skip_bad_images, progress=self.progress,
@@ -686,7 +735,7 @@ def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
     if trees:
         ctx.run.report.add("HiPro's tree on each draw", trees)
     ctx.run.log("compare", table=summary, results=result.to_dict())
-    print(summary, flush=True)
+    ctx.say(summary)
     ctx.say(f"accuracy-vs-shots figure: {png}")
     return result
 
@@ -717,7 +766,7 @@ def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
         ctx.run.report.add_figure("Per-task test accuracy", png)
     ctx.run.report.add("Comparison", md)
     ctx.run.log("compare", table=md, results=results)
-    print(md, flush=True)
+    ctx.say(md)
     return table
 
 
@@ -778,6 +827,8 @@ def cmd_demo(ctx: _Ctx) -> int:
     return 0
 
 
+# Commands that run in a process group under torchrun (demo and export write outside the run directory).
+DIST_COMMANDS = ("cache", "train", "eval", "compare", "affinity", "tree")
 COMMANDS = {"cache": cmd_cache, "affinity": cmd_affinity, "tree": cmd_tree, "train": cmd_train, "eval": cmd_eval,
             "compare": cmd_compare, "export": cmd_export, "demo": cmd_demo}
 
@@ -861,6 +912,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             for mod in ("torch", "open_clip", "timm", "torchvision"):
                 warnings.filterwarnings("ignore", module=mod)
+            if getattr(args, "nproc", None) and not dist_group.launched():
+                # `--nproc N`: this process only starts torchrun, whose workers run the command.
+                if args.command not in DIST_COMMANDS:
+                    raise CliError(f"--nproc: hipro {args.command} runs in one process (multi-process commands: "
+                                   f"{', '.join(DIST_COMMANDS)})")
+                return run_under_torchrun(args.nproc, argv, args.device)
+            dist_group.init_from_env(args.device, args.dist_timeout)
             ctx = _Ctx(args, args.command)
             return int(COMMANDS[args.command](ctx) or 0)
     except KeyboardInterrupt:
@@ -876,10 +934,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pass
         if debug:
             raise
-        print(f"hipro: error: {_one_line(e)}", file=sys.stderr)
+        rank = dist_group.rank()
+        msg = dist_group.collective_failure(e) or _one_line(e)
+        print(f"hipro: error: {'' if rank == 0 else f'[rank {rank}] '}{msg}", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = old_show
+        dist_group.shutdown()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,28 @@ class UnsupportedTextTower(HiproError, ValueError):
     """The model's text tower is not causal + EOS(argmax)-pooled (or has an unsupported part)."""
 
 
+# ------------------------------------------------------------ distributed
+class DistributedError(HiproError, RuntimeError):
+    """A multi-process run that cannot start or go on: a backend without its
+    devices, a peer that never arrived, a launch that does not fit the work."""
+
+
+class PeerTimeoutError(DistributedError):
+    """Ranks that did not join the process group in time; `missing` lists them."""
+
+    def __init__(self, missing: list[int], world_size: int, timeout_s: float, where: str):
+        self.missing, self.world_size, self.timeout_s = list(missing), int(world_size), float(timeout_s)
+        names = ", ".join(str(r) for r in self.missing)
+        super().__init__(f"rank{'s' if len(self.missing) > 1 else ''} {names} of {world_size} did not arrive "
+                         f"within {timeout_s:g} s at {where} (a node or process that never started, or a "
+                         f"different --rdzv-endpoint / MASTER_ADDR:MASTER_PORT)")
+
+
+class RankMismatchError(DistributedError, ValueError):
+    """The ranks of one job disagree on something that must be the same everywhere
+    (spec, seed, options, data sizes); the message names the rank and the key."""
+
+
 # ------------------------------------------------------------------- data
 class WeightsMismatchError(HiproError, ValueError):
     """A weights file does not fit the chosen model."""

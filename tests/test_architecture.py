@@ -1,6 +1,6 @@
 """The package's layering, checked on its source (no imports executed):
-dependencies point one way (base -> ops -> engine -> data -> method -> app ->
-cli; bench on the side), no import cycles between modules, and no
+dependencies point one way (base -> ops -> engine -> distributed -> data ->
+method -> app -> cli; bench on the side), no import cycles between modules, and no
 function-level imports of the package's own modules unless the line says why."""
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hipro_fast"
 
 # Layer of each top-level entry of the package; a module may import its own
 # layer and those below. The package __init__ only re-exports the public API.
-LAYERS = {"errors": 0, "files": 0, "ops": 1, "engine": 2, "data": 3, "method": 4, "app": 5, "cli": 6,
-          "__init__": 7, "_C": 1}
-BENCH_MAY_IMPORT = {"errors", "files", "ops", "engine", "data", "method"}
+# distributed sits above the engine (it shards the forest) and below data
+# (sharded feature caching) and method (data-parallel fit/evaluate).
+LAYERS = {"errors": 0, "files": 0, "ops": 1, "engine": 2, "distributed": 3, "data": 4, "method": 5, "app": 6,
+          "cli": 7, "__init__": 8, "_C": 1}
+BENCH_MAY_IMPORT = {"errors", "files", "ops", "engine", "distributed", "data", "method"}
 
 
 def module_name(path: Path) -> str:

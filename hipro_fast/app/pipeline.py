@@ -7,16 +7,19 @@ run directory (resolved config, metrics as JSON lines, checkpoints, figures and
 """
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from ..data.bundled import export_image_folders
+from ..distributed import group as dist_group
 from ..data.clip_loading import load_clip
 from ..data.feature_cache import FeatureCache, stack_views
 from ..data.tasks_spec import MultiTaskSpec, few_shot
@@ -72,7 +75,9 @@ RUN_MODES = ("new", "resume", "overwrite")
 # config.json keys that may differ when a run is resumed: where and how it runs, not what it computes.
 RESUME_FREE_KEYS = frozenset({
     "resume", "overwrite", "no_progress", "debug", "device", "device_resolved", "run_dir", "cache_dir",
-    "workers", "batch_size", "model_resolved"})
+    "workers", "batch_size", "model_resolved",
+    # a run may resume with another number of processes (same trajectory, see hipro_fast.distributed)
+    "nproc", "dist_timeout", "world_size", "backend"})
 
 
 def _read_run_config(directory: Path) -> dict[str, Any] | None:
@@ -127,9 +132,20 @@ class Run:
     """
 
     def __init__(self, run_dir: str | Path | None, command: str, config: Mapping[str, Any] | None = None,
-                 mode: str = "new", resumable: bool = False):
+                 mode: str = "new", resumable: bool = False, writer: bool = True, resumed: bool = False):
         if mode not in RUN_MODES:
             raise ValueError(f"run mode must be one of {RUN_MODES}, got {mode!r}")
+        self.writer = writer
+        if not writer:
+            # Rank > 0 of a multi-process run: rank 0 owns the run directory (and
+            # decided `resumed`); this rank reads its checkpoints but writes its
+            # own copies of figures and JSON to a scratch folder, removed at exit.
+            self.dir, self.command, self.resumed = Path(run_dir), command, bool(resumed)
+            self._scratch = Path(tempfile.mkdtemp(prefix="hipro-rank-"))
+            atexit.register(shutil.rmtree, self._scratch, True)
+            self.metrics_path = self._scratch / "metrics.jsonl"
+            self.report = Report(self._scratch, title=f"hipro {command}")
+            return
         if run_dir is None:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = Path("runs") / f"{stamp}-{command}"
@@ -172,8 +188,9 @@ class Run:
         return True
 
     def path(self, name: str) -> Path:
-        """run_dir/name (parents created); RunDirError if it is a symlink."""
-        p = self.dir / name
+        """run_dir/name (parents created); RunDirError if it is a symlink. On a
+        non-writing rank: the same name in its scratch folder."""
+        p = (self.dir if self.writer else self._scratch) / name
         p.parent.mkdir(parents=True, exist_ok=True)
         if p.is_symlink():
             raise RunDirError(f"{p} is a symbolic link: hipro writes only regular files in its run directory "
@@ -181,7 +198,7 @@ class Run:
         return p
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
-        return dump_json(dict(config), self.dir / "config.json")
+        return dump_json(dict(config), self.path("config.json"))
 
     def log(self, event: str, **values) -> None:
         """Append one JSON line to metrics.jsonl (created with the umask's permissions;
@@ -451,9 +468,10 @@ def evaluate_model(model, data: Split) -> dict[str, float]:
 
 def save_model(model, directory: str | Path, extra: Mapping[str, Any] | None = None, result=None) -> Path:
     """Write `model`'s current contexts as the `best` checkpoint of `directory`
-    (unless fit already wrote one there); returns the directory."""
+    (unless fit already wrote one there; in a multi-process run only rank 0
+    writes); returns the directory."""
     directory = Path(directory)
-    if not ckpt.has_checkpoint(directory, "best"):
+    if dist_group.is_main() and not ckpt.has_checkpoint(directory, "best"):  # rank 0 writes, once
         hist = list(getattr(result, "history", []) or [])
         epoch = int(getattr(result, "best_epoch", max(0, len(hist) - 1)) or 0)
         ckpt.save_checkpoint(directory, model, None, epoch, hist, kind="best",

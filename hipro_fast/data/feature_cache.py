@@ -29,6 +29,13 @@ Writes go to a temporary file in the same folder and are moved in place with
 ``os.replace``, so an interrupted run (Ctrl-C) leaves the previous cache as it
 was.
 
+Under torchrun (a process group of more than one rank,
+hipro_fast.distributed.group) rank 0 decides hit or rebuild for every set;
+a rebuild splits the images into whole batches, each rank encodes a
+contiguous run of them, the parts are all-gathered in rank order, and rank 0
+writes the file: the same keys and tensors as one process would write (every
+batch is the one a single process would encode).
+
 Augmented views: with ``views=K`` every image is also encoded K times through
 CoOp's training augmentation (random resized crop, scale 0.08-1, + horizontal
 flip, then the model's normalisation), seeded per (seed, image, view), giving
@@ -44,6 +51,7 @@ augmentation does, drawn from a fixed bank of K views per image.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -56,6 +64,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..distributed import group as dist_group
+from ..errors import DistributedError, HiproError
 from ..files import atomic_write_bytes
 from .tasks_spec import BadImageError, ImageRecord, read_image
 
@@ -308,39 +318,105 @@ class FeatureCache:
         if not records:
             raise ValueError(f"{tag}: no images to encode")
         if self.cache_dir is None:
-            out = self._encode(records, tag, views, seed)
+            sharded = dist_group.current() is not None
+            out = self._encode_sharded(records, tag, views, seed) if sharded else self._encode(records, tag, views, seed)
             out.status = "uncached"
             return out
         stats = _image_stats(records)  # once: the key and the saved stats describe the same files
         key = self.key(tag, records, views, seed, stats)
         path = self.file_for(tag, views, seed, records)
         status = "built"
-        if path.exists():
+        sharded = dist_group.current() is not None
+        if sharded:
+            # Rank 0 decides hit / rebuild for everyone (a file read twice could change in between).
+            verdict = dist_group.broadcast_object(self._load(path, key, records)[1] if path.exists() else None)
+            if verdict == "":
+                # A rank that cannot read rank 0's file (a node with its own cache folder) gets rank 0's copy.
+                loaded = self._load(path, key, records)[0] if path.exists() else None
+                have = dist_group.all_gather_object(loaded is not None)
+                if not all(have):
+                    theirs = dist_group.broadcast_object(loaded if dist_group.is_main() else None)
+                    if loaded is None:
+                        loaded = dataclasses.replace(theirs, features=theirs.features.to(self.device),
+                                                     labels=theirs.labels.to(self.device),
+                                                     views=None if theirs.views is None else
+                                                     theirs.views.to(self.device))
+                self.log.append(f"{tag}: cache hit {path.name}")
+                return loaded
+            if verdict is not None:
+                status = "stale" if verdict.startswith("stale") else "corrupt"
+                if dist_group.is_main():
+                    warnings.warn(f"{status} feature cache {path}: {verdict}; rebuilding", CacheWarning,
+                                  stacklevel=2)
+        elif path.exists():
             loaded, reason = self._load(path, key, records)
             if loaded is not None:
                 self.log.append(f"{tag}: cache hit {path.name}")
                 return loaded
             status = "stale" if reason.startswith("stale") else "corrupt"
             warnings.warn(f"{status} feature cache {path}: {reason}; rebuilding", CacheWarning, stacklevel=2)
-        out = self._encode(records, tag, views, seed)
-        self._save(path, key, out, records, stats)
+        out = self._encode_sharded(records, tag, views, seed) if sharded else self._encode(records, tag, views, seed)
+        if dist_group.is_main():  # written once, atomically
+            self._save(path, key, out, records, stats)
+        dist_group.barrier()  # the file is in place before any rank goes on
         out.status, out.file = status, path
         self.log.append(f"{tag}: {status} -> encoded {len(out)} images into {path.name}")
         return out
 
     # ---------------------------------------------------------------- encode
-    @torch.no_grad()
+    def _encode_sharded(self, records, tag, views, seed) -> EncodedSet:
+        """Each rank encodes a contiguous run of whole batches (so every batch, and
+        hence every feature, is computed as in one process); the parts are
+        all-gathered in rank order into the one-process result on every rank."""
+        n_batches = -(-len(records) // self.batch_size)
+        rank, world = dist_group.rank(), dist_group.world_size()
+        base, extra = divmod(n_batches, world)
+        first = rank * base + min(rank, extra)
+        mine = range(first * self.batch_size,
+                     min(len(records), (first + base + (1 if rank < extra else 0)) * self.batch_size))
+        try:
+            part = self._encode_rows(records, mine, tag, views, seed, progress=self.progress and rank == 0)
+            cpu: tuple = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in part)
+        except (HiproError, ValueError, OSError) as e:
+            # Shipped to every rank, so that all of them stop here instead of waiting on this one.
+            cpu = ("error", e)
+        parts = dist_group.all_gather_object(cpu)
+        for r, p in enumerate(parts):
+            if p[0] == "error":
+                raise p[1] if r == rank else DistributedError(f"rank {r} failed to encode its share of {tag}: "
+                                                              f"{p[1]}")
+        feats = [p[0] for p in parts if p[0] is not None]
+        vfeats = [p[1] for p in parts if p[1] is not None]
+        kept = [i for p in parts for i in p[2]]
+        skipped = [s for p in parts for s in p[3]]
+        if not kept:
+            raise ValueError(f"{tag}: none of the {len(records)} images could be decoded")
+        labels = torch.tensor([records[i].label for i in kept], dtype=torch.long, device=self.device)
+        return EncodedSet(torch.cat(feats).to(self.device), labels, [records[i].path for i in kept],
+                          torch.cat(vfeats).to(self.device) if views else None, skipped)
+
     def _encode(self, records, tag, views, seed) -> EncodedSet:
+        feats, vfeats, kept, skipped = self._encode_rows(records, range(len(records)), tag, views, seed,
+                                                         self.progress)
+        if not kept:
+            raise ValueError(f"{tag}: none of the {len(records)} images could be decoded")
+        labels = torch.tensor([records[i].label for i in kept], dtype=torch.long, device=self.device)
+        return EncodedSet(feats, labels, [records[i].path for i in kept], vfeats, skipped)
+
+    @torch.no_grad()
+    def _encode_rows(self, records, rows: range, tag, views, seed, progress: bool):
+        """(features [n, D] or None, views [n, K, D] or None, kept indices into
+        `records`, skipped paths) of records[rows], in batches of batch_size."""
         from tqdm.auto import tqdm
 
         aug = train_augmentation(self.preprocess, clip=self.clip) if views else None
-        ds = _Images(records, self.preprocess, aug, views, seed)
+        ds = torch.utils.data.Subset(_Images(records, self.preprocess, aug, views, seed), rows)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda")
         model_device = next(self.model.parameters()).device
         feats, vfeats, kept, skipped = [], [], [], []
-        bar = tqdm(total=len(ds), desc=f"encode {tag}", unit="img", disable=not self.progress, leave=False)
+        bar = tqdm(total=len(ds), desc=f"encode {tag}", unit="img", disable=not progress, leave=False)
         try:
             for batch in loader:
                 good = []
@@ -364,11 +440,7 @@ class FeatureCache:
                 kept.extend(g[0] for g in good)
         finally:
             bar.close()
-        if not kept:
-            raise ValueError(f"{tag}: none of the {len(records)} images could be decoded")
-        labels = torch.tensor([records[i].label for i in kept], dtype=torch.long, device=self.device)
-        return EncodedSet(torch.cat(feats), labels, [records[i].path for i in kept],
-                          torch.cat(vfeats) if views else None, skipped)
+        return (torch.cat(feats) if feats else None, torch.cat(vfeats) if vfeats else None, kept, skipped)
 
     # ---------------------------------------------------------------- disk
     def _save(self, path: Path, key: str, enc: EncodedSet, records, stats: list[list[Any]]) -> None:

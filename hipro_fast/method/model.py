@@ -11,6 +11,7 @@ from ..data.clip_loading import LoadedClip, clip_parts
 from ..engine.encoder import ForestEncoder
 from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE, class_suffix_tokens
 from ..engine.text_tower import TextTower
+from ..distributed.sharding import ShardedForestEncoder
 from .tree import ROOT, TaskTree, TreeError, leaf_id
 from ..errors import TaskSpecError
 
@@ -181,6 +182,23 @@ class HiProModel(nn.Module):
         self.encoder = ForestEncoder(
             self.tower, tokenizer, {n: p.shape[0] for n, p in self.ctx.items()},
             {t: self.context_path(t) for t in self.tasks}, self.tasks, combine).to(device)
+        self._whole_forest = self.encoder  # shard_text() may swap `encoder` for a ShardedForestEncoder
+
+    def shard_text(self, rank: int, world_size: int) -> None:
+        """Encode only this rank's share of the (task, class) prompts from now on;
+        text_features() all-gathers the rest (hipro_fast.distributed.sharding).
+        fit() and evaluate() call this when a process group of more than one rank
+        is up; world_size 1 goes back to the whole forest."""
+        if world_size <= 1:
+            self.encoder = self._whole_forest
+            return
+        enc = self.encoder
+        if isinstance(enc, ShardedForestEncoder) and (enc.rank, enc.world_size) == (rank, world_size):
+            return
+        self.encoder = ShardedForestEncoder(
+            self.tower, self.tokenizer, {n: p.shape[0] for n, p in self.ctx.items()},
+            {t: self.context_path(t) for t in self.tasks}, self.tasks, self.combine, rank, world_size
+        ).to(self.tower.token_embedding.device)
 
     @classmethod
     def from_config(cls, clip: Any, config: Mapping[str, Any], tokenizer=None) -> "HiProModel":
@@ -218,6 +236,8 @@ class HiProModel(nn.Module):
         self.clip._apply(fn)
         device = self.tower.token_embedding.device
         self.encoder.to(device)
+        if self._whole_forest is not self.encoder:
+            self._whole_forest.to(device)
         return self
 
     # ------------------------------------------------------------ features

@@ -19,6 +19,14 @@ permutations of epoch e of task t come from a generator seeded with
 (seed, e, crc32(t)), so an epoch can be replayed exactly after a resume: with
 the contexts and SGD momentum buffers restored from the end of epoch e-1 and the
 lr computed in closed form, a resumed run is bitwise identical on CPU.
+
+Several processes (torchrun; hipro_fast.distributed): when a process group of
+more than one rank is up, fit() and evaluate() shard the model's text side by
+class (HiProModel.shard_text), every rank takes its slice of each task's
+global batch (the same draw as one process), the gradients of the replicated
+contexts are summed over the ranks, and evaluation sums correct counts over
+the ranks' shares of the features. Only rank 0 writes checkpoints; every rank
+reads them on resume, with any number of ranks.
 """
 from __future__ import annotations
 
@@ -36,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from ..distributed import group as dist_group
+from ..distributed.data_parallel import all_reduce_grads, local_part, local_range
 from .model import HiProModel, TaskSpecError
 from .task_data import validate_task_data
 from ..errors import NonFiniteLossError
@@ -188,20 +198,34 @@ def _model_device(model: HiProModel) -> torch.device:
 
 
 # ---------------------------------------------------------------- evaluation
+def _shard_for_group(model: HiProModel) -> tuple[int, int]:
+    """(rank, world_size) of the current process group; shards the model's text
+    side over it (one process: the whole forest)."""
+    info = dist_group.current()
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    model.shard_text(rank, world)
+    return rank, world
+
+
 @torch.no_grad()
 def _accuracies(model: HiProModel, data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                 batch_size: int) -> dict[str, float]:
+    """Per-task accuracy; with several ranks each scores its contiguous share of
+    every task's features and the correct counts are summed over the ranks."""
     device = _model_device(model)
+    rank, world = _shard_for_group(model)
     feats = model.text_features()
-    out = {}
+    counts = []
     for task, (x, y) in data.items():
+        start, end = local_range(x.shape[0], rank, world)
         correct = 0
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(device)
-            pred = model.logits(task, xb, feats).argmax(dim=1)
-            correct += int((pred.cpu() == y[i:i + batch_size].cpu()).sum())
-        out[task] = correct / x.shape[0]
-    return out
+        for i in range(start, end, batch_size):
+            j = min(i + batch_size, end)
+            pred = model.logits(task, x[i:j].to(device), feats).argmax(dim=1)
+            correct += int((pred.cpu() == y[i:j].cpu()).sum())
+        counts.append(correct)
+    total = dist_group.all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
+    return {task: int(c) / x.shape[0] for (task, (x, _)), c in zip(data.items(), total)}
 
 
 def evaluate(model: HiProModel, data: Data, batch_size: int = 4096) -> dict[str, float]:
@@ -238,7 +262,8 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
             int64); every model task must be present.
         val: same format (any subset of tasks) for best-epoch selection, or None.
         config: a TrainConfig; `overrides` replace its fields (fit(m, d, epochs=5)).
-        callback: called after every optimiser step with a dict
+        callback: called after every optimiser step (on every rank, with the same
+            global values) with a dict
             (epoch, step, lr, loss, task_loss).
     Returns:
         FitResult; the model is left holding the BEST state.
@@ -262,6 +287,15 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     xs = {t: train_data[t][0].to(device) for t in tasks}
     ys = {t: train_data[t][1].to(device) for t in tasks}
     sizes = {t: int(ys[t].shape[0]) for t in tasks}
+    rank, world = _shard_for_group(model)
+    main = rank == 0
+    if world > 1:
+        # Ranks that disagree would run different collectives and hang: check first.
+        dist_group.check_agreement(
+            {"train config": {k: getattr(config, k) for k in ckpt.TRAJECTORY_FIELDS},
+             "model": model.config(), "train sizes": sizes,
+             "val sizes": {t: int(v[1].shape[0]) for t, v in (val_data or {}).items()},
+             "initial contexts": {n: float(p.detach().double().sum()) for n, p in params}}, "fit()")
 
     optimizer = torch.optim.SGD([p for _, p in params], lr=lr_at(config, 0), momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -293,8 +327,11 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
         best_state = state.best_contexts
         start = state.epoch + 1
 
+    if world > 1:
+        # Every rank read the same checkpoint (rank 0 writes only after this point).
+        dist_group.check_agreement({"resume epoch": start}, "the checkpoint to resume")
     bar = None
-    if config.progress and start < config.epochs:
+    if config.progress and main and start < config.epochs:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=(config.epochs - start) * steps, desc="fit", unit="step")
@@ -315,25 +352,32 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                 losses = []
                 for t in tasks:
                     b = idx[t][step]
-                    losses.append(task_loss(model.logits(t, xs[t][b], feats), ys[t][b]))
+                    if world == 1:
+                        losses.append(task_loss(model.logits(t, xs[t][b], feats), ys[t][b]))
+                    else:  # this rank's piece: its CE sum over the global batch size (module docstring)
+                        b = local_part(b, rank, world)
+                        losses.append(F.cross_entropy(model.logits(t, xs[t][b], feats).float(), ys[t][b],
+                                                      reduction="sum") / config.batch_size)
             stacked = torch.stack(losses).float()
-            values = stacked.detach().cpu().tolist()
+            values = dist_group.all_reduce_sum(stacked.detach().clone()).cpu().tolist()
             bad = {t: v for t, v in zip(tasks, values) if not math.isfinite(v)}
             if bad:
                 if bar is not None:
                     bar.close()
                 raise NonFiniteLossError(epoch, step, bad)
             loss = stacked.mean()
-            prior = model.regularization()
+            prior = model.regularization() if main else None  # replicated: counted once, on rank 0
             if prior is not None:
                 loss = loss + prior.float()
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
+                all_reduce_grads([p for _, p in params])
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 loss.backward()
+                all_reduce_grads([p for _, p in params])  # a no-op in one process
                 optimizer.step()
             step_loss = float(sum(values) / len(values))
             loss_sum += step_loss
@@ -368,7 +412,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
             best_state = model.context_state()
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
-        if ckdir is not None:
+        if ckdir is not None and main:  # written once, by rank 0; every rank reads it on resume
             extra = {"train_sizes": sizes, "scaler": scaler.state_dict() if scaler is not None else None}
             if new_best:
                 ckpt.save_checkpoint(ckdir, model, None, epoch, history, kind="best", best_epoch=best_epoch,
@@ -378,6 +422,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                                  best_state=best_state, train_config=config, extra=extra)
     if bar is not None:
         bar.close()
+    dist_group.barrier()  # rank 0's last checkpoint is on disk before any rank goes on
     model.eval()
     final_state = model.context_state()
     if best_state is None:  # resumed from a finished run without val: best = last

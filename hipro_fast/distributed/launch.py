@@ -1,0 +1,52 @@
+"""`hipro <command> ... --nproc N`: the same command under torchrun on this machine.
+
+The wrapper only builds torchrun's command line (`python -m
+torch.distributed.run --standalone --nproc-per-node N -m hipro_fast.cli ...`)
+and runs it; launch, rendezvous and restarts are torchrun's. For several
+machines, or for elastic restarts, call torchrun yourself (README, "Scaling
+out").
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Sequence
+
+import torch
+
+from ..errors import DistributedError
+
+__all__ = ["strip_nproc", "torchrun_argv", "run_under_torchrun"]
+
+
+def strip_nproc(argv: Sequence[str]) -> list[str]:
+    """argv without `--nproc N` / `--nproc=N` (the workers must not wrap again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def torchrun_argv(nproc: int, argv: Sequence[str], module: str = "hipro_fast.cli") -> list[str]:
+    """The torchrun command that runs `python -m module argv` in `nproc` local processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(int(nproc)),
+            "-m", module, *strip_nproc(argv)]
+
+
+def run_under_torchrun(nproc: int, argv: Sequence[str], device: str = "auto") -> int:
+    """Run the CLI command `argv` in `nproc` processes; torchrun's exit status.
+    Checks first what would otherwise fail in every worker: GPUs for a CUDA device."""
+    if str(device).startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DistributedError(f"--device {device} asks for the nccl backend, but this machine has no CUDA "
+                                   f"GPU: use --device cpu (gloo)")
+        if nproc > n:
+            raise DistributedError(f"--nproc {nproc} with --device {device}: this machine has {n} GPU(s), one per "
+                                   f"process")
+    return subprocess.call(torchrun_argv(nproc, argv))

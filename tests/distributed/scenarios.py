@@ -1,0 +1,132 @@
+"""Training scenarios run twice: under torchrun with 2 processes
+(`python tests/distributed/scenarios.py OUT`, via torch.distributed.run) and in
+the test process (one process); the tests compare the two.
+
+Each scenario returns {name: tensor}; the worker saves rank 0's (and checks
+that every rank ended with the same contexts)."""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from tests.helpers_training import make_model, tiny_clip, toy_data, TASKS, TREE  # noqa: E402
+
+STEPS = dict(epochs=4, steps_per_epoch=5, batch_size=5, lr=0.05, seed=7)  # 20 optimiser steps
+STOP_AT = (2, 0)  # the interrupted run raises here (after the checkpoint of epoch 1)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _state(prefix: str, res, model) -> dict[str, torch.Tensor]:
+    from hipro_fast.method.training import evaluate
+
+    out = {f"{prefix}/final/{k}": v.detach().cpu() for k, v in res.final_state.items()}
+    acc = evaluate(model, toy_data(seed=3, noise=1.0))
+    out[f"{prefix}/test_acc"] = torch.tensor([acc[t] for t in TASKS], dtype=torch.float64)
+    out[f"{prefix}/val_mean"] = torch.tensor([h["val_mean"] for h in res.history], dtype=torch.float64)
+    out[f"{prefix}/loss"] = torch.tensor([h["loss"] for h in res.history], dtype=torch.float64)
+    return out
+
+
+def scenario_mean(ckdir: str | None = None) -> dict[str, torch.Tensor]:
+    """combine mean + learned path weights + parent prior (every learned tensor kind)."""
+    from hipro_fast.method.training import fit
+
+    model = make_model(combine="mean", path_weights="learned", parent_prior=0.1)
+    res = fit(model, toy_data(seed=1), toy_data(seed=2, noise=1.0), checkpoint_dir=ckdir, **STEPS)
+    return _state("mean", res, model)
+
+
+def scenario_concat() -> dict[str, torch.Tensor]:
+    from hipro_fast.method.training import fit
+
+    model = make_model(combine="concat")
+    res = fit(model, toy_data(seed=1), toy_data(seed=2, noise=1.0), **STEPS)
+    return _state("concat", res, model)
+
+
+def scenario_baselines() -> dict[str, torch.Tensor]:
+    """compare(): zero-shot (evaluation only), CoOp per task / shared, two-level, hipro."""
+    from hipro_fast.method.baselines import compare
+    from hipro_fast.method.training import TrainConfig
+
+    clip, tok = tiny_clip()
+    cfg = TrainConfig(epochs=2, steps_per_epoch=3, batch_size=5, lr=0.05)
+    table = compare(clip, TASKS, toy_data(seed=1), toy_data(seed=3, noise=1.0), val=toy_data(seed=2, noise=1.0),
+                    seeds=(1,), tree=TREE, n_ctx=2, train_config=cfg, tokenizer=tok)
+    return {f"compare/{m}": torch.tensor([r["task_acc"][t] for t in TASKS], dtype=torch.float64)
+            for m, r in table.to_dict()["methods"].items()}
+
+
+def interrupted(ckdir: str) -> None:
+    """The mean scenario, stopped by an exception at STOP_AT (every rank raises there)."""
+    from hipro_fast.method.training import fit
+
+    def stop(info):
+        if (info["epoch"], info["step"]) == STOP_AT:
+            raise Interrupt()
+
+    model = make_model(combine="mean", path_weights="learned", parent_prior=0.1)
+    try:
+        fit(model, toy_data(seed=1), toy_data(seed=2, noise=1.0), checkpoint_dir=ckdir, callback=stop, **STEPS)
+    except Interrupt:
+        return
+    raise AssertionError("the interrupted run was not interrupted")
+
+
+def resumed(ckdir: str) -> dict[str, torch.Tensor]:
+    from hipro_fast.method.training import fit
+
+    model = make_model(combine="mean", path_weights="learned", parent_prior=0.1)
+    res = fit(model, toy_data(seed=1), toy_data(seed=2, noise=1.0), checkpoint_dir=ckdir, resume=True, **STEPS)
+    return _state("resumed", res, model)
+
+
+def main(argv: list[str]) -> None:
+    """OUT WORKDIR: run every scenario in this (torchrun) process group; rank 0 writes OUT."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from hipro_fast.distributed import group
+
+    torch.set_num_threads(1)
+    out_path, work = argv[0], argv[1]
+    info = group.init_from_env("cpu", timeout_s=60)
+    assert info is not None and info.world_size > 1, "run me under torchrun with 2+ processes"
+    tensors: dict[str, torch.Tensor] = {}
+    tensors.update(scenario_mean())
+    tensors.update(scenario_concat())
+    tensors.update(scenario_baselines())
+    # Interrupted with 2 ranks, resumed with 2 here (the test resumes a copy with 1).
+    interrupted(os.path.join(work, "ckpt2"))
+    dist.barrier()
+    if info.rank == 0:
+        import shutil
+
+        shutil.copytree(os.path.join(work, "ckpt2"), os.path.join(work, "ckpt2-for-1"))
+    dist.barrier()
+    tensors.update(resumed(os.path.join(work, "ckpt2")))
+    # Every rank holds the same contexts (they are replicated).
+    mine = torch.cat([v.reshape(-1).double() for k, v in sorted(tensors.items())])
+    everyone = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(everyone, mine)
+    same = all(torch.equal(everyone[0], e) for e in everyone[1:])
+    if info.rank == 0:
+        tensors["ranks_agree"] = torch.tensor([float(same)])
+        tensors["world_size"] = torch.tensor([float(info.world_size)])
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out_path)
+    group.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

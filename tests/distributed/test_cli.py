@@ -1,0 +1,196 @@
+"""Issue 11 through the `hipro` command, with real process groups (gloo on
+localhost): sharded caching (`--nproc 2`), a 2-"node" launch (two torchrun
+invocations with --nnodes 2), ranks started with different options, a worker
+SIGKILLed mid-epoch under `torchrun --max-restarts 1`, a peer that never
+arrives, and a GPU backend without GPUs. The 1-process references run in this
+process (hipro_fast.cli.main). Every launch has a hard timeout."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hipro_fast.cli import main
+from hipro_fast.method import checkpoint as ckpt
+from tests.app.test_cli import TINY_CONFIG, _make_data
+from tests.distributed.launch import REPO, env, free_port, torchrun_cmd
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TREE = '[["shapes", "texture"], "scenes"]'
+TRAIN = ["train", "--tree", TREE, "--shots", "2", "--epochs", "4", "--min-steps", "20", "--n-ctx", "2"]
+REL_BOUND = 1e-5  # the bound of tests/distributed/test_training.py, here after 20 steps through the CLI
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist-cli")
+    cfg = root / "hipro-cli-test.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    return {"root": root, "spec": _make_data(root), "config": cfg, "cache": root / "cache"}
+
+
+def _args(world, argv, run_dir, cache=None) -> list[str]:
+    return [*argv, "--spec", str(world["spec"]), "--model-config", str(world["config"]), "--no-progress",
+            "--cache-dir", str(cache or world["cache"]), "--run-dir", str(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def one_process_train(world, tmp_path_factory):
+    run = tmp_path_factory.mktemp("train1") / "run"
+    assert main(_args(world, TRAIN, run)) == 0
+    return run
+
+
+def _contexts(run: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_checkpoint(run / "checkpoints", None, kind="last").contexts
+
+
+def _same_training(run: Path, ref: Path) -> None:
+    a, b = _contexts(ref), _contexts(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        rel = float((a[k] - b[k]).abs().max() / a[k].abs().max())
+        assert rel <= REL_BOUND, (k, rel)
+    assert json.loads((run / "test_accuracy.json").read_text()) == json.loads((ref / "test_accuracy.json").read_text())
+
+
+def _events(run: Path, event: str) -> list[dict]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["event"] == event]
+
+
+def _hipro_torchrun(target: list[str], nproc: int = 2, extra=(), timeout: float = 150, **env_extra):
+    return subprocess.run(torchrun_cmd(target, nproc, extra=list(extra)), cwd=REPO, env=env(**env_extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _two_nodes(world, argv_per_node: list[list[str]], timeout: float = 150) -> list[subprocess.CompletedProcess]:
+    """Two torchrun invocations (one process each) joining one job of 2 nodes on localhost."""
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"test-{port}",
+         "-m", "hipro_fast.cli", *argv], cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for argv in argv_per_node]
+    out = []
+    try:
+        for p in procs:
+            so, se = p.communicate(timeout=timeout)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("hipro: error:")]
+
+
+# ---------------------------------------------------------------- item 5
+def test_two_process_cache_equals_one_process_cache(world, tmp_path):
+    """`hipro cache --nproc 2` (the torchrun wrapper) writes the files one process
+    writes: same names, metadata (keys, checksums) and tensors. --batch-size 4
+    splits every set into batches that land on both ranks."""
+    one, two = tmp_path / "c1", tmp_path / "c2"
+    argv = ["cache", "--shots", "2", "--batch-size", "4"]
+    assert main(_args(world, argv, tmp_path / "r1", cache=one)) == 0
+    proc = subprocess.run([sys.executable, "-m", "hipro_fast.cli", *_args(world, argv, tmp_path / "r2", cache=two),
+                           "--nproc", "2"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in one.glob("*.safetensors"))
+    assert len(files) == 9 and files == sorted(p.name for p in two.glob("*.safetensors"))
+    for name in files:
+        with safe_open(str(one / name), "pt") as a, safe_open(str(two / name), "pt") as b:
+            assert a.metadata() == b.metadata(), name
+            assert set(a.keys()) == set(b.keys()), name
+            for k in a.keys():
+                assert torch.equal(a.get_tensor(k), b.get_tensor(k)), (name, k)
+    assert not list(two.glob(".*.tmp")), "a temp file was left behind"
+    config = json.loads((tmp_path / "r2" / "config.json").read_text())
+    assert (config["world_size"], config["backend"]) == (2, "gloo")
+    assert proc.stdout.count("run directory:") == 1  # only rank 0 prints
+
+
+# ---------------------------------------------------------------- items 1, 3, 4
+def test_two_node_launch_trains_like_one_process(world, tmp_path, one_process_train):
+    run = tmp_path / "run"
+    argv = _args(world, TRAIN, run)
+    results = _two_nodes(world, [argv, argv])
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    _same_training(run, one_process_train)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["world_size"], config["backend"]) == (2, "gloo")
+    assert len(_events(run, "start")) == 1  # one writer
+
+
+def test_ranks_with_different_options_fail_at_start_up(world, tmp_path):
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    results = _two_nodes(world, [_args(world, TRAIN + ["--seed", str(s)], run) for s in (0, 1)])
+    assert all(r.returncode != 0 for r in results)
+    lines = [line for r in results for line in _error_lines(r.stderr)]
+    assert lines and all("ranks disagree on the command line: 'seed' differs between rank 0 and rank 1" in line
+                         for line in lines), lines
+    assert not (run / "checkpoints").exists()
+    assert time.monotonic() - t0 < 120
+
+
+# ---------------------------------------------------------------- item 6
+def test_worker_killed_mid_epoch_restarts_and_resumes(world, tmp_path, one_process_train):
+    """torchrun --max-restarts 1; rank 1 SIGKILLs itself after step 2 of epoch 2
+    (0-based) on the first attempt; torchrun restarts both workers, `--resume`
+    continues from the checkpoint of epoch 1, and the result equals the
+    uninterrupted (one-process) run."""
+    run = tmp_path / "run"
+    proc = _hipro_torchrun(["tests/distributed/cli_entry.py", *_args(world, TRAIN + ["--resume"], run)],
+                           extra=["--max-restarts", "1"], timeout=200, HIPRO_TEST_KILL_AT="1,2,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [e["mode"] for e in _events(run, "start")] == ["resume", "resume"]
+    assert [e["resumed"] for e in _events(run, "start")] == [False, True]
+    assert [e["checkpoint_epoch"] for e in _events(run, "resume")] == [1]
+    assert "resumed from the checkpoint after epoch 2" in proc.stdout
+    _same_training(run, one_process_train)
+
+
+def test_a_peer_that_never_arrives_is_named_within_the_timeout(world, tmp_path):
+    t0 = time.monotonic()
+    proc = _hipro_torchrun(["tests/distributed/cli_entry.py",
+                            *_args(world, ["cache", "--shots", "2", "--dist-timeout", "5"], tmp_path / "run")],
+                           timeout=120, HIPRO_TEST_ABSENT_RANK="1")
+    assert proc.returncode != 0
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "rank 1 of 2 did not arrive within 5 s" in lines[0], proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_backend_without_gpus_is_one_line(world, tmp_path, capsys, monkeypatch):
+    assert main(_args(world, ["cache", "--nproc", "2", "--device", "cuda"], tmp_path / "run")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nccl backend, but this machine has no CUDA GPU" in err[0], err
+    # the same under torchrun's environment: the worker stops before any rendezvous
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
+    assert main(_args(world, ["cache", "--device", "cuda"], tmp_path / "run")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nccl backend, but this machine has no CUDA GPU" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_commands_that_run_in_one_process_refuse_nproc(world, tmp_path, capsys):
+    assert main(["demo", "--nproc", "2", "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hipro demo runs in one process" in err[0], err

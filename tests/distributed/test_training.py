@@ -1,0 +1,78 @@
+"""Item 4 of issue 11: 2 processes (torchrun, gloo on localhost) train like 1.
+
+One torchrun launch runs every scenario of tests/distributed/scenarios.py
+(combine mean with learned path weights and a parent prior, combine concat,
+compare() over all baselines, an interrupted run and its resume); this
+process runs the same scenarios alone and compares. Bound: after 20 optimiser
+steps, every learned tensor's max |difference| is <= 1e-5 of its max |value|
+(observed ~1e-6: fp32 summation order of the gathered features and the summed
+gradients); accuracies and the validation curve are equal."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.distributed import scenarios as S
+from tests.distributed.launch import torchrun
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REL_BOUND = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dist-train")
+    out = work / "out.safetensors"
+    torchrun(["tests/distributed/scenarios.py", str(out), str(work)], nproc=2, timeout=240)
+    return load_file(str(out)), work
+
+
+def _check(prefix: str, one: dict, two: dict) -> None:
+    finals = [k for k in one if k.startswith(f"{prefix}/final/")]
+    assert finals
+    for k in finals:
+        assert _rel(one[k], two[k]) <= REL_BOUND, (k, _rel(one[k], two[k]))
+    assert torch.equal(one[f"{prefix}/test_acc"], two[f"{prefix}/test_acc"])
+    assert torch.equal(one[f"{prefix}/val_mean"], two[f"{prefix}/val_mean"])
+    assert _rel(one[f"{prefix}/loss"], two[f"{prefix}/loss"]) <= REL_BOUND
+
+
+def test_two_ranks_hold_the_same_contexts(two_ranks):
+    two, _ = two_ranks
+    assert two["world_size"].item() == 2 and two["ranks_agree"].item() == 1.0
+
+
+@pytest.mark.parametrize("scenario", ["mean", "concat"])
+def test_two_processes_train_like_one(two_ranks, scenario):
+    two, _ = two_ranks
+    one = {"mean": S.scenario_mean, "concat": S.scenario_concat}[scenario]()
+    _check(scenario, one, two)
+
+
+def test_baselines_compare_equal_accuracies(two_ranks):
+    two, _ = two_ranks
+    one = S.scenario_baselines()
+    assert set(one) == {k for k in two if k.startswith("compare/")} and len(one) == 5
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
+
+
+def test_resume_with_another_number_of_ranks(two_ranks, tmp_path):
+    """Interrupted with 2 ranks after epoch 1; resumed with 2 (in the launch) and
+    with 1 (here) from the same checkpoint: both equal the uninterrupted run."""
+    two, work = two_ranks
+    ck = tmp_path / "ckpt"
+    shutil.copytree(work / "ckpt2-for-1", ck)
+    one = S.resumed(str(ck))
+    _check("resumed", one, two)
+    uninterrupted = S.scenario_mean()
+    for k in [k for k in one if k.startswith("resumed/final/")]:
+        assert _rel(uninterrupted["mean" + k[len("resumed"):]], one[k]) <= REL_BOUND, k
