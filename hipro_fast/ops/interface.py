@@ -107,9 +107,9 @@ def pool_eos(
 
 
 def attention_block_min_pairs() -> int:
-    """CPU tree attention: a segment whose (descendant queries x keys) block
-    holds at least this many pairs attends through batched GEMMs; smaller ones
-    stay in the scalar loops (see csrc/cpu/attention_blocks.h). Default 256."""
+    """Tree attention (CPU and CUDA): a segment whose (descendant queries x keys)
+    block holds at least this many pairs attends through batched GEMMs; smaller
+    ones stay in the per-row kernels (see csrc/attention_blocks.h). Default 256."""
     if _C is None:
         raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
     return int(_C.attention_block_min_pairs())

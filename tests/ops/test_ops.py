@@ -158,6 +158,54 @@ def test_tree_attention_paths_agree_in_fp64():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{mode} {name}: {m}")
 
 
+def _cache_stats():
+    misses, hits = _C.attention_plan_cache_stats()
+    return misses, hits
+
+
+@needs_ext
+def test_block_plan_is_cached_per_table_and_replanned_on_change():
+    """The segment-block plan (csrc/attention_blocks.cpp) is computed once per
+    segment table and reused -- on CUDA that is what keeps repeated calls free of
+    a device->host copy and capturable in a CUDA graph -- and recomputed when the
+    table changes (in place through torch, or behind the version counter's back),
+    when the knob changes, or for another table with the same contents."""
+    lay, _ = random_layout(31, 30, 6)
+    T, H, D = lay.num_tokens, 2, 8
+    q, k, v = qkv(T, H, D, torch.float64, 3)
+    table = lay.segment_table.clone()
+
+    def run(tab, tseg=lay.token_segment):
+        out, _ = torch.ops.hipro_fast.tree_attention(q, k, v, tab, tseg, 0.3)
+        return out
+
+    with block_mode("all_gemm"):
+        first = run(table)
+        m0, h0 = _cache_stats()
+        assert torch.equal(run(table), first)
+        assert _cache_stats() == (m0, h0 + 1)            # reused
+        run(table.clone())
+        assert _cache_stats() == (m0 + 1, h0 + 1)        # same contents, other storage: planned
+        with block_mode("scalar_only"):
+            run(table)
+        assert _cache_stats()[0] == m0 + 2               # other knob: planned
+    # A write behind the version counter (through numpy): on a CPU table the
+    # cache compares contents, so the stale plan is not used. The new table is
+    # one root segment holding every token (plain causal attention; the other
+    # rows become empty segments under it).
+    tseg = torch.zeros_like(lay.token_segment)
+    with block_mode("all_gemm"):
+        run(table)
+        arr = table.numpy()
+        arr[:] = 0
+        arr[0] = [0, T, -1, T]
+        m1, _ = _cache_stats()
+        out = run(table, tseg)
+        assert _cache_stats()[0] == m1 + 1
+    causal = reference.tree_attention(q, k, v, table, tseg, 0.3)
+    torch.testing.assert_close(out, causal, rtol=1e-12, atol=1e-12)
+
+
 @needs_ext
 def test_attention_block_knob_validates():
     with pytest.raises(ValueError, match="min_pairs must be >= 0, got -1"):
