@@ -23,6 +23,11 @@ class UnsupportedTextTower(HiproError, ValueError):
     """The model's text tower is not causal + EOS(argmax)-pooled (or has an unsupported part)."""
 
 
+class FlexAttentionUnavailable(HiproError, RuntimeError):
+    """attention='flex' asked for something FlexAttention cannot do here (a CPU backward,
+    or a torch without FlexAttention)."""
+
+
 # ------------------------------------------------------------------- data
 class WeightsMismatchError(HiproError, ValueError):
     """A weights file does not fit the chosen model."""
