@@ -17,6 +17,7 @@ namespace hipro {
 namespace {
 
 std::atomic<int64_t> g_block_min_pairs{256};
+std::atomic<int64_t> g_block_grouping{static_cast<int64_t>(BlockGrouping::kAuto)};
 
 // [H, n, D] view of rows [begin, begin + n) of a [T, H, D] tensor.
 at::Tensor heads_first(const at::Tensor& x, int64_t begin, int64_t n) {
@@ -32,7 +33,17 @@ at::Tensor long_tensor(const std::vector<int64_t>& v, const at::Device& device) 
 // Groups the plan's blocks (see AttentionBlockGroup): by (depth, keys), then
 // largest first, a member joining while it has at least half the group's rows.
 void group_blocks(const int64_t* table, int64_t num_segments, const at::Device& device,
-                  AttentionBlockPlan& plan) {
+                  AttentionBlockPlan& plan, bool group) {
+  if (!group) {  // one block per group, in preorder
+    for (size_t i = 0; i < plan.blocks.size(); ++i) {
+      AttentionBlockGroup g;
+      g.keys = plan.blocks[i].keys;
+      g.rows = plan.blocks[i].rows;
+      g.members.push_back(static_cast<int64_t>(i));
+      plan.groups.push_back(std::move(g));
+    }
+    return;
+  }
   std::vector<int64_t> depth(static_cast<size_t>(num_segments), 0);
   for (int64_t s = 0; s < num_segments; ++s) {  // parents come earlier (validated)
     const int64_t p = seg_parent(table, s);
@@ -150,12 +161,18 @@ struct CacheEntry {
   at::Tensor table;            // keeps the storage (and so its address) alive
   const void* data;
   int64_t rows, num_tokens, min_pairs, version;
+  bool group;
   c10::Device device;
   std::vector<int64_t> host;   // the table's contents when planned
   std::shared_ptr<const AttentionBlockPlan> plan;
 };
 
+// Entries whose table nobody else holds go first (least recently used
+// first); entries of live tables are kept up to kMaxCacheEntries, because a
+// CUDA graph captured over the op reads the plan's device tensors (flags,
+// group indices) on every replay.
 constexpr size_t kCacheEntries = 16;
+constexpr size_t kMaxCacheEntries = 256;
 
 struct PlanCache {
   std::mutex mutex;
@@ -171,15 +188,25 @@ PlanCache& plan_cache() {
 std::shared_ptr<const AttentionBlockPlan> plan_from_host(const std::vector<int64_t>& host,
                                                          int64_t rows, int64_t num_tokens,
                                                          int64_t min_pairs,
-                                                         const at::Device& device) {
+                                                         const at::Device& device, bool group) {
   check_segment_rows(host.data(), rows, num_tokens);
   return std::make_shared<const AttentionBlockPlan>(
-      plan_attention_blocks(host.data(), rows, min_pairs, device));
+      plan_attention_blocks(host.data(), rows, min_pairs, device, group));
 }
 
 }  // namespace
 
 int64_t attention_block_min_pairs() { return g_block_min_pairs.load(); }
+
+BlockGrouping attention_block_grouping() {
+  return static_cast<BlockGrouping>(g_block_grouping.load());
+}
+
+void set_attention_block_grouping(BlockGrouping mode) {
+  const auto m = static_cast<int64_t>(mode);
+  TORCH_CHECK(m >= 0 && m <= 2, cat("block grouping must be 0 (never), 1 (auto) or 2 (always), got ", m));
+  g_block_grouping.store(m);
+}
 
 void set_attention_block_min_pairs(int64_t min_pairs) {
   TORCH_CHECK(min_pairs >= 0, cat("min_pairs must be >= 0, got ", min_pairs));
@@ -187,7 +214,8 @@ void set_attention_block_min_pairs(int64_t min_pairs) {
 }
 
 AttentionBlockPlan plan_attention_blocks(const int64_t* table, int64_t num_segments,
-                                         int64_t min_pairs, const at::Device& device) {
+                                         int64_t min_pairs, const at::Device& device,
+                                         bool group) {
   AttentionBlockPlan plan;
   plan.min_pairs = min_pairs;
   plan.blocked.assign(static_cast<size_t>(num_segments), 0);
@@ -197,7 +225,7 @@ AttentionBlockPlan plan_attention_blocks(const int64_t* table, int64_t num_segme
     plan.blocks.push_back({s, seg_offset(table, s), seg_length(table, s),
                            block_row_begin(table, s), block_rows(table, s)});
   }
-  group_blocks(table, num_segments, device, plan);
+  group_blocks(table, num_segments, device, plan, group);
   auto flags = at::empty({num_segments}, at::TensorOptions().dtype(at::kByte));
   if (num_segments > 0) {
     std::memcpy(flags.data_ptr<uint8_t>(), plan.blocked.data(), plan.blocked.size());
@@ -215,13 +243,16 @@ std::shared_ptr<const AttentionBlockPlan> attention_block_plan(const at::Tensor&
     const auto t = on_host ? segment_table.contiguous() : segment_table.to(at::kCPU).contiguous();
     return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel());
   };
+  const auto grouping = attention_block_grouping();
+  const bool group = grouping == BlockGrouping::kAlways ||
+                     (grouping == BlockGrouping::kAuto && !segment_table.is_cpu());
   PlanCache& cache = plan_cache();
   if (segment_table.is_inference()) {  // no version counter: cannot tell a modified table
     {
       std::lock_guard<std::mutex> lock(cache.mutex);
       ++cache.stats.misses;
     }
-    return plan_from_host(host_copy(), rows, num_tokens, min_pairs, segment_table.device());
+    return plan_from_host(host_copy(), rows, num_tokens, min_pairs, segment_table.device(), group);
   }
   const int64_t version =
       static_cast<int64_t>(segment_table.unsafeGetTensorImpl()->version_counter().current_version());
@@ -230,7 +261,8 @@ std::shared_ptr<const AttentionBlockPlan> attention_block_plan(const at::Tensor&
   for (size_t i = 0; i < cache.entries.size(); ++i) {
     const CacheEntry& e = cache.entries[i];
     if (e.data != data || e.rows != rows || e.num_tokens != num_tokens ||
-        e.min_pairs != min_pairs || e.version != version || e.device != segment_table.device()) {
+        e.min_pairs != min_pairs || e.version != version || e.group != group ||
+        e.device != segment_table.device()) {
       continue;
     }
     // A host table is cheap to compare, so a write the version counter missed
@@ -247,10 +279,18 @@ std::shared_ptr<const AttentionBlockPlan> attention_block_plan(const at::Tensor&
   }
   ++cache.stats.misses;
   auto host = host_copy();
-  auto plan = plan_from_host(host, rows, num_tokens, min_pairs, segment_table.device());
-  if (cache.entries.size() >= kCacheEntries) cache.entries.erase(cache.entries.begin());
+  auto plan = plan_from_host(host, rows, num_tokens, min_pairs, segment_table.device(), group);
+  if (cache.entries.size() >= kCacheEntries) {
+    auto victim = std::find_if(cache.entries.begin(), cache.entries.end(),
+                               [](const CacheEntry& e) { return e.table.use_count() == 1; });
+    if (victim != cache.entries.end()) {
+      cache.entries.erase(victim);
+    } else if (cache.entries.size() >= kMaxCacheEntries) {
+      cache.entries.erase(cache.entries.begin());
+    }
+  }
   cache.entries.push_back(CacheEntry{segment_table, data, rows, num_tokens, min_pairs, version,
-                                     segment_table.device(), std::move(host), plan});
+                                     group, segment_table.device(), std::move(host), plan});
   return plan;
 }
 

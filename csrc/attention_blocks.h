@@ -79,7 +79,8 @@ struct AttentionBlockPlan {
 // blocks every segment with segment_blocked(table, s, min_pairs)
 // (tree_index.h) and groups the blocks (AttentionBlockGroup).
 AttentionBlockPlan plan_attention_blocks(const int64_t* table, int64_t num_segments,
-                                         int64_t min_pairs, const at::Device& device);
+                                         int64_t min_pairs, const at::Device& device,
+                                         bool group = true);
 
 // The plan for a segment table on any device, cached. A device table is
 // copied to the host once (a device sync) and planned there; later calls with
@@ -105,6 +106,15 @@ AttentionPlanCacheStats attention_plan_cache_stats();
 // blocks every segment with descendants; a huge value none.
 int64_t attention_block_min_pairs();
 void set_attention_block_min_pairs(int64_t min_pairs);
+
+// Whether blocks are grouped (AttentionBlockGroup), process-wide. Auto (the
+// default) groups on CUDA, where launches would dominate (expected; not yet
+// measured), and not on the CPU, where an op call costs little and the
+// gathers' copies cost more (measured at bench (a)/(b) shapes, one thread:
+// grouped 1.1-1.5x slower); tests force both ways on the CPU.
+enum class BlockGrouping : int64_t { kNever = 0, kAuto = 1, kAlways = 2 };
+BlockGrouping attention_block_grouping();
+void set_attention_block_grouping(BlockGrouping mode);
 
 // Merges each block's softmax statistics into the running (o, m, l) of its
 // query rows: o [T, H, D] unnormalised output relative to m, m [T, H] max

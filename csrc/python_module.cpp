@@ -69,6 +69,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("min_pairs"),
         "Set it (0: every segment with descendants; a huge value: the per-row kernels only).");
   m.def(
+      "attention_block_grouping",
+      [] { return static_cast<int64_t>(hipro::attention_block_grouping()); },
+      "Tree attention: block grouping, 0 never, 1 auto (on CUDA only), 2 always.");
+  m.def(
+      "set_attention_block_grouping",
+      [](int64_t mode) {
+        hipro::set_attention_block_grouping(static_cast<hipro::BlockGrouping>(mode));
+      },
+      pybind11::arg("mode"), "Set it (a performance knob and a test hook).");
+  m.def(
       "attention_plan_cache_stats",
       [] {
         const auto s = hipro::attention_plan_cache_stats();

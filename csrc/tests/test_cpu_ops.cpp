@@ -8,8 +8,8 @@
 //     through token_ctx_row, not through the segment table or tree_index.h.
 //   * the backward is compared with libtorch autograd through that dense
 //     fp64 reference;
-//   * both run with the GEMM blocks on every segment, the default split and
-//     the scalar loops only;
+//   * both run with the GEMM blocks on every segment (one block at a time,
+//     and grouped as on CUDA), the default split and the scalar loops only;
 //   * malformed segment tables and token_segment vectors raise, naming the
 //     culprit, in the forward and the backward.
 #include <ATen/ATen.h>
@@ -149,10 +149,15 @@ void check_attention(const Case& c, int64_t H, int64_t D, const std::string& wha
   const auto grads = torch::autograd::grad({out_ref}, {qr, kr, vr}, {go});
 
   const int64_t before = attention_block_min_pairs();
-  const std::vector<std::pair<const char*, int64_t>> modes = {
-      {"all GEMM", 0}, {"default", before}, {"scalar only", int64_t{1} << 60}};
-  for (const auto& [mode, pairs] : modes) {
+  const BlockGrouping grouping_before = attention_block_grouping();
+  const std::vector<std::tuple<const char*, int64_t, BlockGrouping>> modes = {
+      {"all GEMM", 0, BlockGrouping::kNever},
+      {"all GEMM, grouped", 0, BlockGrouping::kAlways},
+      {"default", before, grouping_before},
+      {"scalar only", int64_t{1} << 60, grouping_before}};
+  for (const auto& [mode, pairs, grouping] : modes) {
     set_attention_block_min_pairs(pairs);
+    set_attention_block_grouping(grouping);
     const std::string where = what + " (" + mode + ")";
     auto [out, lse] = attention_op().call(q, k, v, c.table, c.token_segment, scale);
     expect_close(out, out_ref.detach(), 1e-12, where + " out");
@@ -164,6 +169,7 @@ void check_attention(const Case& c, int64_t H, int64_t D, const std::string& wha
     expect_close(dv, grads[2], 1e-11, where + " dv");
   }
   set_attention_block_min_pairs(before);
+  set_attention_block_grouping(grouping_before);
 }
 
 // Each corruption of a valid forest raises in the forward and the backward.
