@@ -253,9 +253,7 @@ void check_forest_values(const at::Tensor& segment_table, const at::Tensor& toke
   const int64_t* table = segment_table.data_ptr<int64_t>();
   const int64_t* tseg = token_segment.data_ptr<int64_t>();
   // Rows first: token_in_segment reads the row a token names.
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(segment_row_valid(table, s, T), segment_row_problem(table, s, T));
-  }
+  check_segment_rows(table, S, T);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t s = tseg[t];
     if (token_in_segment(table, S, t, s)) continue;
@@ -263,6 +261,12 @@ void check_forest_values(const at::Tensor& segment_table, const at::Tensor& toke
     TORCH_CHECK(false, cat("token ", t, " lies outside its segment ", s, " (tokens [",
                            seg_offset(table, s), ", ", seg_offset(table, s) + seg_length(table, s),
                            "))"));
+  }
+}
+
+void check_segment_rows(const int64_t* table, int64_t num_segments, int64_t num_tokens) {
+  for (int64_t s = 0; s < num_segments; ++s) {
+    TORCH_CHECK(segment_row_valid(table, s, num_tokens), segment_row_problem(table, s, num_tokens));
   }
 }
 

@@ -111,6 +111,10 @@ void check_ctx_rows(const at::Tensor& token_ctx_row, int64_t num_ctx_rows);
 // segment token_segment names (token_in_segment), for a forest of
 // token_segment.numel() tokens. Memory safety of the CPU attention rests on it.
 void check_forest_values(const at::Tensor& segment_table, const at::Tensor& token_segment);
+// Every row of a host segment table (int64 [S, 4] row-major) passes
+// segment_row_valid for a forest of num_tokens tokens. Also run by the block
+// planner on its host copy of a device table (attention_blocks.h).
+void check_segment_rows(const int64_t* table, int64_t num_segments, int64_t num_tokens);
 // Every eos index is a token in [0, num_tokens).
 void check_eos_values(const at::Tensor& eos_index, int64_t num_tokens);
 

@@ -3,7 +3,7 @@
 #include <Python.h>
 #include <torch/extension.h>
 
-#include "cpu/attention_blocks.h"
+#include "attention_blocks.h"
 #include "forest_layout.h"
 #include "tree_index.h"
 
@@ -63,8 +63,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("sources"), pybind11::arg("max_path_tokens"),
         "Pack a prompt forest into the DFS-preorder token layout (see tree_index.h).");
   m.def("attention_block_min_pairs", &hipro::attention_block_min_pairs,
-        "CPU tree attention: minimum (descendant queries x keys) of a segment handled by GEMMs.");
+        "Tree attention (CPU and CUDA): minimum (descendant queries x keys) of a segment "
+        "handled by the GEMM blocks.");
   m.def("set_attention_block_min_pairs", &hipro::set_attention_block_min_pairs,
         pybind11::arg("min_pairs"),
-        "Set it (0: every segment with descendants; a huge value: the scalar loops only).");
+        "Set it (0: every segment with descendants; a huge value: the per-row kernels only).");
+  m.def(
+      "attention_block_grouping",
+      [] { return static_cast<int64_t>(hipro::attention_block_grouping()); },
+      "Tree attention: block grouping, 0 never, 1 auto (on CUDA only), 2 always.");
+  m.def(
+      "set_attention_block_grouping",
+      [](int64_t mode) {
+        hipro::set_attention_block_grouping(static_cast<hipro::BlockGrouping>(mode));
+      },
+      pybind11::arg("mode"), "Set it (a performance knob and a test hook).");
+  m.def(
+      "attention_plan_cache_stats",
+      [] {
+        const auto s = hipro::attention_plan_cache_stats();
+        return std::make_pair(s.misses, s.hits);
+      },
+      "(plans computed, plans reused) by the tree-attention block planner's cache.");
 }

@@ -96,6 +96,63 @@ HIPRO_HD bool query_sees_key(const int64_t* table, int64_t qseg, int64_t q,
          q >= seg_offset(table, kseg) + seg_length(table, kseg);
 }
 
+// ---------------------------------------------------------------------------
+// The segment-block decomposition (attention_blocks.h), shared by both
+// backends. In preorder the queries that see *all* of segment s are one
+// contiguous range, its strict descendants [offset(s) + length(s),
+// subtree_end(s)); so (those queries x s's keys) is a dense block. A blocked
+// segment's block goes through batched GEMMs; every other visible pair -- a
+// token's own segment causally, and its ancestors that are not blocked -- is
+// the residual, which the per-row kernels (CPU loops, CUDA warps) handle. The
+// two functions below select the residual; the CPU tests check that residual
+// plus blocks cover every visible pair exactly once, and the CUDA kernels call
+// the same functions.
+
+// First query row of segment s's block and its number of rows (0 for a leaf).
+HIPRO_HD int64_t block_row_begin(const int64_t* table, int64_t s) {
+  return seg_offset(table, s) + seg_length(table, s);
+}
+HIPRO_HD int64_t block_rows(const int64_t* table, int64_t s) {
+  return seg_subtree_end(table, s) - block_row_begin(table, s);
+}
+
+// Whether segment s goes through the GEMM blocks: it has keys and descendant
+// queries, and its block holds at least min_pairs (query, key) pairs.
+HIPRO_HD bool segment_blocked(const int64_t* table, int64_t s, int64_t min_pairs) {
+  const int64_t rows = block_rows(table, s), keys = seg_length(table, s);
+  return rows > 0 && keys > 0 && rows * keys >= min_pairs;
+}
+
+// Fills [begins[i], ends[i]) with the residual key ranges of query token q of
+// segment seg (blocked[s] != 0 marks the blocked segments): the ancestors
+// that are not blocked, root first, then the own segment causally, last.
+// Returns the number of ranges (>= 1), or -1 when they exceed max_ranges.
+HIPRO_HD int residual_key_ranges(const int64_t* table, const uint8_t* blocked, int64_t seg,
+                                 int64_t q, int64_t* begins, int64_t* ends, int max_ranges) {
+  int n = 1;  // the own segment
+  for (int64_t a = seg_parent(table, seg); a >= 0; a = seg_parent(table, a)) {
+    if (!blocked[a]) ++n;
+    if (n > max_ranges) return -1;
+  }
+  int i = n - 1;
+  begins[i] = seg_offset(table, seg);
+  ends[i] = q + 1;
+  for (int64_t a = seg_parent(table, seg); a >= 0; a = seg_parent(table, a)) {
+    if (blocked[a]) continue;
+    --i;
+    begins[i] = seg_offset(table, a);
+    ends[i] = seg_offset(table, a) + seg_length(table, a);
+  }
+  return n;
+}
+
+// One past the last query that key token k of segment seg meets in the
+// residual (the first is k itself): the end of its own segment when the
+// segment is blocked (its descendants are in the block), else its subtree.
+HIPRO_HD int64_t residual_query_end(const int64_t* table, const uint8_t* blocked, int64_t seg) {
+  return blocked[seg] ? block_row_begin(table, seg) : visible_query_end(table, seg);
+}
+
 // Token source encoding used by forest assembly: ctx_row[t] >= 0 reads row
 // ctx_row[t] of the packed context table; otherwise vocab_id[t] reads the
 // frozen token-embedding table.

@@ -45,6 +45,11 @@ class RankMismatchError(DistributedError, ValueError):
     (spec, seed, options, data sizes); the message names the rank and the key."""
 
 
+class FlexAttentionUnavailable(HiproError, RuntimeError):
+    """attention='flex' asked for something FlexAttention cannot do here (a CPU backward,
+    or a torch without FlexAttention)."""
+
+
 # ------------------------------------------------------------------- data
 class WeightsMismatchError(HiproError, ValueError):
     """A weights file does not fit the chosen model."""

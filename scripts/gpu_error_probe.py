@@ -37,6 +37,15 @@ def case_attention_shape():
     torch.ops.hipro_fast.tree_attention(q, q[:-1], q, lay.segment_table.cuda(), lay.token_segment.cuda(), 0.25)
 
 
+def case_attention_bad_table():
+    # A malformed table on the device: the block planner checks its host copy
+    # and raises with integers in the message (the formatting that once crashed).
+    torch, lay, q = _tensors()
+    table = lay.segment_table.clone()
+    table[1, 2] = 2  # parent not earlier in preorder
+    torch.ops.hipro_fast.tree_attention(q, q, q, table.cuda(), lay.token_segment.cuda(), 0.25)
+
+
 def case_attention_ok():
     torch, lay, q = _tensors()
     out, _ = torch.ops.hipro_fast.tree_attention(q, q, q, lay.segment_table.cuda(), lay.token_segment.cuda(), 0.25)

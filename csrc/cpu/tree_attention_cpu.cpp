@@ -6,7 +6,8 @@
 // output [T, 3, H, D]): only the [H, D] part of a row must be contiguous, so
 // the forward needs no copies.
 //
-// Two paths share the work exactly (see attention_blocks.h): the descendant
+// Two paths share the work exactly (see ../attention_blocks.h, shared with
+// the CUDA backend): the descendant
 // queries of a segment with a large subtree (the context segments, which
 // hold almost all visible pairs) attend to it through batched GEMMs; every
 // other pair -- a token's own segment causally, and small ancestors -- runs
@@ -27,7 +28,7 @@
 #include "../acc_type.h"
 #include "../checks.h"
 #include "../tree_index.h"
-#include "attention_blocks.h"
+#include "../attention_blocks.h"
 
 // On x86-64 the fp32 loops are also compiled for Haswell (AVX2 + FMA) and
 // picked at load time, so a default -O3 build still runs 256-bit FMAs
@@ -93,38 +94,23 @@ struct Forest {
   const int64_t* table;
   const int64_t* token_segment;
   // blocked[s] != 0: segment s's descendant queries attend to it through the
-  // GEMM blocks (attention_blocks.h), so the scalar loops skip those pairs.
+  // GEMM blocks (../attention_blocks.h), so the scalar loops skip those pairs.
   const uint8_t* blocked;
 };
 
-// The key ranges query t handles in the scalar loops: its own segment
-// causally and every ancestor that is not blocked, root first.
+// The key ranges query t handles in the scalar loops: the residual of the
+// block decomposition (residual_key_ranges in tree_index.h, the selection the
+// CUDA kernels use too), root first.
 inline int scalar_key_ranges(const Forest& f, int64_t t, int64_t* begins, int64_t* ends) {
-  const int64_t seg = f.token_segment[t];
-  int64_t chain[kMaxDepth];
-  int depth = 0;
-  for (int64_t a = seg_parent(f.table, seg); a >= 0; a = seg_parent(f.table, a)) {
-    TORCH_CHECK(depth < kMaxDepth - 1, cat("forest deeper than ", kMaxDepth));
-    chain[depth++] = a;
-  }
-  int n = 0;
-  for (int i = depth - 1; i >= 0; --i) {
-    const int64_t a = chain[i];
-    if (f.blocked[a]) continue;
-    begins[n] = seg_offset(f.table, a);
-    ends[n] = seg_offset(f.table, a) + seg_length(f.table, a);
-    ++n;
-  }
-  begins[n] = seg_offset(f.table, seg);
-  ends[n] = t + 1;
-  return n + 1;
+  const int n = residual_key_ranges(f.table, f.blocked, f.token_segment[t], t, begins, ends,
+                                    kMaxDepth);
+  TORCH_CHECK(n >= 0, cat("forest deeper than ", kMaxDepth));
+  return n;
 }
 
 // One past the last query that key j meets in the scalar loops.
 inline int64_t scalar_query_end(const Forest& f, int64_t j) {
-  const int64_t seg = f.token_segment[j];
-  return f.blocked[seg] ? seg_offset(f.table, seg) + seg_length(f.table, seg)
-                        : visible_query_end(f.table, seg);
+  return residual_query_end(f.table, f.blocked, f.token_segment[j]);
 }
 
 // Forward over the scalar key ranges: o (unnormalised, relative to m), m (max
@@ -279,14 +265,14 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const
   check_forest_values(segment_table, token_segment);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const auto acc = acc_scalar_type(q.scalar_type());
-  const auto plan = plan_attention_blocks(segment_table, attention_block_min_pairs());
+  const auto plan = attention_block_plan(segment_table, T, attention_block_min_pairs());
   // o (unnormalised), m, l per (token, head): the scalar loops write them, the
   // GEMM blocks merge into them, then one normalisation.
   auto o = at::empty({T, H, D}, q.options().dtype(acc));
   auto m = at::empty({T, H}, q.options().dtype(acc));
   auto l = at::empty({T, H}, q.options().dtype(acc));
   const Forest f{segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>(),
-                 plan.blocked.data()};
+                 plan->blocked.data()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto qr = rows_of<scalar_t>(q), kr = rows_of<scalar_t>(k), vr = rows_of<scalar_t>(v);
@@ -297,12 +283,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const
       run_forward(qr, kr, vr, f, static_cast<acc_t>(scale), op, mp, lp, begin, end);
     });
   });
-  if (!plan.segments.empty()) {
-    attention_blocks_forward(plan, segment_table, q.to(acc), k.to(acc), v.to(acc), scale, o, m, l);
-  }
-  auto out = (o / l.unsqueeze(2)).to(q.scalar_type());
-  auto lse = m + l.log();
-  return {out, lse};
+  attention_blocks_forward(*plan, q, k, v, scale, o, m, l);
+  return attention_finalize(o, m, l, q.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
@@ -313,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
   check_forest_values(segment_table, token_segment);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const auto acc = acc_scalar_type(q.scalar_type());
-  const auto plan = plan_attention_blocks(segment_table, attention_block_min_pairs());
+  const auto plan = attention_block_plan(segment_table, T, attention_block_min_pairs());
   const auto go = grad_out.contiguous().to(q.scalar_type());
   const auto o = out.contiguous();
   const auto lse_c = lse.contiguous().to(acc);
@@ -322,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
   auto dv = at::empty({T, H, D}, q.options().dtype(acc));
   auto delta = at::empty({T, H}, q.options().dtype(acc));
   const Forest f{segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>(),
-                 plan.blocked.data()};
+                 plan->blocked.data()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto qr = rows_of<scalar_t>(q), kr = rows_of<scalar_t>(k), vr = rows_of<scalar_t>(v);
@@ -346,10 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
       run_grad_kv(qr, kr, vr, f, sc, gp, lp, dp, dkp, dvp, strider, begin, end);
     });
   });
-  if (!plan.segments.empty()) {
-    attention_blocks_backward(plan, segment_table, q.to(acc), k.to(acc), v.to(acc), go.to(acc),
-                              lse_c, delta, scale, dq, dk, dv);
-  }
+  attention_blocks_backward(*plan, q, k, v, go, lse_c, delta, scale, dq, dk, dv);
   const auto st = q.scalar_type();
   return {dq.to(st), dk.to(st), dv.to(st)};
 }

@@ -3,26 +3,40 @@
 // its own segment causally; scores, softmax and accumulation run in fp32
 // (fp64 for fp64); lse is returned in that accumulation type.
 //
+// The work is split as on the CPU, by the shared segment-block decomposition
+// (../attention_blocks.h): the descendant queries of each blocked segment
+// (the context segments, almost all visible pairs) attend to it through
+// batched GEMMs (cuBLAS, tensor cores for half types), called from the host
+// code below through ATen; the kernels here take only the residual pairs,
+// selected by residual_key_ranges / residual_query_end (../tree_index.h, the
+// functions the CPU loops call) from the plan's device flags `blocked`. The
+// kernels write unnormalised (o, m, l) and fp32/fp64 gradients; the shared
+// code merges the blocks in plan order and finalises. The plan is computed
+// from a host copy of the segment table once per table (cached, see
+// attention_block_plan), so repeated calls neither copy nor sync.
+//
 // Thread mapping (all kernels use one warp per (token, head) row of D
 // elements; lane l holds elements d = l + 32 * i, i < NPL, so rows are read
 // coalesced and D may be any value up to 32 * 8 = 256):
-//   * forward:   one block per query token t; thread 0 fills the visible key
-//                ranges (visible_key_ranges) in shared memory once for all
+//   * forward:   one block per query token t; thread 0 fills the residual key
+//                ranges (residual_key_ranges) in shared memory once for all
 //                heads, then the block's warps loop over heads. Each warp
 //                streams over the visible keys, kKeysPerStep at a time
 //                (independent warp reductions for ILP), with an online
 //                (flash-style) softmax.
 //   * delta:     one warp per (t, h): delta = rowsum(dO * O).
 //   * dQ:        query-centric, same mapping as the forward; recomputes
-//                p = exp(s - lse) for each visible key.
+//                p = exp(s - lse) for each residual key.
 //   * dK, dV:    key-centric, one block per (key token j, head h); the block's
-//                kSplit warps split the queries that see j,
-//                [j, visible_query_end(seg(j))), round robin, then the
+//                kSplit warps split the queries that meet j in the residual,
+//                [j, residual_query_end(seg(j))), round robin, then the
 //                per-warp partial sums are added in warp order through
-//                shared memory.
+//                shared memory. For a key of a blocked (context) segment
+//                that range ends with its own segment, so no warp walks the
+//                hundreds of queries below a root-context key any more.
 // q, k, v may be row-strided (slices of a packed [T, 3, H, D] qkv): token t,
-// head h of q starts at q + t * q_rs + h * D; grad_out and the outputs are
-// contiguous [T, H, D].
+// head h of q starts at q + t * q_rs + h * D; grad_out is contiguous
+// [T, H, D]; the kernels' outputs are contiguous, in the accumulation type.
 // No atomics: every output element is written by exactly one thread after a
 // fixed-order reduction, so results are bitwise reproducible run to run.
 //
@@ -30,9 +44,11 @@
 // the host (a device sync). Here a small validation kernel evaluates the same
 // predicates (segment_row_valid / token_in_segment in tree_index.h) on the
 // device before the attention kernels, on the same stream, and stops with a
-// device-side assertion on a malformed forest. Shapes, dtypes, devices and
+// device-side assertion on a malformed forest (the block planner also checks
+// the table's rows on its host copy, raising). Shapes, dtypes, devices and
 // row layouts are checked on the host by the checks the CPU op runs too
 // (check_attention_args in ../checks.h), plus this backend's launch limits.
+#include "../attention_blocks.h"
 #include "common.cuh"
 
 namespace hipro {
@@ -85,14 +101,15 @@ void launch_validate(const at::Tensor& segment_table, const at::Tensor& token_se
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Thread 0 of the block writes the visible key ranges of query token t into
+// Thread 0 of the block writes the residual key ranges of query token t into
 // shared memory; returns their count to every thread.
 __device__ __forceinline__ int load_key_ranges(const int64_t* __restrict__ table,
                                                const int64_t* __restrict__ token_segment,
-                                               int64_t t, int64_t* s_begin, int64_t* s_end,
-                                               int* s_count) {
+                                               const uint8_t* __restrict__ blocked, int64_t t,
+                                               int64_t* s_begin, int64_t* s_end, int* s_count) {
   if (threadIdx.x == 0) {
-    const int n = visible_key_ranges(table, token_segment[t], t, s_begin, s_end, kMaxDepth);
+    const int n =
+        residual_key_ranges(table, blocked, token_segment[t], t, s_begin, s_end, kMaxDepth);
     CUDA_KERNEL_ASSERT_MSG(n >= 0, "hipro_fast.tree_attention: forest deeper than kMaxDepth");
     *s_count = n < 0 ? 0 : n;
   }
@@ -149,20 +166,26 @@ __device__ __forceinline__ void store_row(const acc_t (&reg)[NPL], acc_t mul, in
 // ---------------------------------------------------------------------------
 // Forward.
 
+// Writes o (unnormalised, relative to m), m (max scaled score) and l (sum of
+// exp(score - m)) of the residual keys, for attention_blocks_forward to merge.
 template <typename scalar_t, int NPL>
 __global__ void __launch_bounds__(kAttnThreads)
 tree_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                          const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
-                          at::opmath_type<scalar_t>* __restrict__ lse,
+                          const scalar_t* __restrict__ v,
+                          at::opmath_type<scalar_t>* __restrict__ o_out,
+                          at::opmath_type<scalar_t>* __restrict__ m_out,
+                          at::opmath_type<scalar_t>* __restrict__ l_out,
                           const int64_t* __restrict__ table,
-                          const int64_t* __restrict__ token_segment, int64_t H, int64_t D,
+                          const int64_t* __restrict__ token_segment,
+                          const uint8_t* __restrict__ blocked, int64_t H, int64_t D,
                           RowStrides rs, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ int64_t s_begin[kMaxDepth];
   __shared__ int64_t s_end[kMaxDepth];
   __shared__ int s_count;
   const int64_t t = blockIdx.x;
-  const int num_ranges = load_key_ranges(table, token_segment, t, s_begin, s_end, &s_count);
+  const int num_ranges =
+      load_key_ranges(table, token_segment, blocked, t, s_begin, s_end, &s_count);
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
 
@@ -215,8 +238,12 @@ tree_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __rest
         m = m_new;
       }
     }
-    store_row<NPL>(o, acc_t(1) / l, D, lane, out + item * D);
-    if (lane == 0) lse[item] = m + dev_log(l);
+    // The own segment holds t itself, so l > 0 and m is finite.
+    store_row<NPL>(o, acc_t(1), D, lane, o_out + item * D);
+    if (lane == 0) {
+      m_out[item] = m;
+      l_out[item] = l;
+    }
   }
 }
 
@@ -242,22 +269,25 @@ __global__ void attention_delta_kernel(const scalar_t* __restrict__ grad_out,
   if (lane == 0) delta[row] = s;
 }
 
-// dQ[t, h] = scale * sum_j p_tj (dp_tj - delta_t) k_j over the keys t sees.
+// dQ[t, h] = scale * sum_j p_tj (dp_tj - delta_t) k_j over t's residual keys.
 template <typename scalar_t, int NPL>
 __global__ void __launch_bounds__(kAttnThreads)
 tree_attention_dq_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ q,
                          const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
                          const at::opmath_type<scalar_t>* __restrict__ lse,
                          const at::opmath_type<scalar_t>* __restrict__ delta,
-                         scalar_t* __restrict__ dq, const int64_t* __restrict__ table,
-                         const int64_t* __restrict__ token_segment, int64_t H, int64_t D,
+                         at::opmath_type<scalar_t>* __restrict__ dq,
+                         const int64_t* __restrict__ table,
+                         const int64_t* __restrict__ token_segment,
+                         const uint8_t* __restrict__ blocked, int64_t H, int64_t D,
                          RowStrides rs, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ int64_t s_begin[kMaxDepth];
   __shared__ int64_t s_end[kMaxDepth];
   __shared__ int s_count;
   const int64_t t = blockIdx.x;
-  const int num_ranges = load_key_ranges(table, token_segment, t, s_begin, s_end, &s_count);
+  const int num_ranges =
+      load_key_ranges(table, token_segment, blocked, t, s_begin, s_end, &s_count);
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
 
@@ -305,16 +335,18 @@ tree_attention_dq_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* 
 }
 
 // dK[j, h] = scale * sum_t p_tj (dp_tj - delta_t) q_t and dV[j, h] = sum_t p_tj dO_t
-// over the queries t in [j, visible_query_end(seg(j))).
+// over the queries t in [j, residual_query_end(seg(j))).
 template <typename scalar_t, int NPL>
 __global__ void __launch_bounds__(kSplit * kWarpSize)
 tree_attention_dkdv_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ q,
                            const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
                            const at::opmath_type<scalar_t>* __restrict__ lse,
                            const at::opmath_type<scalar_t>* __restrict__ delta,
-                           scalar_t* __restrict__ dk, scalar_t* __restrict__ dv,
+                           at::opmath_type<scalar_t>* __restrict__ dk,
+                           at::opmath_type<scalar_t>* __restrict__ dv,
                            const int64_t* __restrict__ table,
-                           const int64_t* __restrict__ token_segment, int64_t H, int64_t D,
+                           const int64_t* __restrict__ token_segment,
+                           const uint8_t* __restrict__ blocked, int64_t H, int64_t D,
                            RowStrides rs, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowElems = NPL * kWarpSize;
@@ -325,7 +357,7 @@ tree_attention_dkdv_kernel(const scalar_t* __restrict__ grad_out, const scalar_t
   const int64_t h = item - j * H;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const int64_t query_end = visible_query_end(table, token_segment[j]);
+  const int64_t query_end = residual_query_end(table, blocked, token_segment[j]);
 
   acc_t kr[NPL], vr[NPL], acc_k[NPL], acc_v[NPL];
   load_row<NPL>(k + j * rs.k + h * D, D, lane, kr);
@@ -371,8 +403,8 @@ tree_attention_dkdv_kernel(const scalar_t* __restrict__ grad_out, const scalar_t
       sk += s_dk[w][e];
       sv += s_dv[w][e];
     }
-    dk[item * D + e] = static_cast<scalar_t>(sk);
-    dv[item * D + e] = static_cast<scalar_t>(sv);
+    dk[item * D + e] = sk;
+    dv[item * D + e] = sv;
   }
 }
 
@@ -411,9 +443,15 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
   check_cuda_limits(q);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  auto out = at::empty({T, H, D}, q.options());
-  auto lse = at::empty({T, H}, q.options().dtype(acc_scalar_type(q.scalar_type())));
-  if (T == 0 || H == 0) return {out, lse};
+  const auto acc_type = acc_scalar_type(q.scalar_type());
+  if (T == 0 || H == 0) {
+    return {at::empty({T, H, D}, q.options()), at::empty({T, H}, q.options().dtype(acc_type))};
+  }
+  const auto plan = attention_block_plan(segment_table, T, attention_block_min_pairs());
+  // Residual kernel first (it writes every row), then the blocks merge in.
+  auto o = at::empty({T, H, D}, q.options().dtype(acc_type));
+  auto m = at::empty({T, H}, q.options().dtype(acc_type));
+  auto l = at::empty({T, H}, q.options().dtype(acc_type));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   launch_validate(segment_table, token_segment, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
@@ -424,12 +462,15 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
       tree_attention_fwd_kernel<scalar_t, NPL><<<static_cast<unsigned>(T), kAttnThreads, 0,
                                                  stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), segment_table.data_ptr<int64_t>(),
-          token_segment.data_ptr<int64_t>(), H, D, row_strides(q, k, v), static_cast<acc_t>(scale));
+          o.data_ptr<acc_t>(), m.data_ptr<acc_t>(), l.data_ptr<acc_t>(),
+          segment_table.data_ptr<int64_t>(), token_segment.data_ptr<int64_t>(),
+          plan->blocked_flags.data_ptr<uint8_t>(), H, D, row_strides(q, k, v),
+          static_cast<acc_t>(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {out, lse};
+  attention_blocks_forward(*plan, q, k, v, scale, o, m, l);
+  return attention_finalize(o, m, l, q.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
@@ -440,18 +481,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
   check_cuda_limits(q);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const c10::cuda::CUDAGuard guard(q.device());
-  auto dq = at::empty({T, H, D}, q.options());
-  auto dk = at::empty({T, H, D}, q.options());
-  auto dv = at::empty({T, H, D}, q.options());
-  if (T == 0 || H == 0) return {dq, dk, dv};
+  if (T == 0 || H == 0) {
+    return {at::empty({T, H, D}, q.options()), at::empty({T, H, D}, q.options()),
+            at::empty({T, H, D}, q.options())};
+  }
+  const auto plan = attention_block_plan(segment_table, T, attention_block_min_pairs());
   // Same conversions as the CPU op: dO and O in q's dtype, lse in acc type.
   const auto go = grad_out.contiguous().to(q.scalar_type());
   const auto o = out.contiguous().to(q.scalar_type());
   const auto acc_type = acc_scalar_type(q.scalar_type());
   const auto lse_c = lse.contiguous().to(acc_type);
+  // The residual kernels write every row of dq, dk, dv; the blocks add to them.
+  auto dq = at::empty({T, H, D}, q.options().dtype(acc_type));
+  auto dk = at::empty({T, H, D}, q.options().dtype(acc_type));
+  auto dv = at::empty({T, H, D}, q.options().dtype(acc_type));
   auto delta = at::empty({T, H}, q.options().dtype(acc_type));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   launch_validate(segment_table, token_segment, stream);
+  const uint8_t* blocked = plan->blocked_flags.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "tree_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -472,19 +519,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
                                                 stream>>>(
           go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
           v.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
-          dq.data_ptr<scalar_t>(), segment_table.data_ptr<int64_t>(),
-          token_segment.data_ptr<int64_t>(), H, D, row_strides(q, k, v), sc);
+          dq.data_ptr<acc_t>(), segment_table.data_ptr<int64_t>(),
+          token_segment.data_ptr<int64_t>(), blocked, H, D, row_strides(q, k, v), sc);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       tree_attention_dkdv_kernel<scalar_t, NPL><<<static_cast<unsigned>(T * H),
                                                   kSplit * kWarpSize, 0, stream>>>(
           go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
           v.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
-          dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), segment_table.data_ptr<int64_t>(),
-          token_segment.data_ptr<int64_t>(), H, D, row_strides(q, k, v), sc);
+          dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(), segment_table.data_ptr<int64_t>(),
+          token_segment.data_ptr<int64_t>(), blocked, H, D, row_strides(q, k, v), sc);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {dq, dk, dv};
+  attention_blocks_backward(*plan, q, k, v, go, lse_c, delta, scale, dq, dk, dv);
+  const auto st = q.scalar_type();
+  return {dq.to(st), dk.to(st), dv.to(st)};
 }
 
 }  // namespace

@@ -8,8 +8,8 @@
 //     through token_ctx_row, not through the segment table or tree_index.h.
 //   * the backward is compared with libtorch autograd through that dense
 //     fp64 reference;
-//   * both run with the GEMM blocks on every segment, the default split and
-//     the scalar loops only;
+//   * both run with the GEMM blocks on every segment (one block at a time,
+//     and grouped as on CUDA), the default split and the scalar loops only;
 //   * malformed segment tables and token_segment vectors raise, naming the
 //     culprit, in the forward and the backward.
 #include <ATen/ATen.h>
@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "check.h"
-#include "cpu/attention_blocks.h"
+#include "attention_blocks.h"
 #include "forest_layout.h"
 #include "tree_index.h"
 
@@ -149,10 +149,15 @@ void check_attention(const Case& c, int64_t H, int64_t D, const std::string& wha
   const auto grads = torch::autograd::grad({out_ref}, {qr, kr, vr}, {go});
 
   const int64_t before = attention_block_min_pairs();
-  const std::vector<std::pair<const char*, int64_t>> modes = {
-      {"all GEMM", 0}, {"default", before}, {"scalar only", int64_t{1} << 60}};
-  for (const auto& [mode, pairs] : modes) {
+  const BlockGrouping grouping_before = attention_block_grouping();
+  const std::vector<std::tuple<const char*, int64_t, BlockGrouping>> modes = {
+      {"all GEMM", 0, BlockGrouping::kNever},
+      {"all GEMM, grouped", 0, BlockGrouping::kAlways},
+      {"default", before, grouping_before},
+      {"scalar only", int64_t{1} << 60, grouping_before}};
+  for (const auto& [mode, pairs, grouping] : modes) {
     set_attention_block_min_pairs(pairs);
+    set_attention_block_grouping(grouping);
     const std::string where = what + " (" + mode + ")";
     auto [out, lse] = attention_op().call(q, k, v, c.table, c.token_segment, scale);
     expect_close(out, out_ref.detach(), 1e-12, where + " out");
@@ -164,6 +169,7 @@ void check_attention(const Case& c, int64_t H, int64_t D, const std::string& wha
     expect_close(dv, grads[2], 1e-11, where + " dv");
   }
   set_attention_block_min_pairs(before);
+  set_attention_block_grouping(grouping_before);
 }
 
 // Each corruption of a valid forest raises in the forward and the backward.
@@ -211,6 +217,34 @@ void check_rejects_malformed_forests() {
   }
 }
 
+// The plan groups same-depth blocks with equal key counts (padding the
+// smaller to the larger's rows when it has at least half of them); the op
+// through such groups equals the dense reference (check_attention).
+void check_block_groups() {
+  // root(3) -> a(2) -> a1, a2, a3 (1 each); root -> b(2) -> b1, b2 (1 each);
+  // root -> c(4) -> c1(1): a and b share a padded group, c (other keys) not.
+  const Case c = make_case({-1, 0, 1, 1, 1, 0, 5, 5, 0, 8}, {3, 2, 1, 1, 1, 2, 1, 1, 4, 1});
+  const auto plan = plan_attention_blocks(c.table.data_ptr<int64_t>(), c.table.size(0), 0,
+                                          at::Device(at::kCPU));
+  EXPECT(plan.blocks.size() == 4);  // root, a, b, c
+  size_t covered = 0;
+  bool padded_pair = false;
+  for (const auto& g : plan.groups) {
+    covered += g.members.size();
+    for (const int64_t i : g.members) {
+      EXPECT(plan.blocks[i].keys == g.keys && plan.blocks[i].rows <= g.rows &&
+             2 * plan.blocks[i].rows >= g.rows);
+    }
+    if (g.members.size() == 2) {
+      padded_pair = g.keys == 2 && g.rows == 3 && g.pad.defined() &&
+                    g.valid_rows.numel() == 5 && g.row_index.numel() == 6;
+    }
+  }
+  EXPECT(covered == plan.blocks.size());
+  EXPECT(plan.groups.size() == 3 && padded_pair);
+  check_attention(c, 2, 3, "padded block group");
+}
+
 void check_assembly() {
   // root(3) -> a(2) -> c(1); root -> b(4), every token a context row.
   const Case c = make_case({-1, 0, 0, 1}, {3, 2, 4, 1});
@@ -249,6 +283,7 @@ int main() {
     check_attention(make_case(parents, lengths), 1 + static_cast<int64_t>(rng() % 3), 4,
                     "random forest " + std::to_string(trial));
   }
+  check_block_groups();
   check_rejects_malformed_forests();
   check_assembly();
   TEST_MAIN_END();

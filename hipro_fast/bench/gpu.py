@@ -8,34 +8,48 @@ in one run, in fp32 (IEEE, no TF32) and under bf16 autocast. Methods:
 
   naive      CoOp-style: one full-length [C, 77] open_clip batch per prompt set
   truncated  all distinct prompts in one batch cut after the longest EOS
-  forest     TextTower.encode_forest on the packed prompt forest
+  flex       the same forest pass with PyTorch FlexAttention (tree mask_mod +
+             block mask, torch.compile'd; TextTower(attention="flex")): the
+             peer a user would write. CUDA only (no CPU backward in torch).
+  forest     TextTower.encode_forest on the packed prompt forest (fused ops)
 
 Reported per problem and precision: median ms per step, speedup of the forest
-over each baseline next to the ideal (FLOP) ratio, achieved TFLOP/s, and
-the same-precision GEMM rate [T_forest, W] x [W, 4W] measured in the same run.
-Correctness, checked before timing: forest vs naive features and context gradients.
+over each baseline next to the ideal (FLOP) ratio (flex computes the forest's
+own FLOPs: ideal 1), achieved TFLOP/s, and the same-precision GEMM rate
+[T_forest, W] x [W, 4W] measured in the same run. Then the whole HiPro
+training step (forest + logits + loss + backward + SGD step; bench/train_step.py),
+eager and replayed as one CUDA graph. Correctness, checked before timing:
+forest vs naive features and context gradients, flex vs forest features.
+Last, the issue-10 targets, each with its measured value and whether it is met
+(`targets`).
 `--device cpu` runs the same code on the CPU (a smoke test of this module).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
 
 from ..engine.text_tower import TextTower
+from ..files import atomic_write_text
 from ..ops.extension import build_info, fused_available
 from .model import load_model, load_tokenizer
-from .output import print_gpu_table, write_json
+from .output import (README_BEGIN, README_END, gpu_markdown, print_gpu_table, print_targets,
+                     replace_readme_block, write_json)
 from .problems import Problem, gpu_problems
 from .profile import kernel_table
 from .runner import StepRunner
 from .timing import gemm_rate, median, timed
+from .train_step import time_train_step
 
 PRECISIONS = ("fp32", "bf16")
 METHODS = ("naive", "truncated", "forest")
+FLEX_SKIP_CPU = "FlexAttention has no CPU backward in this torch; the flex row runs on CUDA only"
 GRAPH_BUDGET_BYTES = 60.0 * 2**30  # device memory for one baseline backward before it is split
 
 
@@ -46,15 +60,20 @@ def _autocast(device: torch.device, precision: str):
 
 
 def run_problem(tower, tokenizer, problem: Problem, device: torch.device, precision: str,
-                repeats: int, warmup: int, log: Callable[[str], None], profile: bool = False) -> dict:
-    """Check forest vs naive, then time every method `repeats` times in rotating order
-    (after `warmup` untimed steps each) under `precision`, then the same-dtype GEMM rate."""
+                repeats: int, warmup: int, log: Callable[[str], None], profile: bool = False,
+                flex_tower=None, train_step: bool = True, graphs: bool = True) -> dict:
+    """Check forest vs naive (and flex vs forest), then time every method `repeats`
+    times in rotating order (after `warmup` untimed steps each) under `precision`,
+    then the same-dtype GEMM rate and the whole training step."""
     r = StepRunner(tower, tokenizer, problem, seed=0, max_graph_bytes=GRAPH_BUDGET_BYTES).to(device)
     counts = r.counts()
     steps: dict[str, Callable[[], object]] = {"forest": r.forest_step}
     built = {m: r.baseline(m) for m in METHODS if m != "forest"}
     for m, step in built.items():
         steps[m] = (lambda s=step: r.run_baseline(s, False))
+    if flex_tower is not None:
+        steps["flex"] = lambda: r.forest_step(flex_tower)
+        counts["flex"] = counts["forest"]  # the same packed forest, the same FLOPs
 
     res: dict = {"problem": problem.name, "description": problem.description, "precision": precision,
                  "prompts": r.forest.num_prompts, "counts": counts, "methods": {}}
@@ -67,6 +86,13 @@ def run_problem(tower, tokenizer, problem: Problem, device: torch.device, precis
         res["verify_naive"] = {"feature_max_abs_diff": v["task_max_abs_diff"],
                                "ctx_grad_rel_diff": v["ctx_grad_rel_diff"],
                                "prompts_compared": v["prompts_compared"]}
+        if flex_tower is not None:
+            _, fcol = r.forest_collect(flex_tower)
+            fv = r.verify(fcol, r.ctx.grad, ref, ref_grad)
+            res["verify_flex"] = {"feature_max_abs_diff": fv["task_max_abs_diff"],
+                                  "ctx_grad_rel_diff": fv["ctx_grad_rel_diff"]}
+        elif device.type != "cuda":
+            res["flex_skipped"] = FLEX_SKIP_CPU
         for fn in steps.values():
             for _ in range(warmup):
                 fn()
@@ -94,7 +120,61 @@ def run_problem(tower, tokenizer, problem: Problem, device: torch.device, precis
         e["speedup"] = e["time_ms"] / f["time_ms"]
         e["ideal_speedup"] = counts[m]["flops"]["total"] / counts["forest"]["flops"]["total"]
         e["token_ratio"] = counts[m]["tokens"] / counts["forest"]["tokens"]
+    if train_step:
+        log(f"[{problem.name} {precision}] whole training step")
+        res["train_step"] = time_train_step(r, precision, repeats, warmup, timed, median, graphs)
     return res
+
+
+# Issue 10's targets (H200, ratios within one run).
+TARGET_GEMM_FRACTION_BF16_L = 0.5     # bf16 forest >= 50 % of the same-run bf16 GEMM rate on (L)
+TARGET_FRACTION_OF_IDEAL = 0.8        # forest vs naive >= 80 % of the ideal ratio, (a) and (L)
+TARGET_FP32_FEATURE_DIFF = 1e-5       # fp32 features within 1e-5 of naive
+TARGET_BF16_TRAIN_STEP_A_MS = 5.0     # stretch: whole bf16 training step on (a) under 5 ms
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """Each target of issue 10 with its measured value and `pass` (True, False, or None
+    when this run did not measure it)."""
+    by = {(r["problem"], r["precision"]): r for r in results}
+    out = []
+
+    def add(target, value, ok, where):
+        out.append({"target": target, "where": where, "value": value,
+                    "pass": None if value is None else bool(ok)})
+
+    res = by.get(("L", "bf16"))
+    frac = res["forest_fraction_of_gemm"] if res else None
+    add("bf16 forest >= 50% of the same-run bf16 GEMM rate", frac,
+        frac is not None and frac >= TARGET_GEMM_FRACTION_BF16_L, "L bf16")
+    for prob in ("a", "L"):
+        for prec in ("fp32", "bf16"):
+            res = by.get((prob, prec))
+            naive = res["methods"].get("naive") if res else None
+            value = naive["speedup"] / naive["ideal_speedup"] if naive else None
+            add("forest vs naive >= 80% of the ideal ratio", value,
+                value is not None and value >= TARGET_FRACTION_OF_IDEAL, f"{prob} {prec}")
+    for prob in ("a", "L"):
+        for prec in ("fp32", "bf16"):
+            res = by.get((prob, prec))
+            flex = res["methods"].get("flex") if res else None
+            value = flex["speedup"] if flex else None  # flex ms / forest ms
+            add("forest faster than FlexAttention (flex ms / forest ms > 1)", value,
+                value is not None and value > 1.0, f"{prob} {prec}")
+    for prob in ("a", "L"):
+        res = by.get((prob, "fp32"))
+        value = res["verify_naive"]["feature_max_abs_diff"] if res else None
+        add("fp32 features within 1e-5 of naive", value,
+            value is not None and value <= TARGET_FP32_FEATURE_DIFF, f"{prob} fp32")
+    res = by.get(("a", "bf16"))
+    ts = (res or {}).get("train_step") or {}
+    value = ts.get("graph_ms", ts.get("eager_ms"))
+    add("stretch: whole bf16 training step on (a) < 5 ms (CUDA graph if captured)", value,
+        value is not None and value < TARGET_BF16_TRAIN_STEP_A_MS, "a bf16")
+    out.append({"target": "bf16 error <= 2x the same-precision reference's error", "where": "tests",
+                "value": None, "pass": None,
+                "note": "checked by tests/ops/test_cuda_ops.py (gpu_tests.log), not by the benchmark"})
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,13 +187,38 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="kernel table of the forest step")
+    ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention row")
+    ap.add_argument("--no-train-step", action="store_true", help="skip the whole-training-step timing")
+    ap.add_argument("--no-graphs", action="store_true", help="time the training step eagerly only")
     ap.add_argument("--json", default=None, help="write the results here (default: not written)")
+    ap.add_argument("--markdown", default=None, help="write the results as markdown tables here")
+    ap.add_argument("--readme", default=None,
+                    help="replace the GPU table block of this README (between the "
+                         f"'{README_BEGIN}' and '{README_END}' lines) with the results")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="run nothing: render a results JSON of an earlier run (--markdown / --readme)")
     return ap
+
+
+def publish(out: dict, markdown: str | None, readme: str | None) -> None:
+    """Write the markdown tables of a results dict and/or put them into a README."""
+    text = gpu_markdown(out["results"], out.get("targets") or targets(out["results"]),
+                        out.get("device_name", out.get("device", "")))
+    if markdown:
+        atomic_write_text(markdown, text)
+    if readme:
+        replace_readme_block(readme, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.render:
+        out = json.loads(Path(args.render).read_text())
+        if not (args.markdown or args.readme):
+            ap.error("--render needs --markdown and/or --readme")
+        publish(out, args.markdown, args.readme)
+        return 0
     names = args.problems.split(",")
     precisions = args.precisions.split(",")
     bad = [p for p in precisions if p not in PRECISIONS]
@@ -133,20 +238,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in probs]
     if unknown:
         ap.error(f"--problems: unknown {','.join(unknown)} (choose from {','.join(probs)})")
-    tower = TextTower(load_model(args.model).to(device))
+    model = load_model(args.model).to(device)
+    tower = TextTower(model)
+    # FlexAttention has no CPU backward: the flex row is CUDA only.
+    flex_tower = TextTower(model, attention="flex") if device.type == "cuda" and not args.no_flex else None
     results = []
     for name in names:
         for precision in precisions:
             log(f"[{name} {precision}] {probs[name].description}")
             res = run_problem(tower, tok, probs[name], device, precision, args.repeats, args.warmup, log,
-                              profile=args.profile and name in ("a", "L"))
+                              profile=args.profile and name in ("a", "L"), flex_tower=flex_tower,
+                              train_step=not args.no_train_step, graphs=not args.no_graphs)
             results.append(res)
             print_gpu_table([res])
     print("\n== summary")
     print_gpu_table(results)
+    tgt = targets(results)
+    print_targets(tgt)
+    out = {"device": str(device), "model": args.model, "results": results, "targets": tgt,
+           "build_info": build_info(), "torch": torch.__version__,
+           "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     if args.json:
-        write_json(args.json, {"device": str(device), "model": args.model, "results": results,
-                               "build_info": build_info(), "torch": torch.__version__})
+        write_json(args.json, out)
+    publish(out, args.markdown, args.readme)
     return 0
 
 

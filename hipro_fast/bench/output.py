@@ -181,5 +181,75 @@ def print_gpu_table(results: list[dict], file=None) -> None:
               f"grad rel diff {v['ctx_grad_rel_diff']:.2e}"
               + (f" (only {v['prompts_compared']} of {res['prompts']} prompts finite)"
                  if v.get("prompts_compared", res["prompts"]) < res["prompts"] else ""), file=file)
+        fv = res.get("verify_flex")
+        if fv:
+            print(f"{'':4s} {'':4s} flex vs forest: feature diff {_fmt(fv['feature_max_abs_diff'], '.2e')}, "
+                  f"grad rel diff {_fmt(fv['ctx_grad_rel_diff'], '.2e')}", file=file)
+        elif res.get("flex_skipped"):
+            print(f"{'':4s} {'':4s} flex: skipped ({res['flex_skipped']})", file=file)
+        ts = res.get("train_step")
+        if ts:
+            graph = (f"CUDA graph {ts['graph_ms']:.2f} ms" if "graph_ms" in ts else
+                     f"CUDA graph failed: {ts['graph_error']}" if "graph_error" in ts else
+                     f"CUDA graph skipped ({ts.get('graph_skipped')})")
+            print(f"{'':4s} {'':4s} whole training step (forest + logits + CE + backward + SGD, "
+                  f"{ts['batch_per_task']} images/task): eager {ts['eager_ms']:.2f} ms; {graph}", file=file)
         for k in res.get("forest_kernels", []):
             print(f"{'':9s}{k['self_ms_per_step']:8.3f} ms x{k['calls_per_step']:5.0f}  {k['name']}", file=file)
+
+
+def print_targets(targets: list[dict], file=None) -> None:
+    """The GPU benchmark's target list (`gpu.targets`): MET / MISSED / unmeasured per target."""
+    file = file or sys.stdout
+    print("\n== targets (issue 10)", file=file)
+    for t in targets:
+        status = "unmeasured" if t["pass"] is None else ("MET" if t["pass"] else "MISSED")
+        val = "" if t["value"] is None else f": {_fmt(t['value'], '.3g')}"
+        note = f" ({t['note']})" if t.get("note") else ""
+        print(f"  {status:10s} [{t['where']}] {t['target']}{val}{note}", file=file)
+
+
+def gpu_markdown(results: list[dict], targets: list[dict], device: str = "") -> str:
+    """The GPU results as the README's markdown tables: per (problem, precision) the
+    forest, naive, truncated and flex times with speedups (ideal) and the forest's
+    share of the same-run GEMM rate; the whole training step; the targets."""
+    lines = [f"GPU text step{' on ' + device if device else ''} (`hipro bench --device cuda`):", "",
+             "| problem | precision | forest ms | naive ms | speedup (ideal) | truncated ms | speedup (ideal) "
+             "| flex ms | forest vs flex | forest vs same-run GEMM | train step eager / graph ms |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def cell(e):
+        return (f"{e['time_ms']:.1f}", f"{e['speedup']:.1f}× ({e['ideal_speedup']:.1f}×)") if e else ("–", "–")
+
+    for r in results:
+        m = r["methods"]
+        naive, trunc = cell(m.get("naive")), cell(m.get("truncated"))
+        flex = m.get("flex")
+        ts = r.get("train_step") or {}
+        graph = (f"{ts['graph_ms']:.2f}" if "graph_ms" in ts else "failed" if "graph_error" in ts else "–")
+        train = f"{ts['eager_ms']:.2f} / {graph}" if ts else "–"
+        fx = (f"{flex['time_ms']:.1f}", f"{flex['speedup']:.2f}×") if flex else ("–", "–")
+        gemm = f"{100 * r['forest_fraction_of_gemm']:.0f} % of {r['gemm_gflops'] / 1e3:.1f} TFLOP/s"
+        lines.append(f"| ({r['problem']}) | {r['precision']} | {m['forest']['time_ms']:.1f} | {naive[0]} "
+                     f"| {naive[1]} | {trunc[0]} | {trunc[1]} | {fx[0]} | {fx[1]} | {gemm} | {train} |")
+    lines += ["", "| target | where | measured | status |", "| --- | --- | ---: | --- |"]
+    for t in targets:
+        status = "unmeasured" if t["pass"] is None else ("**met**" if t["pass"] else "**missed**")
+        val = "–" if t["value"] is None else _fmt(t["value"], ".3g")
+        lines.append(f"| {t['target']} | {t['where']} | {val} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+README_BEGIN = "<!-- gpu-table:begin (python -m hipro_fast.bench.gpu --render JSON --readme README.md) -->"
+README_END = "<!-- gpu-table:end -->"
+
+
+def replace_readme_block(readme: str | Path, text: str) -> None:
+    """Replace the lines between README_BEGIN and README_END of `readme` with `text`."""
+    path = Path(readme)
+    src = path.read_text()
+    if src.count(README_BEGIN) != 1 or src.count(README_END) != 1:
+        raise ValueError(f"{path}: needs exactly one '{README_BEGIN}' and one '{README_END}' line")
+    head, rest = src.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    atomic_write_text(path, f"{head}{README_BEGIN}\n{text}{README_END}{tail}")

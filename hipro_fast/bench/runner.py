@@ -53,17 +53,18 @@ class StepRunner:
         return self
 
     # -- steps
-    def forest_step(self) -> float:
+    def forest_step(self, tower=None) -> float:
+        """Forward + backward of the forest pass on `tower` (default: the runner's)."""
         self.ctx.grad = None
-        feats = self.tower.encode_forest(self.forest, self.ctx)
+        feats = (tower or self.tower).encode_forest(self.forest, self.ctx)
         loss = sum((feats[t] * w).sum() for t, w in self.weights.items())
         loss.backward()
         return float(loss.detach())
 
-    def forest_collect(self) -> tuple[float, dict]:
+    def forest_collect(self, tower=None) -> tuple[float, dict]:
         """A forest step that also returns per-prompt [P, E] and per-task [C, E] features."""
         self.ctx.grad = None
-        pf = self.tower.encode_layout(self.forest.layout, self.forest.eos_index, self.ctx)
+        pf = (tower or self.tower).encode_layout(self.forest.layout, self.forest.eos_index, self.ctx)
         feats = self.forest.gather(pf)
         loss = sum((feats[t] * w).sum() for t, w in self.weights.items())
         loss.backward()

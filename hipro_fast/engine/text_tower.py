@@ -16,8 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from .flex import FlexTreeAttention
 from .layout import ForestLayout
 from ..errors import UnsupportedTextTower
+
+ATTENTION_BACKENDS = ("tree", "flex")
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,17 @@ class TextTower(nn.Module):
     Args:
         model: an open_clip CLIP / CustomTextCLIP whose text tower is causal and
             EOS(argmax)-pooled. Its text parameters are used as they are (not copied).
+        attention: "tree" (default): the fused tree-attention op (hipro_fast.ops);
+            "flex": PyTorch FlexAttention with the tree mask (engine/flex.py; compiled
+            on CUDA; on the CPU forward only), the baseline the benchmark compares with.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, attention: str = "tree"):
         super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        self.attention = attention
+        self._flex = FlexTreeAttention() if attention == "flex" else None
         text = _text_modules(model)
         pool = getattr(text, "text_pool_type", getattr(text, "pool_type", None))
         if pool != "argmax":
@@ -114,7 +124,10 @@ class TextTower(nn.Module):
         H = attn.num_heads
         qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(T, 3, H, W // H)
         q, k, v = qkv.unbind(1)
-        o = ops.tree_attention(q, k, v, layout.segment_table, layout.token_segment, (W // H) ** -0.5)
+        if self._flex is not None:
+            o = self._flex(q, k, v, layout, (W // H) ** -0.5)
+        else:
+            o = ops.tree_attention(q, k, v, layout.segment_table, layout.token_segment, (W // H) ** -0.5)
         return attn.out_proj(o.reshape(T, W))
 
     def encode_layout(self, layout: ForestLayout, eos_index: torch.Tensor,

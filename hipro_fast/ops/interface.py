@@ -16,7 +16,9 @@ from . import reference
 from .extension import _C, fused_available, warn_fallback
 
 __all__ = ["assemble_forest", "tree_attention", "pool_eos", "attention_block_min_pairs",
-           "set_attention_block_min_pairs"]
+           "set_attention_block_min_pairs", "attention_block_grouping", "set_attention_block_grouping"]
+
+_GROUPING = ("never", "auto", "always")
 
 
 def assemble_forest(
@@ -107,9 +109,9 @@ def pool_eos(
 
 
 def attention_block_min_pairs() -> int:
-    """CPU tree attention: a segment whose (descendant queries x keys) block
-    holds at least this many pairs attends through batched GEMMs; smaller ones
-    stay in the scalar loops (see csrc/cpu/attention_blocks.h). Default 256."""
+    """Tree attention (CPU and CUDA): a segment whose (descendant queries x keys)
+    block holds at least this many pairs attends through batched GEMMs; smaller
+    ones stay in the per-row kernels (see csrc/attention_blocks.h). Default 256."""
     if _C is None:
         raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
     return int(_C.attention_block_min_pairs())
@@ -124,6 +126,25 @@ def set_attention_block_min_pairs(min_pairs: int) -> None:
     if int(min_pairs) < 0:
         raise ValueError(f"min_pairs must be >= 0, got {min_pairs}")
     _C.set_attention_block_min_pairs(int(min_pairs))
+
+
+def attention_block_grouping() -> str:
+    """Whether same-depth GEMM blocks are batched into one gather + bmm per group
+    (csrc/attention_blocks.h): "auto" (default: on CUDA, not on the CPU), "always"
+    or "never"."""
+    if _C is None:
+        raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
+    return _GROUPING[int(_C.attention_block_grouping())]
+
+
+def set_attention_block_grouping(mode: str) -> None:
+    """Set it (process-wide). Results agree to rounding either way; a performance
+    knob and a test hook (the CPU tests run both ways)."""
+    if _C is None:
+        raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
+    if mode not in _GROUPING:
+        raise ValueError(f"grouping must be one of {_GROUPING}, got {mode!r}")
+    _C.set_attention_block_grouping(_GROUPING.index(mode))
 
 
 def _row_strided(x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,16 @@
 """hipro_fast.bench.gpu on the CPU (`--device cpu`, tiny tower): the GPU
 benchmark's harness runs end to end, the forest matches the naive CoOp-style
-step it is timed against, and the FLOP/speedup bookkeeping is consistent."""
+step it is timed against, and the FLOP/speedup bookkeeping is consistent; the
+whole-training-step timer runs (eagerly: CUDA graphs are CUDA only); the
+target list and the README table come out of a results JSON."""
+import copy
 import json
 
+import pytest
 import torch
 
 from hipro_fast.bench import gpu as bench_gpu
+from hipro_fast.bench.output import README_BEGIN, README_END
 
 
 def test_bench_gpu_harness_on_cpu(tmp_path):
@@ -14,7 +19,8 @@ def test_bench_gpu_harness_on_cpu(tmp_path):
     torch.set_num_threads(1)
     try:
         assert bench_gpu.main(["--device", "cpu", "--model", "tiny", "--problems", "a", "--precisions", "fp32",
-                               "--repeats", "1", "--warmup", "0", "--n-ctx", "4", "--json", str(path)]) == 0
+                               "--repeats", "1", "--warmup", "0", "--n-ctx", "4", "--json", str(path),
+                               "--markdown", str(tmp_path / "gpu.md")]) == 0
     finally:
         torch.set_num_threads(n)
     out = json.loads(path.read_text())
@@ -31,3 +37,71 @@ def test_bench_gpu_harness_on_cpu(tmp_path):
         assert abs(e["speedup"] - e["time_ms"] / forest["time_ms"]) < 1e-9
         assert abs(e["ideal_speedup"] - e["flops"] / forest["flops"]) < 1e-9
     assert res["gemm_gflops"] > 0
+    # FlexAttention has no CPU backward: the flex row is skipped, saying why.
+    assert "flex" not in methods and "FlexAttention has no CPU backward" in res["flex_skipped"]
+    ts = res["train_step"]
+    assert ts["eager_ms"] > 0 and ts["loss_finite"] and ts["batch_per_task"] == 32
+    assert ts["graph_skipped"] == "CUDA graphs need a CUDA device"
+    status = {(t["target"], t["where"]): t["pass"] for t in out["targets"]}
+    assert status[("fp32 features within 1e-5 of naive", "a fp32")] is True
+    assert status[("bf16 forest >= 50% of the same-run bf16 GEMM rate", "L bf16")] is None  # not run
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| (a) | fp32 |" in md and "unmeasured" in md
+
+
+def _result(problem, precision, forest_ms, naive_ms, ideal, flex_ms=None, frac=0.3, diff=1e-6, train=None):
+    methods = {"forest": {"time_ms": forest_ms, "tokens": 10, "flops": 1, "gflops": 1.0},
+               "naive": {"time_ms": naive_ms, "tokens": 100, "flops": ideal, "gflops": 1.0,
+                         "speedup": naive_ms / forest_ms, "ideal_speedup": ideal}}
+    if flex_ms is not None:
+        methods["flex"] = {"time_ms": flex_ms, "tokens": 10, "flops": 1, "gflops": 1.0,
+                           "speedup": flex_ms / forest_ms, "ideal_speedup": 1.0}
+    res = {"problem": problem, "precision": precision, "methods": methods, "forest_fraction_of_gemm": frac,
+           "gemm_gflops": 1e5, "verify_naive": {"feature_max_abs_diff": diff}}
+    if train is not None:
+        res["train_step"] = train
+    return res
+
+
+def test_targets_judge_each_measurement():
+    results = [_result("a", "fp32", 10, 90, 10, flex_ms=12), _result("a", "bf16", 10, 70, 10, flex_ms=8,
+                                                                       train={"eager_ms": 9, "graph_ms": 4.5}),
+               _result("L", "fp32", 10, 200, 20, flex_ms=30, diff=2e-5),
+               _result("L", "bf16", 10, 150, 20, flex_ms=11, frac=0.55)]
+    got = {(t["target"], t["where"]): (t["value"], t["pass"]) for t in bench_gpu.targets(results)}
+    assert got[("bf16 forest >= 50% of the same-run bf16 GEMM rate", "L bf16")] == (0.55, True)
+    ratio = "forest vs naive >= 80% of the ideal ratio"
+    assert got[(ratio, "a fp32")] == (pytest.approx(0.9), True)
+    assert got[(ratio, "a bf16")] == (pytest.approx(0.7), False)
+    assert got[(ratio, "L fp32")] == (pytest.approx(1.0), True)
+    assert got[(ratio, "L bf16")] == (pytest.approx(0.75), False)
+    flex = "forest faster than FlexAttention (flex ms / forest ms > 1)"
+    assert got[(flex, "a fp32")][1] is True and got[(flex, "a bf16")][1] is False
+    fp32 = "fp32 features within 1e-5 of naive"
+    assert got[(fp32, "a fp32")][1] is True and got[(fp32, "L fp32")][1] is False
+    stretch = "stretch: whole bf16 training step on (a) < 5 ms (CUDA graph if captured)"
+    assert got[(stretch, "a bf16")] == (4.5, True)
+    assert got[("bf16 error <= 2x the same-precision reference's error", "tests")] == (None, None)
+    # Without a flex row the flex targets are unmeasured, not missed.
+    no_flex = copy.deepcopy(results)
+    for r in no_flex:
+        del r["methods"]["flex"]
+    got = {(t["target"], t["where"]): t["pass"] for t in bench_gpu.targets(no_flex)}
+    assert got[(flex, "L bf16")] is None
+
+
+def test_render_puts_the_tables_into_the_readme(tmp_path):
+    results = [_result("a", "bf16", 10, 70, 10, flex_ms=12, train={"eager_ms": 9.0, "graph_error": "boom"})]
+    js = tmp_path / "r.json"
+    js.write_text(json.dumps({"device": "cuda", "device_name": "NVIDIA H200", "results": results}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n")
+    assert bench_gpu.main(["--render", str(js), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{README_END}\nrest\n") and "old table" not in text
+    assert "on NVIDIA H200" in text and "| (a) | bf16 | 10.0 | 70.0 | 7.0× (10.0×) |" in text
+    assert "| 12.0 | 1.20× |" in text and "9.00 / failed" in text
+    assert "**missed**" in text  # (a) bf16 vs naive: 70 % of ideal
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs exactly one"):
+        bench_gpu.main(["--render", str(js), "--readme", str(readme)])

@@ -26,7 +26,7 @@ def _run(lay, q, k, v, go, threads):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("mode", ["default", "all_gemm"])
+@pytest.mark.parametrize("mode", ["default", "all_gemm", "all_gemm_grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tree_attention_bitwise_identical_on_1_and_2_threads(mode, dtype):
     # 60 segments of up to 16 tokens (~500 tokens): enough work per op for 2 threads to split it

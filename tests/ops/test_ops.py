@@ -42,23 +42,32 @@ def qkv(T, H, D, dtype, seed=0, requires_grad=False):
 
 # ---------------------------------------------------------------- tree attention
 
-# The CPU op splits the pairs between batched GEMM blocks (segments with many
-# descendant queries) and scalar loops; each test runs with the default split,
-# with every segment that has descendants on the GEMM path, and with none.
-BLOCK_MODES = {"default": None, "all_gemm": 0, "scalar_only": 10**15}
+# The op splits the pairs between batched GEMM blocks (segments with many
+# descendant queries; csrc/attention_blocks.h, the code the CUDA op runs too)
+# and the per-row loops; each test runs with the default split, with every
+# segment that has descendants on the GEMM path (one block at a time, and
+# grouped as on CUDA: same-depth blocks gathered into one bmm), and with none.
+# Mode -> (min_pairs, grouping); None keeps the default.
+BLOCK_MODES = {"default": (None, None), "all_gemm": (0, "never"), "all_gemm_grouped": (0, "always"),
+               "scalar_only": (10**15, None)}
 
 
 @contextlib.contextmanager
 def block_mode(mode):
-    if _C is None or BLOCK_MODES[mode] is None:
+    pairs, grouping = BLOCK_MODES[mode]
+    if _C is None or (pairs is None and grouping is None):
         yield
         return
-    before = ops.attention_block_min_pairs()
-    ops.set_attention_block_min_pairs(BLOCK_MODES[mode])
+    before = ops.attention_block_min_pairs(), ops.attention_block_grouping()
+    if pairs is not None:
+        ops.set_attention_block_min_pairs(pairs)
+    if grouping is not None:
+        ops.set_attention_block_grouping(grouping)
     try:
         yield
     finally:
-        ops.set_attention_block_min_pairs(before)
+        ops.set_attention_block_min_pairs(before[0])
+        ops.set_attention_block_grouping(before[1])
 
 
 @pytest.fixture(params=list(BLOCK_MODES))
@@ -140,22 +149,74 @@ def test_tree_attention_paths_agree_in_fp64():
     q, k, v = qkv(T, H, D, torch.float64, 7)
     go = torch.randn(T, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     results = {}
-    for mode, pairs in (("scalar_only", 10**15), ("split", 12), ("all_gemm", 0)):
-        before = ops.attention_block_min_pairs()
+    for mode, pairs, grouping in (("scalar_only", 10**15, "never"), ("split", 12, "never"),
+                                  ("split_grouped", 12, "always"), ("all_gemm", 0, "never"),
+                                  ("all_gemm_grouped", 0, "always")):
+        before = ops.attention_block_min_pairs(), ops.attention_block_grouping()
         ops.set_attention_block_min_pairs(pairs)
+        ops.set_attention_block_grouping(grouping)
         try:
             out, lse = torch.ops.hipro_fast.tree_attention(q, k, v, lay.segment_table, lay.token_segment, 0.25)
             grads = torch.ops.hipro_fast.tree_attention_backward(go, q, k, v, out, lse, lay.segment_table,
                                                                  lay.token_segment, 0.25)
         finally:
-            ops.set_attention_block_min_pairs(before)
+            ops.set_attention_block_min_pairs(before[0])
+            ops.set_attention_block_grouping(before[1])
         results[mode] = [out, lse, *grads]
     table = lay.segment_table
     pairs = (table[:, 3] - table[:, 0] - table[:, 1]) * table[:, 1]
     assert ((pairs > 0) & (pairs < 12)).any() and (pairs >= 12).any()  # "split" really splits
-    for mode in ("split", "all_gemm"):
+    for mode in ("split", "split_grouped", "all_gemm", "all_gemm_grouped"):
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results[mode], results["scalar_only"]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{mode} {name}: {m}")
+
+
+def _cache_stats():
+    misses, hits = _C.attention_plan_cache_stats()
+    return misses, hits
+
+
+@needs_ext
+def test_block_plan_is_cached_per_table_and_replanned_on_change():
+    """The segment-block plan (csrc/attention_blocks.cpp) is computed once per
+    segment table and reused -- on CUDA that is what keeps repeated calls free of
+    a device->host copy and capturable in a CUDA graph -- and recomputed when the
+    table changes (in place through torch, or behind the version counter's back),
+    when the knob changes, or for another table with the same contents."""
+    lay, _ = random_layout(31, 30, 6)
+    T, H, D = lay.num_tokens, 2, 8
+    q, k, v = qkv(T, H, D, torch.float64, 3)
+    table = lay.segment_table.clone()
+
+    def run(tab, tseg=lay.token_segment):
+        out, _ = torch.ops.hipro_fast.tree_attention(q, k, v, tab, tseg, 0.3)
+        return out
+
+    with block_mode("all_gemm"):
+        first = run(table)
+        m0, h0 = _cache_stats()
+        assert torch.equal(run(table), first)
+        assert _cache_stats() == (m0, h0 + 1)            # reused
+        run(table.clone())
+        assert _cache_stats() == (m0 + 1, h0 + 1)        # same contents, other storage: planned
+        with block_mode("scalar_only"):
+            run(table)
+        assert _cache_stats()[0] == m0 + 2               # other knob: planned
+    # A write behind the version counter (through numpy): on a CPU table the
+    # cache compares contents, so the stale plan is not used. The new table is
+    # one root segment holding every token (plain causal attention; the other
+    # rows become empty segments under it).
+    tseg = torch.zeros_like(lay.token_segment)
+    with block_mode("all_gemm"):
+        run(table)
+        arr = table.numpy()
+        arr[:] = 0
+        arr[0] = [0, T, -1, T]
+        m1, _ = _cache_stats()
+        out = run(table, tseg)
+        assert _cache_stats()[0] == m1 + 1
+    causal = reference.tree_attention(q, k, v, table, tseg, 0.3)
+    torch.testing.assert_close(out, causal, rtol=1e-12, atol=1e-12)
 
 
 @needs_ext
@@ -163,6 +224,11 @@ def test_attention_block_knob_validates():
     with pytest.raises(ValueError, match="min_pairs must be >= 0, got -1"):
         ops.set_attention_block_min_pairs(-1)
     assert ops.attention_block_min_pairs() == 256
+    with pytest.raises(ValueError, match="grouping must be one of"):
+        ops.set_attention_block_grouping("sometimes")
+    assert ops.attention_block_grouping() == "auto"
+    with pytest.raises(RuntimeError, match="block grouping must be 0 .*got 7"):
+        _C.set_attention_block_grouping(7)
 
 
 @needs_ext
