@@ -42,7 +42,7 @@ from .bench import gpu as bench_gpu
 from .bench import cpu as bench
 from .data.feature_cache import default_cache_dir
 from .distributed import group as dist_group
-from .distributed.launch import run_under_torchrun
+from .distributed.launch import run_under_torchrun, without_option
 from .data.tasks_spec import load_spec
 from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
 from .errors import CliError, DistributedError, ForestError, HiproError
@@ -862,26 +862,13 @@ def _bench_device(argv: list[str]) -> str:
     return "cpu"
 
 
-def _without_device(argv: list[str]) -> list[str]:
-    """The CPU benchmark has no --device option: drop `--device cpu`."""
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg == "--device":
-            skip = True
-        elif not arg.startswith("--device="):
-            out.append(arg)
-    return out
-
-
 def _bench(argv: list[str]) -> int:
     debug = "--debug" in argv
     argv = [x for x in argv if x != "--debug"]
     try:
         if _bench_device(argv).startswith("cuda"):  # `hipro bench --device cuda ...`
             return int(bench_gpu.main(argv) or 0)
-        return int(bench.main(_without_device(argv)) or 0)
+        return int(bench.main(without_option(argv, "--device")) or 0)  # the CPU benchmark has no --device
     except SystemExit as e:  # its argparse: --help or a usage error
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:

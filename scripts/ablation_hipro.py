@@ -93,14 +93,20 @@ def dev_split(pool, seed: int = 1234):
     return rest, dev
 
 
-def bundled(a) -> dict:
-    combine, methods, options = BUNDLED_VARIANTS[a.variant]
+def load_bundled(work: str):
+    """(clip, cached bundled features, training pool without the dev split, dev split)."""
     clip = hf.load_clip("hipro-tiny-clip")
-    root = Path(a.work) / "bundled"
+    root = Path(work) / "bundled"
     spec_path = root / "tasks.toml" if (root / "tasks.toml").exists() else pipeline.export_bundled(root, seed=0)
-    feats = pipeline.cache_features(clip, load_spec(spec_path), shots=None, seed=0, cache_dir=Path(a.work) / "cache",
+    feats = pipeline.cache_features(clip, load_spec(spec_path), shots=None, seed=0, cache_dir=Path(work) / "cache",
                                     progress=False, splits=("train", "test"))
     pool, dev = dev_split(feats.train)
+    return clip, feats, pool, dev
+
+
+def bundled(a) -> dict:
+    combine, methods, options = BUNDLED_VARIANTS[a.variant]
+    clip, feats, pool, dev = load_bundled(a.work)
     t0 = time.time()
 
     def on_run(k, s, table):
@@ -123,12 +129,7 @@ def affinity_config(a, steps: int) -> dict:
 def budget(a) -> dict:
     """Every trained method on the bundled dev split at lr a.lr and a.scale x
     (50 epochs, min_steps 200)."""
-    clip = hf.load_clip("hipro-tiny-clip")
-    root = Path(a.work) / "bundled"
-    spec_path = root / "tasks.toml" if (root / "tasks.toml").exists() else pipeline.export_bundled(root, seed=0)
-    feats = pipeline.cache_features(clip, load_spec(spec_path), shots=None, seed=0, cache_dir=Path(a.work) / "cache",
-                                    progress=False, splits=("train", "test"))
-    pool, dev = dev_split(feats.train)
+    clip, feats, pool, dev = load_bundled(a.work)
     t0 = time.time()
 
     def on_run(k, s, table):

@@ -27,11 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import hipro_fast as hf  # noqa: E402
-from ablation_hipro import dev_split  # noqa: E402
-from hipro_fast.app import pipeline  # noqa: E402
+from ablation_hipro import load_bundled  # noqa: E402
 from hipro_fast.data.synth import adjusted_rand_index  # noqa: E402
-from hipro_fast.data.tasks_spec import load_spec  # noqa: E402
 from hipro_fast.method.affinity import task_affinity  # noqa: E402
 from hipro_fast.method.grouping import nested_from_affinity  # noqa: E402
 from hipro_fast.method.protocol import draw_few_shot  # noqa: E402
@@ -56,12 +53,7 @@ def main() -> None:
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    clip = hf.load_clip("hipro-tiny-clip")
-    root = Path(a.work) / "bundled"
-    spec_path = root / "tasks.toml" if (root / "tasks.toml").exists() else pipeline.export_bundled(root, seed=0)
-    feats = pipeline.cache_features(clip, load_spec(spec_path), shots=None, seed=0, cache_dir=Path(a.work) / "cache",
-                                    progress=False, splits=("train", "test"))
-    pool, _ = dev_split(feats.train)
+    clip, feats, pool, _ = load_bundled(a.work)
     names = list(feats.tasks)
     truth = [DESIGNED_GROUPS[t] for t in names]
     print("| shots | seed | automatic rule | ARI | forced one-level cut | ARI |\n|---:|---:|---|---:|---|---:|")

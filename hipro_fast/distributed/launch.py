@@ -16,20 +16,25 @@ import torch
 
 from ..errors import DistributedError
 
-__all__ = ["strip_nproc", "torchrun_argv", "run_under_torchrun"]
+__all__ = ["without_option", "strip_nproc", "torchrun_argv", "run_under_torchrun"]
 
 
-def strip_nproc(argv: Sequence[str]) -> list[str]:
-    """argv without `--nproc N` / `--nproc=N` (the workers must not wrap again)."""
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """argv without `option VALUE` / `option=VALUE`."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg == option:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not arg.startswith(option + "="):
             out.append(arg)
     return out
+
+
+def strip_nproc(argv: Sequence[str]) -> list[str]:
+    """argv without `--nproc N` / `--nproc=N` (the workers must not wrap again)."""
+    return without_option(argv, "--nproc")
 
 
 def torchrun_argv(nproc: int, argv: Sequence[str], module: str = "hipro_fast.cli") -> list[str]:
