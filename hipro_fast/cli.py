@@ -380,7 +380,7 @@ class _Ctx:
         if self.main:
             try:
                 run = pipeline.Run(run_dir, command, cfg, mode=mode, resumable=resumable)
-                outcome = (str(run.dir), run.resumed, None)
+                outcome = (str(run.dir.resolve()), run.resumed, None)  # nodes may differ in cwd
             except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
                 outcome = (None, False, _one_line(e))
                 dist_group.broadcast_object(outcome)

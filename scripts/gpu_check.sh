@@ -74,6 +74,9 @@ if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
   export TORCH_CUDA_ARCH_LIST
   export FORCE_CUDA=1
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  # The block GEMMs go through cuBLAS, whose results are bitwise reproducible
+  # across streams (eager vs graph capture) only with a fixed workspace.
+  export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
   echo "== building (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
   rm -f hipro_fast/_C*.so
   start=$(date +%s)

@@ -38,7 +38,9 @@
 // head h of q starts at q + t * q_rs + h * D; grad_out is contiguous
 // [T, H, D]; the kernels' outputs are contiguous, in the accumulation type.
 // No atomics: every output element is written by exactly one thread after a
-// fixed-order reduction, so results are bitwise reproducible run to run.
+// fixed-order reduction, so these kernels are bitwise reproducible run to run;
+// the whole op is as long as cuBLAS is for the block GEMMs
+// (CUBLAS_WORKSPACE_CONFIG=:4096:8, which scripts/gpu_check.sh sets).
 //
 // Index validation: the host-side checks of the CPU op need the index data on
 // the host (a device sync). Here a small validation kernel evaluates the same

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import group as dist_group
-from ..errors import DistributedError, HiproError
+from ..errors import DistributedError
 from ..files import atomic_write_bytes
 from .tasks_spec import BadImageError, ImageRecord, read_image
 
@@ -329,7 +329,8 @@ class FeatureCache:
         sharded = dist_group.current() is not None
         if sharded:
             # Rank 0 decides hit / rebuild for everyone (a file read twice could change in between).
-            verdict = dist_group.broadcast_object(self._load(path, key, records)[1] if path.exists() else None)
+            verdict = dist_group.broadcast_object(
+                self._load(path, key, records)[1] if dist_group.is_main() and path.exists() else None)
             if verdict == "":
                 # A rank that cannot read rank 0's file (a node with its own cache folder) gets rank 0's copy.
                 loaded = self._load(path, key, records)[0] if path.exists() else None
@@ -356,9 +357,24 @@ class FeatureCache:
             status = "stale" if reason.startswith("stale") else "corrupt"
             warnings.warn(f"{status} feature cache {path}: {reason}; rebuilding", CacheWarning, stacklevel=2)
         out = self._encode_sharded(records, tag, views, seed) if sharded else self._encode(records, tag, views, seed)
-        if dist_group.is_main():  # written once, atomically
+        if sharded:
+            # Written once, atomically, by rank 0; its outcome is broadcast (which
+            # also orders every rank after the write), so a failed write stops the
+            # others with its reason instead of leaving them at a barrier until
+            # the process-group timeout.
+            error = None
+            if dist_group.is_main():
+                try:
+                    self._save(path, key, out, records, stats)
+                except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+                    error = f"{type(e).__name__}: {e}"
+                    dist_group.broadcast_object(error)
+                    raise
+            error = dist_group.broadcast_object(error)
+            if error is not None:
+                raise DistributedError(f"rank 0 stopped writing the feature cache {path}: {error}")
+        else:
             self._save(path, key, out, records, stats)
-        dist_group.barrier()  # the file is in place before any rank goes on
         out.status, out.file = status, path
         self.log.append(f"{tag}: {status} -> encoded {len(out)} images into {path.name}")
         return out
@@ -374,17 +390,20 @@ class FeatureCache:
         first = rank * base + min(rank, extra)
         mine = range(first * self.batch_size,
                      min(len(records), (first + base + (1 if rank < extra else 0)) * self.batch_size))
+        failure: Exception | None = None
         try:
             part = self._encode_rows(records, mine, tag, views, seed, progress=self.progress and rank == 0)
             cpu: tuple = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in part)
-        except (HiproError, ValueError, OSError) as e:
-            # Shipped to every rank, so that all of them stop here instead of waiting on this one.
-            cpu = ("error", e)
+        except Exception as e:  # noqa: BLE001 - re-raised here, reported on the other ranks below
+            # Its message goes to every rank (the exception itself may not pickle),
+            # so that all of them stop here instead of waiting on this one.
+            failure, cpu = e, ("error", str(e))
         parts = dist_group.all_gather_object(cpu)
+        if failure is not None:
+            raise failure
         for r, p in enumerate(parts):
-            if p[0] == "error":
-                raise p[1] if r == rank else DistributedError(f"rank {r} failed to encode its share of {tag}: "
-                                                              f"{p[1]}")
+            if isinstance(p[0], str):
+                raise DistributedError(f"rank {r} failed to encode its share of {tag}: {p[1]}")
         feats = [p[0] for p in parts if p[0] is not None]
         vfeats = [p[1] for p in parts if p[1] is not None]
         kept = [i for p in parts for i in p[2]]

@@ -42,9 +42,15 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     then skips it)."""
     if current() is None or not params:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+    # One flat buffer in the widest dtype of the parameters (fp32 contexts: fp32;
+    # an fp64 parameter keeps fp64 precision).
+    dtype = torch.float32
+    for p in params:
+        dtype = torch.promote_types(dtype, p.dtype)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
                       for p in params]
-                     + [torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)])
+                     + [torch.tensor([float(p.grad is not None) for p in params], device=params[0].device,
+                                     dtype=dtype)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     has = flat[-len(params):]
     offset = 0

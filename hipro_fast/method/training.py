@@ -247,9 +247,10 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of one task's logits over its own classes (fp32)."""
-    return F.cross_entropy(logits.float(), labels)
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of one task's logits over its own classes (fp32); reduction
+    "sum" gives a rank's share of a global-batch mean (see fit)."""
+    return F.cross_entropy(logits.float(), labels, reduction=reduction)
 
 
 def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainConfig | None = None,
@@ -356,8 +357,8 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                         losses.append(task_loss(model.logits(t, xs[t][b], feats), ys[t][b]))
                     else:  # this rank's piece: its CE sum over the global batch size (module docstring)
                         b = local_part(b, rank, world)
-                        losses.append(F.cross_entropy(model.logits(t, xs[t][b], feats).float(), ys[t][b],
-                                                      reduction="sum") / config.batch_size)
+                        losses.append(task_loss(model.logits(t, xs[t][b], feats), ys[t][b], reduction="sum")
+                                      / config.batch_size)
             stacked = torch.stack(losses).float()
             values = dist_group.all_reduce_sum(stacked.detach().clone()).cpu().tolist()
             bad = {t: v for t, v in zip(tasks, values) if not math.isfinite(v)}

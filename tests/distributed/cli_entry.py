@@ -37,7 +37,7 @@ def _kill_at(spec: str, stall: bool = False):
             if RANK == rank and (info["epoch"], info["step"]) == (epoch, step) \
                     and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
                 if stall:
-                    time.sleep(3600)
+                    time.sleep(120)  # long past every test's timeout, short if a clean-up fails
                 os.kill(os.getpid(), signal.SIGKILL)
         return inner(*args, callback=cb, **kw)
 
@@ -50,5 +50,5 @@ if __name__ == "__main__":
     if os.environ.get("HIPRO_TEST_STALL_AT"):
         _kill_at(os.environ["HIPRO_TEST_STALL_AT"], stall=True)
     if os.environ.get("HIPRO_TEST_ABSENT_RANK") == str(RANK):
-        time.sleep(3600)
+        time.sleep(120)  # long past every test's timeout, short if a clean-up fails
     sys.exit(cli.main(sys.argv[1:]))

@@ -4,10 +4,12 @@ timeout so that a hang fails the test instead of the CI job."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,10 +33,46 @@ def torchrun_cmd(target: list[str], nproc: int = 2, port: int | None = None, ext
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port or free_port()}", *extra, *target]
 
 
+def start(cmd: Sequence[str], env_vars: dict[str, str] | None = None) -> subprocess.Popen:
+    """A launcher process (torchrun or the `--nproc` wrapper) in the repo root."""
+    return subprocess.Popen(list(cmd), cwd=REPO, env=env_vars if env_vars is not None else env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs: Sequence[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
+    """Wait for every launcher; on a timeout stop them all and raise TimeoutExpired.
+
+    torchrun starts its workers in their own sessions, so killing torchrun alone
+    would leave them running (sleeping test ranks, or ranks blocked in gloo for
+    the whole --dist-timeout) and slow every later test on a 2-core CI machine.
+    SIGTERM makes torchrun stop its workers first; SIGKILL follows if it does not.
+    """
+    out = []
+    try:
+        for p in procs:
+            so, se = p.communicate(timeout=timeout)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+    return out
+
+
+def run(cmd: Sequence[str], timeout: float, **env_extra: str) -> subprocess.CompletedProcess:
+    """subprocess.run for launchers, with finish()'s clean-up on a timeout."""
+    return finish([start(cmd, env(**env_extra))], timeout)[0]
+
+
 def torchrun(target: list[str], nproc: int = 2, timeout: float = 180, extra: list[str] = (),
              check: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(torchrun_cmd(target, nproc, extra=list(extra)), cwd=REPO, env=env(**env_extra),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = run(torchrun_cmd(target, nproc, extra=list(extra)), timeout, **env_extra)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -7,7 +7,6 @@ process (hipro_fast.cli.main). Every launch has a hard timeout."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from safetensors import safe_open
 from hipro_fast.cli import main
 from hipro_fast.method import checkpoint as ckpt
 from tests.app.test_cli import TINY_CONFIG, _make_data
-from tests.distributed.launch import REPO, env, free_port, torchrun_cmd
+from tests.distributed.launch import finish, free_port, run, start, torchrun_cmd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TREE = '[["shapes", "texture"], "scenes"]'
@@ -67,28 +66,17 @@ def _events(run: Path, event: str) -> list[dict]:
 
 
 def _hipro_torchrun(target: list[str], nproc: int = 2, extra=(), timeout: float = 150, **env_extra):
-    return subprocess.run(torchrun_cmd(target, nproc, extra=list(extra)), cwd=REPO, env=env(**env_extra),
-                          capture_output=True, text=True, timeout=timeout)
+    return run(torchrun_cmd(target, nproc, extra=list(extra)), timeout, **env_extra)
 
 
 def _two_nodes(world, argv_per_node: list[list[str]], timeout: float = 150) -> list[subprocess.CompletedProcess]:
     """Two torchrun invocations (one process each) joining one job of 2 nodes on localhost."""
     port = free_port()
-    procs = [subprocess.Popen(
+    procs = [start(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"test-{port}",
-         "-m", "hipro_fast.cli", *argv], cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for argv in argv_per_node]
-    out = []
-    try:
-        for p in procs:
-            so, se = p.communicate(timeout=timeout)
-            out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return out
+         "-m", "hipro_fast.cli", *argv]) for argv in argv_per_node]
+    return finish(procs, timeout)
 
 
 def _error_lines(text: str) -> list[str]:
@@ -103,8 +91,8 @@ def test_two_process_cache_equals_one_process_cache(world, tmp_path):
     one, two = tmp_path / "c1", tmp_path / "c2"
     argv = ["cache", "--shots", "2", "--batch-size", "4"]
     assert main(_args(world, argv, tmp_path / "r1", cache=one)) == 0
-    proc = subprocess.run([sys.executable, "-m", "hipro_fast.cli", *_args(world, argv, tmp_path / "r2", cache=two),
-                           "--nproc", "2"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=150)
+    proc = run([sys.executable, "-m", "hipro_fast.cli", *_args(world, argv, tmp_path / "r2", cache=two),
+                "--nproc", "2"], timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in one.glob("*.safetensors"))
     assert len(files) == 9 and files == sorted(p.name for p in two.glob("*.safetensors"))

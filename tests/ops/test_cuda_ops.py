@@ -349,8 +349,14 @@ def test_tree_attention_cuda_graph_capture(dtype):
         static = step()
     graph.replay()
     torch.cuda.synchronize()
+    # Bitwise only when cuBLAS is deterministic across streams (a fixed workspace,
+    # as scripts/gpu_check.sh sets); otherwise the GEMMs may sum in another order.
+    bitwise = os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), static, eager):
-        assert torch.equal(a, b), name
+        if bitwise:
+            assert torch.equal(a, b), name
+        else:
+            assert_close_dtype(a, b, dtype, name)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="FlexAttention has no CPU backward (tests/engine/test_flex.py: CPU forward)")
