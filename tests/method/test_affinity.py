@@ -142,7 +142,10 @@ def test_transfer_matches_its_definition_task_by_task(tiny):
         z[:, j] = (s[:, j] - others.mean()) / others.std()
     kw = dict(method="transfer", n_ctx=n_ctx, steps=steps, lr=lr, seed=seed)
     got = task_affinity((model, tok), tasks, data, **kw)
-    np.testing.assert_allclose(got, (z + z.T) / 2, rtol=0, atol=1e-3)
+    # rtol too: a z-score divides fp32 loss differences by the other prompts'
+    # small spread, so large entries (the diagonal) carry ~1e-5 relative noise
+    # from the attention's summation order.
+    np.testing.assert_allclose(got, (z + z.T) / 2, rtol=1e-4, atol=1e-3)
     own = s - np.diag(s)[None, :]
     np.testing.assert_allclose(task_affinity((model, tok), tasks, data, normalize="own", **kw), (own + own.T) / 2,
                                rtol=0, atol=1e-4)
