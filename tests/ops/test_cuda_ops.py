@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import hipro_fast
+from tests.ops.knobs import attention_knobs
 from hipro_fast import ops
 from hipro_fast.ops import reference
 from hipro_fast.engine.flex import FlexTreeAttention
@@ -294,17 +295,8 @@ BLOCK_MODES = {"all_gemm": (0, "never"), "all_gemm_grouped": (0, "always"), "def
 
 @pytest.fixture(params=list(BLOCK_MODES))
 def block_mode(request):
-    pairs, grouping = BLOCK_MODES[request.param]
-    before = ops.attention_block_min_pairs(), ops.attention_block_grouping()
-    if pairs is not None:
-        ops.set_attention_block_min_pairs(pairs)
-    if grouping is not None:
-        ops.set_attention_block_grouping(grouping)
-    try:
+    with attention_knobs(*BLOCK_MODES[request.param]):
         yield request.param
-    finally:
-        ops.set_attention_block_min_pairs(before[0])
-        ops.set_attention_block_grouping(before[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -12,6 +12,7 @@ from hipro_fast import ops
 from hipro_fast.ops import reference
 from hipro_fast.ops.extension import _C
 from hipro_fast.engine.layout import build_forest_layout, encode_vocab_source
+from tests.ops.knobs import attention_knobs
 from tests.oracle import brute_pool, brute_tree_attention, fp_tolerance, random_forest_parents
 
 needs_ext = pytest.mark.skipif(_C is None, reason="compiled extension missing")
@@ -58,16 +59,8 @@ def block_mode(mode):
     if _C is None or (pairs is None and grouping is None):
         yield
         return
-    before = ops.attention_block_min_pairs(), ops.attention_block_grouping()
-    if pairs is not None:
-        ops.set_attention_block_min_pairs(pairs)
-    if grouping is not None:
-        ops.set_attention_block_grouping(grouping)
-    try:
+    with attention_knobs(pairs, grouping):
         yield
-    finally:
-        ops.set_attention_block_min_pairs(before[0])
-        ops.set_attention_block_grouping(before[1])
 
 
 @pytest.fixture(params=list(BLOCK_MODES))
