@@ -72,7 +72,7 @@ _WRONG_TREE = '''            raise ValueError("method 'hipro' needs a tree")
 
 MUTATIONS = [
     Mutation("sgd-weight-decay", "SGD ignores weight decay", "hipro_fast/method/training.py",
-             "momentum=config.momentum,\n                                weight_decay=config.weight_decay)",
+             "momentum=config.momentum, weight_decay=config.weight_decay)",
              "momentum=config.momentum)",
              (("tests/method/test_training.py",),)),
     Mutation("affinity-no-zscore", "transfer affinity without its z-score (raw -log loss)",

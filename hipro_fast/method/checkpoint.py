@@ -4,8 +4,10 @@ A checkpoint directory holds two checkpoints, `last` (for resuming) and `best`
 (the best-validation contexts). Each is a pair
 
     <kind>.json                   tree, model config, epoch, history, train config, ...
-    <kind>-e<epoch>.safetensors   "ctx/<node>" contexts, "momentum/<node>" SGD momentum
-                                  buffers, "best/<node>" best-so-far contexts (`last` only)
+    <kind>-e<epoch>.safetensors   "ctx/<node>" contexts, "opt/<key>/<node>" optimiser
+                                  state (SGD momentum_buffer; AdamW step, exp_avg,
+                                  exp_avg_sq), "best/<node>" best-so-far contexts
+                                  (`last` only)
 
 The frozen CLIP is never stored. Both files are written atomically (a temp file
 in the same directory, fsync, os.replace, directory fsync); the tensor file
@@ -39,41 +41,49 @@ KINDS = ("last", "best")
 
 # ------------------------------------------------------- optimizer state
 # TrainConfig fields (hipro_fast.method.training) that change the trajectory: a resume must match them.
-TRAJECTORY_FIELDS = ("lr", "momentum", "weight_decay", "epochs", "min_steps", "warmup_epochs", "warmup_lr",
+TRAJECTORY_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "epochs", "min_steps", "warmup_epochs", "warmup_lr",
                      "batch_size", "steps_per_epoch", "amp", "seed", "eval_every")
 
 
-def momentum_buffers(optimizer: torch.optim.Optimizer, model: HiProModel) -> dict[str, torch.Tensor]:
-    """{node: SGD momentum buffer} of the contexts that have one."""
-    out = {}
+def collect_optimizer_state(optimizer: torch.optim.Optimizer, model: HiProModel) -> dict[str, dict[str, torch.Tensor]]:
+    """{node: {state key: tensor}} of the contexts the optimiser holds state for
+    (SGD: momentum_buffer; AdamW: step, exp_avg, exp_avg_sq)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for node, p in model.learnable().items():
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            out[node] = buf.detach().clone()
+        state = optimizer.state.get(p, {})
+        tensors = {k: (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().clone()
+                   for k, v in state.items() if v is not None}
+        if tensors:
+            out[node] = tensors
     return out
 
 
-def set_momentum_buffers(optimizer: torch.optim.Optimizer, model: HiProModel,
-                          buffers: Mapping[str, torch.Tensor]) -> None:
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, model: HiProModel,
+                        state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Restore collect_optimizer_state(): every tensor on its context's device; AdamW's
+    step count stays a CPU fp32 scalar, as torch keeps it."""
     learnable = model.learnable()
-    for node, buf in buffers.items():
+    for node, tensors in state.items():
         if node not in learnable:
-            raise TaskSpecError(f"checkpoint has a momentum buffer for unknown node {node!r}")
+            raise TaskSpecError(f"checkpoint has optimiser state for unknown node {node!r}")
         p = learnable[node]
-        optimizer.state[p]["momentum_buffer"] = buf.to(p.device, p.dtype).clone()
-
+        restored = {}
+        for key, value in tensors.items():
+            restored[key] = value.clone() if key == "step" else value.to(p.device, p.dtype).clone()
+        optimizer.state[p] = restored
 
 
 # ---------------------------------------------------------------- records
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint. contexts / momentum / best_contexts: node -> tensor (CPU)."""
+    """A loaded checkpoint. contexts / best_contexts: node -> tensor (CPU);
+    optimizer_state: node -> {state key -> tensor} (CPU)."""
 
     kind: str
     epoch: int
     history: list[dict[str, Any]]
     contexts: dict[str, torch.Tensor]
-    momentum: dict[str, torch.Tensor]
+    optimizer_state: dict[str, dict[str, torch.Tensor]]
     best_epoch: int | None
     best_val: float | None
     best_contexts: dict[str, torch.Tensor] | None
@@ -102,7 +112,7 @@ def _config_dict(train_config: Any) -> dict[str, Any] | None:
 
 
 def save_checkpoint(directory: str | Path, model: HiProModel,
-                    optimizer_state: Mapping[str, torch.Tensor] | torch.optim.Optimizer | None,
+                    optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | torch.optim.Optimizer | None,
                     epoch: int, history: list[dict[str, Any]], *, kind: str = "last",
                     best_epoch: int | None = None, best_val: float | None = None,
                     best_state: Mapping[str, torch.Tensor] | None = None,
@@ -112,8 +122,8 @@ def save_checkpoint(directory: str | Path, model: HiProModel,
     Args:
         directory: the checkpoint directory (created if needed).
         model: the HiProModel whose contexts are saved.
-        optimizer_state: node -> SGD momentum buffer (see momentum_buffers),
-            a torch SGD optimizer over the model's contexts, or None.
+        optimizer_state: node -> {state key -> tensor} (see collect_optimizer_state), a
+            torch optimizer over the model's contexts, or None.
         epoch: the last completed epoch (0-based).
         history: per-epoch records so far (JSON-able).
         best_epoch / best_val / best_state: best-so-far selection (best_state is
@@ -126,12 +136,14 @@ def save_checkpoint(directory: str | Path, model: HiProModel,
     directory = Path(directory)
     json_path = _json_path(directory, kind)
     if isinstance(optimizer_state, torch.optim.Optimizer):
-        optimizer_state = momentum_buffers(optimizer_state, model)
+        optimizer_state = collect_optimizer_state(optimizer_state, model)
     tensors: dict[str, torch.Tensor] = {}
     for node, p in model.learnable().items():
         tensors[f"ctx/{node}"] = p.detach().float().cpu().contiguous()
-    for node, buf in (optimizer_state or {}).items():
-        tensors[f"momentum/{node}"] = buf.detach().float().cpu().contiguous()
+    for node, state in (optimizer_state or {}).items():
+        for key, value in state.items():
+            # fp32 contexts keep fp32 state, so the round trip is exact
+            tensors[f"opt/{key}/{node}"] = value.detach().float().cpu().contiguous()
     for node, value in (best_state or {}).items():
         tensors[f"best/{node}"] = value.detach().float().cpu().contiguous()
     from safetensors.torch import save
@@ -233,6 +245,18 @@ def _split(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def _optimizer_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{node: {key: tensor}} from "opt/<key>/<node>" tensors (node names may hold
+    "/"), and the "momentum/<node>" SGD buffers of checkpoints written before
+    the optimiser became an option."""
+    out: dict[str, dict[str, torch.Tensor]] = {node: {"momentum_buffer": v}
+                                               for node, v in _split(tensors, "momentum/").items()}
+    for name, value in _split(tensors, "opt/").items():
+        key, node = name.split("/", 1)
+        out.setdefault(node, {})[key] = value
+    return out
+
+
 def load_checkpoint(directory: str | Path, model: HiProModel | None = None, kind: str = "last",
                     load_contexts: bool = True) -> Checkpoint:
     """Read the `kind` checkpoint of `directory`.
@@ -269,7 +293,7 @@ def load_checkpoint(directory: str | Path, model: HiProModel | None = None, kind
         if load_contexts:
             model.load_context_state(contexts)
     return Checkpoint(kind=kind, epoch=int(record["epoch"]), history=record.get("history", []),
-                      contexts=contexts, momentum=_split(tensors, "momentum/"),
+                      contexts=contexts, optimizer_state=_optimizer_tensors(tensors),
                       best_epoch=record.get("best_epoch"), best_val=record.get("best_val"),
                       best_contexts=best or None, model_config=record["model"],
                       train_config=record.get("train_config"), extra=record.get("extra") or {},

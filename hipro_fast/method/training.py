@@ -5,20 +5,23 @@ computes the class text features of all tasks with one `model.text_features()`
 call (one packed prompt-forest pass), and minimises the mean over tasks of each
 task's cross-entropy over its OWN classes (separate logits per task).
 
-Optimiser and schedule follow CoOp: SGD (lr 0.002, momentum 0.9, weight decay
-5e-4), a cosine schedule over the epochs, preceded by warm-up epochs at the
-constant lr 1e-5 (Dassl's ConstantWarmupScheduler):
+Optimiser and schedule: CoOp's SGD (lr 0.002, momentum 0.9, weight decay 5e-4)
+or AdamW (TrainConfig.optimizer), a cosine schedule over the epochs, preceded
+by warm-up epochs at the constant lr 1e-5 (Dassl's ConstantWarmupScheduler):
 
     lr(e) = warmup_lr                                     for e < warmup_epochs
     lr(e) = lr * (1 + cos(pi * (e - warmup_epochs) / epochs)) / 2   otherwise
 
-Sampling: within an epoch each task is drawn without replacement from a random
-permutation of its samples (reshuffled when exhausted, so a task smaller than
-steps_per_epoch * batch_size is cycled through several permutations). The
+Sampling: with the full batch (batch_size None) every step uses every
+training sample of every task. Otherwise, within an epoch each task is drawn
+without replacement from a random permutation of its samples (reshuffled when
+exhausted, so a task smaller than steps_per_epoch * batch_size is cycled
+through several permutations). The
 permutations of epoch e of task t come from a generator seeded with
 (seed, e, crc32(t)), so an epoch can be replayed exactly after a resume: with
-the contexts and SGD momentum buffers restored from the end of epoch e-1 and the
-lr computed in closed form, a resumed run is bitwise identical on CPU.
+the contexts and the optimiser state (SGD momentum buffers, AdamW moments and
+step counts) restored from the end of epoch e-1 and the lr computed in closed
+form, a resumed run is bitwise identical on CPU.
 
 Several processes (torchrun; hipro_fast.distributed): when a process group of
 more than one rank is up, fit() and evaluate() shard the model's text side by
@@ -51,6 +54,7 @@ from .task_data import validate_task_data
 from ..errors import NonFiniteLossError
 
 AMP_MODES = (None, "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 Data = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -60,14 +64,20 @@ Data = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 class TrainConfig:
     """Training hyper-parameters (CoOp defaults).
 
-    lr, momentum, weight_decay: SGD. epochs: number of epochs, with a cosine lr
-    schedule over them. warmup_epochs / warmup_lr: constant-lr warm-up epochs
-    (counted within `epochs`). batch_size: samples PER TASK per step.
+    optimizer: "sgd" (CoOp's: momentum, weight_decay) or "adamw" (betas 0.9 /
+    0.999, decoupled weight_decay; momentum unused). lr: the peak learning rate.
+    epochs: number of epochs, with a cosine lr schedule over them.
+    warmup_epochs / warmup_lr: constant-lr warm-up epochs (counted within
+    `epochs`). batch_size: samples PER TASK per step, or None for the full
+    batch (every training sample of every task in every step: the image
+    features are cached, so a step costs one text-forest pass whatever the
+    batch, and the full batch removes the sampling noise).
     steps_per_epoch: None = the budget rule: ceil(largest task's train size /
-    batch_size), raised so that the run takes at least `min_steps` optimiser
-    steps in all (ceil(min_steps / epochs) per epoch). Counting epochs alone
-    starves small few-shot tasks (2 shots x 12 classes at batch 32 is one step
-    per epoch); a floor in steps gives every task size a converged run.
+    batch_size) (1 with the full batch), raised so that the run takes at least
+    `min_steps` optimiser steps in all (ceil(min_steps / epochs) per epoch).
+    Counting epochs alone starves small few-shot tasks (2 shots x 12 classes
+    at batch 32 is one step per epoch); a floor in steps gives every task size
+    a converged run.
     amp: None, "bf16" or "fp16" (torch.autocast on the model's device type;
     contexts stay fp32; fp16 on CUDA uses a GradScaler). seed: sampling seed.
     device: None = where the model is. checkpoint_dir: None = no checkpoints,
@@ -77,13 +87,14 @@ class TrainConfig:
     the last). eval_batch_size: image features per chunk in evaluation.
     """
 
+    optimizer: str = "sgd"
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: int = 50
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    batch_size: int = 32
+    batch_size: int | None = 32
     steps_per_epoch: int | None = None
     min_steps: int = 200
     amp: str | None = None
@@ -100,13 +111,15 @@ class TrainConfig:
             if not cond:
                 raise ValueError(f"TrainConfig: {msg}")
 
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(int(self.epochs) >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(0 <= int(self.warmup_epochs), f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         need(self.warmup_lr > 0, f"warmup_lr must be > 0, got {self.warmup_lr}")
-        need(int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.batch_size is None or int(self.batch_size) >= 1,
+             f"batch_size must be >= 1 or None (the full batch), got {self.batch_size}")
         need(self.steps_per_epoch is None or int(self.steps_per_epoch) >= 1,
              f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
         need(int(self.min_steps) >= 0, f"min_steps must be >= 0, got {self.min_steps}")
@@ -150,13 +163,16 @@ def _epoch_seed(seed: int, epoch: int, task: str) -> int:
     return int(words[0]) << 32 | int(words[1])
 
 
-def batch_indices(n: int, steps: int, batch_size: int, seed: int, epoch: int, task: str) -> torch.Tensor:
+def batch_indices(n: int, steps: int, batch_size: int | None, seed: int, epoch: int, task: str) -> torch.Tensor:
     """[steps, batch_size] sample indices of one task for one epoch.
 
     Consecutive slices of random permutations of range(n) (without replacement
     until the task is exhausted, then a fresh permutation); a function of
-    (seed, epoch, task) only.
+    (seed, epoch, task) only. batch_size None (the full batch): [steps, n],
+    every row range(n).
     """
+    if batch_size is None:
+        return torch.arange(n).expand(steps, n)
     g = torch.Generator().manual_seed(_epoch_seed(seed, epoch, task))
     need = steps * batch_size
     perms, total = [], 0
@@ -166,10 +182,11 @@ def batch_indices(n: int, steps: int, batch_size: int, seed: int, epoch: int, ta
     return torch.cat(perms)[:need].view(steps, batch_size)
 
 
-def default_steps_per_epoch(train: Data, batch_size: int, epochs: int = 1, min_steps: int = 0) -> int:
+def default_steps_per_epoch(train: Data, batch_size: int | None, epochs: int = 1, min_steps: int = 0) -> int:
     """The budget rule (see TrainConfig): one pass over the largest task per
-    epoch, and at least `min_steps` steps over `epochs` epochs."""
-    one_pass = max(math.ceil(int(y.shape[0]) / batch_size) for _, y in train.values())
+    epoch (one step with the full batch, batch_size None), and at least
+    `min_steps` steps over `epochs` epochs."""
+    one_pass = 1 if batch_size is None else max(math.ceil(int(y.shape[0]) / batch_size) for _, y in train.values())
     return max(one_pass, math.ceil(int(min_steps) / int(epochs)))
 
 
@@ -247,6 +264,14 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def make_optimizer(config: TrainConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """config.optimizer over `params` at the schedule's first lr."""
+    lr = lr_at(config, 0)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of one task's logits over its own classes (fp32); reduction
     "sum" gives a rank's share of a global-batch mean (see fit)."""
@@ -298,8 +323,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
              "val sizes": {t: int(v[1].shape[0]) for t, v in (val_data or {}).items()},
              "initial contexts": {n: float(p.detach().double().sum()) for n, p in params}}, "fit()")
 
-    optimizer = torch.optim.SGD([p for _, p in params], lr=lr_at(config, 0), momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, [p for _, p in params])
     amp_dtype = _AMP_DTYPES.get(config.amp)
     scaler = None
     if config.amp == "fp16" and device.type == "cuda":
@@ -320,7 +344,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
             t = diff[0] if diff else next(iter(sizes))
             raise TaskSpecError(f"cannot resume: task {t!r} has {sizes[t]} train samples, the checkpoint "
                                 f"was trained on {saved_sizes.get(t)}")
-        ckpt.set_momentum_buffers(optimizer, model, state.momentum)
+        ckpt.restore_optimizer_state(optimizer, model, state.optimizer_state)
         if scaler is not None and (state.extra or {}).get("scaler"):
             scaler.load_state_dict(state.extra["scaler"])
         history = list(state.history)
@@ -356,9 +380,10 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                     if world == 1:
                         losses.append(task_loss(model.logits(t, xs[t][b], feats), ys[t][b]))
                     else:  # this rank's piece: its CE sum over the global batch size (module docstring)
+                        global_size = b.numel()
                         b = local_part(b, rank, world)
                         losses.append(task_loss(model.logits(t, xs[t][b], feats), ys[t][b], reduction="sum")
-                                      / config.batch_size)
+                                      / global_size)
             stacked = torch.stack(losses).float()
             values = dist_group.all_reduce_sum(stacked.detach().clone()).cpu().tolist()
             bad = {t: v for t, v in zip(tasks, values) if not math.isfinite(v)}
@@ -418,7 +443,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
             if new_best:
                 ckpt.save_checkpoint(ckdir, model, None, epoch, history, kind="best", best_epoch=best_epoch,
                                      best_val=best_val, train_config=config, extra=extra)
-            ckpt.save_checkpoint(ckdir, model, ckpt.momentum_buffers(optimizer, model), epoch, history,
+            ckpt.save_checkpoint(ckdir, model, ckpt.collect_optimizer_state(optimizer, model), epoch, history,
                                  kind="last", best_epoch=best_epoch, best_val=best_val,
                                  best_state=best_state, train_config=config, extra=extra)
     if bar is not None:

@@ -62,7 +62,8 @@ def test_save_load_roundtrip_and_files(tmp_path, data):
     assert state.epoch == 4 and state.best_epoch == res.best_epoch
     assert _same(other.context_state(), res.final_state)
     assert _same(state.best_contexts, res.best_state)
-    assert set(state.momentum) == set(model.ctx)
+    assert set(state.optimizer_state) == set(model.ctx)
+    assert all(set(v) == {"momentum_buffer"} for v in state.optimizer_state.values())
     assert _strip(state.history) == _strip(res.history)
     record = json.loads((tmp_path / "last.json").read_text())
     assert record["model"]["tree"] == [["animals", "vehicles"], "colors"]
@@ -103,6 +104,9 @@ def test_resume_rejects_different_training_options(tmp_path, data):
     fit(make_model(), train, None, checkpoint_dir=str(tmp_path), **{**RUN, "epochs": 2})
     with pytest.raises(CheckpointError, match=r"lr=0.05, this run has lr=0.1"):
         fit(make_model(), train, None, checkpoint_dir=str(tmp_path), resume=True, **{**RUN, "epochs": 2, "lr": 0.1})
+    with pytest.raises(CheckpointError, match=r"optimizer='sgd', this run has optimizer='adamw'"):
+        fit(make_model(), train, None, checkpoint_dir=str(tmp_path), resume=True,
+            **{**RUN, "epochs": 2, "optimizer": "adamw"})
     smaller = {**train, "colors": (train["colors"][0][:5], train["colors"][1][:5])}
     with pytest.raises(TaskSpecError, match="task 'colors' has 5 train samples"):
         fit(make_model(), smaller, None, checkpoint_dir=str(tmp_path), resume=True, **{**RUN, "epochs": 2})
@@ -112,24 +116,27 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_after_crash_in_process_is_exact(tmp_path, data):
+@pytest.mark.parametrize("options", [{}, {"optimizer": "adamw", "lr": 0.01}, {"optimizer": "adamw", "batch_size": None}],
+                         ids=["sgd", "adamw", "adamw-full-batch"])
+def test_resume_after_crash_in_process_is_exact(tmp_path, data, options):
     train, val = data
-    ref = fit(make_model(), train, val, **RUN)
+    run = {**RUN, **options}
+    ref = fit(make_model(), train, val, **run)
 
     def crash(info):
         if info["epoch"] == 2 and info["step"] == 1:
             raise _Crash
 
     with pytest.raises(_Crash):
-        fit(make_model(), train, val, checkpoint_dir=str(tmp_path), callback=crash, **RUN)
+        fit(make_model(), train, val, checkpoint_dir=str(tmp_path), callback=crash, **run)
     assert json.loads((tmp_path / "last.json").read_text())["epoch"] == 1
     model = make_model()
-    res = fit(model, train, val, checkpoint_dir=str(tmp_path), resume=True, **RUN)
+    res = fit(model, train, val, checkpoint_dir=str(tmp_path), resume=True, **run)
     assert _same(res.final_state, ref.final_state) and _same(res.best_state, ref.best_state)
     assert res.best_epoch == ref.best_epoch and _strip(res.history) == _strip(ref.history)
     assert _same(model.context_state(), ref.best_state)
     # resuming a finished run returns its result without training
-    again = fit(make_model(), train, val, checkpoint_dir=str(tmp_path), resume=True, **RUN)
+    again = fit(make_model(), train, val, checkpoint_dir=str(tmp_path), resume=True, **run)
     assert _same(again.final_state, ref.final_state) and again.best_epoch == ref.best_epoch
 
 

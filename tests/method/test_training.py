@@ -317,3 +317,45 @@ def test_budget_rule_floors_the_number_of_steps(data):
     assert res.config.steps_per_epoch == 5 and len(res.history) == 2
     with pytest.raises(ValueError, match="min_steps must be >= 0"):
         fit(make_model(), train, val, epochs=1, min_steps=-1)
+
+
+def test_full_batch_uses_every_sample_in_every_step(data):
+    """batch_size None: each step's per-task loss is the CE over the task's whole
+    training set, and the budget rule counts one step per pass."""
+    from hipro_fast.method.training import default_steps_per_epoch
+
+    train, _ = data
+    b = batch_indices(7, 3, None, seed=0, epoch=0, task="a")
+    assert b.shape == (3, 7) and all(row.tolist() == list(range(7)) for row in b)
+    assert default_steps_per_epoch(train, None, epochs=2, min_steps=0) == 1
+    assert default_steps_per_epoch(train, None, epochs=2, min_steps=9) == 5
+    init = make_model()
+    seen = []
+    res = fit(make_model(), train, None, epochs=1, batch_size=None, min_steps=0, seed=5, callback=seen.append)
+    assert res.config.steps_per_epoch == 1 and len(seen) == 1
+    with torch.no_grad():
+        feats = init.text_features()
+        for task, (x, y) in train.items():
+            expected = F.cross_entropy(init.logit_scale * x @ feats[task].t(), y).item()
+            assert seen[0]["task_loss"][task] == pytest.approx(expected, rel=1e-5)
+
+
+def test_adamw_step_matches_torch_adamw(data):
+    """optimizer="adamw": one full-batch step equals torch's AdamW applied by hand
+    to the same gradient (decoupled weight decay included)."""
+    train, _ = data
+    run = dict(epochs=1, warmup_epochs=0, steps_per_epoch=1, batch_size=None, lr=0.05, weight_decay=0.3, seed=0)
+    got = fit(make_model(), train, None, optimizer="adamw", **run).final_state
+    sgd = fit(make_model(), train, None, optimizer="sgd", **run).final_state
+    model = make_model()
+    params = [p for p in model.learnable().values() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.3)
+    feats = model.text_features()
+    loss = sum(F.cross_entropy(model.logits(t, x, feats), y) for t, (x, y) in train.items()) / len(train)
+    loss.backward()
+    opt.step()
+    for name, p in model.learnable().items():
+        torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got[name], sgd[name])  # the option reaches the optimiser
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        fit(make_model(), train, None, optimizer="lbfgs", **run)
