@@ -49,7 +49,7 @@ from .errors import CliError, DistributedError, ForestError, HiproError
 from .method import affinity as aff
 from .method import baselines, export
 from .method.grouping import LINKAGES
-from .method.training import TrainConfig
+from .method.training import FULL_BATCH, OPTIMIZERS, TrainConfig
 from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT
 from .method.model import PATH_WEIGHTS, validate_tasks
 
@@ -165,6 +165,18 @@ def _tree_arg(text: str) -> str:
 
 _SEED = _int_at_least(0, MAX_SEED)
 _NONNEG = _int_at_least(0)
+
+
+def _train_batch_arg(text: str) -> int | str:
+    if text == FULL_BATCH:
+        return FULL_BATCH
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or {FULL_BATCH!r}, got {text!r}")
+    return value
 _POSITIVE = _int_at_least(1)
 
 
@@ -227,7 +239,11 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: in
                        help="auto (from the task affinity), flat, a tree.json file or a JSON nested list")
     g.add_argument("--epochs", type=_POSITIVE, default=None, help="training epochs (TrainConfig default if unset)")
     g.add_argument("--lr", type=_positive_float, default=None, help="learning rate (TrainConfig default if unset)")
-    g.add_argument("--train-batch-size", type=_POSITIVE, default=None, help="training batch size")
+    g.add_argument("--train-batch-size", type=_train_batch_arg, default=None,
+                   help="training samples per task per step, or 'full' (every sample in every step) "
+                        "(TrainConfig default if unset)")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                   help="sgd (CoOp's, momentum 0.9) or adamw (TrainConfig default if unset)")
     g.add_argument("--min-steps", type=_NONNEG, default=None,
                    help="budget rule: at least this many optimiser steps per run, whatever the task size "
                         "(TrainConfig default 200 if unset)")
@@ -471,6 +487,7 @@ class _Ctx:
     def train_overrides(self) -> dict[str, Any]:
         a = self.args
         return {"epochs": getattr(a, "epochs", None), "lr": getattr(a, "lr", None),
+                "optimizer": getattr(a, "optimizer", None),
                 "batch_size": getattr(a, "train_batch_size", None), "min_steps": getattr(a, "min_steps", None)}
 
     def finish(self) -> None:

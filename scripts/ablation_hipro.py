@@ -29,6 +29,7 @@ budget: the training-budget check on the bundled DEV split: every trained
 
     python scripts/ablation_hipro.py budget --lr 0.002 --scale 1 --shots 1,4,16
     python scripts/ablation_hipro.py budget --lr 0.002 --scale 2 --shots 1,4,16
+    python scripts/ablation_hipro.py budget --optimizer adamw --full-batch --min-steps 800 --scale 1 --shots 1,4,16
 
 Results: benchmarks/results/ablation_hipro.md. One thread per run (--threads).
 """
@@ -136,11 +137,14 @@ def budget(a) -> dict:
         print(f"  {k} shots, seed {s}: " + ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
               + f"  [{time.time() - t0:.0f} s]", flush=True)
 
-    config = TrainConfig(epochs=int(50 * a.scale), min_steps=int(200 * a.scale), lr=a.lr)
+    batch = "full" if a.full_batch else 32
+    config = TrainConfig(epochs=int(50 * a.scale), min_steps=int(a.min_steps * a.scale), lr=a.lr,
+                         optimizer=a.optimizer, batch_size=batch)
     res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=a.methods, n_ctx=4,
                        train_config=config, affinity_config=affinity_config(a, 30), on_run=on_run)
     print(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
-    return {"lr": a.lr, "scale": a.scale, **res.to_dict()}
+    return {"lr": a.lr, "scale": a.scale, "optimizer": a.optimizer, "batch_size": batch,
+            "min_steps": int(a.min_steps * a.scale), **res.to_dict()}
 
 
 def planted(a) -> dict:
@@ -179,7 +183,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.002, help="budget: learning rate")
-    ap.add_argument("--scale", type=float, default=1.0, help="budget: multiple of the default budget")
+    ap.add_argument("--scale", type=float, default=1.0, help="budget: multiple of the budget (epochs 50, --min-steps)")
+    ap.add_argument("--min-steps", type=int, default=200, help="budget: optimiser steps at scale 1")
+    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="budget: the optimiser")
+    ap.add_argument("--full-batch", action="store_true", help="budget: every training sample in every step")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=["coop-per-task", "coop-shared", "two-level", "hipro"],
                     help="budget: the methods run")
     ap.add_argument("--levels", type=int, default=None,

@@ -12,7 +12,7 @@ by warm-up epochs at the constant lr 1e-5 (Dassl's ConstantWarmupScheduler):
     lr(e) = warmup_lr                                     for e < warmup_epochs
     lr(e) = lr * (1 + cos(pi * (e - warmup_epochs) / epochs)) / 2   otherwise
 
-Sampling: with the full batch (batch_size None) every step uses every
+Sampling: with the full batch (batch_size "full") every step uses every
 training sample of every task. Otherwise, within an epoch each task is drawn
 without replacement from a random permutation of its samples (reshuffled when
 exhausted, so a task smaller than steps_per_epoch * batch_size is cycled
@@ -55,6 +55,7 @@ from ..errors import NonFiniteLossError
 
 AMP_MODES = (None, "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
+FULL_BATCH = "full"  # TrainConfig.batch_size: every training sample of every task in every step
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 Data = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -68,7 +69,7 @@ class TrainConfig:
     0.999, decoupled weight_decay; momentum unused). lr: the peak learning rate.
     epochs: number of epochs, with a cosine lr schedule over them.
     warmup_epochs / warmup_lr: constant-lr warm-up epochs (counted within
-    `epochs`). batch_size: samples PER TASK per step, or None for the full
+    `epochs`). batch_size: samples PER TASK per step, or "full" for the full
     batch (every training sample of every task in every step: the image
     features are cached, so a step costs one text-forest pass whatever the
     batch, and the full batch removes the sampling noise).
@@ -94,7 +95,7 @@ class TrainConfig:
     epochs: int = 50
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    batch_size: int | None = 32
+    batch_size: int | str = 32
     steps_per_epoch: int | None = None
     min_steps: int = 200
     amp: str | None = None
@@ -118,8 +119,9 @@ class TrainConfig:
         need(int(self.epochs) >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(0 <= int(self.warmup_epochs), f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         need(self.warmup_lr > 0, f"warmup_lr must be > 0, got {self.warmup_lr}")
-        need(self.batch_size is None or int(self.batch_size) >= 1,
-             f"batch_size must be >= 1 or None (the full batch), got {self.batch_size}")
+        need(self.batch_size == FULL_BATCH or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
+                                                and self.batch_size >= 1),
+             f"batch_size must be an integer >= 1 or {FULL_BATCH!r}, got {self.batch_size!r}")
         need(self.steps_per_epoch is None or int(self.steps_per_epoch) >= 1,
              f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
         need(int(self.min_steps) >= 0, f"min_steps must be >= 0, got {self.min_steps}")
@@ -163,15 +165,15 @@ def _epoch_seed(seed: int, epoch: int, task: str) -> int:
     return int(words[0]) << 32 | int(words[1])
 
 
-def batch_indices(n: int, steps: int, batch_size: int | None, seed: int, epoch: int, task: str) -> torch.Tensor:
+def batch_indices(n: int, steps: int, batch_size: int | str, seed: int, epoch: int, task: str) -> torch.Tensor:
     """[steps, batch_size] sample indices of one task for one epoch.
 
     Consecutive slices of random permutations of range(n) (without replacement
     until the task is exhausted, then a fresh permutation); a function of
-    (seed, epoch, task) only. batch_size None (the full batch): [steps, n],
-    every row range(n).
+    (seed, epoch, task) only. batch_size "full": [steps, n], every row
+    range(n).
     """
-    if batch_size is None:
+    if batch_size == FULL_BATCH:
         return torch.arange(n).expand(steps, n)
     g = torch.Generator().manual_seed(_epoch_seed(seed, epoch, task))
     need = steps * batch_size
@@ -182,11 +184,11 @@ def batch_indices(n: int, steps: int, batch_size: int | None, seed: int, epoch: 
     return torch.cat(perms)[:need].view(steps, batch_size)
 
 
-def default_steps_per_epoch(train: Data, batch_size: int | None, epochs: int = 1, min_steps: int = 0) -> int:
+def default_steps_per_epoch(train: Data, batch_size: int | str, epochs: int = 1, min_steps: int = 0) -> int:
     """The budget rule (see TrainConfig): one pass over the largest task per
-    epoch (one step with the full batch, batch_size None), and at least
+    epoch (one step with the full batch), and at least
     `min_steps` steps over `epochs` epochs."""
-    one_pass = 1 if batch_size is None else max(math.ceil(int(y.shape[0]) / batch_size) for _, y in train.values())
+    one_pass = 1 if batch_size == FULL_BATCH else max(math.ceil(int(y.shape[0]) / batch_size) for _, y in train.values())
     return max(one_pass, math.ceil(int(min_steps) / int(epochs)))
 
 

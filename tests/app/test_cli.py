@@ -217,13 +217,16 @@ def test_cuda_request_without_cuda(world, tmp_path, capsys):
 def test_train_eval_export(world, tmp_path, capsys):
     common = ["--shots", "2", "--epochs", "2", "--n-ctx", "2"]
     train_dir = tmp_path / "train"
-    assert _run(world, "train", "--tree", '[["shapes", "texture"], "scenes"]', *common, run_dir=train_dir) == 0
+    assert _run(world, "train", "--tree", '[["shapes", "texture"], "scenes"]', *common, "--optimizer", "adamw",
+                "--train-batch-size", "full", run_dir=train_dir) == 0
     for name in ("config.json", "metrics.jsonl", "report.md", "tree.json", "dendrogram.png", "accuracy.png",
                  "training.png", "test_accuracy.json", "checkpoints/best.json", "checkpoints/last.json"):
         assert (train_dir / name).exists(), name
     acc = json.loads((train_dir / "test_accuracy.json").read_text())
     assert set(acc) == set(TASKS) and all(0 <= v <= 1 for v in acc.values())
     assert len(_events(train_dir, "train_epoch")) == 2
+    saved = json.loads((train_dir / "checkpoints" / "last.json").read_text())["train_config"]
+    assert (saved["optimizer"], saved["batch_size"]) == ("adamw", "full")  # the flags reach TrainConfig
     report = (train_dir / "report.md").read_text()
     assert "accuracy.png" in report and "dendrogram.png" in report
 
@@ -435,6 +438,7 @@ BAD_NUMBERS = [
     (["train", "--lr", "inf"], "--lr"), (["train", "--seed", "-1"], "--seed"),
     (["train", "--aug-views", "-2"], "--aug-views"), (["train", "--n-ctx", "0"], "--n-ctx"),
     (["train", "--shots", "-1"], "--shots"), (["train", "--train-batch-size", "0"], "--train-batch-size"),
+    (["train", "--train-batch-size", "all"], "--train-batch-size"), (["train", "--optimizer", "adam"], "--optimizer"),
     (["cache", "--batch-size", "0"], "--batch-size"), (["cache", "--workers", "-1"], "--workers"),
     (["compare", "--seeds", "0,-1"], "--seeds"), (["compare", "--methods", "hipro,coop"], "--methods"),
     (["affinity", "--affinity-steps", "0"], "--affinity-steps"), (["tree", "--threshold", "nan"], "--threshold"),

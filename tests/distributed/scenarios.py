@@ -53,7 +53,7 @@ def scenario_concat() -> dict[str, torch.Tensor]:
     model = make_model(combine="concat")
     # the full batch: the global batch is each task's whole training set (SGD: AdamW's
     # normalised update would magnify the ranks' fp32 summation order past the bound)
-    res = fit(model, toy_data(seed=1), toy_data(seed=2, noise=1.0), **{**STEPS, "batch_size": None})
+    res = fit(model, toy_data(seed=1), toy_data(seed=2, noise=1.0), **{**STEPS, "batch_size": "full"})
     return _state("concat", res, model)
 
 

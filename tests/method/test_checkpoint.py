@@ -116,7 +116,7 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("options", [{}, {"optimizer": "adamw", "lr": 0.01}, {"optimizer": "adamw", "batch_size": None}],
+@pytest.mark.parametrize("options", [{}, {"optimizer": "adamw", "lr": 0.01}, {"optimizer": "adamw", "batch_size": "full"}],
                          ids=["sgd", "adamw", "adamw-full-batch"])
 def test_resume_after_crash_in_process_is_exact(tmp_path, data, options):
     train, val = data

@@ -320,18 +320,18 @@ def test_budget_rule_floors_the_number_of_steps(data):
 
 
 def test_full_batch_uses_every_sample_in_every_step(data):
-    """batch_size None: each step's per-task loss is the CE over the task's whole
+    """batch_size "full": each step's per-task loss is the CE over the task's whole
     training set, and the budget rule counts one step per pass."""
     from hipro_fast.method.training import default_steps_per_epoch
 
     train, _ = data
-    b = batch_indices(7, 3, None, seed=0, epoch=0, task="a")
+    b = batch_indices(7, 3, "full", seed=0, epoch=0, task="a")
     assert b.shape == (3, 7) and all(row.tolist() == list(range(7)) for row in b)
-    assert default_steps_per_epoch(train, None, epochs=2, min_steps=0) == 1
-    assert default_steps_per_epoch(train, None, epochs=2, min_steps=9) == 5
+    assert default_steps_per_epoch(train, "full", epochs=2, min_steps=0) == 1
+    assert default_steps_per_epoch(train, "full", epochs=2, min_steps=9) == 5
     init = make_model()
     seen = []
-    res = fit(make_model(), train, None, epochs=1, batch_size=None, min_steps=0, seed=5, callback=seen.append)
+    res = fit(make_model(), train, None, epochs=1, batch_size="full", min_steps=0, seed=5, callback=seen.append)
     assert res.config.steps_per_epoch == 1 and len(seen) == 1
     with torch.no_grad():
         feats = init.text_features()
@@ -344,7 +344,7 @@ def test_adamw_step_matches_torch_adamw(data):
     """optimizer="adamw": one full-batch step equals torch's AdamW applied by hand
     to the same gradient (decoupled weight decay included)."""
     train, _ = data
-    run = dict(epochs=1, warmup_epochs=0, steps_per_epoch=1, batch_size=None, lr=0.05, weight_decay=0.3, seed=0)
+    run = dict(epochs=1, warmup_epochs=0, steps_per_epoch=1, batch_size="full", lr=0.05, weight_decay=0.3, seed=0)
     got = fit(make_model(), train, None, optimizer="adamw", **run).final_state
     sgd = fit(make_model(), train, None, optimizer="sgd", **run).final_state
     model = make_model()
@@ -359,3 +359,12 @@ def test_adamw_step_matches_torch_adamw(data):
         assert not torch.allclose(got[name], sgd[name])  # the option reaches the optimiser
     with pytest.raises(ValueError, match="optimizer must be one of"):
         fit(make_model(), train, None, optimizer="lbfgs", **run)
+
+
+@pytest.mark.parametrize("bad, pattern", [({"batch_size": 0}, r"batch_size must be an integer >= 1 or 'full', got 0"),
+                                          ({"batch_size": "all"}, r"got 'all'"),
+                                          ({"optimizer": "adam"}, r"optimizer must be one of \('sgd', 'adamw'\)")])
+def test_bad_optimizer_and_batch_options_name_the_value(data, bad, pattern):
+    train, _ = data
+    with pytest.raises(ValueError, match=pattern):
+        fit(make_model(), train, None, epochs=1, **bad)
