@@ -824,12 +824,15 @@ def cmd_demo(ctx: _Ctx) -> int:
                        "affinity_steps": a.affinity_steps, "data_dir": str(data_dir)})
     ctx.run.write_config(ctx.config)
     shots = ctx.shot_grid or [_single_shots(a.shots)]
-    ctx.say(f"demo settings: shots {shots}, seeds {seeds}, {a.epochs} epochs (>= {TrainConfig.min_steps} steps), "
+    recipe = TrainConfig(**{k: v for k, v in ctx.train_overrides().items() if v is not None})
+    ctx.say(f"demo settings: shots {shots}, seeds {seeds}, {a.epochs} epochs (>= {recipe.min_steps} steps, "
+            f"{recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch_size}), "
             f"n_ctx {a.n_ctx}, affinity steps {a.affinity_steps}, model {a.model}, device {ctx.device}")
     ctx.run.report.title = "hipro demo (bundled benchmark)"
     ctx.run.report.add("Settings", f"CoOp's protocol: shots {shots}, seeds {seeds} (each seed draws its own "
-                                   f"few-shot split), {a.epochs} epochs and at least {TrainConfig.min_steps} "
-                                   f"optimiser steps per run, {a.n_ctx} context tokens per node, "
+                                   f"few-shot split), {a.epochs} epochs and at least {recipe.min_steps} "
+                                   f"optimiser steps per run ({recipe.optimizer}, lr {recipe.lr:g}, batch "
+                                   f"{recipe.batch_size}), {a.n_ctx} context tokens per node, "
                                    f"{a.affinity_steps} affinity steps per draw, combine `{a.combine}`, path "
                                    f"weights `{ctx.hipro_options()['path_weights']}`, model `{a.model}`, "
                                    f"device `{ctx.device}`.")

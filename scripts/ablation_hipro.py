@@ -19,8 +19,9 @@ planted: hipro_fast.data.synth problems (3 groups x 2 tasks, 1/2/4 shots and
   uniform / learned (0.75, 0.9) path weights against CoOp per task and shared:
 
     python scripts/ablation_hipro.py planted --budget ablation   # 50 epochs, min_steps 0 (tests/method/test_planted.py)
-    python scripts/ablation_hipro.py planted --budget default    # 50 epochs, min_steps 200 (TrainConfig default)
+    python scripts/ablation_hipro.py planted --budget default    # 50 epochs, min_steps 200 (the session-3 default)
     python scripts/ablation_hipro.py planted --budget default --planted-variants pw75prior,pw75sel
+    python scripts/ablation_hipro.py planted --budget adamw-full --min-steps 800 --planted-variants pw75,pw75sel
 
 budget: the training-budget check on the bundled DEV split: every trained
   method (default HiPro options) at learning rate --lr and --scale times the
@@ -149,7 +150,10 @@ def budget(a) -> dict:
 
 def planted(a) -> dict:
     clip = planted_clip()
-    train = TrainConfig(epochs=50, lr=0.002, batch_size=32, min_steps=0 if a.budget == "ablation" else 200)
+    if a.budget == "adamw-full":
+        train = TrainConfig(optimizer="adamw", batch_size="full", epochs=50, lr=0.002, min_steps=a.min_steps)
+    else:
+        train = TrainConfig(epochs=50, lr=0.002, batch_size=32, min_steps=0 if a.budget == "ablation" else 200)
     out = {}
     for conflict, shots in [(False, 1), (False, 2), (False, 4), (True, 2)]:
         for seed in a.seeds:
@@ -176,7 +180,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("benchmark", choices=["bundled", "planted", "budget"])
     ap.add_argument("--variant", choices=list(BUNDLED_VARIANTS), default="base")
-    ap.add_argument("--budget", choices=["ablation", "default"], default="default")
+    ap.add_argument("--budget", choices=["ablation", "default", "adamw-full"], default="default",
+                    help="planted: SGD at batch 32 with min_steps 0 (ablation) or 200 (default, the session-3 "
+                         "default), or AdamW on the full batch with --min-steps steps")
     ap.add_argument("--planted-variants", type=lambda s: s.split(","), default=["uniform", "pw75", "pw90"],
                     help=f"planted: comma list of {list(PLANTED_VARIANTS)}")
     ap.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])

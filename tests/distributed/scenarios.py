@@ -19,7 +19,8 @@ import torch  # noqa: E402
 
 from tests.helpers_training import make_model, tiny_clip, toy_data, TASKS, TREE  # noqa: E402
 
-STEPS = dict(epochs=4, steps_per_epoch=5, batch_size=5, lr=0.05, seed=7)  # 20 optimiser steps
+# 20 SGD steps: AdamW's normalised update would magnify the ranks' fp32 summation order past the bound
+STEPS = dict(optimizer="sgd", epochs=4, steps_per_epoch=5, batch_size=5, lr=0.05, seed=7)
 STOP_AT = (2, 0)  # the interrupted run raises here (after the checkpoint of epoch 1)
 
 
@@ -51,8 +52,7 @@ def scenario_concat() -> dict[str, torch.Tensor]:
     from hipro_fast.method.training import fit
 
     model = make_model(combine="concat")
-    # the full batch: the global batch is each task's whole training set (SGD: AdamW's
-    # normalised update would magnify the ranks' fp32 summation order past the bound)
+    # the full batch: the global batch is each task's whole training set
     res = fit(model, toy_data(seed=1), toy_data(seed=2, noise=1.0), **{**STEPS, "batch_size": "full"})
     return _state("concat", res, model)
 

@@ -23,7 +23,7 @@ from hipro_fast.method.training import TrainConfig
 SEEDS = (0, 1, 2)
 SHOTS = (1, 2, 4)
 METHODS = ("coop-per-task", "coop-shared", "hipro")
-TRAIN = TrainConfig(epochs=50, lr=0.002, momentum=0.9, weight_decay=5e-4, warmup_epochs=1, warmup_lr=1e-5,
+TRAIN = TrainConfig(optimizer="sgd", epochs=50, lr=0.002, momentum=0.9, weight_decay=5e-4, warmup_epochs=1, warmup_lr=1e-5,
                     batch_size=32, steps_per_epoch=None, min_steps=0, amp=None)  # the ablation's budget
 N_CTX, COMBINE = 4, "mean"
 

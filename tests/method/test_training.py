@@ -19,9 +19,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on
 FAST = dict(epochs=3, batch_size=4, steps_per_epoch=2, lr=0.05, seed=3)
 
 
-def test_defaults_are_coop():
+def test_defaults():
+    """AdamW on the full batch for at least 800 steps (issue 9's budget ablation);
+    CoOp's schedule (lr 0.002, cosine over 50 epochs after a 1e-5 warm-up epoch)."""
     c = TrainConfig()
-    assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.epochs) == (0.002, 0.9, 5e-4, 32, 50)
+    assert (c.optimizer, c.batch_size, c.min_steps) == ("adamw", "full", 800)
+    assert (c.lr, c.momentum, c.weight_decay, c.epochs) == (0.002, 0.9, 5e-4, 50)
     assert (c.warmup_epochs, c.warmup_lr, c.amp, c.checkpoint_dir) == (1, 1e-5, None, None)
 
 
@@ -196,7 +199,8 @@ def test_sgd_applies_weight_decay(data):
     by -lr * wd * ctx more than the same step without decay (torch's SGD adds
     wd * ctx to the gradient)."""
     train, _ = data
-    run = dict(epochs=1, warmup_epochs=0, steps_per_epoch=1, batch_size=4, lr=0.05, momentum=0.0, seed=0)
+    run = dict(optimizer="sgd", epochs=1, warmup_epochs=0, steps_per_epoch=1, batch_size=4, lr=0.05, momentum=0.0,
+               seed=0)
     init = make_model().context_state()
     final = {wd: fit(make_model(), train, None, weight_decay=wd, **run).final_state for wd in (0.0, 0.5)}
     lr = lr_at(TrainConfig(**{k: run[k] for k in ("epochs", "warmup_epochs", "lr")}), 0)
@@ -311,7 +315,7 @@ def test_budget_rule_floors_the_number_of_steps(data):
     assert default_steps_per_epoch(tiny, 32, epochs=50, min_steps=200) == 4      # 50 x 4 = 200
     assert default_steps_per_epoch(tiny, 32, epochs=3, min_steps=200) == 67      # ceil(200 / 3)
     assert default_steps_per_epoch(big, 32, epochs=50, min_steps=200) == 100     # one pass of the largest task
-    assert TrainConfig().min_steps == 200
+    assert TrainConfig().min_steps == 800
     train, val = data
     res = fit(make_model(), train, val, epochs=2, batch_size=4, min_steps=9, lr=0.05)
     assert res.config.steps_per_epoch == 5 and len(res.history) == 2
