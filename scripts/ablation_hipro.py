@@ -13,6 +13,7 @@ bundled: CoOp's protocol (hipro_fast.method.protocol) on the bundled benchmark
     python scripts/ablation_hipro.py bundled --variant pw75prior # learned weights + parent prior 1.0
     python scripts/ablation_hipro.py bundled --variant pw75sel   # learned weights + per-task selection on val
     python scripts/ablation_hipro.py bundled --variant concat    # combine concat (two-level + hipro)
+    python scripts/ablation_hipro.py bundled --variant pw90sel --recipe adamw-full --affinity-steps 30  # session 5
 
 planted: hipro_fast.data.synth problems (3 groups x 2 tasks, 1/2/4 shots and
   conflicting labels at 2 shots, seeds 0-2), HiPro on the affinity tree with
@@ -69,8 +70,16 @@ BUNDLED_VARIANTS = {
     "pw75prior": ("mean", ["hipro"], {"path_weights": "learned", "leaf_weight": 0.75, "parent_prior": 1.0}),
     "pw75sel": ("mean", ["coop-per-task", "two-level", "hipro"],
                 {"path_weights": "learned", "leaf_weight": 0.75, "select": "per-task"}),
+    "pw90sel": ("mean", ["coop-per-task", "two-level", "hipro"],
+                {"path_weights": "learned", "leaf_weight": 0.9, "select": "per-task"}),
+    "pw50sel": ("mean", ["coop-per-task", "two-level", "hipro"],
+                {"path_weights": "learned", "leaf_weight": 0.5, "select": "per-task"}),
     "concat": ("concat", ["two-level", "hipro"], {}),
 }
+# bundled: the training recipe. coop-sgd: CoOp's SGD at batch 32 and >= 200 steps (the default
+# until session 5; every session-3/4 table); adamw-full: TrainConfig() since session 5.
+RECIPES = {"coop-sgd": TrainConfig(optimizer="sgd", batch_size=32, epochs=50, min_steps=200, lr=0.002),
+           "adamw-full": TrainConfig(optimizer="adamw", batch_size="full", epochs=50, min_steps=800, lr=0.002)}
 PLANTED_VARIANTS = {"uniform": {"path_weights": "uniform"},
                     "pw75": {"path_weights": "learned", "leaf_weight": 0.75},
                     "pw90": {"path_weights": "learned", "leaf_weight": 0.9},
@@ -116,8 +125,8 @@ def bundled(a) -> dict:
               + f"  tree {table.tree}  [{time.time() - t0:.0f} s]", flush=True)
 
     res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=methods, n_ctx=4,
-                       combine=combine, train_config=TrainConfig(epochs=50, min_steps=200, lr=0.002),
-                       affinity_config=affinity_config(a, 100), on_run=on_run, **options)
+                       combine=combine, train_config=RECIPES[a.recipe],
+                       affinity_config=affinity_config(a, a.affinity_steps), on_run=on_run, **options)
     print(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
     return res.to_dict()
 
@@ -188,6 +197,8 @@ def main() -> None:
     ap.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--recipe", choices=list(RECIPES), default="coop-sgd", help="bundled: the training recipe")
+    ap.add_argument("--affinity-steps", type=int, default=100, help="bundled: affinity optimiser steps")
     ap.add_argument("--lr", type=float, default=0.002, help="budget: learning rate")
     ap.add_argument("--scale", type=float, default=1.0, help="budget: multiple of the budget (epochs 50, --min-steps)")
     ap.add_argument("--min-steps", type=int, default=200, help="budget: optimiser steps at scale 1")
