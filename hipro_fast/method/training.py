@@ -376,8 +376,9 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
         lr = lr_at(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = {t: batch_indices(sizes[t], steps, config.batch_size, config.seed, epoch, t).to(device)
-               for t in tasks}
+        full = config.batch_size == FULL_BATCH
+        idx = {} if full else {t: batch_indices(sizes[t], steps, config.batch_size, config.seed, epoch, t)
+                                  .to(device) for t in tasks}
         loss_sum = 0.0
         task_sums = dict.fromkeys(tasks, 0.0)
         for step in range(steps):
@@ -385,14 +386,18 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                 feats = model.text_features()
                 losses = []
                 for t in tasks:
-                    b = idx[t][step]
-                    if world == 1:
-                        losses.append(task_loss(model.logits(t, xs[t][b], feats), ys[t][b]))
-                    else:  # this rank's piece: its CE sum over the global batch size (module docstring)
+                    if full:  # every sample: this rank's contiguous share, sliced rather than gathered
+                        start, end = local_range(sizes[t], rank, world)
+                        x, y, global_size = xs[t][start:end], ys[t][start:end], sizes[t]
+                    else:
+                        b = idx[t][step]
                         global_size = b.numel()
                         b = local_part(b, rank, world)
-                        losses.append(task_loss(model.logits(t, xs[t][b], feats), ys[t][b], reduction="sum")
-                                      / global_size)
+                        x, y = xs[t][b], ys[t][b]
+                    if world == 1:
+                        losses.append(task_loss(model.logits(t, x, feats), y))
+                    else:  # this rank's piece: its CE sum over the global batch size (module docstring)
+                        losses.append(task_loss(model.logits(t, x, feats), y, reduction="sum") / global_size)
             stacked = torch.stack(losses).float()
             values = dist_group.all_reduce_sum(stacked.detach().clone()).cpu().tolist()
             bad = {t: v for t, v in zip(tasks, values) if not math.isfinite(v)}
