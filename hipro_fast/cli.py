@@ -45,6 +45,7 @@ from .distributed import group as dist_group
 from .distributed.launch import run_under_torchrun, without_option
 from .data.tasks_spec import load_spec
 from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
+from .engine.text_tower import ATTENTION_BACKENDS
 from .errors import CliError, DistributedError, ForestError, HiproError
 from .method import affinity as aff
 from .method import baselines, export
@@ -253,6 +254,9 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: in
     g.add_argument("--combine", choices=list(COMBINE_MODES), default=DEFAULT_COMBINE,
                    help="how a task combines its path contexts (default %(default)s, see README ablation)")
     g.add_argument("--ctx-init", default=None, help='initialise contexts from a phrase, e.g. "a photo of a"')
+    g.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="tree",
+                   help="text attention backend of every method: tree (the fused op, default) or flex "
+                        "(PyTorch FlexAttention with the tree mask; compiled on CUDA; no CPU backward)")
     h = p.add_argument_group("HiPro options (see HiProModel)")
     h.add_argument("--path-weights", choices=list(PATH_WEIGHTS), default=DEFAULT_HIPRO_OPTIONS["path_weights"],
                    help="uniform mean of the path nodes' features, or per-task learned weights "
@@ -479,7 +483,8 @@ class _Ctx:
         opts = {"path_weights": getattr(a, "path_weights", DEFAULT_HIPRO_OPTIONS["path_weights"]),
                 "leaf_weight": getattr(a, "leaf_weight", DEFAULT_HIPRO_OPTIONS["leaf_weight"]),
                 "init_from_parent": bool(getattr(a, "init_from_parent", False)),
-                "parent_prior": float(getattr(a, "parent_prior", 0.0) or 0.0)}
+                "parent_prior": float(getattr(a, "parent_prior", 0.0) or 0.0),
+                "attention": getattr(a, "attention", "tree")}
         if getattr(a, "combine", DEFAULT_COMBINE) != "mean":  # these options weigh per-node features
             opts["path_weights"], opts["parent_prior"] = "uniform", 0.0
         return opts

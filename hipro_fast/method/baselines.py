@@ -52,11 +52,13 @@ def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping
     """The HiProModel of one method (see the module docstring). `tree` and
     `hipro_options` (HiProModel's path_weights, leaf_weight, init_from_parent,
     parent_prior; DEFAULT_HIPRO_OPTIONS fill the unset ones in combine="mean")
-    are used by "hipro" only; zero-shot's context is frozen (0
-    trainable parameters)."""
+    are used by "hipro" only, except `attention` (HiProModel's text attention
+    backend, "tree" or "flex"), which every method uses; zero-shot's context is
+    frozen (0 trainable parameters)."""
     names = list(validate_tasks(tasks))
     flat = TaskTree.flat(names)
-    kw = dict(tokenizer=tokenizer, seed=seed)
+    # the attention backend is an engine choice, the same for every method (not a hierarchy option)
+    kw = dict(tokenizer=tokenizer, seed=seed, attention=hipro_options.pop("attention", "tree"))
     if method == "zero-shot":
         model = HiProModel(clip, tasks, flat, n_ctx=_flat_ctx(names, 1, 0), combine="concat",
                            ctx_init=ZERO_SHOT_PREFIX, **kw)

@@ -95,6 +95,11 @@ class HiProModel(nn.Module):
             loss (see regularization()): a node's context is pulled toward its
             parent's, so a task departs from its group only as far as its own
             data asks (`mean` only).
+        attention: the text tower's attention backend (engine.text_tower):
+            "tree" (default; the fused op) or "flex" (PyTorch FlexAttention with
+            the tree mask; compiled on CUDA; on the CPU forward only, so training
+            there raises FlexAttentionUnavailable). Same features either way; not
+            part of config() (a checkpoint loads under either backend).
 
     `model.ctx[node_id]` is the node's context parameter [n_ctx, width] (fp32).
     Only the contexts are parameters of this module; the CLIP stays frozen and
@@ -106,7 +111,7 @@ class HiProModel(nn.Module):
                  combine: str = DEFAULT_COMBINE, ctx_init: str | None = None, tokenizer=None, seed: int = 0,
                  path_weights: str = DEFAULT_PATH_WEIGHTS, leaf_weight: float = DEFAULT_LEAF_WEIGHT,
                  init_from_parent: bool = False,
-                 parent_prior: float = 0.0):
+                 parent_prior: float = 0.0, attention: str = "tree"):
         super().__init__()
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
@@ -129,7 +134,8 @@ class HiProModel(nn.Module):
         self.tokenizer = tokenizer
         # Not registered as submodules: the state of a HiProModel is its contexts.
         object.__setattr__(self, "clip", clip_model)
-        object.__setattr__(self, "tower", TextTower(clip_model))
+        object.__setattr__(self, "tower", TextTower(clip_model, attention=attention))
+        self.attention = attention
         width = self.tower.config.width
         nodes = self.tree.dfs()
         if isinstance(n_ctx, Mapping):

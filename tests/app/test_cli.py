@@ -731,3 +731,12 @@ def test_two_specs_with_a_same_named_task_share_one_cache_folder(world, tmp_path
     assert again.returncode == 0, again.stderr
     assert "stale" not in again.stderr
     assert {r["status"] for r in _events(tmp_path / "a2", "cache")} == {"hit"}
+
+
+def test_flex_attention_on_the_cpu_fails_in_one_line(world, tmp_path, capsys):
+    """--attention flex reaches the model; training it on the CPU (FlexAttention has no
+    CPU backward in this torch) is one error line that says what to do."""
+    assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--n-ctx", "2",
+                "--attention", "flex", run_dir=tmp_path / "r") == 1
+    line = _one_error_line(capsys)
+    assert "no backward on the CPU" in line and "attention='tree'" in line, line

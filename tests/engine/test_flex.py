@@ -92,3 +92,26 @@ def test_unknown_attention_backend_is_named(tiny_models):
     with pytest.raises(ValueError, match="attention must be one of .*'tree', 'flex'.*got 'flash'"):
         TextTower(tiny_models["w32_h2_l1_ls"], attention="flash")
 
+
+
+def test_hipro_model_with_flex_attention_matches_tree_and_refuses_cpu_training():
+    """HiProModel(attention="flex"): the same task features as the fused op (forward,
+    CPU), evaluation works, and fit() on the CPU stops with the backend's error."""
+    from hipro_fast.method.baselines import build_method
+    from hipro_fast.method.training import evaluate, fit
+    from tests.helpers_training import TREE, make_model, tiny_clip, toy_data
+
+    flex, tree = make_model(attention="flex"), make_model()
+    assert flex.attention == "flex" and "attention" not in flex.config()
+    with torch.no_grad():
+        a, b = flex.text_features(), tree.text_features()
+    for task in a:
+        torch.testing.assert_close(a[task], b[task], atol=1e-5, rtol=1e-5)
+    test = toy_data(seed=3)
+    assert evaluate(flex, test) == evaluate(tree, test)
+    with pytest.raises(FlexAttentionUnavailable, match="no backward on the CPU"):
+        fit(flex, toy_data(seed=1), None, epochs=1, min_steps=0)
+    clip, tok = tiny_clip()
+    for method in ("coop-per-task", "hipro"):  # compare()'s methods all take the backend
+        model = build_method(method, clip, dict(flex.tasks), TREE, 2, tokenizer=tok, attention="flex")
+        assert model.tower.attention == "flex"
