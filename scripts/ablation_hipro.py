@@ -84,7 +84,8 @@ PLANTED_VARIANTS = {"uniform": {"path_weights": "uniform"},
                     "pw75": {"path_weights": "learned", "leaf_weight": 0.75},
                     "pw90": {"path_weights": "learned", "leaf_weight": 0.9},
                     "pw75prior": {"path_weights": "learned", "leaf_weight": 0.75, "parent_prior": 1.0},
-                    "pw75sel": {"path_weights": "learned", "leaf_weight": 0.75, "select": "per-task"}}
+                    "pw75sel": {"path_weights": "learned", "leaf_weight": 0.75, "select": "per-task"},
+                    "pw90sel": {"path_weights": "learned", "leaf_weight": 0.9, "select": "per-task"}}
 
 
 def dev_split(pool, seed: int = 1234):
