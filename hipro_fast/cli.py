@@ -247,7 +247,7 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: in
                    help="sgd (CoOp's, momentum 0.9) or adamw (TrainConfig default if unset)")
     g.add_argument("--min-steps", type=_NONNEG, default=None,
                    help="budget rule: at least this many optimiser steps per run, whatever the task size "
-                        "(TrainConfig default 200 if unset)")
+                        f"(TrainConfig default {TrainConfig.min_steps} if unset)")
     g.add_argument("--n-ctx", type=_POSITIVE, default=n_ctx_default,
                    help="context tokens per tree node, >= 1 (default %(default)s; the affinity step of "
                         "--tree auto has its own --affinity-n-ctx)")
