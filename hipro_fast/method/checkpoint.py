@@ -234,6 +234,8 @@ def check_train_config(saved: Mapping[str, Any] | None, config: Any) -> None:
     if saved is None:
         return
     current = _config_dict(config) or {}
+    # checkpoints written before the optimiser became an option were all SGD
+    saved = {"optimizer": "sgd", **saved}
     for key in TRAJECTORY_FIELDS:
         if key in saved and saved[key] != current.get(key):
             raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={saved[key]!r}, "

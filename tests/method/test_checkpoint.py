@@ -107,6 +107,11 @@ def test_resume_rejects_different_training_options(tmp_path, data):
     with pytest.raises(CheckpointError, match=r"optimizer='adamw', this run has optimizer='sgd'"):
         fit(make_model(), train, None, checkpoint_dir=str(tmp_path), resume=True,
             **{**RUN, "epochs": 2, "optimizer": "sgd"})
+    # a checkpoint from before the optimiser option (no "optimizer" key) was SGD
+    record = json.loads((tmp_path / "last.json").read_text())
+    del record["train_config"]["optimizer"]
+    with pytest.raises(CheckpointError, match=r"optimizer='sgd', this run has optimizer='adamw'"):
+        ckpt.check_train_config(record["train_config"], {**record["train_config"], "optimizer": "adamw"})
     smaller = {**train, "colors": (train["colors"][0][:5], train["colors"][1][:5])}
     with pytest.raises(TaskSpecError, match="task 'colors' has 5 train samples"):
         fit(make_model(), smaller, None, checkpoint_dir=str(tmp_path), resume=True, **{**RUN, "epochs": 2})
@@ -225,3 +230,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in dir_.iterdir()) == sorted(
         ["last.json", "last-e00007.safetensors", "best.json",
          f"best-e{int(want_meta['best_epoch']):05d}.safetensors"])
+
+
+def test_optimizer_state_keys_and_pre_option_momentum_keys():
+    """"opt/<key>/<node>" tensors group by node (node ids may hold "/"), and the
+    "momentum/<node>" tensors of checkpoints written before the optimiser option
+    come back as SGD momentum buffers."""
+    a, b, c = torch.ones(2), torch.zeros(2), torch.full((2,), 3.0)
+    got = ckpt._optimizer_tensors({"opt/exp_avg/task/x": a, "opt/step/task/x": b, "momentum/root": c,
+                                   "ctx/root": a})
+    assert set(got) == {"task/x", "root"}
+    assert set(got["task/x"]) == {"exp_avg", "step"} and torch.equal(got["task/x"]["exp_avg"], a)
+    assert set(got["root"]) == {"momentum_buffer"} and torch.equal(got["root"]["momentum_buffer"], c)
