@@ -92,8 +92,8 @@ def worker(a: argparse.Namespace) -> None:
 
     before = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _current_rss_mb()
     t0 = time.perf_counter()
-    fit(model, train, None, epochs=1, warmup_epochs=0, steps_per_epoch=a.steps, batch_size=32, min_steps=0,
-        callback=tick, device=device)
+    fit(model, train, None, optimizer="sgd", epochs=1, warmup_epochs=0, steps_per_epoch=a.steps, batch_size=32,
+        min_steps=0, callback=tick, device=device)
     steps = [b - a_ for a_, b in zip([t0] + stamps[:-1], stamps)]
     rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
     enc = model.encoder
