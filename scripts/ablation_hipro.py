@@ -163,7 +163,8 @@ def planted(a) -> dict:
     if a.budget == "adamw-full":
         train = TrainConfig(optimizer="adamw", batch_size="full", epochs=50, lr=0.002, min_steps=a.min_steps)
     else:
-        train = TrainConfig(epochs=50, lr=0.002, batch_size=32, min_steps=0 if a.budget == "ablation" else 200)
+        train = TrainConfig(optimizer="sgd", epochs=50, lr=0.002, batch_size=32,
+                            min_steps=0 if a.budget == "ablation" else 200)
     out = {}
     for conflict, shots in [(False, 1), (False, 2), (False, 4), (True, 2)]:
         for seed in a.seeds:

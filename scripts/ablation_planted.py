@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     clip = planted_clip()
     # CoOp's optimiser settings, pinned (the same as tests/test_planted.py).
-    train = TrainConfig(epochs=args.epochs, lr=0.002, momentum=0.9, weight_decay=5e-4, warmup_epochs=1,
+    train = TrainConfig(optimizer="sgd", epochs=args.epochs, lr=0.002, momentum=0.9, weight_decay=5e-4, warmup_epochs=1,
                         warmup_lr=1e-5, batch_size=32, min_steps=0)  # the budget its recorded results used
     seeds = list(range(args.seeds))
     settings = [(c, s) for c in (False, True) for s in args.shots]
