@@ -255,8 +255,9 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: in
                    help="how a task combines its path contexts (default %(default)s, see README ablation)")
     g.add_argument("--ctx-init", default=None, help='initialise contexts from a phrase, e.g. "a photo of a"')
     g.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="tree",
-                   help="text attention backend of every method: tree (the fused op, default) or flex "
-                        "(PyTorch FlexAttention with the tree mask; compiled on CUDA; no CPU backward)")
+                   help="text attention backend of every trained method: tree (the fused op, default) or flex "
+                        "(PyTorch FlexAttention with the tree mask; compiled on CUDA; no CPU backward); the "
+                        "affinity step keeps the fused op")
     h = p.add_argument_group("HiPro options (see HiProModel)")
     h.add_argument("--path-weights", choices=list(PATH_WEIGHTS), default=DEFAULT_HIPRO_OPTIONS["path_weights"],
                    help="uniform mean of the path nodes' features, or per-task learned weights "

@@ -87,7 +87,7 @@ class FlexTreeAttention:
             raise FlexAttentionUnavailable(
                 f"attention='flex' has no backward on the CPU (torch {torch.__version__}'s "
                 "FlexAttention implements the CPU forward only): run the forward under "
-                "torch.no_grad(), use attention='tree' to train on the CPU, or use a CUDA device")
+                "torch.no_grad(), use attention='tree' (--attention tree) to train on the CPU, or use a CUDA device")
         T = q.shape[0]
         if T == 0:
             return torch.empty_like(q)

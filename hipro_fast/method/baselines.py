@@ -163,7 +163,8 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
     unless train_config.checkpoint_dir is set, then one sub-directory per run) and
     tested on `test`. zero-shot is not trained and is evaluated once.
     tree: the tree of "hipro"; None builds one from task affinity.
-    hipro_options: HiProModel options of "hipro" (see build_method).
+    hipro_options: HiProModel options of "hipro" (see build_method); `attention`
+        among them applies to every method.
     select: None, or "per-task": "hipro" takes for each task the model among
         SELECT_CANDIDATES (its own tree, the flat two-level tree, CoOp per task)
         with the best validation accuracy on that task (ties: that order); the

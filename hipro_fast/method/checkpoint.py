@@ -45,6 +45,10 @@ TRAJECTORY_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "epochs", "m
                      "batch_size", "steps_per_epoch", "amp", "seed", "eval_every")
 
 
+# the per-parameter state each supported optimiser keeps (TrainConfig.optimizer; AdamW without amsgrad)
+_STATE_KEYS = {torch.optim.SGD: {"momentum_buffer"}, torch.optim.AdamW: {"step", "exp_avg", "exp_avg_sq"}}
+
+
 def collect_optimizer_state(optimizer: torch.optim.Optimizer, model: HiProModel) -> dict[str, dict[str, torch.Tensor]]:
     """{node: {state key: tensor}} of the contexts the optimiser holds state for
     (SGD: momentum_buffer; AdamW: step, exp_avg, exp_avg_sq)."""
@@ -63,9 +67,13 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, model: HiProModel,
     """Restore collect_optimizer_state(): every tensor on its context's device; AdamW's
     step count stays a CPU fp32 scalar, as torch keeps it."""
     learnable = model.learnable()
+    expected = _STATE_KEYS.get(type(optimizer))
     for node, tensors in state.items():
         if node not in learnable:
             raise TaskSpecError(f"checkpoint has optimiser state for unknown node {node!r}")
+        if expected is not None and set(tensors) != expected:
+            raise CheckpointError(f"cannot resume: the checkpoint holds optimiser state {sorted(tensors)} for node "
+                                  f"{node!r}, but this run's {type(optimizer).__name__} keeps {sorted(expected)}")
         p = learnable[node]
         restored = {}
         for key, value in tensors.items():

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -127,8 +128,8 @@ class TrainConfig:
         need(int(self.epochs) >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(0 <= int(self.warmup_epochs), f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         need(self.warmup_lr > 0, f"warmup_lr must be > 0, got {self.warmup_lr}")
-        need(self.batch_size == FULL_BATCH or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
-                                                and self.batch_size >= 1),
+        need(self.batch_size == FULL_BATCH or (isinstance(self.batch_size, numbers.Integral)
+                                                and not isinstance(self.batch_size, bool) and self.batch_size >= 1),
              f"batch_size must be an integer >= 1 or {FULL_BATCH!r}, got {self.batch_size!r}")
         need(self.steps_per_epoch is None or int(self.steps_per_epoch) >= 1,
              f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
@@ -388,8 +389,8 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                 losses = []
                 for t in tasks:
                     if full:  # every sample: this rank's contiguous share, sliced rather than gathered
-                        start, end = local_range(sizes[t], rank, world)
-                        x, y, global_size = xs[t][start:end], ys[t][start:end], sizes[t]
+                        lo, hi = local_range(sizes[t], rank, world)
+                        x, y, global_size = xs[t][lo:hi], ys[t][lo:hi], sizes[t]
                     else:
                         b = idx[t][step]
                         global_size = b.numel()

@@ -737,6 +737,6 @@ def test_flex_attention_on_the_cpu_fails_in_one_line(world, tmp_path, capsys):
     """--attention flex reaches the model; training it on the CPU (FlexAttention has no
     CPU backward in this torch) is one error line that says what to do."""
     assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--n-ctx", "2",
-                "--attention", "flex", run_dir=tmp_path / "r") == 1
+                "--attention", "flex", "--device", "cpu", run_dir=tmp_path / "r") == 1
     line = _one_error_line(capsys)
     assert "no backward on the CPU" in line and "attention='tree'" in line, line

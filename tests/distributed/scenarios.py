@@ -63,7 +63,7 @@ def scenario_baselines() -> dict[str, torch.Tensor]:
     from hipro_fast.method.training import TrainConfig
 
     clip, tok = tiny_clip()
-    cfg = TrainConfig(epochs=2, steps_per_epoch=3, batch_size=5, lr=0.05)
+    cfg = TrainConfig(optimizer="sgd", epochs=2, steps_per_epoch=3, batch_size=5, lr=0.05)
     table = compare(clip, TASKS, toy_data(seed=1), toy_data(seed=3, noise=1.0), val=toy_data(seed=2, noise=1.0),
                     seeds=(1,), tree=TREE, n_ctx=2, train_config=cfg, tokenizer=tok)
     return {f"compare/{m}": torch.tensor([r["task_acc"][t] for t in TASKS], dtype=torch.float64)

@@ -242,3 +242,15 @@ def test_optimizer_state_keys_and_pre_option_momentum_keys():
     assert set(got) == {"task/x", "root"}
     assert set(got["task/x"]) == {"exp_avg", "step"} and torch.equal(got["task/x"]["exp_avg"], a)
     assert set(got["root"]) == {"momentum_buffer"} and torch.equal(got["root"]["momentum_buffer"], c)
+
+
+def test_optimizer_state_of_another_optimizer_is_refused(tmp_path, data):
+    """A checkpoint whose optimiser state belongs to another optimiser (SGD momentum
+    into AdamW) is a CheckpointError naming both, not a KeyError inside torch."""
+    train, _ = data
+    fit(make_model(), train, None, checkpoint_dir=str(tmp_path), **{**RUN, "epochs": 1, "optimizer": "sgd"})
+    state = load_checkpoint(tmp_path, make_model())
+    model = make_model()
+    adamw = torch.optim.AdamW([p for p in model.learnable().values() if p.requires_grad])
+    with pytest.raises(CheckpointError, match=r"\['momentum_buffer'\].*AdamW keeps \['exp_avg', 'exp_avg_sq', 'step'\]"):
+        ckpt.restore_optimizer_state(adamw, model, state.optimizer_state)
