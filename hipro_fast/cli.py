@@ -166,19 +166,17 @@ def _tree_arg(text: str) -> str:
 
 _SEED = _int_at_least(0, MAX_SEED)
 _NONNEG = _int_at_least(0)
+_POSITIVE = _int_at_least(1)
 
 
 def _train_batch_arg(text: str) -> int | str:
+    """A positive integer or "full" (TrainConfig's full batch)."""
     if text == FULL_BATCH:
         return FULL_BATCH
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or {FULL_BATCH!r}, got {text!r}")
-    return value
-_POSITIVE = _int_at_least(1)
+        return _POSITIVE(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or {FULL_BATCH!r}, got {text!r}") from None
 
 
 # ------------------------------------------------------------------ parser
@@ -830,7 +828,7 @@ def cmd_demo(ctx: _Ctx) -> int:
                        "affinity_steps": a.affinity_steps, "data_dir": str(data_dir)})
     ctx.run.write_config(ctx.config)
     shots = ctx.shot_grid or [_single_shots(a.shots)]
-    recipe = TrainConfig(**{k: v for k, v in ctx.train_overrides().items() if v is not None})
+    recipe = TrainConfig(**pipeline.train_config_overrides(TrainConfig, ctx.train_overrides()))
     ctx.say(f"demo settings: shots {shots}, seeds {seeds}, {a.epochs} epochs (>= {recipe.min_steps} steps, "
             f"{recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch_size}), "
             f"n_ctx {a.n_ctx}, affinity steps {a.affinity_steps}, model {a.model}, device {ctx.device}")

@@ -38,6 +38,7 @@ Results: benchmarks/results/ablation_hipro.md. One thread per run (--threads).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -72,8 +73,6 @@ BUNDLED_VARIANTS = {
                 {"path_weights": "learned", "leaf_weight": 0.75, "select": "per-task"}),
     "pw90sel": ("mean", ["coop-per-task", "two-level", "hipro"],
                 {"path_weights": "learned", "leaf_weight": 0.9, "select": "per-task"}),
-    "pw50sel": ("mean", ["coop-per-task", "two-level", "hipro"],
-                {"path_weights": "learned", "leaf_weight": 0.5, "select": "per-task"}),
     "concat": ("concat", ["two-level", "hipro"], {}),
 }
 # bundled: the training recipe. coop-sgd: CoOp's SGD at batch 32 and >= 200 steps (the default
@@ -161,10 +160,9 @@ def budget(a) -> dict:
 def planted(a) -> dict:
     clip = planted_clip()
     if a.budget == "adamw-full":
-        train = TrainConfig(optimizer="adamw", batch_size="full", epochs=50, lr=0.002, min_steps=a.min_steps)
+        train = dataclasses.replace(RECIPES["adamw-full"], min_steps=a.min_steps)
     else:
-        train = TrainConfig(optimizer="sgd", epochs=50, lr=0.002, batch_size=32,
-                            min_steps=0 if a.budget == "ablation" else 200)
+        train = dataclasses.replace(RECIPES["coop-sgd"], min_steps=0 if a.budget == "ablation" else 200)
     out = {}
     for conflict, shots in [(False, 1), (False, 2), (False, 4), (True, 2)]:
         for seed in a.seeds:

@@ -63,7 +63,7 @@ def collect_optimizer_state(optimizer: torch.optim.Optimizer, model: HiProModel)
 
 
 def restore_optimizer_state(optimizer: torch.optim.Optimizer, model: HiProModel,
-                        state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+                            state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     """Restore collect_optimizer_state(): every tensor on its context's device; AdamW's
     step count stays a CPU fp32 scalar, as torch keeps it."""
     learnable = model.learnable()

@@ -326,6 +326,13 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     sizes = {t: int(ys[t].shape[0]) for t in tasks}
     rank, world = _shard_for_group(model)
     main = rank == 0
+    full = config.batch_size == FULL_BATCH
+    # the full batch: every step takes this rank's contiguous share of each task (views, no gather)
+    shares = {}
+    if full:
+        for t in tasks:
+            part = slice(*local_range(sizes[t], rank, world))
+            shares[t] = (xs[t][part], ys[t][part])
     if world > 1:
         # Ranks that disagree would run different collectives and hang: check first.
         dist_group.check_agreement(
@@ -378,7 +385,6 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
         lr = lr_at(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        full = config.batch_size == FULL_BATCH
         idx = {} if full else {t: batch_indices(sizes[t], steps, config.batch_size, config.seed, epoch, t)
                                   .to(device) for t in tasks}
         loss_sum = 0.0
@@ -388,9 +394,8 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                 feats = model.text_features()
                 losses = []
                 for t in tasks:
-                    if full:  # every sample: this rank's contiguous share, sliced rather than gathered
-                        lo, hi = local_range(sizes[t], rank, world)
-                        x, y, global_size = xs[t][lo:hi], ys[t][lo:hi], sizes[t]
+                    if full:
+                        (x, y), global_size = shares[t], sizes[t]
                     else:
                         b = idx[t][step]
                         global_size = b.numel()
