@@ -36,8 +36,12 @@ test: build
 bench: build
 	$(BIN)/hipro bench
 
+# One process per CPU core, at most the demo's 9 (shots, seed) draws; one on a
+# CUDA machine (the draws would need a GPU each). DEMO_NPROC=N overrides.
+DEMO_NPROC_AUTO := import os, torch; print(1 if torch.cuda.is_available() else max(1, min(9, len(os.sched_getaffinity(0)))))
+
 demo: build
-	$(BIN)/hipro demo
+	$(BIN)/hipro demo --nproc $${DEMO_NPROC:-$$($(BIN)/python -c "$(DEMO_NPROC_AUTO)")}
 
 clean:
 	rm -rf build build-cmake hipro_fast/_C*.so *.egg-info

@@ -53,6 +53,7 @@ from .method.grouping import LINKAGES
 from .method.training import FULL_BATCH, OPTIMIZERS, TrainConfig
 from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT
 from .method.model import PATH_WEIGHTS, validate_tasks
+from .method.protocol import PARALLEL_MODES
 
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
 
@@ -231,6 +232,14 @@ def _common(p: argparse.ArgumentParser, spec: bool = True, data: bool = True, re
                         f"fails naming it (default {dist_group.DEFAULT_TIMEOUT_S:g})")
 
 
+def _parallel_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", choices=list(PARALLEL_MODES), default=PARALLEL_MODES[0],
+                   help="with --nproc (or torchrun) on the --shots grid: draws (default): each process trains "
+                        "whole (shots, seed) draws alone, round-robin (scales with the processes while they are "
+                        "no more than the draws); classes: every draw on all processes, the prompt forest "
+                        "sharded by class (for label spaces too large for one device)")
+
+
 def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: int | None = DEFAULT_N_CTX) -> None:
     g = p.add_argument_group("training")
     if tree:
@@ -329,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=["none", "per-task"], default=DEFAULT_PROTOCOL_SELECT,
                    help="per-task (default): HiPro takes, task by task, the best of its tree, the flat two-level "
                         "tree and CoOp per task on the validation split; none: its tree alone")
+    _parallel_opt(p)
 
     p = sub.add_parser("export", help="export a checkpoint as a standalone classifier")
     _common(p, spec=False, data=False)
@@ -350,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seed_list, default=None, help="comma list of seeds (default: 0,1,2)")
     p.add_argument("--select", choices=["none", "per-task"], default=DEFAULT_PROTOCOL_SELECT,
                    help="as for compare")
+    _parallel_opt(p)
     p.set_defaults(shots=DEMO_DEFAULTS["shots"])
     return ap
 
@@ -724,7 +735,8 @@ def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
     ctx.say(f"protocol: {', '.join(methods) if methods else 'all methods'} at shots {shots} x seeds {list(seeds)} "
             f"(each seed draws its own split; validation: min(K, 4) per class from the val split, else from the "
-            f"remaining training images)")
+            f"remaining training images)" + (f"; {ctx.dist.world_size} processes, parallel over {a.parallel}"
+                                             if ctx.dist is not None else ""))
     _note_resume_and_missing(ctx, feats, "every (shots, seed, method) continues from its checkpoint in "
                                          "checkpoints/shots<K>-seed<S>/<method>-seed<S> (finished ones are only "
                                          "re-evaluated)")
@@ -741,7 +753,7 @@ def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
         ctx.clip(), feats, shots=shots, seeds=seeds, methods=methods, tree=tree, n_ctx=a.n_ctx, combine=a.combine,
         train_overrides=ctx.train_overrides(), affinity_config=_affinity_config(a) if tree is None else None,
         progress=False, checkpoint_dir=_ckpt_path(ctx), resume=ctx.run.resumed,
-        hipro_options={**ctx.hipro_options(), "select": select}, on_run=on_run)
+        hipro_options={**ctx.hipro_options(), "select": select}, on_run=on_run, parallel=a.parallel)
     summary = result.summary_markdown()
     per_shot = "\n\n".join(f"### {k} shot{'s' if k > 1 else ''}\n\n" + result.shot_table_markdown(k)
                             for k in result.shots)
@@ -817,7 +829,13 @@ def cmd_demo(ctx: _Ctx) -> int:
     data_dir = Path(a.data_dir) if a.data_dir else (
         Path(a.cache_dir) if a.cache_dir else default_cache_dir()) / f"bundled-seed{a.seed}"
     ctx.say(f"exporting the bundled benchmark to {data_dir} ...")
-    spec_path = ctx.pipeline.export_bundled(data_dir, seed=a.seed)
+    # One process per machine writes the images; the others then find them complete.
+    first = ctx.dist is None or ctx.dist.local_rank == 0
+    if first:
+        spec_path = ctx.pipeline.export_bundled(data_dir, seed=a.seed)
+    dist_group.barrier()
+    if not first:
+        spec_path = ctx.pipeline.export_bundled(data_dir, seed=a.seed)
     a.spec = str(spec_path)
     a.epochs = a.epochs if a.epochs is not None else DEMO_DEFAULTS["epochs"]
     a.n_ctx = a.n_ctx if a.n_ctx is not None else DEMO_DEFAULTS["n_ctx"]
@@ -851,8 +869,8 @@ def cmd_demo(ctx: _Ctx) -> int:
     return 0
 
 
-# Commands that run in a process group under torchrun (demo and export write outside the run directory).
-DIST_COMMANDS = ("cache", "train", "eval", "compare", "affinity", "tree")
+# Commands that run in a process group under torchrun (export writes outside the run directory).
+DIST_COMMANDS = ("cache", "train", "eval", "compare", "affinity", "tree", "demo")
 COMMANDS = {"cache": cmd_cache, "affinity": cmd_affinity, "tree": cmd_tree, "train": cmd_train, "eval": cmd_eval,
             "compare": cmd_compare, "export": cmd_export, "demo": cmd_demo}
 

@@ -149,11 +149,11 @@ def budget(a) -> dict:
 
     batch = "full" if a.full_batch else 32
     config = TrainConfig(epochs=int(50 * a.scale), min_steps=int(a.min_steps * a.scale), lr=a.lr,
-                         optimizer=a.optimizer, batch_size=batch)
+                         optimizer=a.optimizer, batch_size=batch, weight_decay=a.weight_decay)
     res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=a.methods, n_ctx=4,
                        train_config=config, affinity_config=affinity_config(a, 30), on_run=on_run)
     print(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
-    return {"lr": a.lr, "scale": a.scale, "optimizer": a.optimizer, "batch_size": batch,
+    return {"lr": a.lr, "weight_decay": a.weight_decay, "scale": a.scale, "optimizer": a.optimizer, "batch_size": batch,
             "min_steps": int(a.min_steps * a.scale), **res.to_dict()}
 
 
@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--recipe", choices=list(RECIPES), default="coop-sgd", help="bundled: the training recipe")
     ap.add_argument("--affinity-steps", type=int, default=100, help="bundled: affinity optimiser steps")
     ap.add_argument("--lr", type=float, default=0.002, help="budget: learning rate")
+    ap.add_argument("--weight-decay", type=float, default=5e-4, help="budget: weight decay")
     ap.add_argument("--scale", type=float, default=1.0, help="budget: multiple of the budget (epochs 50, --min-steps)")
     ap.add_argument("--min-steps", type=int, default=200, help="budget: optimiser steps at scale 1")
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="budget: the optimiser")

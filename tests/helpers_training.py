@@ -46,6 +46,18 @@ def make_model(tree=TREE, n_ctx=N_CTX, seed=0, tasks=TASKS, **kw):
     return hipro_fast.HiProModel(clip, tasks, tree, n_ctx=n_ctx, tokenizer=tok, seed=seed, **kw)
 
 
+def few_shot_pool(per_class=12, seed=0):
+    """task -> (features, labels): `per_class` random unit features per class
+    (a pool for the protocol's few-shot draws)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t, classes in TASKS.items():
+        y = torch.arange(len(classes)).repeat_interleave(per_class)
+        x = torch.nn.functional.normalize(torch.randn(y.numel(), 24, generator=g), dim=-1)
+        out[t] = (x, y)
+    return out
+
+
 def toy_data(sizes=None, noise=0.5, seed=0, teacher_seed=123, tasks=TASKS):
     """task -> (features, labels): noisy copies of a hidden teacher's class text
     features (so the problem is learnable by contexts). `noise` is in units of

@@ -548,20 +548,22 @@ def run_shots_protocol(clip, feats: TaskFeatures, *, shots: Sequence[int], seeds
                        combine: str = DEFAULT_COMBINE, train_overrides: Mapping[str, Any] | None = None,
                        affinity_config: Mapping[str, Any] | None = None, progress: bool = True,
                        checkpoint_dir: str | Path | None = None, resume: bool = False,
-                       hipro_options: Mapping[str, Any] | None = None, on_run=None) -> protocol.ProtocolResult:
+                       hipro_options: Mapping[str, Any] | None = None, on_run=None,
+                       parallel: str = "draws") -> protocol.ProtocolResult:
     """CoOp's protocol (hipro_fast.method.protocol.run_protocol) on cached features:
     `feats.train` is every training image of each task (cache_features with
     shots=None); each (K, seed) draws K training images per class from it and
     min(K, 4) validation images per class from the task's val split (`feats.val`)
     when the spec gives one, else from the remaining training images. With
-    `checkpoint_dir`, each draw checkpoints under <dir>/shots<K>-seed<S>/."""
+    `checkpoint_dir`, each draw checkpoints under <dir>/shots<K>-seed<S>/.
+    parallel: how several ranks share the grid (protocol.PARALLEL_MODES)."""
     cfg = training.TrainConfig(**train_config_overrides(training.TrainConfig, {
         **(train_overrides or {}), "progress": progress,
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "resume": bool(resume)}))
     kw: dict[str, Any] = {"shots": list(shots), "seeds": list(seeds), "tree": tree, "combine": combine,
                           "train_config": cfg, "affinity_config": dict(affinity_config or {}) or None,
                           "on_run": on_run, "pool_views": feats.train_views or None,
-                          "val_pool": feats.val or None, **dict(hipro_options or {})}
+                          "val_pool": feats.val or None, "parallel": parallel, **dict(hipro_options or {})}
     if n_ctx is not None:
         kw["n_ctx"] = n_ctx
     if methods:

@@ -19,6 +19,7 @@ Two failure modes get a clear error instead of a hang:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from ..errors import DistributedError, PeerTimeoutError, RankMismatchError
 
-__all__ = ["DistInfo", "DEFAULT_TIMEOUT_S", "launched", "backend_for", "init_from_env", "current", "rank",
+__all__ = ["DistInfo", "DEFAULT_TIMEOUT_S", "launched", "local_only", "backend_for", "init_from_env", "current", "rank",
            "world_size", "is_main", "barrier", "all_reduce_sum", "all_gather_object", "broadcast_object",
            "check_agreement", "collective_failure", "shutdown"]
 
@@ -175,10 +176,29 @@ def init_from_env(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOU
 
 
 def current() -> DistInfo | None:
-    """This process's DistInfo when it is in a group of more than one, else None."""
-    if _INFO is not None and dist.is_initialized() and _INFO.world_size > 1:
+    """This process's DistInfo when it is in a group of more than one (and not
+    inside :func:`local_only`), else None."""
+    if _LOCAL_DEPTH == 0 and _INFO is not None and dist.is_initialized() and _INFO.world_size > 1:
         return _INFO
     return None
+
+
+_LOCAL_DEPTH = 0
+
+
+@contextlib.contextmanager
+def local_only():
+    """Inside this block the process acts as a world of one: current() is None,
+    so fit/evaluate neither shard nor run collectives, and this rank writes its
+    own files. For work split between ranks by whole units (the protocol's
+    draws), where each rank runs its units alone and the results are gathered
+    after the block."""
+    global _LOCAL_DEPTH
+    _LOCAL_DEPTH += 1
+    try:
+        yield
+    finally:
+        _LOCAL_DEPTH -= 1
 
 
 def rank() -> int:

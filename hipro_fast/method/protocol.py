@@ -20,16 +20,23 @@ import numpy as np
 import torch
 
 from ..data.feature_cache import stack_views
-from ..errors import FewShotError
+from ..distributed import group as dist_group
+from ..errors import DistributedError, FewShotError
 from .baselines import DEFAULT_PROTOCOL_SELECT, METHODS, ComparisonTable, compare
 from .task_data import validate_task_data
 from .training import Data, TrainConfig
 
 __all__ = ["FewShotDraw", "val_shots_for", "draw_few_shot", "ProtocolResult", "run_protocol",
-           "DEFAULT_SHOTS", "DEFAULT_SEEDS"]
+           "DEFAULT_SHOTS", "DEFAULT_SEEDS", "PARALLEL_MODES"]
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (0, 1, 2)
+# How a process group of several ranks shares the protocol: "draws" (each rank
+# trains whole (shots, seed) draws alone, round-robin; the protocol's draws are
+# independent, so this scales with the ranks) or "classes" (every rank works on
+# every draw, the prompt forest sharded by class: for label spaces too large
+# for one device).
+PARALLEL_MODES = ("draws", "classes")
 
 
 def val_shots_for(shots: int) -> int:
@@ -222,7 +229,7 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
                  affinity_config: Mapping[str, Any] | None = None, tokenizer=None,
                  on_run: Callable[[int, int, ComparisonTable], None] | None = None,
                  pool_views: Mapping[str, torch.Tensor] | None = None, val_pool: Data | None = None,
-                 **method_options: Any) -> ProtocolResult:
+                 parallel: str = "draws", **method_options: Any) -> ProtocolResult:
     """Every method on every (shots, seed), each seed with its own few-shot draw.
 
     Args:
@@ -237,7 +244,17 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
         pool_views / val_pool: see draw_few_shot.
         train_config.checkpoint_dir: each draw checkpoints under
             <dir>/shots<K>-seed<S>/<method>-seed<S> (resume continues each there).
+        parallel: under a process group of several ranks (torchrun), one of
+            PARALLEL_MODES. "draws": rank r trains draws r, r + W, ... alone
+            (in rounds of W draws; each draw's result equals a one-process
+            run's, and each rank writes its own draws' checkpoints, so on
+            several machines the checkpoint directory must be shared for a
+            resume); every rank returns the whole result and sees every
+            on_run call, in the one-process order. "classes": every draw on
+            all ranks, the forest sharded by class. Ignored in one process.
     """
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     method_options.setdefault("select", DEFAULT_PROTOCOL_SELECT)
     shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
     if not shots or not seeds:
@@ -251,14 +268,44 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
               affinity_config=affinity_config, tokenizer=tokenizer, **method_options)
     if combine is not None:
         kw["combine"] = combine
-    for k in shots:
-        for s in seeds:
-            d = draws[(k, s)]
-            config = train_config
-            if config is not None and config.checkpoint_dir is not None:
-                config = dataclasses.replace(config, checkpoint_dir=f"{config.checkpoint_dir}/shots{k}-seed{s}")
-            table = compare(clip, tasks, d.train, test, val=d.val or None, seeds=(s,), **{**kw, "train_config": config})
-            result.runs[(k, s)] = table
+
+    def run_draw(key: tuple[int, int]) -> ComparisonTable:
+        k, s = key
+        d = draws[key]
+        config = train_config
+        if config is not None and config.checkpoint_dir is not None:
+            config = dataclasses.replace(config, checkpoint_dir=f"{config.checkpoint_dir}/shots{k}-seed{s}")
+        return compare(clip, tasks, d.train, test, val=d.val or None, seeds=(s,), **{**kw, "train_config": config})
+
+    order = [(k, s) for k in shots for s in seeds]
+    group = dist_group.current()
+    width = group.world_size if group is not None and parallel == "draws" else 1
+    for i in range(0, len(order), width):
+        keys = order[i:i + width]
+        tables = [run_draw(keys[0])] if width == 1 else _run_round_by_rank(keys, run_draw, group)
+        for key, table in zip(keys, tables):
+            result.runs[key] = table
             if on_run is not None:
-                on_run(k, s, table)
+                on_run(key[0], key[1], table)
     return result
+
+
+def _run_round_by_rank(keys: Sequence[tuple[int, int]], run_draw: Callable[[tuple[int, int]], ComparisonTable],
+                       group: dist_group.DistInfo) -> list[ComparisonTable]:
+    """Rank r trains draw keys[r] alone (a world of one: no sharding, no
+    collectives, its own checkpoints); every rank gets every draw's table.
+    A draw that fails on one rank fails the round on every rank, naming it."""
+    outcome: tuple[str, Any] = ("idle", None)
+    if group.rank < len(keys):
+        try:
+            with dist_group.local_only():
+                outcome = ("ok", run_draw(keys[group.rank]))
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+            dist_group.all_gather_object(("error", f"{type(e).__name__}: {e}"))
+            raise
+    gathered = dist_group.all_gather_object(outcome)
+    for r, (status, value) in enumerate(gathered):
+        if status == "error":
+            k, s = keys[r]
+            raise DistributedError(f"rank {r} failed on the draw of {k} shots, seed {s}: {value}")
+    return [value for status, value in gathered[:len(keys)]]

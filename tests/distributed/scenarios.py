@@ -70,6 +70,75 @@ def scenario_baselines() -> dict[str, torch.Tensor]:
             for m, r in table.to_dict()["methods"].items()}
 
 
+def scenario_protocol(ckdir: str | None = None) -> dict[str, torch.Tensor]:
+    """run_protocol over 2 shot counts x 3 seeds (6 draws: 3 rounds on 2 ranks,
+    parallel="draws"), per-task selection on; the on_run order is recorded."""
+    import torch.distributed as dist
+
+    from hipro_fast.distributed import group
+    from hipro_fast.method import protocol
+    from hipro_fast.method.training import TrainConfig
+    from tests.helpers_training import few_shot_pool
+
+    clip, tok = tiny_clip()
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=4, lr=0.05, checkpoint_dir=ckdir)
+    seen: list[tuple[int, int]] = []
+    trained: list[tuple[int, int, int]] = []  # (rank, seed, 1 if it ran as a world of one)
+    real_compare = protocol.compare
+
+    def spy(*args, **kw):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        trained.append((rank, kw["seeds"][0], int(group.current() is None)))
+        return real_compare(*args, **kw)
+
+    protocol.compare = spy
+    try:
+        res = protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1, 2),
+                                    seeds=(0, 1, 2), methods=["coop-per-task", "two-level", "hipro"], tree=TREE,
+                                    n_ctx=2, train_config=cfg, on_run=lambda k, s, t: seen.append((k, s)))
+    finally:
+        protocol.compare = real_compare
+    everyone = [trained]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, trained)
+    out = {"protocol/on_run": torch.tensor(seen, dtype=torch.float64),
+           "protocol/trained": torch.tensor([t for part in everyone for t in part], dtype=torch.float64)}
+    for (k, s), table in res.runs.items():
+        for m, r in table.results.items():
+            out[f"protocol/{k}/{s}/{m}"] = torch.tensor([r.task_acc[t] for t in TASKS], dtype=torch.float64)
+    return out
+
+
+def protocol_failure() -> str:
+    """A draw that raises on one rank (seed 1: rank 1's): what each rank is told."""
+    from hipro_fast.errors import DistributedError
+    from hipro_fast.method import protocol
+    from hipro_fast.method.training import TrainConfig
+    from tests.helpers_training import few_shot_pool
+
+    clip, tok = tiny_clip()
+    real_compare = protocol.compare
+
+    def failing(*args, **kw):
+        if kw["seeds"][0] == 1:
+            raise RuntimeError("boom")
+        return real_compare(*args, **kw)
+
+    protocol.compare = failing
+    try:
+        protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1,),
+                              seeds=(0, 1), methods=["coop-per-task"], n_ctx=2,
+                              train_config=TrainConfig(epochs=1, steps_per_epoch=1, batch_size=4))
+    except DistributedError as e:
+        return f"told: {e}"
+    except RuntimeError as e:
+        return f"own: {e}"
+    finally:
+        protocol.compare = real_compare
+    return "no error"
+
+
 def interrupted(ckdir: str) -> None:
     """The mean scenario, stopped by an exception at STOP_AT (every rank raises there)."""
     from hipro_fast.method.training import fit
@@ -109,6 +178,12 @@ def main(argv: list[str]) -> None:
     tensors.update(scenario_mean())
     tensors.update(scenario_concat())
     tensors.update(scenario_baselines())
+    tensors.update(scenario_protocol(os.path.join(work, "protocol")))
+    told = protocol_failure()
+    told_everyone = [None] * info.world_size
+    dist.all_gather_object(told_everyone, told)
+    for r, text in enumerate(told_everyone):
+        tensors[f"protocol_failure/{r}"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
     # Interrupted with 2 ranks, resumed with 2 here (the test resumes a copy with 1).
     interrupted(os.path.join(work, "ckpt2"))
     dist.barrier()

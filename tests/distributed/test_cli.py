@@ -121,6 +121,25 @@ def test_two_node_launch_trains_like_one_process(world, tmp_path, one_process_tr
     assert len(_events(run, "start")) == 1  # one writer
 
 
+def test_protocol_grid_over_two_processes_equals_one_process(world, tmp_path):
+    """`hipro compare --shots 1 --seeds 0,1,2 --nproc 2` splits the 3 draws between
+    the ranks (--parallel draws, the default; rank 1 idles in the second round)
+    and writes what one process writes: the same comparison.json, the draws
+    logged once each in the grid's order, and every draw's checkpoints."""
+    argv = ["compare", "--methods", "coop-per-task,hipro", "--tree", "flat", "--shots", "1", "--seeds", "0,1,2",
+            "--epochs", "2", "--min-steps", "4", "--n-ctx", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(world, argv, one)) == 0
+    proc = run([sys.executable, "-m", "hipro_fast.cli", *_args(world, argv, two), "--nproc", "2"], timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes, parallel over draws" in proc.stdout
+    a, b = (json.loads((r / "comparison.json").read_text()) for r in (one, two))
+    assert a["results"] == b["results"] and (a["shots"], a["seeds"]) == (b["shots"], b["seeds"]) == ([1], [0, 1, 2])
+    assert [(e["shots"], e["seed"]) for e in _events(two, "draw")] == [(1, 0), (1, 1), (1, 2)]
+    for k, s in [(1, 0), (1, 1), (1, 2)]:
+        assert ckpt.has_checkpoint(two / "checkpoints" / f"shots{k}-seed{s}" / f"hipro-seed{s}", "best"), (k, s)
+
+
 def test_ranks_with_different_options_fail_at_start_up(world, tmp_path):
     run = tmp_path / "run"
     t0 = time.monotonic()
@@ -179,6 +198,7 @@ def test_gpu_backend_without_gpus_is_one_line(world, tmp_path, capsys, monkeypat
 
 
 def test_commands_that_run_in_one_process_refuse_nproc(world, tmp_path, capsys):
-    assert main(["demo", "--nproc", "2", "--run-dir", str(tmp_path / "run")]) == 1
+    assert main(["export", "--checkpoint", str(tmp_path / "none"), "--nproc", "2",
+                 "--run-dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "hipro demo runs in one process" in err[0], err
+    assert len(err) == 1 and "hipro export runs in one process" in err[0], err

@@ -65,6 +65,30 @@ def test_baselines_compare_equal_accuracies(two_ranks):
         assert torch.equal(one[k], two[k]), k
 
 
+def test_protocol_draws_split_over_ranks_equal_one_process(two_ranks):
+    """parallel="draws": each rank trains whole draws alone, so every draw's
+    accuracies equal the one-process run's exactly, every rank gets every draw,
+    on_run sees them in the one-process order, and each draw's checkpoints are
+    written (by the rank that trained it)."""
+    two, work = two_ranks
+    one = S.scenario_protocol()
+    keys = {k for k in two if k.startswith("protocol/")}
+    assert set(one) == keys and len(keys) == 2 + 6 * 3
+    for k in keys - {"protocol/trained"}:
+        assert torch.equal(one[k], two[k]), k
+    # rank 0 trained draws 0, 2, 4 and rank 1 draws 1, 3, 5 (seeds 0 2 1 / 1 0 2), each as a world of one
+    assert two["protocol/trained"].tolist() == [[0, 0, 1], [0, 2, 1], [0, 1, 1], [1, 1, 1], [1, 0, 1], [1, 2, 1]]
+    assert two["protocol/on_run"].tolist() == [[1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [2, 2]]
+    for k, s in [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]:
+        assert (work / "protocol" / f"shots{k}-seed{s}" / f"hipro-seed{s}").is_dir(), (k, s)
+
+
+def test_a_draw_failing_on_one_rank_is_named_on_every_rank(two_ranks):
+    two, _ = two_ranks
+    told = [bytes(two[f"protocol_failure/{r}"].tolist()).decode() for r in (0, 1)]
+    assert told == ["told: rank 1 failed on the draw of 1 shots, seed 1: RuntimeError: boom", "own: boom"]
+
+
 def test_resume_with_another_number_of_ranks(two_ranks, tmp_path):
     """Interrupted with 2 ranks after epoch 1; resumed with 2 (in the launch) and
     with 1 (here) from the same checkpoint: both equal the uninterrupted run."""

@@ -5,17 +5,7 @@ import torch
 from hipro_fast.errors import FewShotError
 from hipro_fast.method.protocol import draw_few_shot, run_protocol, val_shots_for
 from hipro_fast.method.training import TrainConfig
-from tests.helpers_training import TASKS, tiny_clip, toy_data
-
-
-def _pool(per_class=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for t, classes in TASKS.items():
-        y = torch.arange(len(classes)).repeat_interleave(per_class)
-        x = torch.nn.functional.normalize(torch.randn(y.numel(), 24, generator=g), dim=-1)
-        out[t] = (x, y)
-    return out
+from tests.helpers_training import TASKS, few_shot_pool as _pool, tiny_clip, toy_data
 
 
 def test_val_shots_rule():
