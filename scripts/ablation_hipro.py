@@ -32,6 +32,7 @@ budget: the training-budget check on the bundled DEV split: every trained
     python scripts/ablation_hipro.py budget --lr 0.002 --scale 1 --shots 1,4,16
     python scripts/ablation_hipro.py budget --lr 0.002 --scale 2 --shots 1,4,16
     python scripts/ablation_hipro.py budget --optimizer adamw --full-batch --min-steps 800 --scale 1 --shots 1,4,16
+    python scripts/ablation_hipro.py budget --optimizer adamw --full-batch --min-steps 800 --lr 0.01 --scale 2 --shots 1,4,16
 
 Results: benchmarks/results/ablation_hipro.md. One thread per run (--threads).
 """

@@ -63,7 +63,7 @@ def _cli_args(world, argv, run_dir=None, spec=True, cache=None) -> list[str]:
         args += ["--spec", str(world["spec"])]
     args += ["--model-config", str(world["config"]), "--no-progress"]
     if args[0] in ("train", "compare") and "--min-steps" not in args:
-        args += ["--min-steps", "200"]  # the tests check plumbing: 200 steps, not the default 800
+        args += ["--min-steps", "200"]  # the tests check plumbing: 200 steps, not the default 1,600
     if "--cache-dir" not in args and args[0] != "export":
         args += ["--cache-dir", str(cache or world["cache"])]
     if run_dir is not None:

@@ -20,10 +20,10 @@ FAST = dict(epochs=3, batch_size=4, steps_per_epoch=2, lr=0.05, seed=3)
 
 
 def test_defaults():
-    """AdamW on the full batch for at least 800 steps (issue 9's budget ablation);
+    """AdamW on the full batch for at least 1,600 steps (issue 9's budget ablation);
     CoOp's schedule (lr 0.002, cosine over 50 epochs after a 1e-5 warm-up epoch)."""
     c = TrainConfig()
-    assert (c.optimizer, c.batch_size, c.min_steps) == ("adamw", "full", 800)
+    assert (c.optimizer, c.batch_size, c.min_steps) == ("adamw", "full", 1600)
     assert (c.lr, c.momentum, c.weight_decay, c.epochs) == (0.002, 0.9, 5e-4, 50)
     assert (c.warmup_epochs, c.warmup_lr, c.amp, c.checkpoint_dir) == (1, 1e-5, None, None)
 
@@ -315,7 +315,7 @@ def test_budget_rule_floors_the_number_of_steps(data):
     assert default_steps_per_epoch(tiny, 32, epochs=50, min_steps=200) == 4      # 50 x 4 = 200
     assert default_steps_per_epoch(tiny, 32, epochs=3, min_steps=200) == 67      # ceil(200 / 3)
     assert default_steps_per_epoch(big, 32, epochs=50, min_steps=200) == 100     # one pass of the largest task
-    assert TrainConfig().min_steps == 800
+    assert TrainConfig().min_steps == 1600
     train, val = data
     res = fit(make_model(), train, val, epochs=2, batch_size=4, min_steps=9, lr=0.05)
     assert res.config.steps_per_epoch == 5 and len(res.history) == 2
