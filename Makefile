@@ -38,10 +38,11 @@ bench: build
 
 # One process per CPU core, at most the demo's 9 (shots, seed) draws; one on a
 # CUDA machine (the draws would need a GPU each). DEMO_NPROC=N overrides.
-DEMO_NPROC_AUTO := import os, torch; print(1 if torch.cuda.is_available() else max(1, min(9, len(os.sched_getaffinity(0)))))
+DEMO_NPROC_AUTO := import os, torch; n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1); print(1 if torch.cuda.is_available() else max(1, min(9, n)))
 
 demo: build
-	$(BIN)/hipro demo --nproc $${DEMO_NPROC:-$$($(BIN)/python -c "$(DEMO_NPROC_AUTO)")}
+	n=$${DEMO_NPROC:-$$($(BIN)/python -c '$(DEMO_NPROC_AUTO)')}; \
+	if [ "$$n" -gt 1 ]; then $(BIN)/hipro demo --nproc "$$n"; else $(BIN)/hipro demo; fi
 
 clean:
 	rm -rf build build-cmake hipro_fast/_C*.so *.egg-info

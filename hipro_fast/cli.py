@@ -823,19 +823,37 @@ def cmd_export(ctx: _Ctx) -> int:
     return 0
 
 
+def _export_bundled_once(ctx: _Ctx, data_dir: Path, seed: int) -> Path:
+    """The bundled images in data_dir. Under torchrun rank 0 writes them first
+    (its failure stops every rank, naming it); then the first process of each
+    other machine writes its own copy if it finds none there (no shared
+    filesystem), and the rest only find them complete."""
+    if ctx.dist is None:
+        return ctx.pipeline.export_bundled(data_dir, seed=seed)
+    if ctx.main:
+        try:
+            spec_path = ctx.pipeline.export_bundled(data_dir, seed=seed)
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+            dist_group.broadcast_object(_one_line(e))
+            raise
+    error = dist_group.broadcast_object(None)
+    if error is not None:
+        raise DistributedError(f"rank 0 could not export the bundled benchmark: {error}")
+    if not ctx.main and ctx.dist.local_rank == 0:
+        spec_path = ctx.pipeline.export_bundled(data_dir, seed=seed)
+    dist_group.barrier()
+    if not ctx.main and ctx.dist.local_rank != 0:
+        spec_path = ctx.pipeline.export_bundled(data_dir, seed=seed)
+    return spec_path
+
+
 def cmd_demo(ctx: _Ctx) -> int:
     a = ctx.args
 
     data_dir = Path(a.data_dir) if a.data_dir else (
         Path(a.cache_dir) if a.cache_dir else default_cache_dir()) / f"bundled-seed{a.seed}"
     ctx.say(f"exporting the bundled benchmark to {data_dir} ...")
-    # One process per machine writes the images; the others then find them complete.
-    first = ctx.dist is None or ctx.dist.local_rank == 0
-    if first:
-        spec_path = ctx.pipeline.export_bundled(data_dir, seed=a.seed)
-    dist_group.barrier()
-    if not first:
-        spec_path = ctx.pipeline.export_bundled(data_dir, seed=a.seed)
+    spec_path = _export_bundled_once(ctx, data_dir, a.seed)
     a.spec = str(spec_path)
     a.epochs = a.epochs if a.epochs is not None else DEMO_DEFAULTS["epochs"]
     a.n_ctx = a.n_ctx if a.n_ctx is not None else DEMO_DEFAULTS["n_ctx"]

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ..errors import DistributedError, PeerTimeoutError, RankMismatchError
 
 __all__ = ["DistInfo", "DEFAULT_TIMEOUT_S", "launched", "local_only", "backend_for", "init_from_env", "current", "rank",
-           "world_size", "is_main", "barrier", "all_reduce_sum", "all_gather_object", "broadcast_object",
+           "world_size", "is_main", "barrier", "all_reduce_sum", "all_gather_object", "unbounded_wait_group", "broadcast_object",
            "check_agreement", "collective_failure", "shutdown"]
 
 DEFAULT_TIMEOUT_S = 300.0  # collectives and the rendezvous wait this long for a peer before failing
@@ -237,13 +237,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's (picklable) `obj`, in rank order; [obj] in one process."""
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's (picklable) `obj`, in rank order; [obj] in one process.
+    group: a torch.distributed group (default: the whole world)."""
     if current() is None:
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+UNBOUNDED_WAIT = datetime.timedelta(days=30)
+
+
+def unbounded_wait_group() -> Any:
+    """A gloo group of the whole world whose collectives wait without the
+    --dist-timeout bound (30 days): for gathers after units of work that may
+    legitimately take longer than a peer may stall between training steps
+    (a whole few-shot draw). A dead peer still ends the job: torchrun tears
+    the group down. Every rank must call this together (it creates a group)."""
+    return dist.new_group(backend="gloo", timeout=UNBOUNDED_WAIT)
 
 
 def _digest(value: Any) -> str:

@@ -269,20 +269,26 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
     if combine is not None:
         kw["combine"] = combine
 
+    main_rank = dist_group.is_main()  # read here: inside local_only every rank is rank 0
+
     def run_draw(key: tuple[int, int]) -> ComparisonTable:
         k, s = key
         d = draws[key]
         config = train_config
         if config is not None and config.checkpoint_dir is not None:
             config = dataclasses.replace(config, checkpoint_dir=f"{config.checkpoint_dir}/shots{k}-seed{s}")
+        if config is not None and config.progress and not main_rank:
+            config = dataclasses.replace(config, progress=False)  # one rank draws the bars
         return compare(clip, tasks, d.train, test, val=d.val or None, seeds=(s,), **{**kw, "train_config": config})
 
     order = [(k, s) for k in shots for s in seeds]
     group = dist_group.current()
     width = group.world_size if group is not None and parallel == "draws" else 1
+    # A rank waits for the slowest draw of its round: longer than --dist-timeout allows a peer to stall.
+    waiting = dist_group.unbounded_wait_group() if width > 1 else None
     for i in range(0, len(order), width):
         keys = order[i:i + width]
-        tables = [run_draw(keys[0])] if width == 1 else _run_round_by_rank(keys, run_draw, group)
+        tables = [run_draw(keys[0])] if width == 1 else _run_round_by_rank(keys, run_draw, group, waiting)
         for key, table in zip(keys, tables):
             result.runs[key] = table
             if on_run is not None:
@@ -291,7 +297,7 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
 
 
 def _run_round_by_rank(keys: Sequence[tuple[int, int]], run_draw: Callable[[tuple[int, int]], ComparisonTable],
-                       group: dist_group.DistInfo) -> list[ComparisonTable]:
+                       group: dist_group.DistInfo, waiting: Any) -> list[ComparisonTable]:
     """Rank r trains draw keys[r] alone (a world of one: no sharding, no
     collectives, its own checkpoints); every rank gets every draw's table.
     A draw that fails on one rank fails the round on every rank, naming it."""
@@ -301,9 +307,9 @@ def _run_round_by_rank(keys: Sequence[tuple[int, int]], run_draw: Callable[[tupl
             with dist_group.local_only():
                 outcome = ("ok", run_draw(keys[group.rank]))
         except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
-            dist_group.all_gather_object(("error", f"{type(e).__name__}: {e}"))
+            dist_group.all_gather_object(("error", f"{type(e).__name__}: {e}"), group=waiting)
             raise
-    gathered = dist_group.all_gather_object(outcome)
+    gathered = dist_group.all_gather_object(outcome, group=waiting)
     for r, (status, value) in enumerate(gathered):
         if status == "error":
             k, s = keys[r]

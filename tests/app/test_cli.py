@@ -349,16 +349,25 @@ def test_help_usage_errors_and_bench_delegation(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("HIPRO_TEST_DEMO") != "1",
-                    reason="set HIPRO_TEST_DEMO=1: exports the bundled benchmark (needs requirements-bundled.txt)")
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end_in_two_processes(tmp_path):
+    """`hipro demo --nproc 2` (what `make demo` runs on 2 cores): rank 0 exports
+    the bundled benchmark, the 2 draws of the grid go one to each rank, and the
+    run holds the report, the comparison and the accuracy-vs-shots figure.
+    Small budgets: the command's plumbing, not its accuracy."""
     run_dir = tmp_path / "demo"
-    rc = main(["demo", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(run_dir), "--no-progress",
-               "--shots", "2", "--epochs", "1", "--affinity-steps", "2", "--methods", "zero-shot,coop-shared,hipro"])
-    assert rc == 0
-    assert "| hipro |" in capsys.readouterr().out
-    for name in ("report.md", "affinity.png", "dendrogram.png", "accuracy.png", "comparison.md", "tree.json"):
+    proc = subprocess.run(_hipro_command() + [
+        "demo", "--nproc", "2", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(run_dir), "--no-progress",
+        "--shots", "1", "--seeds", "0,1", "--epochs", "1", "--min-steps", "2", "--affinity-steps", "2",
+        "--methods", "zero-shot,coop-shared,hipro"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **CHILD_ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| hipro |" in proc.stdout and "2 processes, parallel over draws" in proc.stdout
+    assert proc.stdout.count("demo took") == 1  # rank 0 alone speaks
+    for name in ("report.md", "comparison.md", "comparison.json", "accuracy_vs_shots.png", "config.json"):
         assert (run_dir / name).exists(), name
+    results = json.loads((run_dir / "comparison.json").read_text())
+    assert (results["shots"], results["seeds"]) == ([1], [0, 1])
+    assert (tmp_path / "cache" / "bundled-seed0" / ".complete").exists()
 
 
 # ------------------------------------------------------------------ issue 12: the real `hipro` command

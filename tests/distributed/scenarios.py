@@ -70,9 +70,10 @@ def scenario_baselines() -> dict[str, torch.Tensor]:
             for m, r in table.to_dict()["methods"].items()}
 
 
-def scenario_protocol(ckdir: str | None = None) -> dict[str, torch.Tensor]:
-    """run_protocol over 2 shot counts x 3 seeds (6 draws: 3 rounds on 2 ranks,
-    parallel="draws"), per-task selection on; the on_run order is recorded."""
+def scenario_protocol(ckdir: str | None = None, parallel: str = "draws") -> dict[str, torch.Tensor]:
+    """run_protocol over 2 shot counts x 3 seeds (6 draws: with parallel="draws",
+    3 rounds on 2 ranks), per-task selection on; the on_run order and which
+    rank trained which draw are recorded. Keys: protocol[-classes]/..."""
     import torch.distributed as dist
 
     from hipro_fast.distributed import group
@@ -95,18 +96,20 @@ def scenario_protocol(ckdir: str | None = None) -> dict[str, torch.Tensor]:
     try:
         res = protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1, 2),
                                     seeds=(0, 1, 2), methods=["coop-per-task", "two-level", "hipro"], tree=TREE,
-                                    n_ctx=2, train_config=cfg, on_run=lambda k, s, t: seen.append((k, s)))
+                                    n_ctx=2, train_config=cfg, on_run=lambda k, s, t: seen.append((k, s)),
+                                    parallel=parallel)
     finally:
         protocol.compare = real_compare
     everyone = [trained]
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, trained)
-    out = {"protocol/on_run": torch.tensor(seen, dtype=torch.float64),
-           "protocol/trained": torch.tensor([t for part in everyone for t in part], dtype=torch.float64)}
+    name = "protocol" if parallel == "draws" else f"protocol-{parallel}"
+    out = {f"{name}/on_run": torch.tensor(seen, dtype=torch.float64),
+           f"{name}/trained": torch.tensor([t for part in everyone for t in part], dtype=torch.float64)}
     for (k, s), table in res.runs.items():
         for m, r in table.results.items():
-            out[f"protocol/{k}/{s}/{m}"] = torch.tensor([r.task_acc[t] for t in TASKS], dtype=torch.float64)
+            out[f"{name}/{k}/{s}/{m}"] = torch.tensor([r.task_acc[t] for t in TASKS], dtype=torch.float64)
     return out
 
 
@@ -179,6 +182,7 @@ def main(argv: list[str]) -> None:
     tensors.update(scenario_concat())
     tensors.update(scenario_baselines())
     tensors.update(scenario_protocol(os.path.join(work, "protocol")))
+    tensors.update(scenario_protocol(parallel="classes"))
     told = protocol_failure()
     told_everyone = [None] * info.world_size
     dist.all_gather_object(told_everyone, told)
@@ -205,5 +209,45 @@ def main(argv: list[str]) -> None:
     group.shutdown()
 
 
+SLOW_DRAW_TIMEOUT_S, SLOW_DRAW_SLEEP_S = 5.0, 12.0
+
+
+def slow_draw(argv: list[str]) -> None:
+    """OUT: a process group whose collectives time out after 5 s, and a draw
+    (seed 1, rank 1's) that takes 12 s longer than the other: rank 0 waits for
+    it in the round's gather, which must not be bound by that timeout. Rank 0
+    writes the protocol's accuracies to OUT."""
+    import time
+
+    from safetensors.torch import save_file
+
+    from hipro_fast.distributed import group
+    from hipro_fast.method import protocol
+    from hipro_fast.method.training import TrainConfig
+    from tests.helpers_training import few_shot_pool
+
+    torch.set_num_threads(1)
+    info = group.init_from_env("cpu", timeout_s=SLOW_DRAW_TIMEOUT_S)
+    assert info is not None and info.world_size == 2
+    real_compare = protocol.compare
+
+    def slow(*args, **kw):
+        if kw["seeds"][0] == 1:
+            time.sleep(SLOW_DRAW_SLEEP_S)
+        return real_compare(*args, **kw)
+
+    protocol.compare = slow
+    clip, tok = tiny_clip()
+    res = protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1,),
+                                seeds=(0, 1), methods=["coop-per-task"], n_ctx=2,
+                                train_config=TrainConfig(epochs=1, steps_per_epoch=1, batch_size=4))
+    if info.rank == 0:
+        save_file({f"{s}": torch.tensor([t["coop-per-task"].mean]) for (_, s), t in res.runs.items()}, argv[0])
+    group.shutdown()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1] == "--slow-draw":
+        slow_draw(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

@@ -72,7 +72,7 @@ def test_protocol_draws_split_over_ranks_equal_one_process(two_ranks):
     written (by the rank that trained it)."""
     two, work = two_ranks
     one = S.scenario_protocol()
-    keys = {k for k in two if k.startswith("protocol/")}
+    keys = {k for k in two if k.startswith("protocol/")}  # not protocol-classes/
     assert set(one) == keys and len(keys) == 2 + 6 * 3
     for k in keys - {"protocol/trained"}:
         assert torch.equal(one[k], two[k]), k
@@ -83,10 +83,31 @@ def test_protocol_draws_split_over_ranks_equal_one_process(two_ranks):
         assert (work / "protocol" / f"shots{k}-seed{s}" / f"hipro-seed{s}").is_dir(), (k, s)
 
 
+def test_protocol_with_the_forest_sharded_by_class_equals_one_process(two_ranks):
+    """parallel="classes": both ranks work on every draw (sharded forest, in the
+    process group); the accuracies equal the one-process run's."""
+    two, _ = two_ranks
+    one = S.scenario_protocol(parallel="classes")
+    keys = {k for k in two if k.startswith("protocol-classes/")}
+    assert set(one) == keys and len(keys) == 2 + 6 * 3
+    for k in keys - {"protocol-classes/trained"}:
+        assert torch.equal(one[k], two[k]), k
+    seeds = [0, 1, 2, 0, 1, 2]
+    assert two["protocol-classes/trained"].tolist() == [[r, s, 0] for r in (0, 1) for s in seeds]
+
+
 def test_a_draw_failing_on_one_rank_is_named_on_every_rank(two_ranks):
     two, _ = two_ranks
     told = [bytes(two[f"protocol_failure/{r}"].tolist()).decode() for r in (0, 1)]
     assert told == ["told: rank 1 failed on the draw of 1 shots, seed 1: RuntimeError: boom", "own: boom"]
+
+
+def test_a_draw_longer_than_the_collective_timeout_is_waited_for(tmp_path):
+    """The round's gather waits for the slowest draw without the --dist-timeout
+    bound (5 s here; the other rank's draw takes 12 s more)."""
+    out = tmp_path / "slow.safetensors"
+    torchrun(["tests/distributed/scenarios.py", "--slow-draw", str(out)], nproc=2, timeout=120)
+    assert sorted(load_file(str(out))) == ["0", "1"]
 
 
 def test_resume_with_another_number_of_ranks(two_ranks, tmp_path):
