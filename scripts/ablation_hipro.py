@@ -35,6 +35,10 @@ budget: the training-budget check on the bundled DEV split: every trained
     python scripts/ablation_hipro.py budget --optimizer adamw --full-batch --min-steps 800 --lr 0.01 --scale 2 --shots 1,4,16
 
 Results: benchmarks/results/ablation_hipro.md. One thread per run (--threads).
+bundled and budget run the protocol's draws in parallel under torchrun (one
+draw per process at a time; the results equal one process's):
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 scripts/ablation_hipro.py budget ...
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hipro_fast as hf  # noqa: E402
 from hipro_fast.app import pipeline  # noqa: E402
+from hipro_fast.distributed import group as dist_group  # noqa: E402
 from hipro_fast.data.synth import make_planted_problem, planted_clip  # noqa: E402
 from hipro_fast.data.tasks_spec import load_spec  # noqa: E402
 from hipro_fast.method.affinity import task_affinity  # noqa: E402
@@ -86,6 +91,12 @@ PLANTED_VARIANTS = {"uniform": {"path_weights": "uniform"},
                     "pw75prior": {"path_weights": "learned", "leaf_weight": 0.75, "parent_prior": 1.0},
                     "pw75sel": {"path_weights": "learned", "leaf_weight": 0.75, "select": "per-task"},
                     "pw90sel": {"path_weights": "learned", "leaf_weight": 0.9, "select": "per-task"}}
+
+
+def say(msg: str) -> None:
+    """print on rank 0 only (every rank of a torchrun launch holds every result)."""
+    if dist_group.is_main():
+        print(msg, flush=True)
 
 
 def dev_split(pool, seed: int = 1234):
@@ -122,13 +133,13 @@ def bundled(a) -> dict:
     t0 = time.time()
 
     def on_run(k, s, table):
-        print(f"  {k} shots, seed {s}: " + ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
-              + f"  tree {table.tree}  [{time.time() - t0:.0f} s]", flush=True)
+        say(f"  {k} shots, seed {s}: " + ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
+            + f"  tree {table.tree}  [{time.time() - t0:.0f} s]")
 
     res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=methods, n_ctx=4,
                        combine=combine, train_config=RECIPES[a.recipe],
                        affinity_config=affinity_config(a, a.affinity_steps), on_run=on_run, **options)
-    print(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
+    say(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
     return res.to_dict()
 
 
@@ -145,15 +156,15 @@ def budget(a) -> dict:
     t0 = time.time()
 
     def on_run(k, s, table):
-        print(f"  {k} shots, seed {s}: " + ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
-              + f"  [{time.time() - t0:.0f} s]", flush=True)
+        say(f"  {k} shots, seed {s}: " + ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
+            + f"  [{time.time() - t0:.0f} s]")
 
     batch = "full" if a.full_batch else 32
     config = TrainConfig(epochs=int(50 * a.scale), min_steps=int(a.min_steps * a.scale), lr=a.lr,
                          optimizer=a.optimizer, batch_size=batch, weight_decay=a.weight_decay)
     res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=a.methods, n_ctx=4,
                        train_config=config, affinity_config=affinity_config(a, 30), on_run=on_run)
-    print(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
+    say(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
     return {"lr": a.lr, "weight_decay": a.weight_decay, "scale": a.scale, "optimizer": a.optimizer, "batch_size": batch,
             "min_steps": int(a.min_steps * a.scale), **res.to_dict()}
 
@@ -216,9 +227,16 @@ def main() -> None:
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
-    result = {"bundled": bundled, "planted": planted, "budget": budget}[a.benchmark](a)
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+    if dist_group.launched():
+        if a.benchmark == "planted":
+            raise SystemExit("planted runs in one process (its problems are not protocol draws)")
+        dist_group.init_from_env("cpu")
+    try:
+        result = {"bundled": bundled, "planted": planted, "budget": budget}[a.benchmark](a)
+        if a.json and dist_group.is_main():
+            Path(a.json).write_text(json.dumps(result, indent=1))
+    finally:
+        dist_group.shutdown()
 
 
 if __name__ == "__main__":

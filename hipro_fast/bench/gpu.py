@@ -17,7 +17,7 @@ Reported per problem and precision: median ms per step, speedup of the forest
 over each baseline next to the ideal (FLOP) ratio (flex computes the forest's
 own FLOPs: ideal 1), achieved TFLOP/s, and the same-precision GEMM rate
 [T_forest, W] x [W, 4W] measured in the same run. Then the whole HiPro
-training step (forest + logits + loss + backward + SGD step; bench/train_step.py),
+training step (forest + logits + loss + backward + AdamW step; bench/train_step.py),
 eager and replayed as one CUDA graph. Correctness, checked before timing:
 forest vs naive features and context gradients, flex vs forest features.
 Last, the issue-10 targets, each with its measured value and whether it is met

@@ -3,9 +3,12 @@
 The step `method.training.fit` runs, on fixed inputs: the forest pass for
 every task's class features, per task the scaled cosine logits of a batch of
 L2-normalised image features (cached features, as in training) and their
-cross-entropy, the mean over tasks, backward to the context table, and an SGD
-step (momentum 0.9, weight decay 5e-4, the CoOp defaults). Under bf16 the
-forward runs under autocast, as `fit(amp="bf16")` does.
+cross-entropy, the mean over tasks, backward to the context table, and the
+optimiser step of TrainConfig's default (AdamW, lr 0.002, weight decay 5e-4;
+`optimizer="sgd"`: CoOp's SGD with momentum 0.9). Under bf16 the forward runs
+under autocast, as `fit(amp="bf16")` does. On CUDA AdamW is built with
+capturable=True (its step count lives on the device), which a CUDA graph of
+the step needs.
 
 Small problems are launch-bound (bench (a) packs ~1,000 tokens; a step is a
 few hundred kernel launches), so on CUDA the step is also captured into one
@@ -32,7 +35,7 @@ class TrainStep:
     """
 
     def __init__(self, runner, *, batch_size: int = 32, precision: str = "fp32", seed: int = 0,
-                 lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4):
+                 optimizer: str = "adamw", lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4):
         self.tower, self.forest = runner.tower, runner.forest
         device = runner.ctx.device
         self.device = device
@@ -45,7 +48,15 @@ class TrainStep:
             self.images[t] = F.normalize(torch.randn(batch_size, E, generator=gen), dim=-1).to(device)
             self.labels[t] = torch.randint(classes, (batch_size,), generator=gen).to(device)
         self.precision = precision
-        self.optimizer = torch.optim.SGD([self.ctx], lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW([self.ctx], lr=lr, weight_decay=weight_decay,
+                                               capturable=device.type == "cuda")
+            self.optimizer_name = "AdamW" + (" (capturable)" if device.type == "cuda" else "")
+        elif optimizer == "sgd":
+            self.optimizer = torch.optim.SGD([self.ctx], lr=lr, momentum=momentum, weight_decay=weight_decay)
+            self.optimizer_name = "SGD(momentum 0.9)"
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         self.graph = None
         self.static_loss = None
 
@@ -73,7 +84,7 @@ class TrainStep:
 
     def capture(self, warmup: int = 3) -> None:
         """Capture one step into a CUDA graph (after `warmup` eager steps on a side
-        stream, which also creates the momentum buffers the captured step updates)."""
+        stream, which also creates the optimiser state the captured step updates)."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         side = torch.cuda.Stream()
@@ -102,7 +113,7 @@ def time_train_step(runner, precision: str, repeats: int, warmup: int,
         step.eager_step()
     eager = [timed(step.eager_step, step.device)[0] for _ in range(repeats)]
     out = {"eager_ms": 1e3 * median(eager), "eager_times_ms": [1e3 * t for t in eager],
-           "batch_per_task": next(iter(step.images.values())).shape[0], "optimizer": "SGD(momentum 0.9)"}
+           "batch_per_task": next(iter(step.images.values())).shape[0], "optimizer": step.optimizer_name}
     loss = step.eager_step()
     out["loss_finite"] = bool(torch.isfinite(loss).item())
     if not graphs or step.device.type != "cuda":

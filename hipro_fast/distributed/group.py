@@ -33,9 +33,9 @@ import torch.distributed as dist
 
 from ..errors import DistributedError, PeerTimeoutError, RankMismatchError
 
-__all__ = ["DistInfo", "DEFAULT_TIMEOUT_S", "launched", "local_only", "backend_for", "init_from_env", "current", "rank",
-           "world_size", "is_main", "barrier", "all_reduce_sum", "all_gather_object", "unbounded_wait_group", "broadcast_object",
-           "check_agreement", "collective_failure", "shutdown"]
+__all__ = ["DistInfo", "DEFAULT_TIMEOUT_S", "launched", "local_only", "backend_for", "init_from_env", "current",
+           "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_gather_object", "unbounded_wait_group",
+           "broadcast_object", "check_agreement", "collective_failure", "shutdown"]
 
 DEFAULT_TIMEOUT_S = 300.0  # collectives and the rendezvous wait this long for a peer before failing
 _ARRIVED = "hipro/arrived/"
@@ -175,15 +175,15 @@ def init_from_env(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOU
     return _INFO
 
 
+_LOCAL_DEPTH = 0  # > 0 inside local_only()
+
+
 def current() -> DistInfo | None:
     """This process's DistInfo when it is in a group of more than one (and not
     inside :func:`local_only`), else None."""
     if _LOCAL_DEPTH == 0 and _INFO is not None and dist.is_initialized() and _INFO.world_size > 1:
         return _INFO
     return None
-
-
-_LOCAL_DEPTH = 0
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ def test_bench_gpu_harness_on_cpu(tmp_path):
     assert "flex" not in methods and "FlexAttention has no CPU backward" in res["flex_skipped"]
     ts = res["train_step"]
     assert ts["eager_ms"] > 0 and ts["loss_finite"] and ts["batch_per_task"] == 32
+    assert ts["optimizer"] == "AdamW"  # TrainConfig's default; capturable on CUDA
     assert ts["graph_skipped"] == "CUDA graphs need a CUDA device"
     status = {(t["target"], t["where"]): t["pass"] for t in out["targets"]}
     assert status[("fp32 features within 1e-5 of naive", "a fp32")] is True
