@@ -14,6 +14,7 @@ bundled: CoOp's protocol (hipro_fast.method.protocol) on the bundled benchmark
     python scripts/ablation_hipro.py bundled --variant pw75sel   # learned weights + per-task selection on val
     python scripts/ablation_hipro.py bundled --variant concat    # combine concat (two-level + hipro)
     python scripts/ablation_hipro.py bundled --variant pw90sel --recipe adamw-full --affinity-steps 30  # session 5
+    python scripts/ablation_hipro.py bundled --variant pw75priorsel --recipe default --affinity-steps 30  # session 6
 
 planted: hipro_fast.data.synth problems (3 groups x 2 tasks, 1/2/4 shots and
   conflicting labels at 2 shots, seeds 0-2), HiPro on the affinity tree with
@@ -79,18 +80,24 @@ BUNDLED_VARIANTS = {
                 {"path_weights": "learned", "leaf_weight": 0.75, "select": "per-task"}),
     "pw90sel": ("mean", ["coop-per-task", "two-level", "hipro"],
                 {"path_weights": "learned", "leaf_weight": 0.9, "select": "per-task"}),
+    "pw75priorsel": ("mean", ["coop-per-task", "two-level", "hipro"],
+                     {"path_weights": "learned", "leaf_weight": 0.75, "parent_prior": 1.0, "select": "per-task"}),
     "concat": ("concat", ["two-level", "hipro"], {}),
 }
 # bundled: the training recipe. coop-sgd: CoOp's SGD at batch 32 and >= 200 steps (the default
-# until session 5; every session-3/4 table); adamw-full: TrainConfig() since session 5.
+# until session 5; every session-3/4 table); adamw-full: the session-5 default (800 steps);
+# default: TrainConfig() (since session 6).
 RECIPES = {"coop-sgd": TrainConfig(optimizer="sgd", batch_size=32, epochs=50, min_steps=200, lr=0.002),
-           "adamw-full": TrainConfig(optimizer="adamw", batch_size="full", epochs=50, min_steps=800, lr=0.002)}
+           "adamw-full": TrainConfig(optimizer="adamw", batch_size="full", epochs=50, min_steps=800, lr=0.002),
+           "default": TrainConfig()}  # session 6: AdamW, full batch, 50 epochs, >= 1,600 steps
 PLANTED_VARIANTS = {"uniform": {"path_weights": "uniform"},
                     "pw75": {"path_weights": "learned", "leaf_weight": 0.75},
                     "pw90": {"path_weights": "learned", "leaf_weight": 0.9},
                     "pw75prior": {"path_weights": "learned", "leaf_weight": 0.75, "parent_prior": 1.0},
                     "pw75sel": {"path_weights": "learned", "leaf_weight": 0.75, "select": "per-task"},
-                    "pw90sel": {"path_weights": "learned", "leaf_weight": 0.9, "select": "per-task"}}
+                    "pw90sel": {"path_weights": "learned", "leaf_weight": 0.9, "select": "per-task"},
+                    "pw75priorsel": {"path_weights": "learned", "leaf_weight": 0.75, "parent_prior": 1.0,
+                                     "select": "per-task"}}
 
 
 def say(msg: str) -> None:
