@@ -46,7 +46,7 @@ from .distributed.launch import run_under_torchrun, without_option
 from .data.tasks_spec import load_spec
 from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
 from .engine.text_tower import ATTENTION_BACKENDS
-from .errors import CliError, DistributedError, ForestError, HiproError
+from .errors import CliError, ForestError, HiproError
 from .method import affinity as aff
 from .method import baselines, export
 from .method.grouping import LINKAGES
@@ -406,20 +406,13 @@ class _Ctx:
         resumable = command in ("train", "compare")
         if self.dist is None:
             return pipeline.Run(run_dir, command, cfg, mode=mode, resumable=resumable)
-        run, outcome = None, None
+        # nodes may differ in cwd: the other ranks get rank 0's resolved path
+        run = dist_group.main_first(lambda: pipeline.Run(run_dir, command, cfg, mode=mode, resumable=resumable),
+                                    "", describe=_one_line, shared=lambda r: (str(r.dir.resolve()), r.resumed))
         if self.main:
-            try:
-                run = pipeline.Run(run_dir, command, cfg, mode=mode, resumable=resumable)
-                outcome = (str(run.dir.resolve()), run.resumed, None)  # nodes may differ in cwd
-            except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
-                outcome = (None, False, _one_line(e))
-                dist_group.broadcast_object(outcome)
-                raise
-        directory, resumed, error = dist_group.broadcast_object(outcome)
-        if error is not None:
-            raise DistributedError(f"rank 0 stopped: {error}")
-        return run if run is not None else pipeline.Run(directory, command, cfg, mode=mode, writer=False,
-                                                        resumed=resumed)
+            return run
+        directory, resumed = run
+        return pipeline.Run(directory, command, cfg, mode=mode, writer=False, resumed=resumed)
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -830,15 +823,8 @@ def _export_bundled_once(ctx: _Ctx, data_dir: Path, seed: int) -> Path:
     filesystem), and the rest only find them complete."""
     if ctx.dist is None:
         return ctx.pipeline.export_bundled(data_dir, seed=seed)
-    if ctx.main:
-        try:
-            spec_path = ctx.pipeline.export_bundled(data_dir, seed=seed)
-        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
-            dist_group.broadcast_object(_one_line(e))
-            raise
-    error = dist_group.broadcast_object(None)
-    if error is not None:
-        raise DistributedError(f"rank 0 could not export the bundled benchmark: {error}")
+    spec_path = dist_group.main_first(lambda: ctx.pipeline.export_bundled(data_dir, seed=seed),
+                                      " exporting the bundled benchmark", describe=_one_line)
     if not ctx.main and ctx.dist.local_rank == 0:
         spec_path = ctx.pipeline.export_bundled(data_dir, seed=seed)
     dist_group.barrier()

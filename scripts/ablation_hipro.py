@@ -137,17 +137,24 @@ def load_bundled(work: str):
 def bundled(a) -> dict:
     combine, methods, options = BUNDLED_VARIANTS[a.variant]
     clip, feats, pool, dev = load_bundled(a.work)
+    res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=methods, n_ctx=4,
+                       combine=combine, train_config=RECIPES[a.recipe],
+                       affinity_config=affinity_config(a, a.affinity_steps), on_run=draw_printer(show_tree=True),
+                       **options)
+    say(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
+    return res.to_dict()
+
+
+def draw_printer(show_tree: bool = False):
+    """run_protocol's on_run: one line per draw (each method's mean, the tree, the elapsed time)."""
     t0 = time.time()
 
     def on_run(k, s, table):
+        tree = f"  tree {table.tree}" if show_tree else ""
         say(f"  {k} shots, seed {s}: " + ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
-            + f"  tree {table.tree}  [{time.time() - t0:.0f} s]")
+            + f"{tree}  [{time.time() - t0:.0f} s]")
 
-    res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=methods, n_ctx=4,
-                       combine=combine, train_config=RECIPES[a.recipe],
-                       affinity_config=affinity_config(a, a.affinity_steps), on_run=on_run, **options)
-    say(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
-    return res.to_dict()
+    return on_run
 
 
 def affinity_config(a, steps: int) -> dict:
@@ -160,17 +167,11 @@ def budget(a) -> dict:
     """Every trained method on the bundled dev split at lr a.lr and a.scale x
     (50 epochs, min_steps 200)."""
     clip, feats, pool, dev = load_bundled(a.work)
-    t0 = time.time()
-
-    def on_run(k, s, table):
-        say(f"  {k} shots, seed {s}: " + ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
-            + f"  [{time.time() - t0:.0f} s]")
-
     batch = "full" if a.full_batch else 32
     config = TrainConfig(epochs=int(50 * a.scale), min_steps=int(a.min_steps * a.scale), lr=a.lr,
                          optimizer=a.optimizer, batch_size=batch, weight_decay=a.weight_decay)
     res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=a.methods, n_ctx=4,
-                       train_config=config, affinity_config=affinity_config(a, 30), on_run=on_run)
+                       train_config=config, affinity_config=affinity_config(a, 30), on_run=draw_printer())
     say(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
     return {"lr": a.lr, "weight_decay": a.weight_decay, "scale": a.scale, "optimizer": a.optimizer, "batch_size": batch,
             "min_steps": int(a.min_steps * a.scale), **res.to_dict()}

@@ -358,21 +358,9 @@ class FeatureCache:
             warnings.warn(f"{status} feature cache {path}: {reason}; rebuilding", CacheWarning, stacklevel=2)
         out = self._encode_sharded(records, tag, views, seed) if sharded else self._encode(records, tag, views, seed)
         if sharded:
-            # Written once, atomically, by rank 0; its outcome is broadcast (which
-            # also orders every rank after the write), so a failed write stops the
-            # others with its reason instead of leaving them at a barrier until
-            # the process-group timeout.
-            error = None
-            if dist_group.is_main():
-                try:
-                    self._save(path, key, out, records, stats)
-                except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
-                    error = f"{type(e).__name__}: {e}"
-                    dist_group.broadcast_object(error)
-                    raise
-            error = dist_group.broadcast_object(error)
-            if error is not None:
-                raise DistributedError(f"rank 0 stopped writing the feature cache {path}: {error}")
+            # Written once, atomically, by rank 0; a failed write stops the others with its reason.
+            dist_group.main_first(lambda: self._save(path, key, out, records, stats),
+                                  f" writing the feature cache {path}", describe=lambda e: f"{type(e).__name__}: {e}")
         else:
             self._save(path, key, out, records, stats)
         out.status, out.file = status, path

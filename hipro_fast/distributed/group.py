@@ -26,7 +26,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ from ..errors import DistributedError, PeerTimeoutError, RankMismatchError
 
 __all__ = ["DistInfo", "DEFAULT_TIMEOUT_S", "launched", "local_only", "backend_for", "init_from_env", "current",
            "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_gather_object", "unbounded_wait_group",
-           "broadcast_object", "check_agreement", "collective_failure", "shutdown"]
+           "broadcast_object", "main_first", "check_agreement", "collective_failure", "shutdown"]
 
 DEFAULT_TIMEOUT_S = 300.0  # collectives and the rendezvous wait this long for a peer before failing
 _ARRIVED = "hipro/arrived/"
@@ -235,6 +235,30 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def main_first(fn: Callable[[], Any], what: str, describe: Callable[[BaseException], str] = str,
+               shared: Callable[[Any], Any] = lambda value: value) -> Any:
+    """Run fn() on rank 0 alone (in one process: just fn()), then tell every
+    rank how it went: rank 0 returns fn's value (re-raising its own error),
+    the others return shared(value) broadcast from rank 0, or raise
+    DistributedError("rank 0 stopped{what}: <describe(error)>") instead of
+    waiting at a later collective until the timeout. The broadcast also orders
+    every rank after rank 0's work (a write, say)."""
+    if current() is None:
+        return fn()
+    if is_main():
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+            broadcast_object((None, describe(e)))
+            raise
+        broadcast_object((shared(value), None))
+        return value
+    value, error = broadcast_object(None)
+    if error is not None:
+        raise DistributedError(f"rank 0 stopped{what}: {error}")
+    return value
 
 
 def all_gather_object(obj: Any, group: Any = None) -> list[Any]:

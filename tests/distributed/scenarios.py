@@ -6,6 +6,7 @@ Each scenario returns {name: tensor}; the worker saves rank 0's (and checks
 that every rank ended with the same contexts)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -70,6 +71,24 @@ def scenario_baselines() -> dict[str, torch.Tensor]:
             for m, r in table.to_dict()["methods"].items()}
 
 
+@contextlib.contextmanager
+def compare_preceded_by(before):
+    """protocol.compare with before(kw) called first (to record, fail or stall a draw)."""
+    from hipro_fast.method import protocol
+
+    real_compare = protocol.compare
+
+    def wrapped(*args, **kw):
+        before(kw)
+        return real_compare(*args, **kw)
+
+    protocol.compare = wrapped
+    try:
+        yield
+    finally:
+        protocol.compare = real_compare
+
+
 def scenario_protocol(ckdir: str | None = None, parallel: str = "draws") -> dict[str, torch.Tensor]:
     """run_protocol over 2 shot counts x 3 seeds (6 draws: with parallel="draws",
     3 rounds on 2 ranks), per-task selection on; the on_run order and which
@@ -85,21 +104,16 @@ def scenario_protocol(ckdir: str | None = None, parallel: str = "draws") -> dict
     cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=4, lr=0.05, checkpoint_dir=ckdir)
     seen: list[tuple[int, int]] = []
     trained: list[tuple[int, int, int]] = []  # (rank, seed, 1 if it ran as a world of one)
-    real_compare = protocol.compare
 
-    def spy(*args, **kw):
+    def record(kw):
         rank = dist.get_rank() if dist.is_initialized() else 0
         trained.append((rank, kw["seeds"][0], int(group.current() is None)))
-        return real_compare(*args, **kw)
 
-    protocol.compare = spy
-    try:
+    with compare_preceded_by(record):
         res = protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1, 2),
                                     seeds=(0, 1, 2), methods=["coop-per-task", "two-level", "hipro"], tree=TREE,
                                     n_ctx=2, train_config=cfg, on_run=lambda k, s, t: seen.append((k, s)),
                                     parallel=parallel)
-    finally:
-        protocol.compare = real_compare
     everyone = [trained]
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
@@ -121,24 +135,20 @@ def protocol_failure() -> str:
     from tests.helpers_training import few_shot_pool
 
     clip, tok = tiny_clip()
-    real_compare = protocol.compare
 
-    def failing(*args, **kw):
+    def fail_seed_1(kw):
         if kw["seeds"][0] == 1:
             raise RuntimeError("boom")
-        return real_compare(*args, **kw)
 
-    protocol.compare = failing
     try:
-        protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1,),
-                              seeds=(0, 1), methods=["coop-per-task"], n_ctx=2,
-                              train_config=TrainConfig(epochs=1, steps_per_epoch=1, batch_size=4))
+        with compare_preceded_by(fail_seed_1):
+            protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1,),
+                                  seeds=(0, 1), methods=["coop-per-task"], n_ctx=2,
+                                  train_config=TrainConfig(epochs=1, steps_per_epoch=1, batch_size=4))
     except DistributedError as e:
         return f"told: {e}"
     except RuntimeError as e:
         return f"own: {e}"
-    finally:
-        protocol.compare = real_compare
     return "no error"
 
 
@@ -229,18 +239,16 @@ def slow_draw(argv: list[str]) -> None:
     torch.set_num_threads(1)
     info = group.init_from_env("cpu", timeout_s=SLOW_DRAW_TIMEOUT_S)
     assert info is not None and info.world_size == 2
-    real_compare = protocol.compare
 
-    def slow(*args, **kw):
+    def stall_seed_1(kw):
         if kw["seeds"][0] == 1:
             time.sleep(SLOW_DRAW_SLEEP_S)
-        return real_compare(*args, **kw)
 
-    protocol.compare = slow
     clip, tok = tiny_clip()
-    res = protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1,),
-                                seeds=(0, 1), methods=["coop-per-task"], n_ctx=2,
-                                train_config=TrainConfig(epochs=1, steps_per_epoch=1, batch_size=4))
+    with compare_preceded_by(stall_seed_1):
+        res = protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1,),
+                                    seeds=(0, 1), methods=["coop-per-task"], n_ctx=2,
+                                    train_config=TrainConfig(epochs=1, steps_per_epoch=1, batch_size=4))
     if info.rank == 0:
         save_file({f"{s}": torch.tensor([t["coop-per-task"].mean]) for (_, s), t in res.runs.items()}, argv[0])
     group.shutdown()
