@@ -64,7 +64,7 @@ from hipro_fast.distributed import group as dist_group  # noqa: E402
 from hipro_fast.data.synth import make_planted_problem, planted_clip  # noqa: E402
 from hipro_fast.data.tasks_spec import load_spec  # noqa: E402
 from hipro_fast.method.affinity import task_affinity  # noqa: E402
-from hipro_fast.method.baselines import compare  # noqa: E402
+from hipro_fast.method.baselines import SELECT_CRITERIA, choose_per_task, compare  # noqa: E402
 from hipro_fast.method.protocol import run_protocol  # noqa: E402
 from hipro_fast.method.training import TrainConfig  # noqa: E402
 from hipro_fast.method.tree import tree_from_affinity  # noqa: E402
@@ -134,6 +134,37 @@ def load_bundled(work: str):
     return clip, feats, pool, dev
 
 
+def selection_means(table) -> dict[str, list[float]]:
+    """criterion -> per seed, the mean task accuracy that per-task selection
+    under that criterion gives, recomputed from the candidates' recorded
+    validation and test scores of one compare() table (paired: same runs)."""
+    out = {}
+    for by in SELECT_CRITERIA:
+        out[by] = []
+        for cands in table["hipro"].candidates:
+            chosen = choose_per_task(cands, by)
+            out[by].append(float(np.mean([cands[m]["test"][t] for t, m in chosen.items()])))
+    return out
+
+
+def selection_report(res) -> dict:
+    """Every selection criterion, per shot count: mean over seeds and the paired
+    difference to CoOp per task (all from the same trained runs)."""
+    report = {}
+    for k in res.shots:
+        tables = [res.runs[(k, s)] for s in res.seeds]
+        per = [selection_means(t) for t in tables]
+        coop = [t["coop-per-task"].mean for t in tables]
+        report[str(k)] = {by: {"seed_means": [p[by][0] for p in per],
+                               "minus_coop_per_task": [p[by][0] - c for p, c in zip(per, coop)]}
+                          for by in SELECT_CRITERIA}
+        say(f"{k} shots: " + ", ".join(
+            f"{by} {100 * np.mean(r['seed_means']):.2f} ({100 * np.mean(r['minus_coop_per_task']):+.2f} "
+            f"vs CoOp per task, {sum(d > 0 for d in r['minus_coop_per_task'])}/{len(tables)} wins)"
+            for by, r in report[str(k)].items()))
+    return report
+
+
 def bundled(a) -> dict:
     combine, methods, options = BUNDLED_VARIANTS[a.variant]
     clip, feats, pool, dev = load_bundled(a.work)
@@ -142,7 +173,10 @@ def bundled(a) -> dict:
                        affinity_config=affinity_config(a, a.affinity_steps), on_run=draw_printer(show_tree=True),
                        **options)
     say(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
-    return res.to_dict()
+    out = res.to_dict()
+    if options.get("select"):
+        out["select_criteria"] = selection_report(res)
+    return out
 
 
 def draw_printer(show_tree: bool = False):
@@ -198,9 +232,12 @@ def planted(a) -> dict:
                 t = compare(clip, p.tasks, p.train, p.test, val=p.val, methods=methods, seeds=(seed,), tree=tree,
                             n_ctx=4, combine="mean", train_config=train, **options)
                 row[name] = t["hipro"].mean
+                if options.get("select"):  # the other selection criteria, from the same runs
+                    for by, (acc,) in selection_means(t).items():
+                        row[f"{name}[{by}]"] = acc
             out[f"conflict={conflict} shots={shots} seed={seed}"] = row
             print(conflict, shots, seed, {k: round(100 * v, 1) for k, v in row.items()}, flush=True)
-    for k in ["coop-per-task", "coop-shared", *a.planted_variants]:
+    for k in next(iter(out.values())):
         print(f"{k}: {100 * np.mean([r[k] for r in out.values()]):.2f}")
     return out
 

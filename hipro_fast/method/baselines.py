@@ -39,6 +39,34 @@ DEFAULT_HIPRO_OPTIONS = {"path_weights": "learned", "leaf_weight": 0.75}
 DEFAULT_PROTOCOL_SELECT = "per-task"
 SELECT_MODES = (None, "per-task")
 SELECT_CANDIDATES = ("hipro", "two-level", "coop-per-task")  # preference order on validation ties
+# What per-task selection compares on the validation split: its accuracy (ties,
+# frequent with one validation image per class, go to SELECT_CANDIDATES' order),
+# accuracy with ties broken by the lower cross-entropy, or cross-entropy alone.
+SELECT_CRITERIA = ("accuracy", "accuracy-then-loss", "loss")
+DEFAULT_SELECT_BY = "accuracy"
+
+
+def choose_per_task(scores: Mapping[str, Mapping[str, Mapping[str, float]]],
+                    select_by: str = DEFAULT_SELECT_BY) -> dict[str, str]:
+    """task -> the chosen candidate.
+
+    scores: candidate -> {"val": task -> accuracy, "val_loss": task -> mean
+        cross-entropy} on the validation split, candidates in preference order
+        (the earlier one wins a tie). A task missing from the validation split
+        keeps the first candidate.
+    """
+    if select_by not in SELECT_CRITERIA:
+        raise ValueError(f"select_by must be one of {SELECT_CRITERIA}, got {select_by!r}")
+    names = list(scores)
+    tasks = list(dict.fromkeys(t for c in names for t in scores[c]["val"]))
+
+    def key(task: str, i: int) -> tuple[float, ...]:
+        s = scores[names[i]]
+        acc, loss = s["val"].get(task, -1.0), s["val_loss"].get(task, math.inf)
+        by = {"accuracy": (acc,), "accuracy-then-loss": (acc, -loss), "loss": (-loss,)}[select_by]
+        return (*by, -i)
+
+    return {t: names[max(range(len(names)), key=lambda i: key(t, i))] for t in tasks}
 ZERO_SHOT_PREFIX = "a photo of a"  # the template "a photo of a {}."
 
 
@@ -113,6 +141,8 @@ class MethodResult:
     seed_means: list[float] = field(default_factory=list)
     best_epochs: list[int] = field(default_factory=list)
     choices: list[dict[str, str]] = field(default_factory=list)  # per seed, task -> candidate (select)
+    # per seed, candidate -> {"val", "val_loss", "test": task -> score}: what selection chose from
+    candidates: list[dict[str, dict[str, dict[str, float]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -129,7 +159,8 @@ class ComparisonTable:
             "tasks": list(self.tasks), "seeds": list(self.seeds), "tree": self.tree,
             "methods": {m: {"task_acc": r.task_acc, "mean": r.mean, "std": r.std, "params": r.params,
                             "train_seconds": r.train_seconds, "seed_means": r.seed_means,
-                            "best_epochs": r.best_epochs, "choices": r.choices}
+                            "best_epochs": r.best_epochs, "choices": r.choices,
+                            **({"candidates": r.candidates} if r.candidates else {})}
                         for m, r in self.results.items()},
         }
 
@@ -155,7 +186,8 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
             val: Data | None = None, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (1, 2, 3),
             tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
             train_config: TrainConfig | None = None, affinity_config: Mapping[str, Any] | None = None,
-            tokenizer=None, select: str | None = None, **hipro_options: Any) -> ComparisonTable:
+            tokenizer=None, select: str | None = None, select_by: str = DEFAULT_SELECT_BY,
+            **hipro_options: Any) -> ComparisonTable:
     """Train and test every method on the same data, over several seeds.
 
     Each (method, seed) gets a fresh HiProModel (context init seeded by the seed)
@@ -167,8 +199,9 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         among them applies to every method.
     select: None, or "per-task": "hipro" takes for each task the model among
         SELECT_CANDIDATES (its own tree, the flat two-level tree, CoOp per task)
-        with the best validation accuracy on that task (ties: that order); the
+        with the best validation score on that task (see choose_per_task); the
         candidates missing from `methods` are trained too. Needs `val`.
+    select_by: the validation score of select, one of SELECT_CRITERIA.
     """
     methods = list(methods)
     for m in methods:
@@ -186,6 +219,8 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
     if select == "per-task" and val is None:
         raise ValueError("select='per-task' chooses on the validation split: pass val=")
+    if select_by not in SELECT_CRITERIA:
+        raise ValueError(f"select_by must be one of {SELECT_CRITERIA}, got {select_by!r}")
     # Every (method, seed) is trained once; "hipro" with select="per-task" then
     # takes, task by task, the candidate with the best validation accuracy, so
     # the hierarchy is used only where the validation data says it helps.
@@ -209,21 +244,23 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
             run["test"] = evaluate(model, test, batch_size=base.eval_batch_size)
             if select:
                 run["val"] = evaluate(model, val, batch_size=base.eval_batch_size)
+                run["val_loss"] = evaluate(model, val, batch_size=base.eval_batch_size, metric="loss")
             runs[(method, seed)] = run
     results: dict[str, MethodResult] = {}
     for method in methods:
         run_seeds = list(seeds)[:1] if method == "zero-shot" else list(seeds)
-        accs, seconds, best_epochs, params, choices = [], [], [], 0, []
+        accs, seconds, best_epochs, params, choices, candidates = [], [], [], 0, [], []
         for seed in run_seeds:
             run = runs[(method, seed)]
             if method == "hipro" and select == "per-task":
-                cands = [runs[(m, seed)] for m in SELECT_CANDIDATES]
-                chosen = {t: max(range(len(cands)), key=lambda i: (cands[i]["val"].get(t, -1.0), -i))
-                          for t in run["test"]}
-                accs.append({t: cands[i]["test"][t] for t, i in chosen.items()})
-                choices.append({t: SELECT_CANDIDATES[i] for t, i in chosen.items()})
-                params = sum(c["params"] for c in cands)
-                seconds.append(sum(c["seconds"] for c in cands))
+                cands = {m: {k: runs[(m, seed)][k] for k in ("val", "val_loss", "test")} for m in SELECT_CANDIDATES}
+                chosen = choose_per_task(cands, select_by)
+                chosen = {t: chosen.get(t, SELECT_CANDIDATES[0]) for t in run["test"]}
+                accs.append({t: cands[m]["test"][t] for t, m in chosen.items()})
+                choices.append(chosen)
+                candidates.append(cands)
+                params = sum(runs[(m, seed)]["params"] for m in SELECT_CANDIDATES)
+                seconds.append(sum(runs[(m, seed)]["seconds"] for m in SELECT_CANDIDATES))
             else:
                 accs.append(run["test"])
                 params = run["params"]
@@ -237,7 +274,7 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         std = math.sqrt(sum((s - mean) ** 2 for s in seed_means) / (len(seed_means) - 1)) \
             if len(seed_means) > 1 else 0.0
         results[method] = MethodResult(method, task_acc, mean, std, params,
-                                       sum(seconds) / len(seconds), seed_means, best_epochs, choices)
+                                       sum(seconds) / len(seconds), seed_means, best_epochs, choices, candidates)
     table_tasks = [t for t in names if t in test]
     return ComparisonTable(table_tasks, list(seeds), results,
                            hipro_tree.to_nested() if hipro_tree is not None else None)

@@ -239,35 +239,45 @@ def _shard_for_group(model: HiProModel) -> tuple[int, int]:
     return rank, world
 
 
+EVAL_METRICS = ("accuracy", "loss")
+
+
 @torch.no_grad()
-def _accuracies(model: HiProModel, data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                batch_size: int) -> dict[str, float]:
-    """Per-task accuracy; with several ranks each scores its contiguous share of
-    every task's features and the correct counts are summed over the ranks."""
+def _task_scores(model: HiProModel, data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                 batch_size: int, metric: str) -> dict[str, float]:
+    """Per-task accuracy or mean cross-entropy; with several ranks each scores its
+    contiguous share of every task's features and the sums are reduced over the ranks."""
     device = _model_device(model)
     rank, world = _shard_for_group(model)
     feats = model.text_features()
-    counts = []
+    sums = []
     for task, (x, y) in data.items():
         start, end = local_range(x.shape[0], rank, world)
-        correct = 0
+        total = 0.0
         for i in range(start, end, batch_size):
             j = min(i + batch_size, end)
-            pred = model.logits(task, x[i:j].to(device), feats).argmax(dim=1)
-            correct += int((pred.cpu() == y[i:j].cpu()).sum())
-        counts.append(correct)
-    total = dist_group.all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
-    return {task: int(c) / x.shape[0] for (task, (x, _)), c in zip(data.items(), total)}
+            logits = model.logits(task, x[i:j].to(device), feats)
+            labels = y[i:j].to(logits.device)
+            if metric == "accuracy":
+                total += int((logits.argmax(dim=1) == labels).sum())
+            else:
+                total += float(task_loss(logits, labels, reduction="sum"))
+        sums.append(total)
+    reduced = dist_group.all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=device)).tolist()
+    return {task: s / x.shape[0] for (task, (x, _)), s in zip(data.items(), reduced)}
 
 
-def evaluate(model: HiProModel, data: Data, batch_size: int = 4096) -> dict[str, float]:
-    """Per-task top-1 accuracy (a fraction in [0, 1]) of `data` (task -> (features,
-    labels), any subset of the model's tasks). Text features are computed once."""
+def evaluate(model: HiProModel, data: Data, batch_size: int = 4096, metric: str = "accuracy") -> dict[str, float]:
+    """Per-task score of `data` (task -> (features, labels), any subset of the
+    model's tasks): top-1 accuracy (a fraction in [0, 1]) or, with metric="loss",
+    the mean cross-entropy over the task's own classes. Text features are computed once."""
+    if metric not in EVAL_METRICS:
+        raise ValueError(f"metric must be one of {EVAL_METRICS}, got {metric!r}")
     checked = validate_data(model, data, role="eval", require_all=False)
     was_training = model.training
     model.eval()
     try:
-        return _accuracies(model, checked, batch_size)
+        return _task_scores(model, checked, batch_size, metric)
     finally:
         model.train(was_training)
 
@@ -449,7 +459,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
         new_best = False
         if val_data is not None and ((epoch + 1) % config.eval_every == 0 or last):
             model.eval()
-            acc = _accuracies(model, val_data, config.eval_batch_size)
+            acc = _task_scores(model, val_data, config.eval_batch_size, "accuracy")
             model.train()
             mean = float(sum(acc.values()) / len(acc))
             record["val_acc"], record["val_mean"] = acc, mean

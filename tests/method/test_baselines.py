@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hipro_fast.method.baselines import METHODS, ComparisonTable, build_method, compare
+from hipro_fast.method.baselines import (METHODS, SELECT_CRITERIA, ComparisonTable, build_method, choose_per_task,
+                                         compare)
 from hipro_fast.method.training import TrainConfig, evaluate, fit
 from tests.helpers_training import N_CTX, TASKS, TREE, tiny_clip, toy_data
 
@@ -174,3 +175,43 @@ def test_select_per_task_takes_each_tasks_best_candidate_on_validation():
         compare(clip, TASKS, train, test, methods=["hipro"], tree=TREE, tokenizer=tok, select="per-task")
     with pytest.raises(ValueError, match="select must be one of"):
         compare(clip, TASKS, train, test, val=val, methods=["hipro"], tree=TREE, tokenizer=tok, select="best")
+    # what selection chose from is recorded: every candidate's validation accuracy and loss and test accuracy
+    (recorded,) = table["hipro"].candidates
+    for method, (val_acc, test_acc) in candidates.items():
+        assert recorded[method]["val"] == pytest.approx(val_acc)
+        assert recorded[method]["test"] == pytest.approx(test_acc)
+        assert set(recorded[method]["val_loss"]) == set(TASKS)
+    assert choose_per_task(recorded, "accuracy") == choice
+
+
+def test_choose_per_task_criteria_and_ties():
+    """accuracy: ties go to the earlier candidate; accuracy-then-loss: ties go to
+    the lower validation loss; loss: the lower loss whatever the accuracy."""
+    scores = {"hipro": {"val": {"a": 0.5, "b": 0.9}, "val_loss": {"a": 1.2, "b": 0.9}},
+              "two-level": {"val": {"a": 0.5, "b": 0.8}, "val_loss": {"a": 0.7, "b": 0.4}},
+              "coop-per-task": {"val": {"a": 0.4, "b": 0.9}, "val_loss": {"a": 0.6, "b": 0.8}}}
+    assert choose_per_task(scores, "accuracy") == {"a": "hipro", "b": "hipro"}
+    assert choose_per_task(scores, "accuracy-then-loss") == {"a": "two-level", "b": "coop-per-task"}
+    assert choose_per_task(scores, "loss") == {"a": "coop-per-task", "b": "two-level"}
+    equal = {m: {"val": {"a": 0.5}, "val_loss": {"a": 1.0}} for m in scores}
+    assert all(choose_per_task(equal, by) == {"a": "hipro"} for by in SELECT_CRITERIA)
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        choose_per_task(scores, "f1")
+
+
+def test_compare_select_by_loss_takes_the_lowest_validation_loss():
+    """select_by="loss" in compare(): each task's candidate is the one whose
+    recorded validation loss is lowest, and its test accuracy is reported."""
+    clip, tok = tiny_clip()
+    train, val, test = toy_data(seed=1), toy_data(seed=2), toy_data(seed=3)
+    cfg = TrainConfig(epochs=2, batch_size=4, steps_per_epoch=2, lr=0.05, min_steps=0)
+    table = compare(clip, TASKS, train, test, val=val, methods=["hipro"], seeds=(4,), tree=TREE,
+                    n_ctx=N_CTX, train_config=cfg, tokenizer=tok, select="per-task", select_by="loss")
+    (choice,), (recorded,) = table["hipro"].choices, table["hipro"].candidates
+    for task in TASKS:
+        losses = {m: recorded[m]["val_loss"][task] for m in recorded}
+        assert recorded[choice[task]]["val_loss"][task] == min(losses.values())
+        assert table["hipro"].task_acc[task] == recorded[choice[task]]["test"][task]
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        compare(clip, TASKS, train, test, val=val, methods=["hipro"], tree=TREE, tokenizer=tok,
+                select="per-task", select_by="f1")

@@ -121,12 +121,13 @@ def test_best_epoch_selection(data, monkeypatch):
     script = iter([0.5, 0.7, 0.7, 0.6])
     states = []
 
-    def fake_acc(model, data, batch_size):
+    def fake_acc(model, data, batch_size, metric):
+        assert metric == "accuracy"
         states.append(model.context_state())
         v = next(script)
         return {t: v for t in data}
 
-    monkeypatch.setattr(training, "_accuracies", fake_acc)
+    monkeypatch.setattr(training, "_task_scores", fake_acc)
     model = make_model()
     res = fit(model, train, val, epochs=4, batch_size=4, steps_per_epoch=1, lr=0.05)
     assert res.best_epoch == 1 and res.best_val == pytest.approx(0.7)
@@ -290,6 +291,21 @@ def test_evaluate_matches_manual_and_subset(data):
         x, y = val["animals"]
         pred = model.logits("animals", x).argmax(1)
     assert acc["animals"] == pytest.approx((pred == y).float().mean().item())
+
+
+def test_evaluate_loss_is_the_mean_cross_entropy_over_batches(data):
+    """metric="loss": the task's mean cross-entropy, whatever the batch split
+    (the sums of 5-sample batches over the task's size)."""
+    _, val = data
+    model = make_model()
+    loss = evaluate(model, val, batch_size=5, metric="loss")
+    assert set(loss) == set(TASKS)
+    with torch.no_grad():
+        for task, (x, y) in val.items():
+            expected = torch.nn.functional.cross_entropy(model.logits(task, x), y).item()
+            assert loss[task] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        evaluate(model, val, metric="top5")
 
 
 @pytest.mark.gpu
