@@ -51,7 +51,7 @@ from .method import affinity as aff
 from .method import baselines, export
 from .method.grouping import LINKAGES
 from .method.training import FULL_BATCH, OPTIMIZERS, TrainConfig
-from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT
+from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, SELECT_CRITERIA
 from .method.model import PATH_WEIGHTS, validate_tasks
 from .method.protocol import PARALLEL_MODES
 
@@ -335,9 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_method_list, default=None,
                    help="comma list (default: hipro_fast.method.baselines defaults)")
     p.add_argument("--seeds", type=_seed_list, default="0", help="comma list of seeds, e.g. 0,1,2")
-    p.add_argument("--select", choices=["none", "per-task"], default=DEFAULT_PROTOCOL_SELECT,
-                   help="per-task (default): HiPro takes, task by task, the best of its tree, the flat two-level "
-                        "tree and CoOp per task on the validation split; none: its tree alone")
+    _select_opts(p, help_select="per-task (default): HiPro takes, task by task, the best of its tree, the flat "
+                                "two-level tree and CoOp per task on the validation split; none: its tree alone")
     _parallel_opt(p)
 
     p = sub.add_parser("export", help="export a checkpoint as a standalone classifier")
@@ -358,11 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to export the bundled images (default: <cache-dir>/bundled-seed<seed>)")
     p.add_argument("--methods", type=_method_list, default=None, help="comma list of baseline methods")
     p.add_argument("--seeds", type=_seed_list, default=None, help="comma list of seeds (default: 0,1,2)")
-    p.add_argument("--select", choices=["none", "per-task"], default=DEFAULT_PROTOCOL_SELECT,
-                   help="as for compare")
+    _select_opts(p, help_select="as for compare")
     _parallel_opt(p)
     p.set_defaults(shots=DEMO_DEFAULTS["shots"])
     return ap
+
+
+def _select_opts(p: argparse.ArgumentParser, help_select: str) -> None:
+    p.add_argument("--select", choices=["none", "per-task"], default=DEFAULT_PROTOCOL_SELECT, help=help_select)
+    p.add_argument("--select-by", choices=list(SELECT_CRITERIA), default=DEFAULT_SELECT_BY,
+                   help=f"what --select per-task compares on the validation split (default {DEFAULT_SELECT_BY}): "
+                        "accuracy (ties: HiPro, then two-level), accuracy with ties broken by the lower "
+                        "cross-entropy, or cross-entropy alone")
+
+
+def _select_options(a: argparse.Namespace) -> dict[str, Any]:
+    """compare()'s select and select_by from --select / --select-by."""
+    select = getattr(a, "select", "none")
+    return {"select": None if select == "none" else select,
+            "select_by": getattr(a, "select_by", DEFAULT_SELECT_BY)}
 
 
 # ------------------------------------------------------------------ helpers
@@ -741,12 +754,11 @@ def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
         ctx.run.log("draw", shots=k, seed=seed, tree=table.tree, results=ctx.pipeline.table_results(table),
                     choices={m: r.choices for m, r in table.results.items() if r.choices})
 
-    select = None if getattr(a, "select", "none") == "none" else a.select
     result = ctx.pipeline.run_shots_protocol(
         ctx.clip(), feats, shots=shots, seeds=seeds, methods=methods, tree=tree, n_ctx=a.n_ctx, combine=a.combine,
         train_overrides=ctx.train_overrides(), affinity_config=_affinity_config(a) if tree is None else None,
         progress=False, checkpoint_dir=_ckpt_path(ctx), resume=ctx.run.resumed,
-        hipro_options={**ctx.hipro_options(), "select": select}, on_run=on_run, parallel=a.parallel)
+        hipro_options={**ctx.hipro_options(), **_select_options(a)}, on_run=on_run, parallel=a.parallel)
     summary = result.summary_markdown()
     per_shot = "\n\n".join(f"### {k} shot{'s' if k > 1 else ''}\n\n" + result.shot_table_markdown(k)
                             for k in result.shots)
@@ -779,9 +791,8 @@ def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
     table = ctx.pipeline.run_compare(ctx.clip(), feats, methods=methods, seeds=seeds, tree=tree, n_ctx=a.n_ctx,
                                      combine=a.combine, train_overrides=ctx.train_overrides(),
                                      progress=ctx.progress, checkpoint_dir=_ckpt_path(ctx),
-                                     resume=ctx.run.resumed, hipro_options={
-                                         **ctx.hipro_options(),
-                                         "select": None if getattr(a, "select", "none") == "none" else a.select})
+                                     resume=ctx.run.resumed,
+                                     hipro_options={**ctx.hipro_options(), **_select_options(a)})
     md = table.to_markdown()
     ctx.run.write_text("comparison.md", md + "\n")
     results = ctx.pipeline.table_results(table)

@@ -22,7 +22,7 @@ import torch
 from ..data.feature_cache import stack_views
 from ..distributed import group as dist_group
 from ..errors import DistributedError, FewShotError
-from .baselines import DEFAULT_PROTOCOL_SELECT, METHODS, ComparisonTable, compare
+from .baselines import DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, METHODS, ComparisonTable, compare
 from .task_data import validate_task_data
 from .training import Data, TrainConfig
 
@@ -143,6 +143,7 @@ class ProtocolResult:
     methods: list[str]
     runs: dict[tuple[int, int], ComparisonTable] = field(default_factory=dict)
     select: str | None = None  # how "hipro" was chosen (see compare's select)
+    select_by: str = DEFAULT_SELECT_BY  # on which validation score (see compare's select_by)
 
     def seed_means(self, method: str, shots: int) -> list[float]:
         """Mean task accuracy (fraction) of each seed."""
@@ -172,7 +173,8 @@ class ProtocolResult:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tasks": self.tasks, "shots": self.shots, "seeds": self.seeds,
-                               "methods": self.methods, "select": self.select, "results": {}}
+                               "methods": self.methods, "select": self.select,
+                               "select_by": self.select_by, "results": {}}
         for k in self.shots:
             out["results"][str(k)] = {
                 m: {"mean": self.mean_std(m, k)[0], "std": self.mean_std(m, k)[1],
@@ -202,7 +204,7 @@ class ProtocolResult:
         lines.append(f"\ntest accuracy in %, mean over tasks, then over {seeds}; each seed draws its own "
                      "few-shot split; best epoch and tree chosen on the few-shot validation split"
                      + ("; hipro takes, task by task, the best of its tree, the flat two-level tree and CoOp "
-                        "per task on that split" if self.select == "per-task" else ""))
+                        f"per task on that split (by {self.select_by})" if self.select == "per-task" else ""))
         return "\n".join(lines)
 
     def shot_table_markdown(self, shots: int) -> str:
@@ -263,7 +265,8 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
     # largest K fails now, not after an hour of training the smaller ones.
     draws = {(k, s): draw_few_shot(tasks, pool, k, s, pool_views=pool_views, val_pool=val_pool)
              for k in shots for s in seeds}
-    result = ProtocolResult(list(tasks), shots, seeds, list(methods), select=method_options["select"])
+    result = ProtocolResult(list(tasks), shots, seeds, list(methods), select=method_options["select"],
+                            select_by=method_options.get("select_by", DEFAULT_SELECT_BY))
     kw = dict(methods=methods, tree=tree, n_ctx=n_ctx, train_config=train_config,
               affinity_config=affinity_config, tokenizer=tokenizer, **method_options)
     if combine is not None:
