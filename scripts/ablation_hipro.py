@@ -260,7 +260,7 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=5e-4, help="budget: weight decay")
     ap.add_argument("--scale", type=float, default=1.0, help="budget: multiple of the budget (epochs 50, --min-steps)")
     ap.add_argument("--min-steps", type=int, default=200, help="budget: optimiser steps at scale 1")
-    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="budget: the optimiser")
+    ap.add_argument("--optimizer", choices=["sgd", "adamw", "lbfgs"], default="sgd", help="budget: the optimiser")
     ap.add_argument("--full-batch", action="store_true", help="budget: every training sample in every step")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=["coop-per-task", "coop-shared", "two-level", "hipro"],
                     help="budget: the methods run")

@@ -47,16 +47,57 @@ TRAJECTORY_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "epochs", "m
 
 # the per-parameter state each supported optimiser keeps (TrainConfig.optimizer; AdamW without amsgrad)
 _STATE_KEYS = {torch.optim.SGD: {"momentum_buffer"}, torch.optim.AdamW: {"step", "exp_avg", "exp_avg_sq"}}
+# L-BFGS keeps one global state, under its first parameter; which keys exist depends on how far it got.
+# Python numbers are kept as float64 scalars (exact for its step length, loss and counters), the
+# curvature pairs as stacked [m, P] tensors; "al" is scratch space rewritten every iteration.
+_LBFGS_NUMBERS = ("func_evals", "n_iter", "t", "prev_loss")
+_LBFGS_INTS = ("func_evals", "n_iter")
+_LBFGS_TENSORS = ("d", "prev_flat_grad", "H_diag")
+_LBFGS_LISTS = ("old_dirs", "old_stps", "ro")
+_LBFGS_KEYS = set(_LBFGS_NUMBERS + _LBFGS_TENSORS + _LBFGS_LISTS)
+
+
+def _lbfgs_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    size = int(state["d"].numel()) if "d" in state else 0  # the flat parameter count
+    for key, value in state.items():
+        if key in _LBFGS_NUMBERS:
+            out[key] = torch.tensor(float(value), dtype=torch.float64)
+        elif key in _LBFGS_TENSORS:  # H_diag is the int 1 until the first curvature pair
+            out[key] = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+        elif key in _LBFGS_LISTS:
+            shape = (0,) if key == "ro" else (0, size)
+            out[key] = torch.stack([torch.as_tensor(v).detach() for v in value]).float() if value \
+                else torch.zeros(shape)
+    return out
+
+
+def _lbfgs_state(tensors: Mapping[str, torch.Tensor], p: torch.Tensor) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for key, value in tensors.items():
+        if key in _LBFGS_INTS:
+            state[key] = int(value.item())
+        elif key in _LBFGS_NUMBERS:
+            state[key] = float(value.item())
+        elif key in _LBFGS_TENSORS:
+            state[key] = value.to(p.device, torch.float32).clone()
+        else:
+            state[key] = [row.to(p.device, torch.float32).clone() for row in value]
+    return state
 
 
 def collect_optimizer_state(optimizer: torch.optim.Optimizer, model: HiProModel) -> dict[str, dict[str, torch.Tensor]]:
     """{node: {state key: tensor}} of the contexts the optimiser holds state for
-    (SGD: momentum_buffer; AdamW: step, exp_avg, exp_avg_sq)."""
+    (SGD: momentum_buffer; AdamW: step, exp_avg, exp_avg_sq; L-BFGS: its global
+    state, under its first context)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for node, p in model.learnable().items():
         state = optimizer.state.get(p, {})
-        tensors = {k: (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().clone()
-                   for k, v in state.items() if v is not None}
+        if isinstance(optimizer, torch.optim.LBFGS):
+            tensors = _lbfgs_tensors(state)
+        else:
+            tensors = {k: (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().clone()
+                       for k, v in state.items() if v is not None}
         if tensors:
             out[node] = tensors
     return out
@@ -75,6 +116,13 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, model: HiProModel,
             raise CheckpointError(f"cannot resume: the checkpoint holds optimiser state {sorted(tensors)} for node "
                                   f"{node!r}, but this run's {type(optimizer).__name__} keeps {sorted(expected)}")
         p = learnable[node]
+        if isinstance(optimizer, torch.optim.LBFGS):
+            unknown = set(tensors) - _LBFGS_KEYS
+            if unknown:
+                raise CheckpointError(f"cannot resume: the checkpoint holds optimiser state {sorted(unknown)} "
+                                      f"for node {node!r}, which L-BFGS does not keep")
+            optimizer.state[p] = _lbfgs_state(tensors, p)
+            continue
         restored = {}
         for key, value in tensors.items():
             restored[key] = value.clone() if key == "step" else value.to(p.device, p.dtype).clone()
@@ -150,8 +198,9 @@ def save_checkpoint(directory: str | Path, model: HiProModel,
         tensors[f"ctx/{node}"] = p.detach().float().cpu().contiguous()
     for node, state in (optimizer_state or {}).items():
         for key, value in state.items():
-            # fp32 contexts keep fp32 state, so the round trip is exact
-            tensors[f"opt/{key}/{node}"] = value.detach().float().cpu().contiguous()
+            # fp32 contexts keep fp32 state, so the round trip is exact (L-BFGS's float64 numbers stay float64)
+            dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+            tensors[f"opt/{key}/{node}"] = value.detach().to(dtype).cpu().contiguous()
     for node, value in (best_state or {}).items():
         tensors[f"best/{node}"] = value.detach().float().cpu().contiguous()
     from safetensors.torch import save

@@ -7,7 +7,11 @@ task's cross-entropy over its OWN classes (separate logits per task).
 
 Optimiser and schedule: CoOp's SGD (lr 0.002, momentum 0.9, weight decay 5e-4)
 or AdamW (TrainConfig.optimizer), a cosine schedule over the epochs, preceded
-by warm-up epochs at the constant lr 1e-5 (Dassl's ConstantWarmupScheduler):
+by warm-up epochs at the constant lr 1e-5 (Dassl's ConstantWarmupScheduler),
+or full-batch L-BFGS (torch.optim.LBFGS with the strong-Wolfe line search; no
+lr, schedule or weight decay: the line search sets every step; one step()
+call per epoch runs that epoch's iterations, each of one or more loss
+evaluations). SGD / AdamW schedule:
 
     lr(e) = warmup_lr                                     for e < warmup_epochs
     lr(e) = lr * (1 + cos(pi * (e - warmup_epochs) / epochs)) / 2   otherwise
@@ -55,7 +59,9 @@ from .task_data import validate_task_data
 from ..errors import NonFiniteLossError
 
 AMP_MODES = (None, "bf16", "fp16")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lbfgs")
+LBFGS_HISTORY = 100           # torch's default number of curvature pairs
+LBFGS_MAX_EVALS_PER_ITER = 10  # a line search that needs more has failed; the epoch then ends early
 FULL_BATCH = "full"  # TrainConfig.batch_size: every training sample of every task in every step
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,8 +82,11 @@ class TrainConfig:
     parallel (benchmarks/results/ablation_hipro.md). CoOp's recipe is
     TrainConfig(optimizer="sgd", batch_size=32, min_steps=200).
 
-    optimizer: "sgd" (CoOp's: momentum, weight_decay) or "adamw" (betas 0.9 /
-    0.999, decoupled weight_decay; momentum unused). lr: the peak learning rate.
+    optimizer: "sgd" (CoOp's: momentum, weight_decay), "adamw" (betas 0.9 /
+    0.999, decoupled weight_decay; momentum unused) or "lbfgs" (full batch
+    only; a step is one quasi-Newton iteration whose line search evaluates the
+    loss one or more times; lr, momentum, weight_decay and the warm-up are
+    unused). lr: the peak learning rate.
     epochs: number of epochs, with a cosine lr schedule over them.
     warmup_epochs / warmup_lr: constant-lr warm-up epochs (counted within
     `epochs`). batch_size: samples PER TASK per step, or "full" for the full
@@ -139,6 +148,11 @@ class TrainConfig:
              f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
         need(int(self.min_steps) >= 0, f"min_steps must be >= 0, got {self.min_steps}")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        need(self.optimizer != "lbfgs" or self.batch_size == FULL_BATCH,
+             f"optimizer 'lbfgs' needs batch_size {FULL_BATCH!r} (its line search compares losses of one "
+             f"fixed objective), got {self.batch_size!r}")
+        need(self.optimizer != "lbfgs" or self.amp != "fp16",
+             "optimizer 'lbfgs' does not run under amp 'fp16' (no loss scaling in its line search); use 'bf16'")
         need(int(self.seed) >= 0, f"seed must be >= 0, got {self.seed}")
         need(int(self.eval_every) >= 1, f"eval_every must be >= 1, got {self.eval_every}")
         need(int(self.eval_batch_size) >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
@@ -165,7 +179,10 @@ class FitResult:
 
 # ---------------------------------------------------------------- schedule / sampling
 def lr_at(config: TrainConfig, epoch: int) -> float:
-    """CoOp's lr of `epoch` (0-based): constant warm-up, then cosine over `epochs`."""
+    """CoOp's lr of `epoch` (0-based): constant warm-up, then cosine over
+    `epochs`; 1 for L-BFGS, whose line search chooses each step's length."""
+    if config.optimizer == "lbfgs":
+        return 1.0
     if epoch < config.warmup_epochs:
         return float(config.warmup_lr)
     t = epoch - config.warmup_epochs
@@ -290,7 +307,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """config.optimizer over `params` at the schedule's first lr."""
+    """config.optimizer over `params` at the schedule's first lr. "lbfgs":
+    torch.optim.LBFGS with the strong-Wolfe line search (so lr 1, the unit
+    quasi-Newton step it starts from), running config.steps_per_epoch
+    iterations per step() call (one call per epoch)."""
+    if config.optimizer == "lbfgs":
+        iters = int(config.steps_per_epoch or 1)
+        # max_eval bounds the line-search evaluations, so that it is the iteration count that ends an epoch
+        return torch.optim.LBFGS(params, lr=1.0, max_iter=iters, max_eval=LBFGS_MAX_EVALS_PER_ITER * iters,
+                                 history_size=LBFGS_HISTORY, line_search_fn="strong_wolfe")
     lr = lr_at(config, 0)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
@@ -356,6 +381,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
              "initial contexts": {n: float(p.detach().double().sum()) for n, p in params}}, "fit()")
 
     optimizer = make_optimizer(config, [p for _, p in params])
+    quasi_newton = config.optimizer == "lbfgs"
     amp_dtype = _AMP_DTYPES.get(config.amp)
     scaler = None
     if config.amp == "fp16" and device.type == "cuda":
@@ -403,7 +429,11 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                                   .to(device) for t in tasks}
         loss_sum = 0.0
         task_sums = dict.fromkeys(tasks, 0.0)
-        for step in range(steps):
+        def loss_and_grads(step: int) -> tuple[float, list[float]]:
+            """One evaluation at the current contexts: every task's loss (global:
+            summed over the ranks' pieces) and the gradients (summed over the
+            ranks) of their mean plus the hierarchy prior. Returns (that global
+            objective, the task losses)."""
             with _autocast(device, amp_dtype):
                 feats = model.text_features()
                 losses = []
@@ -433,13 +463,20 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
-                all_reduce_grads([p for _, p in params])
-                scaler.step(optimizer)
-                scaler.update()
             else:
                 loss.backward()
-                all_reduce_grads([p for _, p in params])  # a no-op in one process
-                optimizer.step()
+            all_reduce_grads([p for _, p in params])  # a no-op in one process
+            objective = sum(values) / len(values)
+            if quasi_newton:  # the line search compares objectives: every rank needs the same, prior included
+                prior_value = prior.detach().double().reshape(1) if prior is not None else \
+                    torch.zeros(1, dtype=torch.float64)
+                objective += float(dist_group.all_reduce_sum(prior_value.to(device)).item())
+            return objective, values
+
+        evaluations = 0
+
+        def report(values: list[float]) -> None:
+            nonlocal loss_sum, evaluations
             step_loss = float(sum(values) / len(values))
             loss_sum += step_loss
             for t, v in zip(tasks, values):
@@ -448,11 +485,31 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                 bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
             if callback is not None:
-                callback({"epoch": epoch, "step": step, "lr": lr, "loss": step_loss,
+                callback({"epoch": epoch, "step": evaluations, "lr": lr, "loss": step_loss,
                           "task_loss": dict(zip(tasks, values))})
+            evaluations += 1
+
+        if quasi_newton:
+            # One L-BFGS step runs the epoch's `steps` iterations; every evaluation
+            # (line-search trials included) is reported like an optimiser step.
+            def closure() -> torch.Tensor:
+                objective, values = loss_and_grads(evaluations)
+                report(values)
+                return torch.tensor(objective, dtype=torch.float64)
+
+            optimizer.step(closure)
+        else:
+            for step in range(steps):
+                _, values = loss_and_grads(step)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                report(values)
         record: dict[str, Any] = {
-            "epoch": epoch, "lr": lr, "loss": loss_sum / steps,
-            "task_loss": {t: task_sums[t] / steps for t in tasks},
+            "epoch": epoch, "lr": lr, "loss": loss_sum / evaluations,
+            "task_loss": {t: task_sums[t] / evaluations for t in tasks},
             "val_acc": None, "val_mean": None,
         }
         last = epoch == config.epochs - 1

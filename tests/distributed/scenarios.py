@@ -58,6 +58,17 @@ def scenario_concat() -> dict[str, torch.Tensor]:
     return _state("concat", res, model)
 
 
+def scenario_lbfgs() -> dict[str, torch.Tensor]:
+    """L-BFGS: the line search compares the global objective (the hierarchy prior
+    included), so every rank takes the same steps as one process."""
+    from hipro_fast.method.training import fit
+
+    model = make_model(combine="mean", path_weights="learned", parent_prior=0.1)
+    res = fit(model, toy_data(seed=1), toy_data(seed=2, noise=1.0), optimizer="lbfgs", batch_size="full",
+              epochs=3, steps_per_epoch=4, seed=7)
+    return _state("lbfgs", res, model)
+
+
 def scenario_baselines() -> dict[str, torch.Tensor]:
     """compare(): zero-shot (evaluation only), CoOp per task / shared, two-level, hipro."""
     from hipro_fast.method.baselines import compare
@@ -190,6 +201,7 @@ def main(argv: list[str]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     tensors.update(scenario_mean())
     tensors.update(scenario_concat())
+    tensors.update(scenario_lbfgs())
     tensors.update(scenario_baselines())
     tensors.update(scenario_protocol(os.path.join(work, "protocol")))
     tensors.update(scenario_protocol(parallel="classes"))

@@ -1,7 +1,7 @@
 """Item 4 of issue 11: 2 processes (torchrun, gloo on localhost) train like 1.
 
 One torchrun launch runs every scenario of tests/distributed/scenarios.py
-(combine mean with learned path weights and a parent prior, combine concat,
+(combine mean with learned path weights and a parent prior, combine concat, L-BFGS,
 compare() over all baselines, an interrupted run and its resume); this
 process runs the same scenarios alone and compares. Bound: after 20 optimiser
 steps, every learned tensor's max |difference| is <= 1e-5 of its max |value|
@@ -50,10 +50,10 @@ def test_two_ranks_hold_the_same_contexts(two_ranks):
     assert two["world_size"].item() == 2 and two["ranks_agree"].item() == 1.0
 
 
-@pytest.mark.parametrize("scenario", ["mean", "concat"])
+@pytest.mark.parametrize("scenario", ["mean", "concat", "lbfgs"])
 def test_two_processes_train_like_one(two_ranks, scenario):
     two, _ = two_ranks
-    one = {"mean": S.scenario_mean, "concat": S.scenario_concat}[scenario]()
+    one = {"mean": S.scenario_mean, "concat": S.scenario_concat, "lbfgs": S.scenario_lbfgs}[scenario]()
     _check(scenario, one, two)
 
 

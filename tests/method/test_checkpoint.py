@@ -122,8 +122,9 @@ class _Crash(Exception):
 
 
 @pytest.mark.parametrize("options", [{"optimizer": "sgd"}, {"optimizer": "adamw", "lr": 0.01},
-                                     {"optimizer": "adamw", "batch_size": "full"}],
-                         ids=["sgd", "adamw", "adamw-full-batch"])
+                                     {"optimizer": "adamw", "batch_size": "full"},
+                                     {"optimizer": "lbfgs", "batch_size": "full"}],
+                         ids=["sgd", "adamw", "adamw-full-batch", "lbfgs"])
 def test_resume_after_crash_in_process_is_exact(tmp_path, data, options):
     train, val = data
     run = {**RUN, **options}

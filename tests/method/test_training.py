@@ -378,12 +378,46 @@ def test_adamw_step_matches_torch_adamw(data):
         torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(got[name], sgd[name])  # the option reaches the optimiser
     with pytest.raises(ValueError, match="optimizer must be one of"):
-        fit(make_model(), train, None, optimizer="lbfgs", **run)
+        fit(make_model(), train, None, optimizer="rmsprop", **run)
+
+
+def test_lbfgs_epochs_match_torch_lbfgs(data):
+    """optimizer="lbfgs": two epochs of 3 iterations equal torch's LBFGS (strong
+    Wolfe, lr 1) run by hand for 3 iterations twice on the full-batch objective
+    (mean task cross-entropy + the parent prior), its state carried over."""
+    train, _ = data
+    run = dict(epochs=2, steps_per_epoch=3, batch_size="full", seed=0)
+    seen = []
+    res = fit(make_model(parent_prior=0.1), train, None, optimizer="lbfgs", callback=seen.append, **run)
+    model = make_model(parent_prior=0.1)
+    params = [p for p in model.learnable().values() if p.requires_grad]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=3, max_eval=30, history_size=100, line_search_fn="strong_wolfe")
+    evals = []
+
+    def closure():
+        opt.zero_grad()
+        feats = model.text_features()
+        loss = sum(F.cross_entropy(model.logits(t, x, feats), y) for t, (x, y) in train.items()) / len(train)
+        loss = loss + model.regularization()
+        loss.backward()
+        evals.append(float(loss.detach()))
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    for name, p in model.learnable().items():
+        torch.testing.assert_close(res.final_state[name], p.detach(), rtol=1e-5, atol=1e-6)
+    assert len(seen) == len(evals) > 6  # every evaluation (line-search trials too) is reported
+    assert all(h["lr"] == 1.0 for h in res.history)
+    with pytest.raises(ValueError, match="optimizer 'lbfgs' needs batch_size 'full'"):
+        fit(make_model(), train, None, optimizer="lbfgs", epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match="does not run under amp 'fp16'"):
+        fit(make_model(), train, None, optimizer="lbfgs", epochs=1, batch_size="full", amp="fp16")
 
 
 @pytest.mark.parametrize("bad, pattern", [({"batch_size": 0}, r"batch_size must be an integer >= 1 or 'full', got 0"),
                                           ({"batch_size": "all"}, r"got 'all'"),
-                                          ({"optimizer": "adam"}, r"optimizer must be one of \('sgd', 'adamw'\)")])
+                                          ({"optimizer": "adam"}, r"optimizer must be one of \('sgd', 'adamw', 'lbfgs'\)")])
 def test_bad_optimizer_and_batch_options_name_the_value(data, bad, pattern):
     train, _ = data
     with pytest.raises(ValueError, match=pattern):
