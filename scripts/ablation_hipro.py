@@ -24,6 +24,7 @@ planted: hipro_fast.data.synth problems (3 groups x 2 tasks, 1/2/4 shots and
     python scripts/ablation_hipro.py planted --budget default    # 50 epochs, min_steps 200 (the session-3 default)
     python scripts/ablation_hipro.py planted --budget default --planted-variants pw75prior,pw75sel
     python scripts/ablation_hipro.py planted --budget adamw-full --min-steps 800 --planted-variants pw75,pw75sel
+    python scripts/ablation_hipro.py planted --budget lbfgs --min-steps 800 --planted-variants pw75,pw75sel  # session 7
 
 budget: the training-budget check on the bundled DEV split: every trained
   method (default HiPro options) at learning rate --lr and --scale times the
@@ -34,6 +35,7 @@ budget: the training-budget check on the bundled DEV split: every trained
     python scripts/ablation_hipro.py budget --lr 0.002 --scale 2 --shots 1,4,16
     python scripts/ablation_hipro.py budget --optimizer adamw --full-batch --min-steps 800 --scale 1 --shots 1,4,16
     python scripts/ablation_hipro.py budget --optimizer adamw --full-batch --min-steps 800 --lr 0.01 --scale 2 --shots 1,4,16
+    python scripts/ablation_hipro.py budget --optimizer lbfgs --full-batch --min-steps 800 --scale 1 --shots 1,4,16  # session 7
 
 Results: benchmarks/results/ablation_hipro.md. One thread per run (--threads).
 bundled and budget run the protocol's draws in parallel under torchrun (one
@@ -215,6 +217,8 @@ def planted(a) -> dict:
     clip = planted_clip()
     if a.budget == "adamw-full":
         train = dataclasses.replace(RECIPES["adamw-full"], min_steps=a.min_steps)
+    elif a.budget == "lbfgs":
+        train = TrainConfig(optimizer="lbfgs", batch_size="full", epochs=50, min_steps=a.min_steps)
     else:
         train = dataclasses.replace(RECIPES["coop-sgd"], min_steps=0 if a.budget == "ablation" else 200)
     out = {}
@@ -246,9 +250,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("benchmark", choices=["bundled", "planted", "budget"])
     ap.add_argument("--variant", choices=list(BUNDLED_VARIANTS), default="base")
-    ap.add_argument("--budget", choices=["ablation", "default", "adamw-full"], default="default",
+    ap.add_argument("--budget", choices=["ablation", "default", "adamw-full", "lbfgs"], default="default",
                     help="planted: SGD at batch 32 with min_steps 0 (ablation) or 200 (default, the session-3 "
-                         "default), or AdamW on the full batch with --min-steps steps")
+                         "default), or AdamW / L-BFGS on the full batch with --min-steps steps")
     ap.add_argument("--planted-variants", type=lambda s: s.split(","), default=["uniform", "pw75", "pw90"],
                     help=f"planted: comma list of {list(PLANTED_VARIANTS)}")
     ap.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])

@@ -388,8 +388,8 @@ def test_lbfgs_epochs_match_torch_lbfgs(data):
     train, _ = data
     run = dict(epochs=2, steps_per_epoch=3, batch_size="full", seed=0)
     seen = []
-    res = fit(make_model(parent_prior=0.1), train, None, optimizer="lbfgs", callback=seen.append, **run)
-    model = make_model(parent_prior=0.1)
+    res = fit(make_model(parent_prior=2.0), train, None, optimizer="lbfgs", callback=seen.append, **run)
+    model = make_model(parent_prior=2.0)  # a prior large enough to steer the line search
     params = [p for p in model.learnable().values() if p.requires_grad]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=3, max_eval=30, history_size=100, line_search_fn="strong_wolfe")
     evals = []
@@ -413,6 +413,35 @@ def test_lbfgs_epochs_match_torch_lbfgs(data):
         fit(make_model(), train, None, optimizer="lbfgs", epochs=1, batch_size=4)
     with pytest.raises(ValueError, match="does not run under amp 'fp16'"):
         fit(make_model(), train, None, optimizer="lbfgs", epochs=1, batch_size="full", amp="fp16")
+
+
+def test_lbfgs_line_search_compares_the_whole_objective(data, monkeypatch):
+    """The value L-BFGS's line search compares is the training objective: the
+    mean task cross-entropy plus the hierarchy prior (not the logged loss alone)."""
+    train, _ = data
+    seen = []
+    make = training.make_optimizer
+
+    def spy(config, params):
+        opt = make(config, params)
+        step = opt.step
+
+        def step_and_record(closure):
+            seen.append(float(closure()))  # the objective at the epoch's start (parameters unchanged)
+            return step(closure)
+
+        opt.step = step_and_record
+        return opt
+
+    monkeypatch.setattr(training, "make_optimizer", spy)
+    model = make_model(parent_prior=2.0)
+    with torch.no_grad():
+        feats = model.text_features()
+        ce = sum(F.cross_entropy(model.logits(t, x, feats), y) for t, (x, y) in train.items()) / len(train)
+        expected = float(ce + model.regularization())
+    assert float(model.regularization().detach()) > 0.01 * expected
+    fit(model, train, None, optimizer="lbfgs", epochs=1, steps_per_epoch=1, batch_size="full")
+    assert seen[0] == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("bad, pattern", [({"batch_size": 0}, r"batch_size must be an integer >= 1 or 'full', got 0"),
