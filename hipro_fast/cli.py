@@ -246,12 +246,13 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: in
         g.add_argument("--tree", type=_tree_arg, default="auto",
                        help="auto (from the task affinity), flat, a tree.json file or a JSON nested list")
     g.add_argument("--epochs", type=_POSITIVE, default=None, help="training epochs (TrainConfig default if unset)")
-    g.add_argument("--lr", type=_positive_float, default=None, help="learning rate (TrainConfig default if unset)")
+    g.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate of sgd / adamw (TrainConfig default if unset)")
     g.add_argument("--train-batch-size", type=_train_batch_arg, default=None,
                    help="training samples per task per step, or 'full' (every sample in every step) "
                         "(TrainConfig default if unset)")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
-                   help="sgd (CoOp's, momentum 0.9) or adamw (TrainConfig default if unset)")
+                   help=f"sgd (CoOp's, momentum 0.9), adamw, or lbfgs (full batch only; no --lr) "
+                        f"(default {TrainConfig.optimizer})")
     g.add_argument("--min-steps", type=_NONNEG, default=None,
                    help="budget rule: at least this many optimiser steps per run, whatever the task size "
                         f"(TrainConfig default {TrainConfig.min_steps} if unset)")
@@ -403,6 +404,8 @@ class _Ctx:
                 raise CliError(f"hipro {command} runs in one process (under torchrun: {', '.join(DIST_COMMANDS)})")
             # Ranks that run different commands would hang in different collectives: compare first.
             dist_group.check_agreement({k: v for k, v in cfg.items() if k != "device_resolved"}, "the command line")
+        if hasattr(args, "optimizer"):
+            self._check_recipe()
         # Checked before anything is written or loaded: a refused run directory is left untouched.
         self.run = self._open_run(args.run_dir, command, cfg, mode)
         if resume and not self.run.resumed:
@@ -412,6 +415,17 @@ class _Ctx:
         self._clip = None
         self._feats = None
         self.t0 = time.time()
+
+    def _check_recipe(self) -> None:
+        """The training options together (each flag alone is checked by argparse)."""
+        try:
+            recipe = TrainConfig(**pipeline.train_config_overrides(TrainConfig, self.train_overrides()))
+            recipe.validate()
+        except ValueError as e:
+            raise CliError(str(e).replace("TrainConfig: ", "training options: ")) from None
+        if getattr(self.args, "lr", None) is not None and recipe.optimizer == "lbfgs":
+            raise CliError("--lr has no effect with optimizer lbfgs (the default; its line search sets every "
+                           "step): pass --optimizer adamw or sgd with --lr")
 
     def _open_run(self, run_dir, command: str, cfg: dict, mode: str):
         """Rank 0 (or the only process) opens the run directory; the other ranks
@@ -862,14 +876,12 @@ def cmd_demo(ctx: _Ctx) -> int:
     ctx.run.write_config(ctx.config)
     shots = ctx.shot_grid or [_single_shots(a.shots)]
     recipe = TrainConfig(**pipeline.train_config_overrides(TrainConfig, ctx.train_overrides()))
-    ctx.say(f"demo settings: shots {shots}, seeds {seeds}, {a.epochs} epochs (>= {recipe.min_steps} steps, "
-            f"{recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch_size}), "
+    ctx.say(f"demo settings: shots {shots}, seeds {seeds}, {recipe.describe()}, "
             f"n_ctx {a.n_ctx}, affinity steps {a.affinity_steps}, model {a.model}, device {ctx.device}")
     ctx.run.report.title = "hipro demo (bundled benchmark)"
     ctx.run.report.add("Settings", f"CoOp's protocol: shots {shots}, seeds {seeds} (each seed draws its own "
-                                   f"few-shot split), {a.epochs} epochs and at least {recipe.min_steps} "
-                                   f"optimiser steps per run ({recipe.optimizer}, lr {recipe.lr:g}, batch "
-                                   f"{recipe.batch_size}), {a.n_ctx} context tokens per node, "
+                                   f"few-shot split), each run trained with {recipe.describe()}, "
+                                   f"{a.n_ctx} context tokens per node, "
                                    f"{a.affinity_steps} affinity steps per draw, combine `{a.combine}`, path "
                                    f"weights `{ctx.hipro_options()['path_weights']}`, model `{a.model}`, "
                                    f"device `{ctx.device}`.")

@@ -118,7 +118,7 @@ def _script(argv: list[str]) -> None:
     model = make_model()
     train = toy_data(seed=1)
     val = toy_data(seed=2, noise=1.0)
-    res = fit(model, train, val, epochs=a.epochs, batch_size=4, steps_per_epoch=3, lr=0.05, seed=7,
+    res = fit(model, train, val, epochs=a.epochs, optimizer="adamw", batch_size=4, steps_per_epoch=3, lr=0.05, seed=7,
               checkpoint_dir=a.dir, resume=a.resume, callback=callback)
     from safetensors.torch import save_file
 

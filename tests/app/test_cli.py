@@ -495,6 +495,27 @@ def test_bad_numbers_fail_in_the_parser_before_any_model_load(world, tmp_path, c
         assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--train-batch-size", "32"], "mini-batches need optimizer 'adamw' or 'sgd'"),
+    (["compare", "--optimizer", "lbfgs", "--train-batch-size", "8"], "optimizer 'lbfgs' needs batch_size 'full'"),
+    (["train", "--lr", "0.01"], "--lr has no effect with optimizer lbfgs"),
+    (["demo", "--lr", "0.01"], "--lr has no effect with optimizer lbfgs"),
+])
+def test_training_options_that_conflict_fail_before_any_model_load(world, tmp_path, capsys, argv, says):
+    """Each flag is valid alone, the combination is not (L-BFGS, the default, runs on the full batch and sets
+    its own steps): one line naming it, before the model is loaded or a run directory written."""
+    run_dir = tmp_path / "run"
+    spec = argv[0] != "demo"  # the demo brings its own
+    assert _run(world, *argv, *NO_MODEL, run_dir=run_dir, spec=spec) != 0
+    line = _one_error_line(capsys)
+    assert says in line and "no-such-model" not in line, line
+    assert not run_dir.exists()
+    if spec:
+        assert _run(world, *argv, "--optimizer", "adamw", "--train-batch-size", "full", *NO_MODEL,
+                    run_dir=tmp_path / "ok") != 0  # gets past the check ...
+        assert "no-such-model" in _one_error_line(capsys)  # ... to fail on loading the model
+
+
 def _world_spec(world, extra: str = "", name: str = "spec.toml", replace: tuple[str, str] | None = None,
                 prefix: str = "") -> Path:
     """A variant of the world's spec (`extra` lands in its last task, "scenes", unless it opens a table)."""

@@ -74,7 +74,7 @@ def test_compare_table(monkeypatch):
 
     clip, tok = tiny_clip()
     train, val, test = toy_data(seed=1), toy_data(seed=2, noise=1.0), toy_data(seed=3, noise=1.0)
-    cfg = TrainConfig(epochs=2, batch_size=4, steps_per_epoch=2, lr=0.05)
+    cfg = TrainConfig(epochs=2, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05)
     monkeypatch.setattr(baselines, "time", _Clock())
     table = compare(clip, TASKS, train, test, val=val, seeds=(1, 2), tree=TREE, n_ctx=N_CTX,
                     train_config=cfg, tokenizer=tok)
@@ -112,7 +112,7 @@ def test_compare_table(monkeypatch):
 def test_compare_seed_reproducible_and_errors():
     clip, tok = tiny_clip()
     train, test = toy_data(seed=1), toy_data(seed=3)
-    cfg = TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1, lr=0.05)
+    cfg = TrainConfig(epochs=1, optimizer="adamw", batch_size=4, steps_per_epoch=1, lr=0.05)
     a = compare(clip, TASKS, train, test, methods=["coop-shared"], seeds=(5,), train_config=cfg, tokenizer=tok,
                 n_ctx=N_CTX)
     b = compare(clip, TASKS, train, test, methods=["coop-shared"], seeds=(5,), train_config=cfg, tokenizer=tok,
@@ -141,7 +141,7 @@ def test_compare_builds_hipro_tree_from_affinity(monkeypatch):
     monkeypatch.setattr(baselines, "task_affinity", task_affinity)
     monkeypatch.setattr(TaskTree, "from_affinity", staticmethod(from_affinity))
     train, test = toy_data(seed=1), toy_data(seed=3)
-    cfg = TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1)
+    cfg = TrainConfig(epochs=1, optimizer="adamw", batch_size=4, steps_per_epoch=1)
     table = compare(clip, TASKS, train, test, methods=["hipro"], seeds=(1,), n_ctx=N_CTX, train_config=cfg,
                     affinity_config={"method": "text", "levels": 2}, tokenizer=tok)
     assert seen["affinity"] == (list(TASKS), sorted(TASKS), {"method": "text"})
@@ -155,7 +155,7 @@ def test_select_per_task_takes_each_tasks_best_candidate_on_validation():
     accuracy is that candidate's own."""
     clip, tok = tiny_clip()
     train, val, test = toy_data(seed=1), toy_data(seed=2), toy_data(seed=3)
-    cfg = TrainConfig(epochs=2, batch_size=4, steps_per_epoch=2, lr=0.05, min_steps=0)
+    cfg = TrainConfig(epochs=2, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05, min_steps=0)
     table = compare(clip, TASKS, train, test, val=val, methods=["coop-per-task", "hipro"], seeds=(4,), tree=TREE,
                     n_ctx=N_CTX, train_config=cfg, tokenizer=tok, select="per-task")
     assert set(table.results) == {"coop-per-task", "hipro"}      # two-level trained, not reported
@@ -204,7 +204,7 @@ def test_compare_select_by_loss_takes_the_lowest_validation_loss():
     recorded validation loss is lowest, and its test accuracy is reported."""
     clip, tok = tiny_clip()
     train, val, test = toy_data(seed=1), toy_data(seed=2), toy_data(seed=3)
-    cfg = TrainConfig(epochs=2, batch_size=4, steps_per_epoch=2, lr=0.05, min_steps=0)
+    cfg = TrainConfig(epochs=2, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05, min_steps=0)
     table = compare(clip, TASKS, train, test, val=val, methods=["hipro"], seeds=(4,), tree=TREE,
                     n_ctx=N_CTX, train_config=cfg, tokenizer=tok, select="per-task", select_by="loss")
     (choice,), (recorded,) = table["hipro"].choices, table["hipro"].candidates

@@ -23,7 +23,7 @@ from tests.helpers_training import REPO, TASKS, make_model
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
 
 HELPER = str(Path(REPO) / "tests" / "helpers_training.py")
-RUN = dict(epochs=5, batch_size=4, steps_per_epoch=3, lr=0.05, seed=11)
+RUN = dict(epochs=5, optimizer="adamw", batch_size=4, steps_per_epoch=3, lr=0.05, seed=11)
 
 
 def _same(a: dict, b: dict) -> bool:

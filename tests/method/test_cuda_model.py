@@ -111,7 +111,7 @@ def test_autocast_features_err_like_the_reference(amp_dtype, monkeypatch):
 @pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
 def test_fit_on_cuda_learns_and_matches_cpu_without_amp(amp):
     train, val = ht.toy_data(seed=1), ht.toy_data(seed=2, noise=1.0)
-    cfg = dict(epochs=4, warmup_epochs=1, batch_size=8, lr=0.05, seed=0)
+    cfg = dict(epochs=4, warmup_epochs=1, optimizer="adamw", batch_size=8, lr=0.05, seed=0)
     model = _own_tiny_model().to("cuda")
     before = hf.evaluate(model, val)
     result = hf.fit(model, train, val, amp=amp, **cfg)

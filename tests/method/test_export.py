@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(one_thread):
     model = make_model()
-    fit(model, toy_data(seed=1), None, epochs=2, batch_size=4, steps_per_epoch=2, lr=0.05)
+    fit(model, toy_data(seed=1), None, epochs=2, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05)
     return model
 
 

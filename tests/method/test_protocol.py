@@ -47,7 +47,7 @@ def test_a_class_too_small_is_named():
 def test_protocol_runs_the_grid_and_summarises_it():
     clip, tok = tiny_clip()
     pool, test = _pool(per_class=10), toy_data(seed=5)
-    cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=4, lr=0.05)
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, optimizer="adamw", batch_size=4, lr=0.05)
     seen = []
     res = run_protocol((clip, tok), TASKS, pool, test, shots=(1, 2), seeds=(0, 1),
                        methods=["zero-shot", "coop-per-task", "hipro"], tree=list(TASKS), n_ctx=2,
@@ -74,7 +74,7 @@ def test_protocol_selects_per_task_by_default_and_select_none_keeps_the_tree():
     select=None scores HiPro's own tree. The choices are recorded per task."""
     clip, tok = tiny_clip()
     pool, test = _pool(per_class=10), toy_data(seed=5)
-    cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=4, lr=0.05)
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, optimizer="adamw", batch_size=4, lr=0.05)
     kw = dict(shots=(2,), seeds=(0,), methods=["coop-per-task", "two-level", "hipro"], tree=list(TASKS), n_ctx=2,
               train_config=cfg)
     chosen = run_protocol((clip, tok), TASKS, pool, test, **kw)

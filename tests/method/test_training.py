@@ -16,33 +16,35 @@ from tests.helpers_training import TASKS, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
 
-FAST = dict(epochs=3, batch_size=4, steps_per_epoch=2, lr=0.05, seed=3)
+FAST = dict(epochs=3, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05, seed=3)
 
 
 def test_defaults():
-    """AdamW on the full batch for at least 1,600 steps (issue 9's budget ablation);
-    CoOp's schedule (lr 0.002, cosine over 50 epochs after a 1e-5 warm-up epoch)."""
+    """L-BFGS on the full batch for at least 800 iterations over 50 epochs
+    (issue 9's budget ablation, session 7); for SGD / AdamW, CoOp's schedule
+    (lr 0.002, cosine over 50 epochs after a 1e-5 warm-up epoch); L-BFGS's lr is 1."""
     c = TrainConfig()
-    assert (c.optimizer, c.batch_size, c.min_steps) == ("adamw", "full", 1600)
+    assert (c.optimizer, c.batch_size, c.min_steps, c.epochs) == ("lbfgs", "full", 800, 50)
+    assert lr_at(c, 0) == lr_at(c, 49) == 1.0
     assert (c.lr, c.momentum, c.weight_decay, c.epochs) == (0.002, 0.9, 5e-4, 50)
     assert (c.warmup_epochs, c.warmup_lr, c.amp, c.checkpoint_dir) == (1, 1e-5, None, None)
 
 
 def test_lr_schedule_constant_warmup_then_cosine():
-    c = TrainConfig(epochs=10)
+    c = TrainConfig(optimizer="adamw", epochs=10)
     assert lr_at(c, 0) == 1e-5
     assert lr_at(c, 1) == pytest.approx(0.002)
     assert lr_at(c, 6) == pytest.approx(0.001)
     lrs = [lr_at(c, e) for e in range(1, 10)]
     assert all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
-    assert lr_at(TrainConfig(epochs=4, warmup_epochs=0), 0) == pytest.approx(0.002)
+    assert lr_at(TrainConfig(optimizer="adamw", epochs=4, warmup_epochs=0), 0) == pytest.approx(0.002)
 
 
 def test_loss_decreases_and_accuracy_improves(data):
     train, val = data
     model = make_model()
     before = evaluate(model, val)
-    res = fit(model, train, val, epochs=8, batch_size=8, steps_per_epoch=3, lr=0.05, seed=0)
+    res = fit(model, train, val, epochs=8, optimizer="adamw", batch_size=8, steps_per_epoch=3, lr=0.05, seed=0)
     assert isinstance(res, FitResult) and len(res.history) == 8
     losses = [h["loss"] for h in res.history]
     assert losses[-1] < losses[0] - 0.1
@@ -85,7 +87,7 @@ def test_balanced_batches_own_classes_one_forest_pass(data, monkeypatch):
 
     monkeypatch.setattr(model, "text_features", counting_text)
     monkeypatch.setattr(training, "task_loss", spy_loss)
-    res = fit(model, train, None, epochs=2, batch_size=5, min_steps=0)
+    res = fit(model, train, None, epochs=2, optimizer="adamw", batch_size=5, min_steps=0)
     steps = math.ceil(max(sizes.values()) / 5)
     assert res.config.steps_per_epoch == steps
     assert calls["text"] == 2 * steps  # one forest pass per step for all tasks
@@ -101,7 +103,7 @@ def test_loss_is_mean_of_per_task_ce(data):
     model = make_model()
     init = make_model()
     seen = []
-    fit(model, train, None, epochs=1, batch_size=4, steps_per_epoch=1, seed=5, callback=seen.append)
+    fit(model, train, None, epochs=1, optimizer="adamw", batch_size=4, steps_per_epoch=1, seed=5, callback=seen.append)
     with torch.no_grad():
         feats = init.text_features()
         expected = {}
@@ -129,7 +131,7 @@ def test_best_epoch_selection(data, monkeypatch):
 
     monkeypatch.setattr(training, "_task_scores", fake_acc)
     model = make_model()
-    res = fit(model, train, val, epochs=4, batch_size=4, steps_per_epoch=1, lr=0.05)
+    res = fit(model, train, val, epochs=4, optimizer="adamw", batch_size=4, steps_per_epoch=1, lr=0.05)
     assert res.best_epoch == 1 and res.best_val == pytest.approx(0.7)
     for n, v in res.best_state.items():
         assert torch.equal(v, states[1][n]) and torch.equal(model.ctx[n].detach(), v)
@@ -139,10 +141,10 @@ def test_best_epoch_selection(data, monkeypatch):
 def test_no_val_best_is_last_and_eval_every(data, monkeypatch):
     train, val = data
     model = make_model()
-    res = fit(model, train, None, epochs=3, batch_size=4, steps_per_epoch=1)
+    res = fit(model, train, None, epochs=3, optimizer="adamw", batch_size=4, steps_per_epoch=1)
     assert res.best_epoch == 2 and res.best_val is None
     assert all(torch.equal(res.best_state[n], res.final_state[n]) for n in res.final_state)
-    res = fit(make_model(), train, val, epochs=5, batch_size=4, steps_per_epoch=1, eval_every=2, progress=True)
+    res = fit(make_model(), train, val, epochs=5, optimizer="adamw", batch_size=4, steps_per_epoch=1, eval_every=2, progress=True)
     assert [h["val_mean"] is not None for h in res.history] == [False, True, False, True, True]
 
 
@@ -183,7 +185,7 @@ def test_amp_runs_the_forward_under_cpu_autocast(data, amp, dtype):
 
     handle = model.tower.blocks[0].mlp.c_fc.register_forward_hook(hook)
     try:
-        fit(model, train, None, amp=amp, epochs=1, batch_size=4, steps_per_epoch=2, lr=0.05)
+        fit(model, train, None, amp=amp, epochs=1, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05)
     finally:
         handle.remove()
     assert len(seen) == 2  # one forest pass per step
@@ -204,7 +206,7 @@ def test_sgd_applies_weight_decay(data):
                seed=0)
     init = make_model().context_state()
     final = {wd: fit(make_model(), train, None, weight_decay=wd, **run).final_state for wd in (0.0, 0.5)}
-    lr = lr_at(TrainConfig(**{k: run[k] for k in ("epochs", "warmup_epochs", "lr")}), 0)
+    lr = lr_at(TrainConfig(**{k: run[k] for k in ("optimizer", "epochs", "warmup_epochs", "lr")}), 0)
     assert lr == pytest.approx(0.05)
     for n, c in init.items():
         moved = final[0.5][n] - final[0.0][n]
@@ -218,7 +220,7 @@ def test_non_finite_loss_names_epoch_step_task(data):
     with torch.no_grad():
         model.ctx["task/colors"].fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 0.*'colors'") as info:
-        fit(model, train, None, epochs=2, batch_size=4, steps_per_epoch=2)
+        fit(model, train, None, epochs=2, optimizer="adamw", batch_size=4, steps_per_epoch=2)
     assert set(info.value.tasks) == {"colors"}
     assert (info.value.epoch, info.value.step) == (0, 0)
 
@@ -227,7 +229,7 @@ def test_non_finite_loss_from_divergence(data):
     train, _ = data
     model = make_model()
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch \d+, step \d+"):
-        fit(model, train, None, epochs=3, batch_size=4, steps_per_epoch=4, warmup_epochs=0, lr=1e30)
+        fit(model, train, None, epochs=3, optimizer="adamw", batch_size=4, steps_per_epoch=4, warmup_epochs=0, lr=1e30)
 
 
 def _bad(data, task, x=None, y=None):
@@ -259,7 +261,7 @@ def test_bad_inputs_name_the_culprit(data, case):
     }
     bad, pattern = cases[case]
     with pytest.raises(TaskSpecError, match=pattern):
-        fit(make_model(), bad, None, epochs=1, batch_size=4, steps_per_epoch=1)
+        fit(make_model(), bad, None, epochs=1, optimizer="adamw", batch_size=4, steps_per_epoch=1)
 
 
 def test_bad_val_and_eval_inputs(data):
@@ -279,7 +281,7 @@ def test_unnormalised_features_warn(data):
     train, _ = data
     bad = _bad(train, "colors", x=train["colors"][0] * 3)
     with pytest.warns(UserWarning, match="'colors'.*not L2-normalised"):
-        fit(make_model(), bad, None, epochs=1, batch_size=4, steps_per_epoch=1)
+        fit(make_model(), bad, None, epochs=1, optimizer="adamw", batch_size=4, steps_per_epoch=1)
 
 
 def test_evaluate_matches_manual_and_subset(data):
@@ -331,9 +333,9 @@ def test_budget_rule_floors_the_number_of_steps(data):
     assert default_steps_per_epoch(tiny, 32, epochs=50, min_steps=200) == 4      # 50 x 4 = 200
     assert default_steps_per_epoch(tiny, 32, epochs=3, min_steps=200) == 67      # ceil(200 / 3)
     assert default_steps_per_epoch(big, 32, epochs=50, min_steps=200) == 100     # one pass of the largest task
-    assert TrainConfig().min_steps == 1600
+    assert TrainConfig().min_steps == 800
     train, val = data
-    res = fit(make_model(), train, val, epochs=2, batch_size=4, min_steps=9, lr=0.05)
+    res = fit(make_model(), train, val, epochs=2, optimizer="adamw", batch_size=4, min_steps=9, lr=0.05)
     assert res.config.steps_per_epoch == 5 and len(res.history) == 2
     with pytest.raises(ValueError, match="min_steps must be >= 0"):
         fit(make_model(), train, val, epochs=1, min_steps=-1)
@@ -351,7 +353,8 @@ def test_full_batch_uses_every_sample_in_every_step(data):
     assert default_steps_per_epoch(train, "full", epochs=2, min_steps=9) == 5
     init = make_model()
     seen = []
-    res = fit(make_model(), train, None, epochs=1, batch_size="full", min_steps=0, seed=5, callback=seen.append)
+    res = fit(make_model(), train, None, optimizer="adamw", epochs=1, batch_size="full", min_steps=0, seed=5,
+              callback=seen.append)
     assert res.config.steps_per_epoch == 1 and len(seen) == 1
     with torch.no_grad():
         feats = init.text_features()
