@@ -117,8 +117,9 @@ if [[ "${PROBE:-1}" == "1" ]]; then
   fi
 fi
 
-echo "== GPU tests (tests/ops/test_cuda_ops.py, tests/method/test_cuda_model.py)"
-timeout "${CUDA_TESTS_TIMEOUT:-180}" "$PY" -m pytest tests/ops/test_cuda_ops.py tests/method/test_cuda_model.py -q \
+echo "== GPU tests (tests/ops/test_cuda_ops.py, tests/method/test_cuda_model.py, the CUDA fits of test_training.py)"
+timeout "${CUDA_TESTS_TIMEOUT:-180}" "$PY" -m pytest tests/ops/test_cuda_ops.py tests/method/test_cuda_model.py \
+  "tests/method/test_training.py::test_cuda_fit" "tests/method/test_training.py::test_cuda_fit_lbfgs_matches_the_cpu" -q \
   -p no:cacheprovider --tb=short --durations=8 -k "not argument_checks ${PYTEST_K:+and $PYTEST_K}" 2>&1 | tee "$RESULTS/gpu_tests.log"
 cuda_rc=${PIPESTATUS[0]}
 [[ $cuda_rc -eq 0 ]] && cuda_rc=$argcheck_rc

@@ -322,6 +322,22 @@ def test_cuda_fit(data, amp):
     assert set(evaluate(model, val)) == set(TASKS)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_cuda_fit_lbfgs_matches_the_cpu(data, amp):
+    """The default optimiser on CUDA: fp32 follows the CPU run's trajectory
+    (same line-search decisions, contexts within 1e-4 relative); bf16 trains."""
+    train, val = data
+    run = dict(optimizer="lbfgs", batch_size="full", epochs=2, steps_per_epoch=3, seed=0)
+    cuda = fit(make_model(), train, val, device="cuda", amp=amp, **run)
+    assert all(math.isfinite(h["loss"]) for h in cuda.history)
+    if amp is None:
+        cpu = fit(make_model(), train, val, **run)
+        for n, v in cpu.final_state.items():
+            torch.testing.assert_close(cuda.final_state[n].cpu(), v, rtol=1e-4, atol=1e-5)
+
+
 def test_budget_rule_floors_the_number_of_steps(data):
     """Epochs alone starve small tasks; the default budget gives every task size
     at least min_steps optimiser steps, and large tasks one pass per epoch."""
