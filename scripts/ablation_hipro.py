@@ -14,7 +14,8 @@ bundled: CoOp's protocol (hipro_fast.method.protocol) on the bundled benchmark
     python scripts/ablation_hipro.py bundled --variant pw75sel   # learned weights + per-task selection on val
     python scripts/ablation_hipro.py bundled --variant concat    # combine concat (two-level + hipro)
     python scripts/ablation_hipro.py bundled --variant pw90sel --recipe adamw-full --affinity-steps 30  # session 5
-    python scripts/ablation_hipro.py bundled --variant pw75priorsel --recipe default --affinity-steps 30  # session 6
+    python scripts/ablation_hipro.py bundled --variant pw75priorsel --recipe adamw-1600 --affinity-steps 30  # session 6
+    python scripts/ablation_hipro.py bundled --variant pw75sel --recipe default --affinity-steps 30  # session 7 (L-BFGS)
 
 planted: hipro_fast.data.synth problems (3 groups x 2 tasks, 1/2/4 shots and
   conflicting labels at 2 shots, seeds 0-2), HiPro on the affinity tree with
@@ -88,10 +89,12 @@ BUNDLED_VARIANTS = {
 }
 # bundled: the training recipe. coop-sgd: CoOp's SGD at batch 32 and >= 200 steps (the default
 # until session 5; every session-3/4 table); adamw-full: the session-5 default (800 steps);
-# default: TrainConfig() (since session 6).
+# adamw-1600: the session-6 default (the session-6 and session-7 AdamW tables, run then as
+# "--recipe default"); default: TrainConfig(), whatever it is now (session 7: full-batch L-BFGS).
 RECIPES = {"coop-sgd": TrainConfig(optimizer="sgd", batch_size=32, epochs=50, min_steps=200, lr=0.002),
            "adamw-full": TrainConfig(optimizer="adamw", batch_size="full", epochs=50, min_steps=800, lr=0.002),
-           "default": TrainConfig()}  # session 6: AdamW, full batch, 50 epochs, >= 1,600 steps
+           "adamw-1600": TrainConfig(optimizer="adamw", batch_size="full", epochs=50, min_steps=1600, lr=0.002),
+           "default": TrainConfig()}
 PLANTED_VARIANTS = {"uniform": {"path_weights": "uniform"},
                     "pw75": {"path_weights": "learned", "leaf_weight": 0.75},
                     "pw90": {"path_weights": "learned", "leaf_weight": 0.9},

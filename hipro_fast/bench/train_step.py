@@ -4,8 +4,11 @@ The step `method.training.fit` runs, on fixed inputs: the forest pass for
 every task's class features, per task the scaled cosine logits of a batch of
 L2-normalised image features (cached features, as in training) and their
 cross-entropy, the mean over tasks, backward to the context table, and the
-optimiser step of TrainConfig's default (AdamW, lr 0.002, weight decay 5e-4;
-`optimizer="sgd"`: CoOp's SGD with momentum 0.9). Under bf16 the forward runs
+optimiser step of AdamW (lr 0.002, weight decay 5e-4: session 6's training
+default; `optimizer="sgd"`: CoOp's SGD with momentum 0.9). TrainConfig's
+default since session 7, full-batch L-BFGS, runs a data-dependent number of
+evaluations per step (its line search), which a fixed CUDA graph cannot
+capture; its per-evaluation cost is this step without the optimiser update. Under bf16 the forward runs
 under autocast, as `fit(amp="bf16")` does. On CUDA AdamW is built with
 capturable=True (its step count lives on the device), which a CUDA graph of
 the step needs.

@@ -6,7 +6,8 @@ A checkpoint directory holds two checkpoints, `last` (for resuming) and `best`
     <kind>.json                   tree, model config, epoch, history, train config, ...
     <kind>-e<epoch>.safetensors   "ctx/<node>" contexts, "opt/<key>/<node>" optimiser
                                   state (SGD momentum_buffer; AdamW step, exp_avg,
-                                  exp_avg_sq), "best/<node>" best-so-far contexts
+                                  exp_avg_sq; L-BFGS's global state under its first
+                                  context), "best/<node>" best-so-far contexts
                                   (`last` only)
 
 The frozen CLIP is never stored. Both files are written atomically (a temp file

@@ -24,15 +24,18 @@ through several permutations). The
 permutations of epoch e of task t come from a generator seeded with
 (seed, e, crc32(t)), so an epoch can be replayed exactly after a resume: with
 the contexts and the optimiser state (SGD momentum buffers, AdamW moments and
-step counts) restored from the end of epoch e-1 and the lr computed in closed
-form, a resumed run is bitwise identical on CPU.
+step counts, L-BFGS's curvature pairs and step length) restored from the end
+of epoch e-1 and the lr computed in closed form, a resumed run is bitwise
+identical on CPU.
 
 Several processes (torchrun; hipro_fast.distributed): when a process group of
 more than one rank is up, fit() and evaluate() shard the model's text side by
 class (HiProModel.shard_text), every rank takes its slice of each task's
 global batch (the same draw as one process), the gradients of the replicated
-contexts are summed over the ranks, and evaluation sums correct counts over
-the ranks' shares of the features. Only rank 0 writes checkpoints; every rank
+contexts are summed over the ranks, and evaluation sums correct counts (or
+losses) over the ranks' shares of the features. L-BFGS's line search compares
+the global objective, the same on every rank; its curvature pairs magnify the
+ranks' different fp32 summation order faster than SGD does. Only rank 0 writes checkpoints; every rank
 reads them on resume, with any number of ranks.
 """
 from __future__ import annotations
@@ -72,8 +75,10 @@ Data = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 class TrainConfig:
     """Training hyper-parameters.
 
-    Defaults (issue 9, session 7): full-batch L-BFGS, 50 epochs, at least 800
-    iterations (16 per epoch, each epoch ending in a validation). On the
+    Defaults (issue 9, session 7): full-batch L-BFGS, 50 epochs of at most 16
+    iterations (800 in all; an epoch ends early once L-BFGS has converged:
+    torch's tolerance_grad / tolerance_change), each epoch ending in a
+    validation. On the
     bundled benchmark's dev split its budget is converged: doubling it (100
     epochs of 16 iterations) moves no method's mean by more than 0.41 points at
     1, 4 or 16 shots, where AdamW on the full batch still gained about a point
@@ -88,8 +93,11 @@ class TrainConfig:
     optimizer: "sgd" (CoOp's: momentum, weight_decay), "adamw" (betas 0.9 /
     0.999, decoupled weight_decay; momentum unused) or "lbfgs" (full batch
     only; a step is one quasi-Newton iteration whose line search evaluates the
-    loss one or more times; lr, momentum, weight_decay and the warm-up are
-    unused). lr: the peak learning rate.
+    loss one or more times; steps_per_epoch is a ceiling, reached unless it
+    converges; lr, momentum, weight_decay and the warm-up are unused; its
+    checkpoints hold up to 2 x 100 curvature vectors of all contexts, and a
+    non-finite loss at a line-search trial point stops the run like any other).
+    lr: the peak learning rate.
     epochs: number of epochs, with a cosine lr schedule over them.
     warmup_epochs / warmup_lr: constant-lr warm-up epochs (counted within
     `epochs`). batch_size: samples PER TASK per step, or "full" for the full
@@ -167,7 +175,7 @@ class TrainConfig:
         """The recipe in words (for logs and reports): its optimiser, batch and budget."""
         batch = "the full batch" if self.batch_size == FULL_BATCH else f"batch {self.batch_size}"
         if self.optimizer == "lbfgs":
-            return (f"L-BFGS (strong-Wolfe line search) on {batch}, at least {self.min_steps} iterations "
+            return (f"L-BFGS (strong-Wolfe line search) on {batch}, up to {self.min_steps} iterations "
                     f"over {self.epochs} epochs")
         return (f"{'AdamW' if self.optimizer == 'adamw' else 'SGD'} lr {self.lr:g} (cosine) on {batch}, at least "
                 f"{self.min_steps} steps over {self.epochs} epochs")
@@ -352,7 +360,11 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
         config: a TrainConfig; `overrides` replace its fields (fit(m, d, epochs=5)).
         callback: called after every optimiser step (on every rank, with the same
             global values) with a dict
-            (epoch, step, lr, loss, task_loss).
+            (epoch, step, lr, loss, task_loss). With L-BFGS it is called at
+            every loss evaluation instead (line-search trial points included,
+            before the step is accepted), `step` counting the epoch's
+            evaluations; the history's per-epoch loss is then the mean over
+            those evaluations.
     Returns:
         FitResult; the model is left holding the BEST state.
     Raises:
@@ -429,7 +441,9 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     if config.progress and main and start < config.epochs:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=(config.epochs - start) * steps, desc="fit", unit="step")
+        # L-BFGS's evaluations per epoch vary with its line search: count them without a total
+        bar = tqdm(total=None if quasi_newton else (config.epochs - start) * steps, desc="fit",
+                   unit="eval" if quasi_newton else "step")
     t_fit = time.perf_counter()
     model.train()
     for epoch in range(start, config.epochs):
