@@ -257,17 +257,19 @@ def test_train_eval_export(world, tmp_path, capsys):
 
 
 def test_compare_select_by_reaches_the_selection(world, tmp_path, capsys):
-    """--select-by loss: every task's pick is its lowest-validation-loss
-    candidate, and the JSON and the summary name the criterion."""
-    run_dir = tmp_path / "cmp-loss"
-    assert _run(world, "compare", "--methods", "coop-per-task,hipro", "--tree", "flat", "--shots", "1",
-                "--seeds", "0", "--epochs", "1", "--n-ctx", "2", "--select-by", "loss", run_dir=run_dir) == 0
-    assert "(by loss)" in capsys.readouterr().out
-    results = json.loads((run_dir / "comparison.json").read_text())
-    assert results["select"] == "per-task" and results["select_by"] == "loss"
-    (draw,) = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if json.loads(ln).get("event") == "draw"]
-    assert set(draw["choices"]["hipro"][0]) == set(TASKS)
+    """--select-by: the criterion reaches the selection (the JSON and the summary
+    name it; loss by default), and every task gets a pick."""
+    for by, expected in ((None, "loss"), ("accuracy", "accuracy")):
+        run_dir = tmp_path / f"cmp-{expected}"
+        flag = ["--select-by", by] if by else []
+        assert _run(world, "compare", "--methods", "coop-per-task,hipro", "--tree", "flat", "--shots", "1",
+                    "--seeds", "0", "--epochs", "1", "--n-ctx", "2", *flag, run_dir=run_dir) == 0
+        assert f"(by {expected})" in capsys.readouterr().out
+        results = json.loads((run_dir / "comparison.json").read_text())
+        assert results["select"] == "per-task" and results["select_by"] == expected
+        (draw,) = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(ln).get("event") == "draw"]
+        assert set(draw["choices"]["hipro"][0]) == set(TASKS)
     assert _run(world, "compare", "--select-by", "f1", run_dir=tmp_path / "bad") != 0
     assert "--select-by" in capsys.readouterr().err
 

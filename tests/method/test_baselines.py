@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hipro_fast.method.baselines import (METHODS, SELECT_CRITERIA, ComparisonTable, build_method, choose_per_task,
-                                         compare)
+from hipro_fast.method.baselines import (DEFAULT_SELECT_BY, METHODS, SELECT_CRITERIA, ComparisonTable, build_method,
+                                         choose_per_task, compare)
 from hipro_fast.method.training import TrainConfig, evaluate, fit
 from tests.helpers_training import N_CTX, TASKS, TREE, tiny_clip, toy_data
 
@@ -157,7 +157,7 @@ def test_select_per_task_takes_each_tasks_best_candidate_on_validation():
     train, val, test = toy_data(seed=1), toy_data(seed=2), toy_data(seed=3)
     cfg = TrainConfig(epochs=2, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05, min_steps=0)
     table = compare(clip, TASKS, train, test, val=val, methods=["coop-per-task", "hipro"], seeds=(4,), tree=TREE,
-                    n_ctx=N_CTX, train_config=cfg, tokenizer=tok, select="per-task")
+                    n_ctx=N_CTX, train_config=cfg, tokenizer=tok, select="per-task", select_by="accuracy")
     assert set(table.results) == {"coop-per-task", "hipro"}      # two-level trained, not reported
     (choice,) = table["hipro"].choices
     candidates = {}
@@ -200,8 +200,9 @@ def test_choose_per_task_criteria_and_ties():
 
 
 def test_compare_select_by_loss_takes_the_lowest_validation_loss():
-    """select_by="loss" in compare(): each task's candidate is the one whose
-    recorded validation loss is lowest, and its test accuracy is reported."""
+    """select_by="loss" (the default) in compare(): each task's candidate is the
+    one whose recorded validation loss is lowest, and its test accuracy is reported."""
+    assert DEFAULT_SELECT_BY == "loss"
     clip, tok = tiny_clip()
     train, val, test = toy_data(seed=1), toy_data(seed=2), toy_data(seed=3)
     cfg = TrainConfig(epochs=2, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05, min_steps=0)
