@@ -329,8 +329,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def make_optimizer(config: TrainConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     """config.optimizer over `params` at the schedule's first lr. "lbfgs":
     torch.optim.LBFGS with the strong-Wolfe line search (so lr 1, the unit
-    quasi-Newton step it starts from), running config.steps_per_epoch
-    iterations per step() call (one call per epoch)."""
+    quasi-Newton step it starts from), running up to config.steps_per_epoch
+    iterations per step() call (one call per epoch; fewer once converged)."""
     if config.optimizer == "lbfgs":
         iters = int(config.steps_per_epoch or 1)
         # max_eval bounds the line-search evaluations, so that it is the iteration count that ends an epoch
