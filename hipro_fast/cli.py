@@ -246,7 +246,8 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: in
         g.add_argument("--tree", type=_tree_arg, default="auto",
                        help="auto (from the task affinity), flat, a tree.json file or a JSON nested list")
     g.add_argument("--epochs", type=_POSITIVE, default=None, help="training epochs (TrainConfig default if unset)")
-    g.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate of sgd / adamw (TrainConfig default if unset)")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="peak learning rate of sgd / adamw (TrainConfig default if unset)")
     g.add_argument("--train-batch-size", type=_train_batch_arg, default=None,
                    help="training samples per task per step, or 'full' (every sample in every step) "
                         "(TrainConfig default if unset)")

@@ -15,7 +15,7 @@ bundled: CoOp's protocol (hipro_fast.method.protocol) on the bundled benchmark
     python scripts/ablation_hipro.py bundled --variant concat    # combine concat (two-level + hipro)
     python scripts/ablation_hipro.py bundled --variant pw90sel --recipe adamw-full --affinity-steps 30  # session 5
     python scripts/ablation_hipro.py bundled --variant pw75priorsel --recipe adamw-1600 --affinity-steps 30  # session 6
-    python scripts/ablation_hipro.py bundled --variant pw75sel --recipe default --affinity-steps 30  # session 7 (L-BFGS)
+    python scripts/ablation_hipro.py bundled --variant pw75sel --recipe default --affinity-steps 30  # session 7
 
 planted: hipro_fast.data.synth problems (3 groups x 2 tasks, 1/2/4 shots and
   conflicting labels at 2 shots, seeds 0-2), HiPro on the affinity tree with
@@ -36,7 +36,7 @@ budget: the training-budget check on the bundled DEV split: every trained
     python scripts/ablation_hipro.py budget --lr 0.002 --scale 2 --shots 1,4,16
     python scripts/ablation_hipro.py budget --optimizer adamw --full-batch --min-steps 800 --scale 1 --shots 1,4,16
     python scripts/ablation_hipro.py budget --optimizer adamw --full-batch --min-steps 800 --lr 0.01 --scale 2 --shots 1,4,16
-    python scripts/ablation_hipro.py budget --optimizer lbfgs --full-batch --min-steps 800 --scale 1 --shots 1,4,16  # session 7
+    python scripts/ablation_hipro.py budget --optimizer lbfgs --full-batch --min-steps 800 --scale 1 --shots 1,4,16
 
 Results: benchmarks/results/ablation_hipro.md. One thread per run (--threads).
 bundled and budget run the protocol's draws in parallel under torchrun (one

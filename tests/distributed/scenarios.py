@@ -155,7 +155,8 @@ def protocol_failure() -> str:
         with compare_preceded_by(fail_seed_1):
             protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1,),
                                   seeds=(0, 1), methods=["coop-per-task"], n_ctx=2,
-                                  train_config=TrainConfig(epochs=1, steps_per_epoch=1, optimizer="adamw", batch_size=4))
+                                  train_config=TrainConfig(epochs=1, steps_per_epoch=1, optimizer="adamw",
+                                                           batch_size=4))
     except DistributedError as e:
         return f"told: {e}"
     except RuntimeError as e:
@@ -260,7 +261,8 @@ def slow_draw(argv: list[str]) -> None:
     with compare_preceded_by(stall_seed_1):
         res = protocol.run_protocol((clip, tok), TASKS, few_shot_pool(per_class=10), toy_data(seed=5), shots=(1,),
                                     seeds=(0, 1), methods=["coop-per-task"], n_ctx=2,
-                                    train_config=TrainConfig(epochs=1, steps_per_epoch=1, optimizer="adamw", batch_size=4))
+                                    train_config=TrainConfig(epochs=1, steps_per_epoch=1, optimizer="adamw",
+                                                             batch_size=4))
     if info.rank == 0:
         save_file({f"{s}": torch.tensor([t["coop-per-task"].mean]) for (_, s), t in res.runs.items()}, argv[0])
     group.shutdown()

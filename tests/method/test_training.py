@@ -144,7 +144,8 @@ def test_no_val_best_is_last_and_eval_every(data, monkeypatch):
     res = fit(model, train, None, epochs=3, optimizer="adamw", batch_size=4, steps_per_epoch=1)
     assert res.best_epoch == 2 and res.best_val is None
     assert all(torch.equal(res.best_state[n], res.final_state[n]) for n in res.final_state)
-    res = fit(make_model(), train, val, epochs=5, optimizer="adamw", batch_size=4, steps_per_epoch=1, eval_every=2, progress=True)
+    res = fit(make_model(), train, val, epochs=5, optimizer="adamw", batch_size=4, steps_per_epoch=1, eval_every=2,
+              progress=True)
     assert [h["val_mean"] is not None for h in res.history] == [False, True, False, True, True]
 
 
@@ -465,7 +466,8 @@ def test_lbfgs_line_search_compares_the_whole_objective(data, monkeypatch):
 
 @pytest.mark.parametrize("bad, pattern", [({"batch_size": 0}, r"batch_size must be an integer >= 1 or 'full', got 0"),
                                           ({"batch_size": "all"}, r"got 'all'"),
-                                          ({"optimizer": "adam"}, r"optimizer must be one of \('sgd', 'adamw', 'lbfgs'\)")])
+                                          ({"optimizer": "adam"},
+                                           r"optimizer must be one of \('sgd', 'adamw', 'lbfgs'\)")])
 def test_bad_optimizer_and_batch_options_name_the_value(data, bad, pattern):
     train, _ = data
     with pytest.raises(ValueError, match=pattern):
