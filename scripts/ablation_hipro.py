@@ -67,7 +67,7 @@ from hipro_fast.distributed import group as dist_group  # noqa: E402
 from hipro_fast.data.synth import make_planted_problem, planted_clip  # noqa: E402
 from hipro_fast.data.tasks_spec import load_spec  # noqa: E402
 from hipro_fast.method.affinity import task_affinity  # noqa: E402
-from hipro_fast.method.baselines import SELECT_CRITERIA, choose_per_task, compare  # noqa: E402
+from hipro_fast.method.baselines import DEFAULT_SELECT_BY, SELECT_CRITERIA, choose_per_task, compare  # noqa: E402
 from hipro_fast.method.protocol import run_protocol  # noqa: E402
 from hipro_fast.method.training import TrainConfig  # noqa: E402
 from hipro_fast.method.tree import tree_from_affinity  # noqa: E402
@@ -210,7 +210,8 @@ def budget(a) -> dict:
     config = TrainConfig(epochs=int(50 * a.scale), min_steps=int(a.min_steps * a.scale), lr=a.lr,
                          optimizer=a.optimizer, batch_size=batch, weight_decay=a.weight_decay)
     res = run_protocol(clip, feats.tasks, pool, dev, shots=a.shots, seeds=a.seeds, methods=a.methods, n_ctx=4,
-                       train_config=config, affinity_config=affinity_config(a, 30), on_run=draw_printer())
+                       train_config=config, affinity_config=affinity_config(a, 30), on_run=draw_printer(),
+                       select_by=a.select_by)
     say(res.summary_markdown().replace("test accuracy", "DEV accuracy"))
     return {"lr": a.lr, "weight_decay": a.weight_decay, "scale": a.scale, "optimizer": a.optimizer, "batch_size": batch,
             "min_steps": int(a.min_steps * a.scale), **res.to_dict()}
@@ -271,6 +272,9 @@ def main() -> None:
     ap.add_argument("--full-batch", action="store_true", help="budget: every training sample in every step")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=["coop-per-task", "coop-shared", "two-level", "hipro"],
                     help="budget: the methods run")
+    ap.add_argument("--select-by", choices=list(SELECT_CRITERIA), default=DEFAULT_SELECT_BY,
+                    help="budget: HiPro's per-task selection criterion (the budget tables before session 7's "
+                         "switch used accuracy)")
     ap.add_argument("--levels", type=int, default=None,
                     help="tree levels below the root for hipro's affinity tree (default: the automatic rule)")
     ap.add_argument("--work", default=os.environ.get("HIPRO_ABLATION_DIR", "/tmp/hipro-ablation"),

@@ -78,11 +78,12 @@ class TrainConfig:
     Defaults (issue 9, session 7): full-batch L-BFGS, 50 epochs of at most 16
     iterations (800 in all; an epoch ends early once L-BFGS has converged:
     torch's tolerance_grad / tolerance_change), each epoch ending in a
-    validation. On the
-    bundled benchmark's dev split its budget is converged: doubling it (100
-    epochs of 16 iterations) moves no method's mean by more than 0.41 points at
-    1, 4 or 16 shots, where AdamW on the full batch still gained about a point
-    per doubling at 16 shots up to 12,800 steps. Against that recipe's
+    validation. On the bundled benchmark's dev split, doubling this budget
+    (100 epochs of 16 iterations) moves no method's mean by more than 0.41
+    points at 1, 4 or 16 shots (a second doubling moves only HiPro and
+    two-level at 16 shots, by +1.02 and +0.51), where AdamW on the full batch
+    still gained about a point per doubling at 16 shots up to 12,800 steps.
+    Against that recipe's
     1,600-step default it scores +1.0 to +3.0 points higher for every method
     at 16 shots and between -0.84 and +1.64 at 1 and 4 shots
     (benchmarks/results/ablation_hipro.md). The previous default,
