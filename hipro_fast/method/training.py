@@ -35,8 +35,8 @@ global batch (the same draw as one process), the gradients of the replicated
 contexts are summed over the ranks, and evaluation sums correct counts (or
 losses) over the ranks' shares of the features. L-BFGS's line search compares
 the global objective, the same on every rank; its curvature pairs magnify the
-ranks' different fp32 summation order faster than SGD does. Only rank 0 writes checkpoints; every rank
-reads them on resume, with any number of ranks.
+ranks' different fp32 summation order faster than SGD does. Only rank 0
+writes checkpoints; every rank reads them on resume, with any number of ranks.
 """
 from __future__ import annotations
 
@@ -83,10 +83,9 @@ class TrainConfig:
     points at 1, 4 or 16 shots (a second doubling moves only HiPro and
     two-level at 16 shots, by +1.02 and +0.51), where AdamW on the full batch
     still gained about a point per doubling at 16 shots up to 12,800 steps.
-    Against that recipe's
-    1,600-step default it scores +1.0 to +3.0 points higher for every method
-    at 16 shots and between -0.84 and +1.64 at 1 and 4 shots
-    (benchmarks/results/ablation_hipro.md). The previous default,
+    Against that recipe's 1,600-step default it scores +1.0 to +3.0 points
+    higher for every method at 16 shots and between -0.84 and +1.64 at 1 and
+    4 shots (benchmarks/results/ablation_hipro.md). The previous default,
     TrainConfig(optimizer="adamw", min_steps=1600), and CoOp's recipe,
     TrainConfig(optimizer="sgd", batch_size=32, min_steps=200), stay available;
     mini-batches need one of them.
@@ -456,6 +455,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                                   .to(device) for t in tasks}
         loss_sum = 0.0
         task_sums = dict.fromkeys(tasks, 0.0)
+
         def loss_and_grads(step: int) -> tuple[float, list[float]]:
             """One evaluation at the current contexts: every task's loss (global:
             summed over the ranks' pieces) and the gradients (summed over the
@@ -477,14 +477,17 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
                     else:  # this rank's piece: its CE sum over the global batch size (module docstring)
                         losses.append(task_loss(model.logits(t, x, feats), y, reduction="sum") / global_size)
             stacked = torch.stack(losses).float()
-            values = dist_group.all_reduce_sum(stacked.detach().clone()).cpu().tolist()
+            prior = model.regularization() if main else None  # replicated: counted once, on rank 0
+            # one collective for the tasks' losses and the prior (rank 0's; the line search needs it everywhere)
+            prior_part = (prior.detach().float() if prior is not None else stacked.new_zeros(())).reshape(1)
+            reduced = dist_group.all_reduce_sum(torch.cat([stacked.detach(), prior_part])).cpu()
+            values, prior_value = reduced[:-1].tolist(), float(reduced[-1])
             bad = {t: v for t, v in zip(tasks, values) if not math.isfinite(v)}
             if bad:
                 if bar is not None:
                     bar.close()
                 raise NonFiniteLossError(epoch, step, bad)
             loss = stacked.mean()
-            prior = model.regularization() if main else None  # replicated: counted once, on rank 0
             if prior is not None:
                 loss = loss + prior.float()
             optimizer.zero_grad(set_to_none=True)
@@ -493,12 +496,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
             else:
                 loss.backward()
             all_reduce_grads([p for _, p in params])  # a no-op in one process
-            objective = sum(values) / len(values)
-            if quasi_newton:  # the line search compares objectives: every rank needs the same, prior included
-                prior_value = prior.detach().double().reshape(1) if prior is not None else \
-                    torch.zeros(1, dtype=torch.float64)
-                objective += float(dist_group.all_reduce_sum(prior_value.to(device)).item())
-            return objective, values
+            return sum(values) / len(values) + prior_value, values
 
         evaluations = 0
 
