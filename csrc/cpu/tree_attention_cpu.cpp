@@ -20,6 +20,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cmath>
 #include <limits>
@@ -261,6 +262,9 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const
                                                       const at::Tensor& segment_table,
                                                       const at::Tensor& token_segment,
                                                       double scale) {
+  // Computes in its documented precision even inside an autocast region: the
+  // block GEMMs (attention_blocks.cpp) must not be autocast to bf16 / fp16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_attention_args(q, k, v, segment_table, token_segment);
   check_forest_values(segment_table, token_segment);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
@@ -291,6 +295,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segment_table,
     const at::Tensor& token_segment, double scale) {
+  // Computes in its documented precision even inside an autocast region: the
+  // block GEMMs (attention_blocks.cpp) must not be autocast to bf16 / fp16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_attention_backward_args(grad_out, q, k, v, out, lse, segment_table, token_segment);
   check_forest_values(segment_table, token_segment);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);

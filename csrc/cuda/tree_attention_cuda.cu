@@ -50,6 +50,8 @@
 // the table's rows on its host copy, raising). Shapes, dtypes, devices and
 // row layouts are checked on the host by the checks the CPU op runs too
 // (check_attention_args in ../checks.h), plus this backend's launch limits.
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include "../attention_blocks.h"
 #include "common.cuh"
 
@@ -441,6 +443,9 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
                                                        const at::Tensor& segment_table,
                                                        const at::Tensor& token_segment,
                                                        double scale) {
+  // Computes in its documented precision even inside an autocast region: the
+  // block GEMMs (attention_blocks.cpp) must not be autocast to bf16 / fp16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_attention_args(q, k, v, segment_table, token_segment);
   check_cuda_limits(q);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -479,6 +484,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& segment_table,
     const at::Tensor& token_segment, double scale) {
+  // Computes in its documented precision even inside an autocast region: the
+  // block GEMMs (attention_blocks.cpp) must not be autocast to bf16 / fp16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_attention_backward_args(grad_out, q, k, v, out, lse, segment_table, token_segment);
   check_cuda_limits(q);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);

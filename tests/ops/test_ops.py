@@ -133,6 +133,28 @@ def _fuzz_case(seed, segments, H, D, max_len):
 
 
 @needs_ext
+@pytest.mark.parametrize("mode", ["all_gemm", "all_gemm_grouped", "scalar_only"])
+def test_tree_attention_ignores_autocast(mode):
+    """fp32 q/k/v inside an autocast region (a user's own attention input, or a
+    tower left in fp32): the op computes exactly what it computes outside, its
+    block GEMMs are not autocast to bf16, forward and backward."""
+    lay, _ = random_layout(31, 20, 8)
+    q, k, v = qkv(lay.num_tokens, 2, 16, torch.float32, 31, requires_grad=True)
+    args = (lay.segment_table, lay.token_segment, 0.25)
+    with block_mode(mode):
+        out = ops.tree_attention(q, k, v, *args)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_a = ops.tree_attention(q, k, v, *args)
+            grads_a = torch.autograd.grad(out_a, (q, k, v), g)
+    assert out_a.dtype == torch.float32
+    torch.testing.assert_close(out_a, out, rtol=0, atol=0)
+    for a, b in zip(grads_a, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_ext
 def test_tree_attention_paths_agree_in_fp64():
     """The GEMM blocks and the scalar loops compute the same sums in another
     order: in fp64 every output agrees to rounding, with some segments on each
@@ -287,6 +309,34 @@ def test_assemble_forward_backward(dtype, seed, segments, W):
 
 
 @needs_ext
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 60), R=st.integers(1, 9), V=st.integers(1, 7), P=st.integers(1, 12),
+       W=st.integers(1, 40), dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 2**31 - 1))
+def test_assemble_fuzz_rows_read_by_many_tokens(T, R, V, P, W, dtype, seed):
+    """Any mix of context and vocabulary tokens, context rows drawn with
+    replacement (one row read by many tokens, as a shared context is in the
+    forest), so the backward must accumulate: forward equals the row-by-row
+    definition exactly, and the context gradient equals index_add_ in fp64."""
+    g = torch.Generator().manual_seed(seed)
+    reads_ctx = torch.rand(T, generator=g) < 0.7
+    ctx_row = torch.where(reads_ctx, torch.randint(0, R, (T,), generator=g), torch.full((T,), -1))
+    vocab_id = torch.where(reads_ctx, torch.full((T,), -1), torch.randint(0, V, (T,), generator=g))
+    position = torch.randint(0, P, (T,), generator=g)
+    ctx = torch.randn(R, W, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    emb = torch.randn(V, W, generator=g, dtype=torch.float64).to(dtype)
+    pos = torch.randn(P, W, generator=g, dtype=torch.float64).to(dtype)
+    out = ops.assemble_forest(ctx, emb, pos, ctx_row, vocab_id, position)
+    expected = torch.stack([(ctx[r] if r >= 0 else emb[v]) + pos[p]
+                            for r, v, p in zip(ctx_row.tolist(), vocab_id.tolist(), position.tolist())])
+    torch.testing.assert_close(out, expected.detach(), atol=0, rtol=0)
+    grad_out = torch.randn(T, W, generator=g, dtype=torch.float64).to(dtype)
+    out.backward(grad_out)
+    truth = torch.zeros(R, W, dtype=torch.float64).index_add_(0, ctx_row[reads_ctx], grad_out[reads_ctx].double())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ctx.grad.double(), truth, atol=tol, rtol=tol)
+
+
+@needs_ext
 def test_assemble_grads_to_frozen_tables_when_asked():
     lay, ctx, emb, pos = assembly_inputs(3, 12, 8, torch.float64)
     emb.requires_grad_()
@@ -335,6 +385,34 @@ def test_pool_forward_backward(dtype, T, P, W, E):
     # both compute in fp32 and round once: low precision may differ by one rounding (eps relative)
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-6 if tol < 1e-4 else 1e-5, rtol=tol)
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 30), P=st.integers(1, 40), W=st.integers(4, 40), E=st.integers(2, 16),
+       dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 2**31 - 1))
+def test_pool_fuzz_repeated_eos_rows(T, P, W, E, dtype, seed):
+    """EOS indices drawn with replacement (P may exceed T: prompts that share
+    their EOS row), so the x gradient accumulates several pooled rows: forward
+    and backward against the fp64 brute force (autograd through it). W >= 4 and
+    E >= 2: with 2 features LayerNorm's output is +-1 whatever x, and with one
+    output the normalised feature is a sign, so their x gradients are ~0 and
+    fp32 has no relative accuracy to test there."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, W, generator=g, dtype=torch.float64) * 3 + 1).to(dtype).requires_grad_()
+    eos = torch.randint(0, T, (P,), generator=g)
+    weight, bias = (torch.randn(W, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    proj = torch.randn(W, E, generator=g, dtype=torch.float64).to(dtype)
+    out = ops.pool_eos(x, eos, weight, bias, proj, 1e-5)
+    x64 = x.detach().double().requires_grad_()
+    ref = brute_pool(x64, eos, weight.double(), bias.double(), proj.double(), 1e-5)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), ref.detach(), atol=tol, rtol=tol)
+    grad_out = torch.randn(P, E, generator=g, dtype=torch.float64)
+    out.backward(grad_out.to(out.dtype))
+    ref.backward(grad_out)
+    scale = x64.grad.abs().max().item() + 1e-30
+    torch.testing.assert_close(x.grad.double() / scale, x64.grad / scale, atol=tol * 10, rtol=0)
 
 
 @needs_ext
