@@ -31,7 +31,7 @@ build: $(DEPS_STAMP)
 	$(BIN)/python -c "import hipro_fast; print('hipro_fast build:', hipro_fast.build_info())"
 
 test: build
-	$(BIN)/python -m pytest -q tests
+	HIPRO_REQUIRE_CTEST=1 $(BIN)/python -m pytest -q tests
 
 bench: build
 	$(BIN)/hipro bench

@@ -46,7 +46,7 @@ from .distributed.launch import run_under_torchrun, without_option
 from .data.tasks_spec import load_spec
 from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
 from .engine.text_tower import ATTENTION_BACKENDS
-from .errors import CliError, ForestError, HiproError
+from .errors import CliError, ForestError, HiproError, InvalidInputError, MissingFileError
 from .method import affinity as aff
 from .method import baselines, export
 from .method.grouping import LINKAGES
@@ -653,11 +653,11 @@ def cmd_tree(ctx: _Ctx) -> int:
     if a.affinity:
         p = Path(a.affinity)
         if not p.is_file():
-            raise FileNotFoundError(f"affinity file not found: {p}")
+            raise MissingFileError(f"affinity file not found: {p}")
         try:
             matrix, names, _ = aff.load_affinity_json(p)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{p}: not an affinity.json from `hipro affinity` ({type(e).__name__}: {e})") from None
+            raise InvalidInputError(f"{p}: not an affinity.json from `hipro affinity` ({type(e).__name__}: {e})") from None
         tree = ctx.pipeline.build_tree(matrix, names, a.levels, a.threshold, a.linkage)
         _save_tree(ctx, tree, matrix, names)
     else:
@@ -767,7 +767,8 @@ def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
         means = ", ".join(f"{m} {100 * r.mean:.1f}" for m, r in table.results.items())
         ctx.say(f"  {k} shot{'s' if k > 1 else ''}, seed {seed}: {means}  [{time.time() - t0:.0f} s]")
         ctx.run.log("draw", shots=k, seed=seed, tree=table.tree, results=ctx.pipeline.table_results(table),
-                    choices={m: r.choices for m, r in table.results.items() if r.choices})
+                    choices={m: r.choices for m, r in table.results.items() if r.choices},
+                    candidates={m: r.candidates for m, r in table.results.items() if r.candidates})
 
     result = ctx.pipeline.run_shots_protocol(
         ctx.clip(), feats, shots=shots, seeds=seeds, methods=methods, tree=tree, n_ctx=a.n_ctx, combine=a.combine,

@@ -2,6 +2,9 @@
 so callers (the CLI among them) catch one type. Each class also keeps the
 builtin base that describes it (``ValueError`` for bad input, ``RuntimeError``
 for a failed run) so ``except ValueError`` code keeps working.
+tests/test_errors.py fails on a bare builtin raise anywhere in the package.
+The compiled ops' argument checks (csrc/checks.cpp) raise torch's
+RuntimeError, as every torch op does.
 
 This module sits below every layer and imports nothing of the package.
 """
@@ -12,6 +15,26 @@ from pathlib import Path
 
 class HiproError(Exception):
     """Base of all hipro_fast errors; the message names the culprit."""
+
+
+# ---------------------------------------------------------------- generic
+class InvalidInputError(HiproError, ValueError):
+    """An argument, option or file content outside what is accepted (an unknown
+    mode, a value out of range, a file of the wrong kind); the message names it
+    and what is accepted."""
+
+
+class InvalidTypeError(HiproError, TypeError):
+    """An argument of the wrong type, or an option a function does not have."""
+
+
+class MissingFileError(HiproError, FileNotFoundError):
+    """A file or directory the caller named does not exist; the message names it."""
+
+
+class ExtensionUnavailableError(HiproError, RuntimeError):
+    """An op that only the compiled extension has, asked for without it (see
+    ``hipro_fast.build_info()``)."""
 
 
 # ----------------------------------------------------------------- engine
@@ -86,6 +109,10 @@ class TreeError(HiproError, ValueError):
 
 class AffinityMatrixError(TreeError):
     """An affinity matrix that cannot be clustered (shape, names, non-finite values)."""
+
+
+class NonFiniteAffinityError(HiproError, FloatingPointError):
+    """The task-affinity matrix came out NaN/inf (training diverged)."""
 
 
 class CheckpointError(HiproError, ValueError):

@@ -4,6 +4,7 @@ tests/helpers_training.py ...`) that trains in a subprocess for the
 kill-and-resume tests."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -44,6 +45,14 @@ def tiny_clip():
 def make_model(tree=TREE, n_ctx=N_CTX, seed=0, tasks=TASKS, **kw):
     clip, tok = tiny_clip()
     return hipro_fast.HiProModel(clip, tasks, tree, n_ctx=n_ctx, tokenizer=tok, seed=seed, **kw)
+
+
+def private_model(tree=TREE, n_ctx=N_CTX, seed=0, tasks=TASKS, **kw):
+    """make_model() on a private copy of the tiny CLIP: `fit(..., device="cuda")`
+    moves a model's CLIP in place, which must not move the shared one under
+    the tests that follow (nor the CPU side of a CUDA-vs-CPU comparison)."""
+    clip, tok = tiny_clip()
+    return hipro_fast.HiProModel(copy.deepcopy(clip), tasks, tree, n_ctx=n_ctx, tokenizer=tok, seed=seed, **kw)
 
 
 def few_shot_pool(per_class=12, seed=0):

@@ -30,7 +30,7 @@ from ..method import checkpoint as ckpt
 from ..method import protocol
 from ..method.model import HiProModel
 from ..method.tree import TaskTree
-from ..errors import ForestError, RunDirError
+from ..errors import ForestError, InvalidInputError, MissingFileError, RunDirError
 from ..files import atomic_write_text
 from .report import Report
 
@@ -134,7 +134,7 @@ class Run:
     def __init__(self, run_dir: str | Path | None, command: str, config: Mapping[str, Any] | None = None,
                  mode: str = "new", resumable: bool = False, writer: bool = True, resumed: bool = False):
         if mode not in RUN_MODES:
-            raise ValueError(f"run mode must be one of {RUN_MODES}, got {mode!r}")
+            raise InvalidInputError(f"run mode must be one of {RUN_MODES}, got {mode!r}")
         self.writer = writer
         if not writer:
             # Rank > 0 of a multi-process run: rank 0 owns the run directory (and
@@ -238,7 +238,7 @@ def resolve_device(device: str | None) -> str:
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise InvalidInputError(f"--device {device}: CUDA is not available on this machine")
     return str(device)
 
 
@@ -248,11 +248,11 @@ def register_model_config(path: str | Path) -> str:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model config not found: {path}")
+        raise MissingFileError(f"model config not found: {path}")
     try:
         json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
+        raise InvalidInputError(f"{path}: invalid JSON: {e}") from None
     open_clip.add_model_config(path)
     return path.stem
 
@@ -269,7 +269,7 @@ def load_model(name: str = "hipro-tiny-clip", pretrained: str | None = None, dev
         if name in (None, "hipro-tiny-clip"):
             name = cfg_name
     if pretrained is not None and not Path(pretrained).exists() and Path(pretrained).suffix:
-        raise FileNotFoundError(f"weights file not found: {pretrained}")
+        raise MissingFileError(f"weights file not found: {pretrained}")
     state = torch.random.get_rng_state()
     prev = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on the root logger
@@ -279,7 +279,7 @@ def load_model(name: str = "hipro-tiny-clip", pretrained: str | None = None, dev
             return load_clip(name, pretrained=pretrained, device=device)
         except RuntimeError as e:
             if "Model config for" in str(e) and "not found" in str(e):
-                raise ValueError(f"unknown model {name!r} (an open_clip model name, hipro-tiny-clip, "
+                raise InvalidInputError(f"unknown model {name!r} (an open_clip model name, hipro-tiny-clip, "
                                  f"or pass --model-config)") from None
             raise
     finally:
@@ -375,7 +375,7 @@ def compute_affinity(clip, feats: TaskFeatures, method: str | None = None, progr
     import numpy as np
     method = method or aff.DEFAULT_METHOD
     if method not in aff.METHODS:
-        raise ValueError(f"unknown affinity method {method!r} (methods: {', '.join(aff.METHODS)})")
+        raise InvalidInputError(f"unknown affinity method {method!r} (methods: {', '.join(aff.METHODS)})")
     config = {k: v for k, v in config.items() if v is not None}
     steps = int(config.get("steps", aff.DEFAULTS[method]["steps"]))
     bar = None
@@ -412,7 +412,7 @@ def load_tree(spec: str, names: Sequence[str]):
         try:
             tree = TaskTree.from_json(spec)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--tree: invalid JSON ({e.msg} at character {e.pos}); {usage}") from None
+            raise InvalidInputError(f"--tree: invalid JSON ({e.msg} at character {e.pos}); {usage}") from None
     else:
         p = Path(spec)
         try:
@@ -421,13 +421,13 @@ def load_tree(spec: str, names: Sequence[str]):
             exists = False
         if p.suffix == ".json" or exists:
             if not p.is_file():
-                raise FileNotFoundError(f"tree file not found: {p}")
+                raise MissingFileError(f"tree file not found: {p}")
             try:
                 tree = TaskTree.from_json(p)
             except json.JSONDecodeError as e:
-                raise ValueError(f"tree file {p}: invalid JSON ({e.msg} at character {e.pos})") from None
+                raise InvalidInputError(f"tree file {p}: invalid JSON ({e.msg} at character {e.pos})") from None
         else:
-            raise ValueError(f"--tree {spec!r}: {usage}")
+            raise InvalidInputError(f"--tree {spec!r}: {usage}")
     tree.check_tasks(list(names))
     return tree
 
@@ -484,16 +484,16 @@ def _checkpoint_location(path: str | Path) -> tuple[Path, str]:
     """A checkpoint directory (its `best`, else `last`) or a <kind>.json file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     if path.is_file():
         kind = path.stem
         if path.suffix != ".json" or kind not in ckpt.KINDS:
-            raise ValueError(f"{path}: expected a checkpoint directory or its best.json / last.json")
+            raise InvalidInputError(f"{path}: expected a checkpoint directory or its best.json / last.json")
         return path.parent, kind
     for kind in ("best", "last"):
         if ckpt.has_checkpoint(path, kind):
             return path, kind
-    raise FileNotFoundError(f"no checkpoint in {path} (best.json / last.json not found)")
+    raise MissingFileError(f"no checkpoint in {path} (best.json / last.json not found)")
 
 
 def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
@@ -503,7 +503,7 @@ def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
     cfg = record.model_config
     width = getattr(getattr(clip.model, "token_embedding", None), "weight", None)
     if width is not None and "width" in cfg and int(cfg["width"]) != int(width.shape[1]):
-        raise ValueError(f"checkpoint {directory} was trained on a text tower of width {cfg['width']}, "
+        raise InvalidInputError(f"checkpoint {directory} was trained on a text tower of width {cfg['width']}, "
                          f"model {clip.name!r} has width {int(width.shape[1])} (pass the same --model)")
     model = HiProModel.from_config(clip, cfg).to(device)
     ckpt.load_checkpoint(directory, model, kind=kind)  # checks tasks/tree/contexts, loads the contexts
@@ -515,11 +515,11 @@ def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = 
     differs from what `model` was trained on."""
     for task, classes in tasks.items():
         if task not in model.tasks:
-            raise ValueError(f"task {task!r} of {where} is not in the checkpoint (checkpoint tasks: "
+            raise InvalidInputError(f"task {task!r} of {where} is not in the checkpoint (checkpoint tasks: "
                              f"{', '.join(model.tasks)})")
         theirs = list(model.tasks[task])
         if list(classes) != theirs:
-            raise ValueError(f"task {task!r}: {where} has classes {list(classes)}, the checkpoint {theirs}")
+            raise InvalidInputError(f"task {task!r}: {where} has classes {list(classes)}, the checkpoint {theirs}")
 
 
 # ------------------------------------------------------------------ baselines

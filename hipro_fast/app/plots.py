@@ -11,6 +11,7 @@ from scipy.cluster.hierarchy import dendrogram
 
 from ..method.grouping import affinity_to_distance, cut_info, linkage_matrix, validate_affinity_matrix
 from ..method.tree import ROOT, TaskTree, leaf_id
+from ..errors import InvalidInputError
 
 __all__ = ["plot_affinity", "dendrogram_plot", "plot_tree", "plot_affinity_heatmap", "plot_dendrogram",
            "plot_accuracy_bars", "plot_curves", "plot_accuracy_vs_shots"]
@@ -45,7 +46,7 @@ def plot_affinity(matrix, names: Sequence[str], path: str | Path, title: str = "
     m = np.asarray(matrix, dtype=float)
     names = list(names)
     if m.shape != (len(names), len(names)):
-        raise ValueError(f"matrix {m.shape} does not match {len(names)} names")
+        raise InvalidInputError(f"matrix {m.shape} does not match {len(names)} names")
     n = len(names)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
     off = m[~np.eye(n, dtype=bool)] if n > 1 else m.ravel()

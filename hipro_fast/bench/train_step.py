@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from ..errors import InvalidInputError
 
 LOGIT_SCALE = 100.0  # exp of CLIP's trained logit_scale
 
@@ -59,7 +60,7 @@ class TrainStep:
             self.optimizer = torch.optim.SGD([self.ctx], lr=lr, momentum=momentum, weight_decay=weight_decay)
             self.optimizer_name = "SGD(momentum 0.9)"
         else:
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+            raise InvalidInputError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         self.graph = None
         self.static_loss = None
 
@@ -89,7 +90,7 @@ class TrainStep:
         """Capture one step into a CUDA graph (after `warmup` eager steps on a side
         stream, which also creates the optimiser state the captured step updates)."""
         if self.device.type != "cuda":
-            raise RuntimeError("CUDA graphs need a CUDA device")
+            raise InvalidInputError("CUDA graphs need a CUDA device")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ..errors import WeightsMismatchError
+from ..errors import InvalidInputError, InvalidTypeError, MissingFileError, WeightsMismatchError
 
 
 @dataclass
@@ -31,13 +31,13 @@ def clip_parts(clip: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
         return clip.model, tokenizer or clip.tokenizer
     if isinstance(clip, (tuple, list)):
         if len(clip) != 2:
-            raise TypeError(f"clip as a sequence must be (model, tokenizer), got {len(clip)} items")
+            raise InvalidTypeError(f"clip as a sequence must be (model, tokenizer), got {len(clip)} items")
         return clip[0], tokenizer or clip[1]
     if not isinstance(clip, torch.nn.Module):
-        raise TypeError(f"clip must be a LoadedClip, a (model, tokenizer) pair or an open_clip model, "
+        raise InvalidTypeError(f"clip must be a LoadedClip, a (model, tokenizer) pair or an open_clip model, "
                         f"got {type(clip).__name__}")
     if tokenizer is None:
-        raise ValueError("pass tokenizer= when clip is a bare open_clip model (or pass a LoadedClip)")
+        raise InvalidInputError("pass tokenizer= when clip is a bare open_clip model (or pass a LoadedClip)")
     return clip, tokenizer
 
 
@@ -113,13 +113,13 @@ def load_clip(name: str = "hipro-tiny-clip", pretrained: str | Path | None = Non
         model = build_tiny_clip()
         path = Path(pretrained) if pretrained is not None else WEIGHTS_PATH
         if not path.exists():
-            raise FileNotFoundError(f"weights file not found: {path}")
+            raise MissingFileError(f"weights file not found: {path}")
         _load_into(model, path)
         pretrained_desc = str(path)
     elif pretrained is not None and Path(str(pretrained)).suffix in (".pt", ".pth", ".bin", ".safetensors"):
         path = Path(pretrained)
         if not path.exists():
-            raise FileNotFoundError(f"weights file not found: {path}")
+            raise MissingFileError(f"weights file not found: {path}")
         model = open_clip.create_model(name, pretrained=None)
         _load_into(model, path)
         pretrained_desc = str(path)

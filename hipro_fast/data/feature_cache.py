@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import group as dist_group
-from ..errors import DistributedError
+from ..errors import DistributedError, InvalidInputError, MissingFileError, SpecError
 from ..files import atomic_write_bytes
 from .tasks_spec import BadImageError, ImageRecord, read_image
 
@@ -130,7 +130,7 @@ def _image_stats(records: Sequence[ImageRecord]) -> list[list[Any]]:
             st = os.stat(r.path)
             out.append([r.path, r.label, st.st_size, st.st_mtime_ns])
         except FileNotFoundError:
-            raise FileNotFoundError(f"image not found: {r.path}") from None
+            raise MissingFileError(f"image not found: {r.path}") from None
     return out
 
 
@@ -156,7 +156,7 @@ def _image_size(preprocess, clip=None) -> int:
         if isinstance(t, (T.CenterCrop, T.Resize)):
             s = t.size
             return int(s[0] if isinstance(s, (tuple, list)) else s)
-    raise ValueError("cannot tell the image size from the preprocessing; pass image_size")
+    raise InvalidInputError("cannot tell the image size from the preprocessing; pass image_size")
 
 
 def train_augmentation(preprocess, image_size: int | None = None, clip=None) -> Callable:
@@ -181,7 +181,7 @@ def sample_views(features: torch.Tensor, epoch: int, seed: int = 0) -> torch.Ten
     if features.dim() == 2:
         return features
     if features.dim() != 3:
-        raise ValueError(f"features must be [N, K, D] or [N, D], got {tuple(features.shape)}")
+        raise InvalidInputError(f"features must be [N, K, D] or [N, D], got {tuple(features.shape)}")
     n, k, _ = features.shape
     g = torch.Generator().manual_seed(zlib.crc32(f"views/{seed}/{epoch}".encode()))
     idx = torch.randint(k, (n,), generator=g).to(features.device)
@@ -293,7 +293,7 @@ class FeatureCache:
         preprocessing, tag, augmentation) and the labelled image list, so that
         different image lists never share (and evict) a file."""
         if self.cache_dir is None:
-            raise ValueError("this FeatureCache has no cache_dir")
+            raise InvalidInputError("this FeatureCache has no cache_dir")
         body: dict[str, Any] = {"identity": self.identity(tag, views, seed)}
         if records is not None:
             body["images"] = [[r.path, int(r.label)] for r in records]
@@ -316,7 +316,7 @@ class FeatureCache:
         """Features of `records` (from the cache when its key matches)."""
         records = list(records)
         if not records:
-            raise ValueError(f"{tag}: no images to encode")
+            raise SpecError(f"{tag}: no images to encode")
         if self.cache_dir is None:
             sharded = dist_group.current() is not None
             out = self._encode_sharded(records, tag, views, seed) if sharded else self._encode(records, tag, views, seed)
@@ -397,7 +397,7 @@ class FeatureCache:
         kept = [i for p in parts for i in p[2]]
         skipped = [s for p in parts for s in p[3]]
         if not kept:
-            raise ValueError(f"{tag}: none of the {len(records)} images could be decoded")
+            raise SpecError(f"{tag}: none of the {len(records)} images could be decoded")
         labels = torch.tensor([records[i].label for i in kept], dtype=torch.long, device=self.device)
         return EncodedSet(torch.cat(feats).to(self.device), labels, [records[i].path for i in kept],
                           torch.cat(vfeats).to(self.device) if views else None, skipped)
@@ -406,7 +406,7 @@ class FeatureCache:
         feats, vfeats, kept, skipped = self._encode_rows(records, range(len(records)), tag, views, seed,
                                                          self.progress)
         if not kept:
-            raise ValueError(f"{tag}: none of the {len(records)} images could be decoded")
+            raise SpecError(f"{tag}: none of the {len(records)} images could be decoded")
         labels = torch.tensor([records[i].label for i in kept], dtype=torch.long, device=self.device)
         return EncodedSet(feats, labels, [records[i].path for i in kept], vfeats, skipped)
 

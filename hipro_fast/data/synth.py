@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from .clip_loading import LoadedClip, clip_parts, random_clip
 from ..engine.encoder import ForestEncoder
 from ..engine.text_tower import TextTower
+from ..errors import InvalidInputError
 
 Split = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -154,7 +155,7 @@ def make_planted_problem(clip_or_model, n_groups: int = 3, tasks_per_group: int 
     group's tasks are not adjacent.
     """
     if n_groups < 1 or tasks_per_group < 1 or classes_per_task < 2 or shots < 1:
-        raise ValueError("need n_groups >= 1, tasks_per_group >= 1, classes_per_task >= 2, shots >= 1")
+        raise InvalidInputError("need n_groups >= 1, tasks_per_group >= 1, classes_per_task >= 2, shots >= 1")
     model, tokenizer = clip_parts(clip_or_model, tokenizer)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
@@ -162,7 +163,7 @@ def make_planted_problem(clip_or_model, n_groups: int = 3, tasks_per_group: int 
     pool = class_name_pool(tokenizer)
     n_name_sets = 1 if conflict else n_groups
     if n_name_sets * classes_per_task > len(pool):
-        raise ValueError(f"not enough class names: need {n_name_sets * classes_per_task}, have {len(pool)}")
+        raise InvalidInputError(f"not enough class names: need {n_name_sets * classes_per_task}, have {len(pool)}")
     picked = [pool[i] for i in rng.permutation(len(pool))[: n_name_sets * classes_per_task]]
     name_sets = [picked[k * classes_per_task:(k + 1) * classes_per_task] for k in range(n_name_sets)]
 
@@ -237,7 +238,7 @@ def adjusted_rand_index(labels_a, labels_b) -> float:
     a = np.asarray(labels_a)
     b = np.asarray(labels_b)
     if a.shape != b.shape or a.ndim != 1:
-        raise ValueError("labels must be two 1-D sequences of the same length")
+        raise InvalidInputError("labels must be two 1-D sequences of the same length")
     n = a.size
     if n < 2:
         return 1.0

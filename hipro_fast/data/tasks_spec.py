@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from ..errors import SpecError, BadImageError
+from ..errors import BadImageError, InvalidInputError, SpecError
 
 __all__ = [
     "IMG_EXTENSIONS", "SPLITS", "SpecError", "BadImageError", "FewShotWarning", "ImageRecord",
@@ -422,16 +422,16 @@ def _to_8bit(im):
         return None
     a = np.asarray(im).astype(np.float64)
     if a.size and not np.isfinite(a).all():
-        raise ValueError(f"mode {mode} image has non-finite pixel values")
+        raise InvalidInputError(f"mode {mode} image has non-finite pixel values")
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if mode == "F":
         if lo >= 0 and hi <= 1:
             a = a * 255.0
         elif not (lo >= 0 and hi <= 255):
-            raise ValueError(f"mode F pixel values span [{lo:g}, {hi:g}]: expected [0, 1] or [0, 255]")
+            raise InvalidInputError(f"mode F pixel values span [{lo:g}, {hi:g}]: expected [0, 1] or [0, 255]")
     else:
         if lo < 0 or hi > 65535:
-            raise ValueError(f"mode {mode} pixel values span [{lo:g}, {hi:g}]: expected 16-bit 0..65535")
+            raise InvalidInputError(f"mode {mode} pixel values span [{lo:g}, {hi:g}]: expected 16-bit 0..65535")
         a = a / 257.0
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import ForestError, ForestLayout, build_forest_layout, encode_vocab_source
+from ..errors import InvalidInputError
 
 Combine = Literal["concat", "mean"]
 COMBINE_MODES = ("concat", "mean")
@@ -156,7 +157,7 @@ def build_prompt_forest(
         combine: "concat" or "mean" (see module docstring).
     """
     if combine not in COMBINE_MODES:
-        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+        raise InvalidInputError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
     sot = int(tokenizer.sot_token_id)
     trie = _PromptTrie()
     prompt_terminal: list[int] = []

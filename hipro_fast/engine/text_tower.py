@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import ops
 from .flex import FlexTreeAttention
 from .layout import ForestLayout
-from ..errors import UnsupportedTextTower
+from ..errors import InvalidInputError, UnsupportedTextTower
 
 ATTENTION_BACKENDS = ("tree", "flex")
 
@@ -59,7 +59,7 @@ class TextTower(nn.Module):
     def __init__(self, model: nn.Module, attention: str = "tree"):
         super().__init__()
         if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+            raise InvalidInputError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         self.attention = attention
         self._flex = FlexTreeAttention() if attention == "flex" else None
         text = _text_modules(model)

@@ -59,6 +59,7 @@ from .model import CTX_INIT_STD, validate_tasks
 from .task_data import validate_task_data
 from ..engine.text_tower import TextTower
 from ..files import atomic_write_text
+from ..errors import InvalidInputError, InvalidTypeError, NonFiniteAffinityError
 
 METHODS = ("transfer", "lookahead", "gradcos")
 DEFAULT_METHOD = "transfer"
@@ -117,7 +118,7 @@ def _optimizer(params, cfg):
         return torch.optim.Adam(params, lr=float(cfg["lr"]))
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]))
-    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg['optimizer']!r}")
+    raise InvalidInputError(f"optimizer must be 'sgd' or 'adam', got {cfg['optimizer']!r}")
 
 
 # ------------------------------------------------------------------ estimators
@@ -176,9 +177,9 @@ def _transfer_affinity(tower, tokenizer, tasks, data, scale, cfg, progress=None)
     n_ctx = int(cfg["n_ctx"])
     score, normalize = cfg["score"], cfg["normalize"]
     if score not in ("loss", "accuracy"):
-        raise ValueError(f"score must be 'loss' or 'accuracy', got {score!r}")
+        raise InvalidInputError(f"score must be 'loss' or 'accuracy', got {score!r}")
     if normalize not in ("zscore", "own"):
-        raise ValueError(f"normalize must be 'zscore' or 'own', got {normalize!r}")
+        raise InvalidInputError(f"normalize must be 'zscore' or 'own', got {normalize!r}")
     own = ForestEncoder(tower, tokenizer, {f"task/{t}": n_ctx for t in names},
                         {t: [f"task/{t}"] for t in names}, tasks).to(device)
     init = _init_ctx(n_ctx, tower.config.width, cfg["seed"], device)
@@ -254,14 +255,14 @@ def task_affinity(clip, tasks: Mapping[str, Sequence[str]], train, method: str =
         np.ndarray [T, T] float64, (Z + Z^T) / 2.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown affinity method {method!r} (methods: {METHODS})")
+        raise InvalidInputError(f"unknown affinity method {method!r} (methods: {METHODS})")
     unknown = [k for k in config if k not in DEFAULTS[method]]
     if unknown:
-        raise TypeError(f"affinity method {method!r} has no option {unknown[0]!r} "
+        raise InvalidTypeError(f"affinity method {method!r} has no option {unknown[0]!r} "
                         f"(options: {sorted(DEFAULTS[method])})")
     cfg = {**DEFAULTS[method], **config}
     if int(cfg["n_ctx"]) < 1 or int(cfg["steps"]) < 1 or int(cfg["batch_size"]) < 1:
-        raise ValueError("n_ctx, steps and batch_size must be >= 1")
+        raise InvalidInputError("n_ctx, steps and batch_size must be >= 1")
     tasks = validate_tasks(tasks)
     model, tokenizer = clip_parts(clip, tokenizer)
     tower = TextTower(model)
@@ -276,13 +277,13 @@ def task_affinity(clip, tasks: Mapping[str, Sequence[str]], train, method: str =
             z = _transfer_affinity(tower, tokenizer, tasks, data, scale, cfg, progress)
         else:
             if cfg["normalize"] not in ("none", "zscore"):
-                raise ValueError(f"normalize must be 'none' or 'zscore' for {method!r}, got {cfg['normalize']!r}")
+                raise InvalidInputError(f"normalize must be 'none' or 'zscore' for {method!r}, got {cfg['normalize']!r}")
             z = _shared_prompt_affinity(tower, tokenizer, tasks, data, scale, method, cfg, progress)
             if cfg["normalize"] == "zscore":
                 z = zscore_columns(z)
     z = np.asarray(z, dtype=np.float64)
     if not np.all(np.isfinite(z)):
-        raise FloatingPointError(f"affinity ({method}) is not finite; lower the lr")
+        raise NonFiniteAffinityError(f"affinity ({method}) is not finite; lower the lr")
     return (z + z.T) / 2
 
 
@@ -293,7 +294,7 @@ def save_affinity_json(matrix, names: Sequence[str], path: str | Path, method: s
     m = np.asarray(matrix, dtype=float)
     names = list(names)
     if m.shape != (len(names), len(names)):
-        raise ValueError(f"matrix {m.shape} does not match {len(names)} names")
+        raise InvalidInputError(f"matrix {m.shape} does not match {len(names)} names")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"method": method, "tasks": names, "matrix": m.tolist(),

@@ -25,6 +25,7 @@ from .model import HiProModel, validate_tasks
 from ..engine.prompt_forest import DEFAULT_COMBINE
 from .training import Data, TrainConfig, evaluate, fit
 from .tree import ROOT, TaskTree, leaf_id
+from ..errors import InvalidInputError
 
 METHODS = ("zero-shot", "coop-per-task", "coop-shared", "two-level", "hipro")
 # The options of method "hipro" unless the caller sets them: in combine="mean"
@@ -60,7 +61,7 @@ def choose_per_task(scores: Mapping[str, Mapping[str, Mapping[str, float]]],
         keeps the first candidate.
     """
     if select_by not in SELECT_CRITERIA:
-        raise ValueError(f"select_by must be one of {SELECT_CRITERIA}, got {select_by!r}")
+        raise InvalidInputError(f"select_by must be one of {SELECT_CRITERIA}, got {select_by!r}")
     names = list(scores)
     tasks = list(dict.fromkeys(t for c in names for t in scores[c]["val"]))
 
@@ -105,10 +106,10 @@ def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping
         return HiProModel(clip, tasks, flat, n_ctx=n_ctx, combine=combine, **kw)
     if method == "hipro":
         if tree is None:
-            raise ValueError("method 'hipro' needs a tree")
+            raise InvalidInputError("method 'hipro' needs a tree")
         options = {**(DEFAULT_HIPRO_OPTIONS if combine == "mean" else {}), **hipro_options}
         return HiProModel(clip, tasks, tree, n_ctx=n_ctx, combine=combine, **kw, **options)
-    raise ValueError(f"unknown method {method!r} (methods: {METHODS})")
+    raise InvalidInputError(f"unknown method {method!r} (methods: {METHODS})")
 
 
 def affinity_tree(clip, tasks: Mapping[str, Sequence[str]], train: Data,
@@ -129,8 +130,10 @@ def affinity_tree(clip, tasks: Mapping[str, Sequence[str]], train: Data,
     result = task_affinity(clip, tasks, train, **aff_kw)
     if isinstance(result, TaskTree):
         return result
-    matrix = getattr(result, "matrix", result)
-    names = list(getattr(result, "names", None) or list(tasks))
+    if hasattr(result, "matrix"):  # a result object that carries its own row names
+        matrix, names = result.matrix, list(getattr(result, "names", None) or tasks)
+    else:  # an array in the order of `tasks` (a torch tensor's .names are its dims' names, not rows')
+        matrix, names = result, list(tasks)
     return TaskTree.from_affinity(matrix, names, **tree_kw)
 
 
@@ -210,9 +213,9 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
     methods = list(methods)
     for m in methods:
         if m not in METHODS:
-            raise ValueError(f"unknown method {m!r} (methods: {METHODS})")
+            raise InvalidInputError(f"unknown method {m!r} (methods: {METHODS})")
     if not seeds:
-        raise ValueError("compare needs at least one seed")
+        raise InvalidInputError("compare needs at least one seed")
     names = list(validate_tasks(tasks))
     base = train_config or TrainConfig()
     hipro_tree = None
@@ -220,11 +223,11 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         hipro_tree = tree if tree is not None else affinity_tree(clip, tasks, train, affinity_config)
         hipro_tree = hipro_tree if isinstance(hipro_tree, TaskTree) else TaskTree.from_nested(hipro_tree)
     if select not in SELECT_MODES:
-        raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
+        raise InvalidInputError(f"select must be one of {SELECT_MODES}, got {select!r}")
     if select == "per-task" and val is None:
-        raise ValueError("select='per-task' chooses on the validation split: pass val=")
+        raise InvalidInputError("select='per-task' chooses on the validation split: pass val=")
     if select_by not in SELECT_CRITERIA:
-        raise ValueError(f"select_by must be one of {SELECT_CRITERIA}, got {select_by!r}")
+        raise InvalidInputError(f"select_by must be one of {SELECT_CRITERIA}, got {select_by!r}")
     # Every (method, seed) is trained once; "hipro" with select="per-task" then
     # takes, task by task, the candidate with the best validation accuracy, so
     # the hierarchy is used only where the validation data says it helps.

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError, TaskSpecError, TreeError
+from ..errors import CheckpointError, InvalidInputError, MissingFileError, TaskSpecError, TreeError
 from ..files import atomic_write_bytes, atomic_write_text
 from .model import HiProModel
 from .tree import TaskTree
@@ -152,7 +152,7 @@ class Checkpoint:
 
 def _json_path(directory: Path, kind: str) -> Path:
     if kind not in KINDS:
-        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+        raise InvalidInputError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
     return directory / f"{kind}.json"
 
 
@@ -328,7 +328,7 @@ def load_checkpoint(directory: str | Path, model: HiProModel | None = None, kind
     directory = Path(directory)
     json_path = _json_path(directory, kind)
     if not json_path.exists():
-        raise FileNotFoundError(f"no {kind!r} checkpoint in {directory} ({json_path.name} not found)")
+        raise MissingFileError(f"no {kind!r} checkpoint in {directory} ({json_path.name} not found)")
     try:
         record = json.loads(json_path.read_text())
     except json.JSONDecodeError as e:

@@ -19,6 +19,7 @@ import torch
 
 from ..files import atomic_write_bytes
 from .model import HiProModel, TaskSpecError
+from ..errors import InvalidInputError, MissingFileError
 
 FORMAT = "hipro_fast.classifier"
 VERSION = "1"
@@ -71,11 +72,11 @@ class Classifier:
 
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"classifier file not found: {path}")
+            raise MissingFileError(f"classifier file not found: {path}")
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a hipro_fast classifier (format {meta.get('format')!r})")
+                raise InvalidInputError(f"{path}: not a hipro_fast classifier (format {meta.get('format')!r})")
             tasks = json.loads(meta["tasks"])
             classes = json.loads(meta["classes"])
             weights = {t: f.get_tensor(f"weight/{i}") for i, t in enumerate(tasks)}

@@ -60,7 +60,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import AffinityMatrixError, TreeError
+from ..errors import AffinityMatrixError, InvalidInputError, TreeError
 
 LINKAGES = ("average", "complete", "single", "weighted")
 MIN_CORRELATION = 0.6
@@ -163,7 +163,7 @@ def linkage_matrix(d: np.ndarray, method: str) -> np.ndarray:
     from scipy.spatial.distance import squareform
 
     if method not in LINKAGES:
-        raise ValueError(f"linkage must be one of {LINKAGES}, got {method!r}")
+        raise InvalidInputError(f"linkage must be one of {LINKAGES}, got {method!r}")
     return scipy_linkage(squareform(d, checks=False), method=method)
 
 
@@ -271,13 +271,13 @@ def nested_from_affinity(matrix, names: Sequence[str], levels: int | None = None
     """
     m, names = validate_affinity_matrix(matrix, names)
     if levels is not None and threshold is not None:
-        raise ValueError("give levels or threshold, not both")
+        raise InvalidInputError("give levels or threshold, not both")
     if levels is not None and (isinstance(levels, bool) or int(levels) != levels or levels < 0):
-        raise ValueError(f"levels must be an integer >= 0, got {levels!r}")
+        raise InvalidInputError(f"levels must be an integer >= 0, got {levels!r}")
     if threshold is not None and not np.isfinite(threshold):
-        raise ValueError(f"threshold must be finite, got {threshold!r}")
+        raise InvalidInputError(f"threshold must be finite, got {threshold!r}")
     if linkage not in LINKAGES:
-        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+        raise InvalidInputError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     n = len(names)
     d = affinity_to_distance(m)
     if n < 3 or d is None or levels == 0:

@@ -13,7 +13,7 @@ from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE, class_suffix_
 from ..engine.text_tower import TextTower
 from ..distributed.sharding import ShardedForestEncoder
 from .tree import ROOT, TaskTree, TreeError, leaf_id
-from ..errors import TaskSpecError
+from ..errors import InvalidInputError, TaskSpecError
 
 CTX_INIT_STD = 0.02  # CoOp's N(0, 0.02) context initialisation
 PATH_WEIGHTS = ("uniform", "learned")
@@ -114,15 +114,15 @@ class HiProModel(nn.Module):
                  parent_prior: float = 0.0, attention: str = "tree"):
         super().__init__()
         if combine not in COMBINE_MODES:
-            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+            raise InvalidInputError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
         if path_weights not in PATH_WEIGHTS:
-            raise ValueError(f"path_weights must be one of {PATH_WEIGHTS}, got {path_weights!r}")
+            raise InvalidInputError(f"path_weights must be one of {PATH_WEIGHTS}, got {path_weights!r}")
         if path_weights == "learned" and combine != "mean":
-            raise ValueError("path_weights='learned' weighs the path nodes' features: it needs combine='mean'")
+            raise InvalidInputError("path_weights='learned' weighs the path nodes' features: it needs combine='mean'")
         if not 0.0 < float(leaf_weight) < 1.0:
-            raise ValueError(f"leaf_weight must be in (0, 1), got {leaf_weight!r}")
+            raise InvalidInputError(f"leaf_weight must be in (0, 1), got {leaf_weight!r}")
         if not float(parent_prior) >= 0.0:
-            raise ValueError(f"parent_prior must be >= 0, got {parent_prior!r}")
+            raise InvalidInputError(f"parent_prior must be >= 0, got {parent_prior!r}")
         clip_model, tokenizer = clip_parts(clip, tokenizer)
         self.tasks = validate_tasks(tasks, tokenizer)
         self.tree = tree if isinstance(tree, TaskTree) else TaskTree.from_nested(tree)
@@ -147,7 +147,7 @@ class HiProModel(nn.Module):
             counts = {n: int(n_ctx) for n in nodes}
         for node, c in counts.items():
             if c < 0:
-                raise ValueError(f"node {node!r}: n_ctx must be >= 0, got {c}")
+                raise InvalidInputError(f"node {node!r}: n_ctx must be >= 0, got {c}")
         init = self._phrase_embedding(ctx_init) if ctx_init else None
         gen = torch.Generator().manual_seed(seed)
         self._params = nn.ParameterList()
@@ -170,7 +170,7 @@ class HiProModel(nn.Module):
             self._params.append(p)
             self.ctx[node] = p
         if parent_prior and combine == "concat":
-            raise ValueError("parent_prior pulls a node's context toward its parent's, which only "
+            raise InvalidInputError("parent_prior pulls a node's context toward its parent's, which only "
                              "compares like with like in combine='mean' (each node's own prompt)")
         # Learned path weights: per-task logits over its path's context nodes,
         # initialised so that the leaf's feature weighs `leaf_weight` and the
@@ -232,7 +232,7 @@ class HiProModel(nn.Module):
     def _phrase_embedding(self, phrase: str) -> torch.Tensor:
         ids = torch.tensor(self.tokenizer.encode(phrase), dtype=torch.long)
         if ids.numel() == 0:
-            raise ValueError(f"ctx_init {phrase!r} has no tokens")
+            raise InvalidInputError(f"ctx_init {phrase!r} has no tokens")
         with torch.no_grad():
             return self.tower.token_embedding[ids.to(self.tower.token_embedding.device)].detach().cpu()
 

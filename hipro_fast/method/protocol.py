@@ -21,7 +21,7 @@ import torch
 
 from ..data.feature_cache import stack_views
 from ..distributed import group as dist_group
-from ..errors import DistributedError, FewShotError
+from ..errors import DistributedError, FewShotError, InvalidInputError
 from .baselines import DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, METHODS, ComparisonTable, compare
 from .task_data import validate_task_data
 from .training import Data, TrainConfig
@@ -256,7 +256,7 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
             all ranks, the forest sharded by class. Ignored in one process.
     """
     if parallel not in PARALLEL_MODES:
-        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+        raise InvalidInputError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     method_options.setdefault("select", DEFAULT_PROTOCOL_SELECT)
     shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
     if not shots or not seeds:

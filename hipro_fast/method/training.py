@@ -59,7 +59,7 @@ from ..distributed import group as dist_group
 from ..distributed.data_parallel import all_reduce_grads, local_part, local_range
 from .model import HiProModel, TaskSpecError
 from .task_data import validate_task_data
-from ..errors import NonFiniteLossError
+from ..errors import InvalidInputError, InvalidTypeError, NonFiniteLossError
 
 AMP_MODES = (None, "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw", "lbfgs")
@@ -143,7 +143,7 @@ class TrainConfig:
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(f"TrainConfig: {msg}")
+                raise InvalidInputError(f"TrainConfig: {msg}")
 
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -252,11 +252,11 @@ def validate_data(model: HiProModel, data: Data, role: str = "train",
 def _resolve_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> TrainConfig:
     config = config if config is not None else TrainConfig()
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        raise InvalidTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = [k for k in overrides if k not in names]
     if unknown:
-        raise TypeError(f"unknown training option {unknown[0]!r} (TrainConfig fields: {sorted(names)})")
+        raise InvalidTypeError(f"unknown training option {unknown[0]!r} (TrainConfig fields: {sorted(names)})")
     config = dataclasses.replace(config, **overrides)
     config.validate()
     return config
@@ -309,7 +309,7 @@ def evaluate(model: HiProModel, data: Data, batch_size: int = 4096, metric: str 
     model's tasks): top-1 accuracy (a fraction in [0, 1]) or, with metric="loss",
     the mean cross-entropy over the task's own classes. Text features are computed once."""
     if metric not in EVAL_METRICS:
-        raise ValueError(f"metric must be one of {EVAL_METRICS}, got {metric!r}")
+        raise InvalidInputError(f"metric must be one of {EVAL_METRICS}, got {metric!r}")
     checked = validate_data(model, data, role="eval", require_all=False)
     was_training = model.training
     model.eval()
@@ -376,7 +376,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     val_data = validate_data(model, val, role="val", require_all=False) if val is not None else None
     params = [(n, p) for n, p in model.learnable().items() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable contexts (every node has n_ctx 0 or is frozen)")
+        raise InvalidInputError("the model has no trainable contexts (every node has n_ctx 0 or is frozen)")
     if config.device is not None:
         model.to(config.device)
     device = _model_device(model)

@@ -14,6 +14,7 @@ import torch
 
 from . import reference
 from .extension import _C, fused_available, warn_fallback
+from ..errors import ExtensionUnavailableError, InvalidInputError
 
 __all__ = ["assemble_forest", "tree_attention", "pool_eos", "attention_block_min_pairs",
            "set_attention_block_min_pairs", "attention_block_grouping", "set_attention_block_grouping"]
@@ -113,7 +114,7 @@ def attention_block_min_pairs() -> int:
     block holds at least this many pairs attends through batched GEMMs; smaller
     ones stay in the per-row kernels (see csrc/attention_blocks.h). Default 256."""
     if _C is None:
-        raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
+        raise ExtensionUnavailableError("the compiled extension is not available (hipro_fast.build_info())")
     return int(_C.attention_block_min_pairs())
 
 
@@ -122,9 +123,9 @@ def set_attention_block_min_pairs(min_pairs: int) -> None:
     descendants through GEMMs, a huge value none. Results agree to rounding
     either way; this is a performance knob (and a test hook)."""
     if _C is None:
-        raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
+        raise ExtensionUnavailableError("the compiled extension is not available (hipro_fast.build_info())")
     if int(min_pairs) < 0:
-        raise ValueError(f"min_pairs must be >= 0, got {min_pairs}")
+        raise InvalidInputError(f"min_pairs must be >= 0, got {min_pairs}")
     _C.set_attention_block_min_pairs(int(min_pairs))
 
 
@@ -133,7 +134,7 @@ def attention_block_grouping() -> str:
     (csrc/attention_blocks.h): "auto" (default: on CUDA, not on the CPU), "always"
     or "never"."""
     if _C is None:
-        raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
+        raise ExtensionUnavailableError("the compiled extension is not available (hipro_fast.build_info())")
     return _GROUPING[int(_C.attention_block_grouping())]
 
 
@@ -141,9 +142,9 @@ def set_attention_block_grouping(mode: str) -> None:
     """Set it (process-wide). Results agree to rounding either way; a performance
     knob and a test hook (the CPU tests run both ways)."""
     if _C is None:
-        raise RuntimeError("the compiled extension is not available (hipro_fast.build_info())")
+        raise ExtensionUnavailableError("the compiled extension is not available (hipro_fast.build_info())")
     if mode not in _GROUPING:
-        raise ValueError(f"grouping must be one of {_GROUPING}, got {mode!r}")
+        raise InvalidInputError(f"grouping must be one of {_GROUPING}, got {mode!r}")
     _C.set_attention_block_grouping(_GROUPING.index(mode))
 
 

@@ -258,7 +258,9 @@ def test_train_eval_export(world, tmp_path, capsys):
 
 def test_compare_select_by_reaches_the_selection(world, tmp_path, capsys):
     """--select-by: the criterion reaches the selection (the JSON and the summary
-    name it; loss by default), and every task gets a pick."""
+    name it; loss by default), and each task's pick is the one that criterion
+    makes from the candidates' validation scores logged with the draw."""
+    from hipro_fast.method.baselines import choose_per_task
     for by, expected in ((None, "loss"), ("accuracy", "accuracy")):
         run_dir = tmp_path / f"cmp-{expected}"
         flag = ["--select-by", by] if by else []
@@ -269,7 +271,8 @@ def test_compare_select_by_reaches_the_selection(world, tmp_path, capsys):
         assert results["select"] == "per-task" and results["select_by"] == expected
         (draw,) = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
                    if json.loads(ln).get("event") == "draw"]
-        assert set(draw["choices"]["hipro"][0]) == set(TASKS)
+        (picks,), (candidates,) = draw["choices"]["hipro"], draw["candidates"]["hipro"]
+        assert set(picks) == set(TASKS) and picks == choose_per_task(candidates, expected)
     assert _run(world, "compare", "--select-by", "f1", run_dir=tmp_path / "bad") != 0
     assert "--select-by" in capsys.readouterr().err
 
@@ -316,8 +319,6 @@ def test_compare_writes_table(world, tmp_path, capsys):
 
 
 def test_affinity_and_tree(world, tmp_path):
-    pytest.importorskip("hipro_fast.method.affinity")
-    pytest.importorskip("hipro_fast.method.grouping")
     aff_dir = tmp_path / "aff"
     assert _run(world, "affinity", "--shots", "2", "--affinity-steps", "3", run_dir=aff_dir) == 0
     data = json.loads((aff_dir / "affinity.json").read_text())

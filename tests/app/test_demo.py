@@ -7,19 +7,19 @@ off), 10 affinity steps, and the numbers checked:
 * the affinity tree pairs the related tasks as the README's demo tree does
   (the two digit domains, the two relabelled digit tasks, the two animal tasks);
 * zero-shot's row is evaluate() of the "a photo of a {}." model, and its mean
-  is the README's 49.50 (same shipped model, same test images);
-* HiPro (4 context tokens per node) beats zero-shot; measured with these
-  settings: 55.6 vs 49.5 mean accuracy (seed 0, the method defaults of
-  commit 7107f91; 55.5 before its learned path weights);
+  is the zero-shot number of the README's demo table, read from the README
+  (same shipped model, same test images: the README's claim is checked);
+* HiPro (4 context tokens per node) beats zero-shot by more than 3 points;
 * HiPro's contexts are 4 tokens x width 128 per node of the tree, and the
   table reports the model's trainable parameters.
 
-The full `hipro demo` command (16 shots, its own schedule) is run by
-tests/app/test_cli.py::test_demo_end_to_end with HIPRO_TEST_DEMO=1.
+The `hipro demo` command itself (in two processes, with small budgets) is
+run by tests/app/test_cli.py::test_demo_end_to_end_in_two_processes.
 """
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +42,13 @@ README_PAIRS = [{"mnist_digits", "small_digits"}, {"mnist_shifted", "small_digit
                 {"animals_wild", "animals_farm"}]
 
 
+def _readme_zero_shot() -> float:
+    """The zero-shot mean (%) of the README's demo table (its first zero-shot row)."""
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    row = next(line for line in readme.read_text().splitlines() if line.startswith("| zero-shot |"))
+    return float(row.split("|")[2].split("±")[0])
+
+
 def test_reduced_demo_numbers(tmp_path):
     spec_path = pipeline.export_bundled(tmp_path / "bundled", seed=SEED)
     clip = pipeline.load_model("hipro-tiny-clip", seed=SEED)
@@ -58,9 +65,8 @@ def test_reduced_demo_numbers(tmp_path):
                     methods=["zero-shot", "hipro"], seeds=[SEED], tree=tree, n_ctx=N_CTX, train_config=config)
     zero_shot = evaluate(build_method("zero-shot", clip, feats.tasks), feats.test)
     assert table["zero-shot"].task_acc == pytest.approx(zero_shot)
-    # README: 49.50 (measured here: 49.50); the slack allows ~6 of the 2,100 test images to flip on
-    # another CPU's floating point
-    assert 100 * table["zero-shot"].mean == pytest.approx(49.50, abs=0.25)
+    # the slack allows ~6 of the 2,100 test images to flip on another CPU's floating point
+    assert 100 * table["zero-shot"].mean == pytest.approx(_readme_zero_shot(), abs=0.25)
     assert 100 * (table["hipro"].mean - table["zero-shot"].mean) > 3.0, table.to_markdown()
     width = clip.model.token_embedding.weight.shape[1]
     model = build_method("hipro", clip, feats.tasks, tree, n_ctx=N_CTX)

@@ -144,7 +144,8 @@ def test_export_image_folders(tmp_path, tasks):
     assert img.shape == (ds.IMAGE_SIZE, ds.IMAGE_SIZE, 3) and img.dtype == np.uint8
 
     # the library's own spec reader accepts it, with labels in the bundled order
-    tasks_spec = pytest.importorskip("hipro_fast.data.tasks_spec")
+    from hipro_fast.data import tasks_spec
+
     loaded = tasks_spec.load_spec(spec)
     assert list(loaded.tasks) == list(tasks)
     for name, t in tasks.items():

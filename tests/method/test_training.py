@@ -12,7 +12,7 @@ from hipro_fast.method import training
 from hipro_fast.method.training import (FitResult, NonFiniteLossError, TrainConfig, batch_indices, evaluate, fit,
                                  lr_at)
 from tests.helpers_training import data  # noqa: F401
-from tests.helpers_training import TASKS, make_model
+from tests.helpers_training import TASKS, make_model, private_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
 
@@ -316,7 +316,7 @@ def test_evaluate_loss_is_the_mean_cross_entropy_over_batches(data):
 @pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
 def test_cuda_fit(data, amp):
     train, val = data
-    model = make_model()
+    model = private_model()
     res = fit(model, train, val, device="cuda", amp=amp, **FAST)
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in model.ctx.values())
     assert all(math.isfinite(h["loss"]) for h in res.history)
@@ -331,10 +331,11 @@ def test_cuda_fit_lbfgs_matches_the_cpu(data, amp):
     (same line-search decisions, contexts within 1e-4 relative); bf16 trains."""
     train, val = data
     run = dict(optimizer="lbfgs", batch_size="full", epochs=2, steps_per_epoch=3, seed=0)
-    cuda = fit(make_model(), train, val, device="cuda", amp=amp, **run)
+    cuda = fit(private_model(), train, val, device="cuda", amp=amp, **run)
     assert all(math.isfinite(h["loss"]) for h in cuda.history)
     if amp is None:
-        cpu = fit(make_model(), train, val, **run)
+        cpu = fit(private_model(), train, val, **run)
+        assert all(v.device.type == "cpu" for v in cpu.final_state.values())
         for n, v in cpu.final_state.items():
             torch.testing.assert_close(cuda.final_state[n].cpu(), v, rtol=1e-4, atol=1e-5)
 

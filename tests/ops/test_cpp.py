@@ -30,8 +30,12 @@ def test_source_list_names_every_source_once():
     assert sorted(listed) == on_disk
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_ctest_suite():
+    if shutil.which("cmake") is None:
+        # `make test` promises the C++ tests: there a missing cmake fails, elsewhere it skips.
+        if os.environ.get("HIPRO_REQUIRE_CTEST") == "1":
+            pytest.fail("cmake is not on the PATH: install it (apt install cmake, or pip install cmake)")
+        pytest.skip("cmake not installed")
     build = ROOT / "build-cmake"
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
     configure = ["cmake", "-S", str(ROOT), "-B", str(build),

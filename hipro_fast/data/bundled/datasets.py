@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from ...errors import BundledDataError
+from ...errors import BundledDataError, InvalidInputError
 
 __all__ = [
     "IMAGE_SIZE",
@@ -381,7 +381,7 @@ def _toml_str(s: str) -> str:
 
 def _safe_dir(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9 _.\-]+", name) or name in (".", ".."):
-        raise ValueError(f"class name {name!r} is not usable as a folder name")
+        raise InvalidInputError(f"class name {name!r} is not usable as a folder name")
     return name
 
 

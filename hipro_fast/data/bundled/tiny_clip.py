@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from ...errors import InvalidInputError, MissingFileError
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 TINY_CLIP_NAME = "hipro-tiny-clip"
@@ -32,7 +33,7 @@ def _register_config(config_path: Path) -> None:
     import open_clip
 
     if config_path.stem != TINY_CLIP_NAME:
-        raise ValueError(f"config file must be named {TINY_CLIP_NAME}.json, got {config_path.name}")
+        raise InvalidInputError(f"config file must be named {TINY_CLIP_NAME}.json, got {config_path.name}")
     if open_clip.get_model_config(TINY_CLIP_NAME) != tiny_clip_config(config_path):
         open_clip.add_model_config(config_path)  # registry is keyed by the file stem
 
@@ -67,7 +68,7 @@ def load_tiny_clip(device="cpu", weights: Path | str | None = None):
 
     weights = Path(weights or WEIGHTS_PATH)
     if not weights.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tiny CLIP weights not found at {weights}; run scripts/pretrain_tiny_clip.py to create them"
         )
     cfg = tiny_clip_config()
