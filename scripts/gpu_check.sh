@@ -1,50 +1,62 @@
 #!/usr/bin/env bash
-# One-shot GPU check for hipro_fast, sized to fit in 8 minutes on an H200:
-# builds the extension with the CUDA ops into the source tree (FORCE_CUDA=1),
-# prints build_info, runs the bad-argument test in its own process (and the
-# error-path probe when it fails, or with PROBE_ALWAYS=1), the GPU tests (CUDA ops vs CPU
-# ops / reference -- blocked, residual-only and mixed splits of the segment-
-# block decomposition; the library end to end on CUDA vs CPU; the compiled
-# FlexAttention backend), then
-# `hipro bench --device cuda` on (a) and (L) with the FlexAttention row, the
-# whole training step (eager and CUDA graph), the issue-10 target list and the
-# kernel profile; optionally the rest of the suite. Results go to $RESULTS
-# (default: $OUT when set, else build/gpu_check): build.log, argcheck.log,
-# gpu_tests.log, bench_gpu.{log,json,md} (probe.log when the probe ran).
-# Budget (H200, estimated, not yet timed for this version): build ~1 min,
-# bad-argument test ~15 s, GPU tests <= 3 min (one FlexAttention compile),
-# benchmark <= 4.5 min (four FlexAttention compiles; BENCH_ARGS="... --no-flex"
-# drops them). Then, on the machine that keeps the
-# checkout: cp them to benchmarks/results/ and
-#   python -m hipro_fast.bench.gpu --render benchmarks/results/<name>.json --readme README.md
-# regenerates the README's GPU table. Run from anywhere on a machine with an
-# NVIDIA GPU:
+# One-shot GPU check for hipro_fast, sized to one device call (a 600 s limit,
+# 15 minutes of device time per task, so it must run, be fixed and rerun once):
+#   preflight (python packages; installs carried wheels from .whl/), build of
+#   the extension with the CUDA ops into the source tree (FORCE_CUDA=1),
+#   build_info, the bad-argument test in its own process, the GPU tests (CUDA
+#   ops vs CPU ops / reference -- blocked, residual-only and mixed splits of
+#   the segment-block decomposition; the library end to end on CUDA vs CPU; the
+#   compiled FlexAttention backend), `hipro bench --device cuda` on (a) and (L)
+#   with the FlexAttention row, the whole training step (eager and CUDA graph),
+#   the issue-10 target list and the kernel profile; the error-path probe only
+#   when the bad-argument test failed. Every stage's timeout is cut to what is
+#   left of BUDGET_S (default 480 s), so the script ends inside the call and
+#   what it measured comes back: results go to $RESULTS (default: $OUT when
+#   set, else build/gpu_check): build.log, argcheck.log, gpu_tests.log,
+#   bench_gpu.{log,json,md} (the JSON is rewritten after every problem; a run
+#   cut short keeps what it measured), probe.log when the probe ran.
 #
-#   bash scripts/gpu_check.sh            # build for this GPU's arch only
-#   TORCH_CUDA_ARCH_LIST="8.0;9.0" bash scripts/gpu_check.sh
-#   SKIP_BUILD=1 bash scripts/gpu_check.sh   # reuse the last build
+# From the machine that keeps the checkout, through the device tool:
+#   bash scripts/gpu_wheels.sh                   # here, once: open_clip & co. as wheels in .whl/
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# then copy $OUT's files to benchmarks/results/ and
+#   python -m hipro_fast.bench.gpu --render benchmarks/results/<name>.json --readme README.md
+# regenerates the README's GPU table. A targeted rerun: e.g.
+#   BENCH=0 PYTEST_K="graph" SKIP_BUILD=1 bash scripts/gpu_check.sh   (same machine, still warm)
+#   BENCH_ARGS="--problems L --precisions bf16 --repeats 5 --warmup 2 --no-flex" ...
+#
+# Budget (H200, estimated; session 2 measured build 42 s, GPU tests ~30 s,
+# benchmark ~60 s for the old kernels): preflight + build ~1-2 min, bad-argument
+# test ~15 s, GPU tests <= 3 min (one FlexAttention compile), benchmark <= 4 min
+# (four FlexAttention compiles; BENCH_ARGS="... --no-flex" drops them).
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), CUDA_HOME
-# (default: setup.py's search), MAX_JOBS (default nproc), CUDA_TESTS_TIMEOUT,
-# BENCH_TIMEOUT and SUITE_TIMEOUT in seconds (defaults 180, 270, 1800),
-# BENCH=0 skips the benchmark, BENCH_ARGS replace its default arguments
-# ("--problems a,L --repeats 5 --warmup 2 --profile"), PROBE=0 skips the
-# error-path probe and the bad-argument test, PYTEST_K narrows the GPU tests,
-# SUITE=1 also runs the rest of the suite (off by default: it does not fit the
-# 8 minutes), RESULTS (a folder for the logs and benchmark JSON).
-#
-# On a machine whose python lacks open_clip (e.g. a bare CUDA image), carry the
-# pure-Python wheels in an ignored folder and put them on PYTHONPATH first:
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
-#       open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4          # here
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
-#       && PYTHONPATH=/tmp/site PYTHON=python3 SUITE=0 bash scripts/gpu_check.sh   # there
-# (what session 2 ran on an H200: build 42 s, GPU tests ~30 s, benchmark ~60 s).
+# (default: setup.py's search), MAX_JOBS (default nproc), TORCH_CUDA_ARCH_LIST
+# (default: this GPU's), SKIP_BUILD=1 reuses the last build, BUDGET_S (whole
+# script, default 480), CUDA_TESTS_TIMEOUT and BENCH_TIMEOUT (caps per stage,
+# defaults 200 and 260), BENCH=0 skips the benchmark, BENCH_ARGS replace its
+# default arguments ("--problems a,L --repeats 5 --warmup 2 --profile"),
+# PROBE=0 skips the bad-argument test and the probe, PROBE_ALWAYS=1 runs the
+# probe even when the test passed, CUDA_GDB=1 adds a cuda-gdb backtrace of the
+# first crashing probe case, PYTEST_K narrows the GPU tests, SUITE=1 also runs
+# the rest of the suite (does not fit one call), RESULTS (output folder),
+# WHEELS (default .whl: installed with pip --target when present).
 set -euo pipefail
 
 T0=$(date +%s)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+DEADLINE=$(( T0 + ${BUDGET_S:-480} ))
+
+# seconds for a stage: its cap, cut to what is left of the budget less a reserve
+# for the stages after it (at least 10 s, so a stage always starts).
+stage_timeout() {
+  local cap=$1 reserve=${2:-0} left
+  left=$(( DEADLINE - $(date +%s) - reserve ))
+  (( left < cap )) && cap=$left
+  (( cap < 10 )) && cap=10
+  echo "$cap"
+}
 
 if [[ -n "${PYTHON:-}" ]]; then
   PY="$PYTHON"
@@ -56,15 +68,46 @@ fi
 
 RESULTS="${RESULTS:-${OUT:-build/gpu_check}}"
 mkdir -p "$RESULTS"
+# The block GEMMs go through cuBLAS, whose results are bitwise reproducible
+# across streams (eager vs graph capture) only with a fixed workspace.
+export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 echo "== environment"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv || true
-"$PY" - <<'EOF'
+
+WHEELS="${WHEELS:-.whl}"
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  echo "== installing the carried wheels ($(ls "$WHEELS" | tr '\n' ' '))"
+  site="${TMPDIR:-/tmp}/hipro_site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+echo "== preflight (python packages the tests and the benchmark import)"
+if ! "$PY" - <<'EOF'
+import importlib, sys
 import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+missing = []
+for name in ("open_clip", "safetensors", "numpy", "scipy", "matplotlib", "tqdm", "pytest", "hypothesis"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+if missing:
+    sys.exit("missing: " + "; ".join(missing) + "\ncarry them as wheels: bash scripts/gpu_wheels.sh here, "
+             "then carry=['.whl'] (scripts/gpu_check.sh installs them)")
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device visible to torch")
 EOF
+then
+  echo "== preflight failed: nothing was built or run"
+  exit 3
+fi
 
 if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
   if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
@@ -74,18 +117,16 @@ if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
   export TORCH_CUDA_ARCH_LIST
   export FORCE_CUDA=1
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  # The block GEMMs go through cuBLAS, whose results are bitwise reproducible
-  # across streams (eager vs graph capture) only with a fixed workspace.
-  export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
   echo "== building (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
   rm -f hipro_fast/_C*.so
   start=$(date +%s)
-  if ! "$PY" setup.py build_ext --inplace >"$RESULTS/build.log" 2>&1; then
+  if ! timeout "$(stage_timeout 240 300)" "$PY" setup.py build_ext --inplace >"$RESULTS/build.log" 2>&1; then
     grep -n -m 20 -E "error|Error" "$RESULTS/build.log" || tail -40 "$RESULTS/build.log"
     # An older torch may default its extensions to C++17; the sources are C++20-clean
     # under torch 2.14's default. Retry once with the newer standard.
     echo "build failed; retrying with HIPRO_EXTRA_CXXFLAGS=-std=c++20"
-    HIPRO_EXTRA_CXXFLAGS=-std=c++20 "$PY" setup.py build_ext --inplace >"$RESULTS/build2.log" 2>&1 \
+    HIPRO_EXTRA_CXXFLAGS=-std=c++20 timeout "$(stage_timeout 240 240)" "$PY" setup.py build_ext --inplace \
+      >"$RESULTS/build2.log" 2>&1 \
       || { grep -n -m 30 -E "error|Error" "$RESULTS/build2.log" || tail -60 "$RESULTS/build2.log"; exit 2; }
   fi
   echo "build took $(( $(date +%s) - start ))s"
@@ -95,45 +136,45 @@ echo "== build_info"
 "$PY" -c 'import torch, hipro_fast; info = hipro_fast.build_info(); print(info); assert info.get("cuda"), "extension has no CUDA ops"'
 
 set +e
-echo "== bad-argument test (own process: a crash cannot hide the other results)"
 ARGCHECK=tests/ops/test_cuda_ops.py::test_tree_attention_cuda_argument_checks
 argcheck_rc=0
-probe_rc=0
 if [[ "${PROBE:-1}" == "1" ]]; then
-  timeout 120 "$PY" -m pytest "$ARGCHECK" -q -p no:cacheprovider --tb=short 2>&1 | tee "$RESULTS/argcheck.log"
+  echo "== bad-argument test (own process: a crash cannot hide the other results)"
+  timeout "$(stage_timeout 60 300)" "$PY" -m pytest "$ARGCHECK" -q -p no:cacheprovider --tb=short 2>&1 \
+    | tee "$RESULTS/argcheck.log"
   argcheck_rc=${PIPESTATUS[0]}
-  # The error-path probe (each bad-argument call in its own process, ~1 min)
-  # only when that failed, to name the op and check that crashed.
-  if [[ $argcheck_rc -ne 0 || "${PROBE_ALWAYS:-0}" == "1" ]]; then
-    echo "== error-path probe"
-    timeout 300 "$PY" scripts/gpu_error_probe.py 2>&1 | tee "$RESULTS/probe.log"
-    probe_rc=${PIPESTATUS[0]}
-    if [[ $probe_rc -ne 0 ]] && command -v cuda-gdb >/dev/null; then
-      first=$(grep -m1 CRASHED "$RESULTS/probe.log" | cut -d: -f1)
-      echo "== native backtrace of '$first' (cuda-gdb)"
-      timeout 120 cuda-gdb -batch -ex run -ex bt --args "$PY" scripts/gpu_error_probe.py "$first" 2>&1 \
-        | grep -E "^#|signal|SIG" | head -40
-    fi
-  fi
 fi
 
 echo "== GPU tests (tests/ops/test_cuda_ops.py, tests/method/test_cuda_model.py, the CUDA fits of test_training.py)"
-timeout "${CUDA_TESTS_TIMEOUT:-180}" "$PY" -m pytest tests/ops/test_cuda_ops.py tests/method/test_cuda_model.py \
-  "tests/method/test_training.py::test_cuda_fit" "tests/method/test_training.py::test_cuda_fit_lbfgs_matches_the_cpu" -q \
-  -p no:cacheprovider --tb=short --durations=8 -k "not argument_checks ${PYTEST_K:+and $PYTEST_K}" 2>&1 | tee "$RESULTS/gpu_tests.log"
+timeout "$(stage_timeout "${CUDA_TESTS_TIMEOUT:-200}" 120)" "$PY" -m pytest tests/ops/test_cuda_ops.py \
+  tests/method/test_cuda_model.py "tests/method/test_training.py::test_cuda_fit" \
+  "tests/method/test_training.py::test_cuda_fit_lbfgs_matches_the_cpu" -q \
+  -p no:cacheprovider --tb=short --durations=8 -k "not argument_checks ${PYTEST_K:+and $PYTEST_K}" 2>&1 \
+  | tee "$RESULTS/gpu_tests.log"
 cuda_rc=${PIPESTATUS[0]}
-[[ $cuda_rc -eq 0 ]] && cuda_rc=$argcheck_rc
-[[ $cuda_rc -eq 0 ]] && cuda_rc=$probe_rc
-set -e
 
 bench_rc=0
 if [[ "${BENCH:-1}" == "1" ]]; then
   echo "== GPU text-step benchmark (python -m hipro_fast.bench.gpu = hipro bench --device cuda)"
-  set +e
-  timeout "${BENCH_TIMEOUT:-270}" "$PY" -m hipro_fast.bench.gpu ${BENCH_ARGS:---problems a,L --repeats 5 --warmup 2 --profile} \
+  timeout "$(stage_timeout "${BENCH_TIMEOUT:-260}" 5)" "$PY" -m hipro_fast.bench.gpu \
+    ${BENCH_ARGS:---problems a,L --repeats 5 --warmup 2 --profile} \
     --json "$RESULTS/bench_gpu.json" --markdown "$RESULTS/bench_gpu.md" 2>&1 | tee "$RESULTS/bench_gpu.log"
   bench_rc=${PIPESTATUS[0]}
-  set -e
+fi
+
+probe_rc=0
+# The error-path probe (each bad-argument call in its own process) names the op
+# and check that crashed; only when the test failed, and only in the time left.
+if [[ "${PROBE:-1}" == "1" && ( $argcheck_rc -ne 0 || "${PROBE_ALWAYS:-0}" == "1" ) ]]; then
+  echo "== error-path probe"
+  timeout "$(stage_timeout 120 0)" "$PY" scripts/gpu_error_probe.py 2>&1 | tee "$RESULTS/probe.log"
+  probe_rc=${PIPESTATUS[0]}
+  if [[ $probe_rc -ne 0 && "${CUDA_GDB:-0}" == "1" ]] && command -v cuda-gdb >/dev/null; then
+    first=$(grep -m1 CRASHED "$RESULTS/probe.log" | cut -d: -f1)
+    echo "== native backtrace of '$first' (cuda-gdb)"
+    timeout "$(stage_timeout 90 0)" cuda-gdb -batch -ex run -ex bt --args "$PY" scripts/gpu_error_probe.py "$first" \
+      2>&1 | grep -E "^#|signal|SIG" | head -40
+  fi
 fi
 
 suite_rc=0
@@ -142,9 +183,13 @@ if [[ "${SUITE:-0}" == "1" ]]; then
   timeout "${SUITE_TIMEOUT:-1800}" "$PY" -m pytest tests -q -x --ignore=tests/ops/test_cuda_ops.py \
     --ignore=tests/method/test_cuda_model.py || suite_rc=$?
 fi
+set -e
 
-echo "== GPU tests: rc $cuda_rc; benchmark: rc $bench_rc; rest of the suite: rc $suite_rc (124 = timed out)"
-status=$(( cuda_rc != 0 ? cuda_rc : (bench_rc != 0 ? bench_rc : suite_rc) ))
-
+echo "== bad-argument test: rc $argcheck_rc; probe: rc $probe_rc; GPU tests: rc $cuda_rc;" \
+     "benchmark: rc $bench_rc; rest of the suite: rc $suite_rc (124 = timed out)"
+status=0
+for rc in $cuda_rc $argcheck_rc $probe_rc $bench_rc $suite_rc; do
+  if [[ $status -eq 0 && $rc -ne 0 ]]; then status=$rc; fi
+done
 echo "== done (status $status) in $(( $(date +%s) - T0 )) s"
 exit "$status"

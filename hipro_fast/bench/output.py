@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_text
+from ..errors import InvalidInputError
 
 CPU_METHODS = ("naive", "padded", "truncated", "forest")
 _REPO = Path(__file__).resolve().parents[2]
@@ -209,10 +210,13 @@ def print_targets(targets: list[dict], file=None) -> None:
         print(f"  {status:10s} [{t['where']}] {t['target']}{val}{note}", file=file)
 
 
-def gpu_markdown(results: list[dict], targets: list[dict], device: str = "") -> str:
+def gpu_markdown(results: list[dict], targets: list[dict], device: str = "",
+                 failed: list[dict] | None = None, complete: bool = True) -> str:
     """The GPU results as the README's markdown tables: per (problem, precision) the
     forest, naive, truncated and flex times with speedups (ideal) and the forest's
-    share of the same-run GEMM rate; the whole training step; the targets."""
+    share of the same-run GEMM rate; the whole training step; the targets; then
+    the (problem, precision) runs that failed and the flex rows that were dropped,
+    with their errors, and a note when the run was cut short."""
     lines = [f"GPU text step{' on ' + device if device else ''} (`hipro bench --device cuda`):", "",
              "| problem | precision | forest ms | naive ms | speedup (ideal) | truncated ms | speedup (ideal) "
              "| flex ms | forest vs flex | forest vs same-run GEMM | train step eager / graph ms |",
@@ -237,7 +241,19 @@ def gpu_markdown(results: list[dict], targets: list[dict], device: str = "") -> 
         status = "unmeasured" if t["pass"] is None else ("**met**" if t["pass"] else "**missed**")
         val = "–" if t["value"] is None else _fmt(t["value"], ".3g")
         lines.append(f"| {t['target']} | {t['where']} | {val} | {status} |")
+    notes = [f"* ({f['problem']}) {f['precision']} FAILED: `{_one_line(f['error'])}`" for f in failed or []]
+    notes += [f"* ({r['problem']}) {r['precision']}: flex row dropped: `{_one_line(r['flex_error'])}`"
+              for r in results if r.get("flex_error")]
+    if not complete:
+        notes.append("* the run was cut short: only the rows above were measured")
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines) + "\n"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split()).replace("`", "'")
+    return line if len(line) <= limit else line[:limit] + " …"
 
 
 README_BEGIN = "<!-- gpu-table:begin (python -m hipro_fast.bench.gpu --render JSON --readme README.md) -->"
@@ -249,7 +265,7 @@ def replace_readme_block(readme: str | Path, text: str) -> None:
     path = Path(readme)
     src = path.read_text()
     if src.count(README_BEGIN) != 1 or src.count(README_END) != 1:
-        raise ValueError(f"{path}: needs exactly one '{README_BEGIN}' and one '{README_END}' line")
+        raise InvalidInputError(f"{path}: needs exactly one '{README_BEGIN}' and one '{README_END}' line")
     head, rest = src.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     atomic_write_text(path, f"{head}{README_BEGIN}\n{text}{README_END}{tail}")

@@ -106,3 +106,60 @@ def test_render_puts_the_tables_into_the_readme(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs exactly one"):
         bench_gpu.main(["--render", str(js), "--readme", str(readme)])
+
+
+class _BrokenFlexTower:
+    """Stands in for TextTower(attention="flex") whose compile fails (Triton)."""
+
+    def encode_layout(self, *args, **kwargs):
+        raise RuntimeError("triton compile failed (planted)")
+
+    encode_forest = encode_layout
+
+
+def test_a_failing_flex_row_is_dropped_with_its_reason_and_the_problem_still_runs():
+    from hipro_fast.bench.model import load_model, load_tokenizer
+    from hipro_fast.bench.problems import gpu_problems
+    from hipro_fast.engine.text_tower import TextTower
+
+    tok = load_tokenizer()
+    problem = gpu_problems(tok, 4)["a"]
+    tower = TextTower(load_model("tiny"))
+    logged = []
+    res = bench_gpu.run_problem(tower, tok, problem, torch.device("cpu"), "fp32", repeats=1, warmup=0,
+                                log=logged.append, flex_tower=_BrokenFlexTower(), train_step=False)
+    assert res["flex_error"] == "RuntimeError: triton compile failed (planted)"
+    assert set(res["methods"]) == {"forest", "naive", "truncated"} and "flex" not in res["counts"]
+    assert any("flex row dropped" in line for line in logged)
+    text = bench_gpu.gpu_markdown([res], bench_gpu.targets([res]))
+    assert "(a) fp32: flex row dropped: `RuntimeError: triton compile failed (planted)`" in text
+
+
+def test_a_failing_problem_is_recorded_and_the_json_is_written_after_each_problem(tmp_path, monkeypatch):
+    """(a) fp32 is measured, (a) bf16 raises: the JSON keeps (a) fp32, names the
+    failure, and the exit status says something failed. A timeout after the
+    first problem would have left the first problem's JSON (complete: false)."""
+    seen_json = []
+    real_run, real_write = bench_gpu.run_problem, bench_gpu.write_json
+
+    def run_problem(tower, tok, problem, device, precision, *args, **kwargs):
+        if precision == "bf16":
+            raise torch.cuda.OutOfMemoryError("planted: out of memory")
+        return real_run(tower, tok, problem, device, precision, *args, **kwargs)
+
+    def write_json(path, obj):
+        seen_json.append(json.loads(json.dumps(obj, default=str)))
+        return real_write(path, obj)
+
+    monkeypatch.setattr(bench_gpu, "run_problem", run_problem)
+    monkeypatch.setattr(bench_gpu, "write_json", write_json)
+    path = tmp_path / "gpu.json"
+    assert bench_gpu.main(["--device", "cpu", "--model", "tiny", "--problems", "a", "--precisions", "fp32,bf16",
+                           "--repeats", "1", "--warmup", "0", "--n-ctx", "4", "--no-train-step",
+                           "--json", str(path), "--markdown", str(tmp_path / "gpu.md")]) == 1
+    first = seen_json[0]
+    assert first["complete"] is False and [r["precision"] for r in first["results"]] == ["fp32"]
+    out = json.loads(path.read_text())
+    assert out["complete"] is True and [r["precision"] for r in out["results"]] == ["fp32"]
+    assert out["failed"] == [{"problem": "a", "precision": "bf16", "error": "OutOfMemoryError: planted: out of memory"}]
+    assert "(a) bf16 FAILED: `OutOfMemoryError: planted: out of memory`" in (tmp_path / "gpu.md").read_text()
