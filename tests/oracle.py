@@ -122,19 +122,29 @@ def task_features(model, tok, ctx: dict[str, torch.Tensor], paths, classes, comb
     return out
 
 
-def brute_tree_attention(q, k, v, segment_table, token_segment, scale):
-    """Loop over queries; visible keys found by walking parent links (fp64)."""
-    T, H, D = q.shape
-    q, k, v = q.double(), k.double(), v.double()
-    out = torch.zeros(T, H, D, dtype=torch.float64)
+def brute_visible_keys(segment_table, token_segment) -> list[list[int]]:
+    """For each query token, the keys it sees: every token of every ancestor
+    segment (found by walking parent links) and its own segment's tokens up to
+    itself. Independent of the DFS-interval formula the library uses."""
     table = segment_table.tolist()
-    for t in range(T):
+    visible = []
+    for t in range(int(token_segment.numel())):
         s = int(token_segment[t])
         keys = list(range(table[s][0], t + 1))
         a = table[s][2]
         while a >= 0:
             keys = list(range(table[a][0], table[a][0] + table[a][1])) + keys
             a = table[a][2]
+        visible.append(keys)
+    return visible
+
+
+def brute_tree_attention(q, k, v, segment_table, token_segment, scale):
+    """Loop over queries; visible keys found by walking parent links (fp64)."""
+    T, H, D = q.shape
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(T, H, D, dtype=torch.float64)
+    for t, keys in enumerate(brute_visible_keys(segment_table, token_segment)):
         idx = torch.tensor(keys)
         scores = torch.einsum("hd,khd->hk", q[t], k[idx]) * scale
         out[t] = torch.einsum("hk,khd->hd", scores.softmax(-1), v[idx])

@@ -27,8 +27,11 @@ def test_mask_mod_is_the_tree_mask(seed, segments, max_len):
     T = lay.num_tokens
     idx = torch.arange(T)
     got = tree_mask_mod(tree_key_end(lay))(0, 0, idx[:, None], idx[None, :])
-    want = reference.tree_attention_mask(lay.segment_table, lay.token_segment)
+    want = torch.zeros(T, T, dtype=torch.bool)  # by walking parent links, not by the DFS interval formula
+    for q, keys in enumerate(oracle.brute_visible_keys(lay.segment_table, lay.token_segment)):
+        want[q, keys] = True
     assert torch.equal(got, want)
+    assert torch.equal(want, reference.tree_attention_mask(lay.segment_table, lay.token_segment))
 
 
 @pytest.mark.parametrize("seed,segments,max_len,H,D", [(0, 1, 5, 1, 8), (1, 40, 8, 2, 16), (2, 90, 6, 3, 8)])

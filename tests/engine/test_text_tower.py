@@ -215,7 +215,7 @@ def test_siglip_config_rejected():
     vision_cfg = dict(layers=1, width=32, head_width=16, patch_size=8, image_size=16)
     model = open_clip.model.CustomTextCLIP(embed_dim=cfg["embed_dim"], vision_cfg=vision_cfg,
                                            text_cfg=text_cfg)
-    with pytest.raises(UnsupportedTextTower):
+    with pytest.raises(UnsupportedTextTower, match="pooling|Hugging Face|not causal|CLS"):
         TextTower(model)
 
 

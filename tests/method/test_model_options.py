@@ -36,11 +36,13 @@ def test_weighted_features_equal_open_clip_per_node_features(tiny, tokenizer):
     """normalize(sum_k w_k f_k) where f_k is open_clip's own feature of
     [SOS] ctx[node_k] class. [EOS] at full length."""
     model = _model(tiny, tokenizer, path_weights="learned", leaf_weight=0.6)
+    logits = {t: torch.linspace(-0.7, 0.9, p.numel()) * (1 + len(t)) for t, p in model.path_logits.items()}
     with torch.no_grad():  # generic weights, not the init's symmetric ones
         for t, p in model.path_logits.items():
-            p.copy_(torch.linspace(-0.7, 0.9, p.numel()) * (1 + len(t)))
+            p.copy_(logits[t])
     feats = model.text_features()
-    weights = model.path_weight_values()
+    weights = {t: torch.softmax(x.double(), 0).float() for t, x in logits.items()}  # not the model's own softmax
+    torch.testing.assert_close(model.path_weight_values(), weights)
     ctx = {n: p.detach() for n, p in model.ctx.items()}
     for task, classes in TASKS.items():
         path = model.context_path(task)
