@@ -130,6 +130,35 @@ def test_fit_on_cuda_learns_and_matches_cpu_without_amp(amp):
             torch.testing.assert_close(result.final_state[node].cpu(), v.cpu(), atol=1e-4, rtol=1e-4)
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_fp16_resume_restores_the_grad_scaler(tmp_path):
+    """fp16 autocast trains with a GradScaler whose state (loss scale, growth
+    tracker) the checkpoint keeps: a run that crashes in epoch 2 and resumes
+    continues from the saved scaler and ends where the uninterrupted run ends
+    (scaler state equal; contexts within the rounding of the CUDA assembly
+    backward's atomic adds)."""
+    train, val = ht.toy_data(seed=1), ht.toy_data(seed=2, noise=1.0)
+    run = dict(epochs=4, optimizer="adamw", batch_size=8, steps_per_epoch=5, lr=0.05, seed=0, amp="fp16")
+    ref = hf.fit(_own_tiny_model().to("cuda"), train, val, checkpoint_dir=str(tmp_path / "ref"), **run)
+
+    def crash(info):
+        if info["epoch"] == 2 and info["step"] == 1:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        hf.fit(_own_tiny_model().to("cuda"), train, val, checkpoint_dir=str(tmp_path / "run"), callback=crash, **run)
+    saved = hf.load_checkpoint(tmp_path / "run")
+    assert saved.epoch == 1 and saved.extra["scaler"]["scale"] > 0
+    res = hf.fit(_own_tiny_model().to("cuda"), train, val, checkpoint_dir=str(tmp_path / "run"), resume=True, **run)
+    assert hf.load_checkpoint(tmp_path / "run").extra["scaler"] == hf.load_checkpoint(tmp_path / "ref").extra["scaler"]
+    assert res.best_epoch == ref.best_epoch
+    for node, v in ref.final_state.items():
+        torch.testing.assert_close(res.final_state[node], v, atol=1e-5, rtol=1e-5)
+
+
 def test_exported_classifier_scores_on_cuda(tmp_path):
     model = _own_tiny_model().to("cuda")
     path = tmp_path / "clf.safetensors"
