@@ -135,6 +135,17 @@ MUTATIONS = [
              "         t < seg_offset(table, seg) + seg_length(table, seg);",
              "return seg >= 0 && seg < num_segments;",
              (("tests/ops/test_ops.py", "-k", "malformed or rejects"), ("tests/ops/test_cpp.py",)), cpp=True),
+    Mutation("assemble-backward-overwrites", "the CPU assembly backward keeps the last token's gradient of a "
+             "context row instead of summing them", "csrc/cpu/assemble_cpu.cpp",
+             "ap[r * W + w] += static_cast<acc_t>(gp[t * W + w]);",
+             "ap[r * W + w] = static_cast<acc_t>(gp[t * W + w]);",
+             (("tests/ops/test_ops.py", "-k", "assemble_fuzz"),), cpp=True),
+    Mutation("tree-attention-autocast", "the CPU tree attention no longer excludes autocast around its block GEMMs",
+             "csrc/cpu/tree_attention_cpu.cpp",
+             "  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);\n"
+             "  check_attention_args(q, k, v, segment_table, token_segment);",
+             "  check_attention_args(q, k, v, segment_table, token_segment);",
+             (("tests/ops/test_ops.py", "-k", "ignores_autocast"),), cpp=True),
 ]
 
 

@@ -193,7 +193,8 @@ def print_gpu_table(results: list[dict], file=None) -> None:
             graph = (f"CUDA graph {ts['graph_ms']:.2f} ms" if "graph_ms" in ts else
                      f"CUDA graph failed: {ts['graph_error']}" if "graph_error" in ts else
                      f"CUDA graph skipped ({ts.get('graph_skipped')})")
-            print(f"{'':4s} {'':4s} whole training step (forest + logits + CE + backward + SGD, "
+            print(f"{'':4s} {'':4s} whole training step (forest + logits + CE + backward + "
+                  f"{ts.get('optimizer', 'optimiser')}, "
                   f"{ts['batch_per_task']} images/task): eager {ts['eager_ms']:.2f} ms; {graph}", file=file)
         for k in res.get("forest_kernels", []):
             print(f"{'':9s}{k['self_ms_per_step']:8.3f} ms x{k['calls_per_step']:5.0f}  {k['name']}", file=file)

@@ -13,7 +13,7 @@ from hipro_fast.bench import gpu as bench_gpu
 from hipro_fast.bench.output import README_BEGIN, README_END
 
 
-def test_bench_gpu_harness_on_cpu(tmp_path):
+def test_bench_gpu_harness_on_cpu(tmp_path, capsys):
     path = tmp_path / "gpu.json"
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -41,7 +41,8 @@ def test_bench_gpu_harness_on_cpu(tmp_path):
     assert "flex" not in methods and "FlexAttention has no CPU backward" in res["flex_skipped"]
     ts = res["train_step"]
     assert ts["eager_ms"] > 0 and ts["loss_finite"] and ts["batch_per_task"] == 32
-    assert ts["optimizer"] == "AdamW"  # TrainConfig's default; capturable on CUDA
+    assert ts["optimizer"] == "AdamW"  # session 6's default, capturable on CUDA (L-BFGS is not)
+    assert "forest + logits + CE + backward + AdamW, 32 images/task" in capsys.readouterr().out
     assert ts["graph_skipped"] == "CUDA graphs need a CUDA device"
     status = {(t["target"], t["where"]): t["pass"] for t in out["targets"]}
     assert status[("fp32 features within 1e-5 of naive", "a fp32")] is True
