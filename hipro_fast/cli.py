@@ -406,7 +406,7 @@ class _Ctx:
             # Ranks that run different commands would hang in different collectives: compare first.
             dist_group.check_agreement({k: v for k, v in cfg.items() if k != "device_resolved"}, "the command line")
         if hasattr(args, "optimizer"):
-            self._check_recipe()
+            cfg["train_recipe"] = pipeline.resolved_recipe(self._check_recipe())
         # Checked before anything is written or loaded: a refused run directory is left untouched.
         self.run = self._open_run(args.run_dir, command, cfg, mode)
         if resume and not self.run.resumed:
@@ -417,8 +417,9 @@ class _Ctx:
         self._feats = None
         self.t0 = time.time()
 
-    def _check_recipe(self) -> None:
-        """The training options together (each flag alone is checked by argparse)."""
+    def _check_recipe(self) -> TrainConfig:
+        """The training options together (each flag alone is checked by argparse);
+        returns the recipe they resolve to."""
         try:
             recipe = TrainConfig(**pipeline.train_config_overrides(TrainConfig, self.train_overrides()))
             recipe.validate()
@@ -427,6 +428,7 @@ class _Ctx:
         if getattr(self.args, "lr", None) is not None and recipe.optimizer == "lbfgs":
             raise CliError("--lr has no effect with optimizer lbfgs (the default; its line search sets every "
                            "step): pass --optimizer adamw or sgd with --lr")
+        return recipe
 
     def _open_run(self, run_dir, command: str, cfg: dict, mode: str):
         """Rank 0 (or the only process) opens the run directory; the other ranks

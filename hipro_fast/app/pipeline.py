@@ -101,17 +101,46 @@ def _clear_directory(directory: Path) -> None:
             child.unlink()
 
 
+# The training-recipe options of the CLI and the TrainConfig field each sets.
+# config.json records the recipe they resolve to ("train_recipe"), so a resume
+# compares what will be trained, not how it was spelled: `--optimizer lbfgs`
+# resumes a run started with the default lbfgs, and a later change of the
+# defaults cannot silently change a resumed run.
+RECIPE_OPTIONS = {"optimizer": "optimizer", "lr": "lr", "epochs": "epochs", "min_steps": "min_steps",
+                  "train_batch_size": "batch_size"}
+
+
+def resolved_recipe(config: Any) -> dict[str, Any]:
+    """The TrainConfig fields the CLI's recipe options set (config.json's "train_recipe")."""
+    return {field: getattr(config, field) for field in RECIPE_OPTIONS.values()}
+
+
 def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], directory: Path) -> None:
     """Raise RunDirError naming the first option (other than RESUME_FREE_KEYS) whose
     value differs between the run's config.json and this command: a resumed run
-    must compute the same thing."""
+    must compute the same thing. The training recipe is compared as resolved
+    when both record it; a run that predates the record compares the options as given."""
     now = json.loads(json.dumps(dict(config), default=_json_default))
+    recorded = isinstance(saved.get("train_recipe"), dict) and isinstance(now.get("train_recipe"), dict)
     for key in now:
         if key in RESUME_FREE_KEYS or key not in saved or saved[key] == now[key]:
             continue
+        if recorded and key in RECIPE_OPTIONS:
+            continue  # compared below, as resolved
+        if key == "train_recipe":
+            for option, field in RECIPE_OPTIONS.items():
+                was, new = saved[key].get(field), now[key].get(field)
+                if was != new:
+                    raise RunDirError(f"cannot resume {directory}: --{option.replace('_', '-')} was {was!r} in "
+                                      f"that run, now {new!r} (resolved, defaults included; rerun with "
+                                      f"--{option.replace('_', '-')} {was}, or pass --overwrite to start over)")
+            continue
         flag = "--" + key.replace("_", "-")
-        raise RunDirError(f"cannot resume {directory}: {flag} was {saved[key]!r} in that run, now {now[key]!r} "
-                          f"(rerun with the original options, or pass --overwrite to start over)")
+        hint = (" (that run predates the recorded training recipe, so its default meant the defaults of the "
+                "version that started it: resume it with that version or with the library, fit(..., resume=True), or "
+                if key in RECIPE_OPTIONS and saved[key] is None else " (rerun with the original options, or ")
+        raise RunDirError(f"cannot resume {directory}: {flag} was {saved[key]!r} in that run, now {now[key]!r}"
+                          f"{hint}pass --overwrite to start over)")
 
 
 class Run:

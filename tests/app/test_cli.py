@@ -621,6 +621,33 @@ def test_resume_checks_before_anything_is_loaded(world, tmp_path, capsys):
     assert _snapshot(run_dir) == before
 
 
+def test_resume_compares_the_resolved_training_recipe(world, tmp_path, capsys):
+    """config.json records the recipe the options resolve to: spelling out the
+    default (--optimizer lbfgs) resumes a run started with it, another optimiser
+    is refused naming it; a run written before the record (no train_recipe)
+    compares the options as given and says what its default meant."""
+    run_dir = tmp_path / "run"
+    base = ["train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--min-steps", "2", "--n-ctx", "2"]
+    assert _run(world, *base, run_dir=run_dir) == 0
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["optimizer"] is None
+    assert saved["train_recipe"] == {"optimizer": "lbfgs", "lr": 0.002, "epochs": 1, "min_steps": 2,
+                                     "batch_size": "full"}
+    capsys.readouterr()
+    assert _run(world, *base, "--optimizer", "lbfgs", "--resume", run_dir=run_dir) == 0
+    assert "cannot resume" not in capsys.readouterr().err
+    before = _snapshot(run_dir)
+    assert _run(world, *base, "--optimizer", "adamw", "--resume", run_dir=run_dir) == 1
+    line = _one_error_line(capsys)
+    assert "--optimizer was 'lbfgs' in that run, now 'adamw' (resolved, defaults included" in line, line
+    assert _snapshot(run_dir) == before
+    del saved["train_recipe"]  # a run directory written before the recipe was recorded
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    assert _run(world, *base, "--optimizer", "lbfgs", "--resume", run_dir=run_dir) == 1
+    line = _one_error_line(capsys)
+    assert "--optimizer was None in that run, now 'lbfgs'" in line and "predates the recorded training recipe" in line
+
+
 def test_sigkill_then_resume_equals_the_uninterrupted_run(world, tmp_path):
     """Before: there was no --resume; rerunning restarted at epoch 0 over the old checkpoints."""
     argv = ["train", "--tree", TREE, "--shots", "2", "--epochs", "40", "--n-ctx", "2"]
