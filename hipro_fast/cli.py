@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -53,7 +54,7 @@ from .method.grouping import LINKAGES
 from .method.training import FULL_BATCH, OPTIMIZERS, TrainConfig
 from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, SELECT_CRITERIA
 from .method.model import PATH_WEIGHTS, validate_tasks
-from .method.protocol import PARALLEL_MODES
+from .method.protocol import PARALLEL_MODES, check_shot_counts
 
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
 
@@ -99,21 +100,32 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _comma_items(text: str, what: str) -> list[str]:
+    """The entries of a comma list; an empty entry ("1,,2", "0,") is refused, not skipped."""
+    items = [x.strip() for x in text.split(",")]
+    if any(not x for x in items) and any(items):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty entry in the comma list of {what}")
+    return [x for x in items if x]
+
+
 def _seed_list(text: str) -> list[int]:
     parse = _int_at_least(0, MAX_SEED)
-    items = [x.strip() for x in text.split(",") if x.strip()]
+    items = _comma_items(text, "seeds")
     if not items:
         raise argparse.ArgumentTypeError(f"expected a comma list of seeds, e.g. 0,1,2, got {text!r}")
     try:
-        return [parse(x) for x in items]
+        seeds = [parse(x) for x in items]
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if len(set(seeds)) != len(seeds):  # a repeated draw would fake a spread over seeds
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is repeated")
+    return seeds
 
 
 def _shot_list(text: str) -> list[int]:
     """--shots of compare/demo: a comma list of shot counts >= 1 (the protocol's
     grid, e.g. 1,2,4,8,16), or 0 alone (the whole training split, spec splits)."""
-    items = [x.strip() for x in text.split(",") if x.strip()]
+    items = _comma_items(text, "shot counts")
     if not items:
         raise argparse.ArgumentTypeError(f"expected a comma list of shot counts, e.g. 1,2,4, got {text!r}")
     try:
@@ -147,11 +159,13 @@ def _nonneg_float(text: str) -> float:
 
 
 def _method_list(text: str) -> str:
-    names = [m.strip() for m in text.split(",") if m.strip()]
+    names = _comma_items(text, "methods")
     bad = [m for m in names if m not in baselines.METHODS]
     if not names or bad:
         what = f"unknown method {bad[0]!r}" if bad else "no method given"
         raise argparse.ArgumentTypeError(f"{what} (methods: {', '.join(baselines.METHODS)})")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: a method is repeated")
     return ",".join(names)
 
 
@@ -346,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory from `hipro train` (<run>/checkpoints) or its best.json")
     p.add_argument("--out", default=None,
-                   help="output .safetensors path (default: <run-dir>/classifier.safetensors)")
+                   help="output .safetensors path (default: <run-dir>/classifier.safetensors); an existing "
+                        "file is replaced only with --overwrite")
 
     p = sub.add_parser("bench", help="text-engine benchmark (options go to hipro_fast.bench.cpu)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -407,6 +422,8 @@ class _Ctx:
             dist_group.check_agreement({k: v for k, v in cfg.items() if k != "device_resolved"}, "the command line")
         if hasattr(args, "optimizer"):
             cfg["train_recipe"] = pipeline.resolved_recipe(self._check_recipe())
+        self._spec = None
+        self._check_inputs(command, mode)
         # Checked before anything is written or loaded: a refused run directory is left untouched.
         self.run = self._open_run(args.run_dir, command, cfg, mode)
         if resume and not self.run.resumed:
@@ -417,6 +434,80 @@ class _Ctx:
         self._feats = None
         self.t0 = time.time()
 
+    def _check_inputs(self, command: str, mode: str) -> None:
+        """The inputs a command names, checked before its run directory is opened,
+        so a mistyped path or a bad --tree leaves nothing behind: the spec (loaded
+        once, here), --tree against its tasks, --checkpoint, --affinity, --out, the
+        folders --run-dir and --cache-dir would be made in; and --overwrite may not
+        delete any of them."""
+        a = self.args
+        if a.run_dir is not None and not str(a.run_dir).strip():
+            raise CliError("--run-dir is empty (it would be the current folder): name a folder")
+        for flag, value in (("--run-dir", a.run_dir), ("--cache-dir", getattr(a, "cache_dir", None))):
+            if value:
+                _check_folder_path(flag, Path(value))
+        if command in SPEC_COMMANDS or (command == "tree" and (not a.affinity or a.spec)):
+            self._spec = self.spec()  # tree --affinity reads a --spec only to check the affinity's tasks
+        tasks = list(self._spec.tasks) if self._spec is not None else None
+        tree = getattr(a, "tree", None)
+        if tree not in (None, "auto") and tasks is not None:
+            self.pipeline.load_tree(tree, tasks)
+        if getattr(a, "checkpoint", None):
+            self.pipeline.checkpoint_location(a.checkpoint)
+        if command == "tree" and a.affinity:
+            _, names = _load_affinity(a.affinity)
+            if tasks is not None and sorted(names) != sorted(tasks):
+                raise CliError(f"--affinity {a.affinity} is over tasks {', '.join(names)}; the --spec has "
+                               f"{', '.join(tasks)}")
+        if command == "export" and a.out:
+            _check_export_out(Path(a.out), overwrite=bool(a.overwrite))
+        if self._spec is not None:
+            self._check_draws_fit(command)
+        if mode == "overwrite" and a.run_dir:
+            self._check_overwrite_spares_inputs(Path(a.run_dir))
+
+    def _check_draws_fit(self, command: str) -> None:
+        """From the spec's image counts: the grid's largest K (+ its validation
+        shots) fits every class, and per-task selection has a validation split."""
+        if self.shot_grid:
+            for name, task in self._spec.tasks.items():
+                def per_class(split):
+                    counts = [0] * len(task.classes)
+                    for r in task.splits.get(split) or []:
+                        counts[r.label] += 1
+                    return counts
+                check_shot_counts(name, task.classes, per_class("train"),
+                                  per_class("val") if task.splits.get("val") else None, max(self.shot_grid))
+        elif command == "compare" and self.args.select == "per-task":
+            no_val = [t for t, task in self._spec.tasks.items() if not task.splits.get("val")]
+            if no_val:
+                raise CliError(f"--select per-task chooses on a validation split, and with --shots 0 that is the "
+                               f"spec's own: task {no_val[0]!r} has none (add a val split to the spec, or pass "
+                               f"--select none)")
+
+    def _check_overwrite_spares_inputs(self, run_dir: Path) -> None:
+        """--overwrite empties --run-dir: refuse when an input of this command lies inside it."""
+        a = self.args
+        inputs = [("--spec", getattr(a, "spec", None)), ("--checkpoint", getattr(a, "checkpoint", None)),
+                  ("--affinity", getattr(a, "affinity", None)), ("--model-config", getattr(a, "model_config", None)),
+                  ("--pretrained", getattr(a, "pretrained", None)), ("--data-dir", getattr(a, "data_dir", None)),
+                  ("--cache-dir", str(self.cache_dir) if hasattr(a, "cache_dir") else None)]
+        tree = getattr(a, "tree", None)
+        if tree and tree not in ("auto", "flat") and not tree.lstrip().startswith(("[", "{")):
+            inputs.append(("--tree", tree))
+        if self._spec is not None:
+            folders = {str(Path(r.path).parent) for task in self._spec.tasks.values()
+                       for recs in task.splits.values() for r in recs}
+            inputs += [("the spec's images in", f) for f in sorted(folders)]
+        root = run_dir.resolve()
+        for flag, value in inputs:
+            if not value or (flag == "--pretrained" and not Path(value).exists()):
+                continue
+            path = Path(value).resolve()
+            if path == root or root in path.parents:
+                raise CliError(f"--overwrite would delete {flag} {value}: it lies inside --run-dir {run_dir}; "
+                               f"move it out, or choose another --run-dir")
+
     def _check_recipe(self) -> TrainConfig:
         """The training options together (each flag alone is checked by argparse);
         returns the recipe they resolve to."""
@@ -424,7 +515,11 @@ class _Ctx:
             recipe = TrainConfig(**pipeline.train_config_overrides(TrainConfig, self.train_overrides()))
             recipe.validate()
         except ValueError as e:
-            raise CliError(str(e).replace("TrainConfig: ", "training options: ")) from None
+            msg = str(e).replace("TrainConfig: ", "training options: ")
+            for field, flag in (("batch_size", "--train-batch-size"), ("min_steps", "--min-steps"),
+                                ("optimizer", "--optimizer"), ("epochs", "--epochs")):
+                msg = re.sub(rf"\b{field}\b", flag, msg)
+            raise CliError(msg) from None
         if getattr(self.args, "lr", None) is not None and recipe.optimizer == "lbfgs":
             raise CliError("--lr has no effect with optimizer lbfgs (the default; its line search sets every "
                            "step): pass --optimizer adamw or sgd with --lr")
@@ -463,7 +558,8 @@ class _Ctx:
         return self._clip
 
     def spec(self):
-
+        if self._spec is not None:
+            return self._spec
         if not getattr(self.args, "spec", None):
             raise CliError("--spec is required (a TOML multi-task spec)")
         return load_spec(self.args.spec)
@@ -653,19 +749,46 @@ def cmd_affinity(ctx: _Ctx) -> int:
 def cmd_tree(ctx: _Ctx) -> int:
     a = ctx.args
     if a.affinity:
-        p = Path(a.affinity)
-        if not p.is_file():
-            raise MissingFileError(f"affinity file not found: {p}")
-        try:
-            matrix, names, _ = aff.load_affinity_json(p)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InvalidInputError(f"{p}: not an affinity.json from `hipro affinity` ({type(e).__name__}: {e})") from None
+        matrix, names = _load_affinity(a.affinity)
         tree = ctx.pipeline.build_tree(matrix, names, a.levels, a.threshold, a.linkage)
         _save_tree(ctx, tree, matrix, names)
     else:
         _affinity_and_tree(ctx)
     ctx.finish()
     return 0
+
+
+def _load_affinity(path: str) -> tuple[Any, list[str]]:
+    """(matrix, task names) of an affinity.json from `hipro affinity`, errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingFileError(f"affinity file not found: {p}")
+    try:
+        matrix, names, _ = aff.load_affinity_json(p)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InvalidInputError(f"{p}: not an affinity.json from `hipro affinity` ({type(e).__name__}: {e})") from None
+    return matrix, list(names)
+
+
+def _check_folder_path(flag: str, path: Path) -> None:
+    """A folder the command will create or use: refuse when it, or a folder above
+    it, exists as something other than a folder (the OS error would not say which option)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise CliError(f"{flag} {path}: {what}, not a folder")
+            return
+
+
+def _check_export_out(out: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise CliError(f"--out {out}: is a folder, not a file")
+    if out.suffix != ".safetensors":
+        raise CliError(f"--out {out}: a classifier file is .safetensors (name it <something>.safetensors)")
+    if out.exists() and not overwrite:
+        raise CliError(f"--out {out} exists: pass --overwrite to replace it, or choose another path")
+    _check_folder_path("--out", out.parent)
 
 
 def _train_and_eval(ctx: _Ctx, tree):
@@ -710,9 +833,10 @@ def cmd_train(ctx: _Ctx) -> int:
 
 def cmd_eval(ctx: _Ctx) -> int:
     a = ctx.args
-    feats = ctx.features(splits=(a.split,))
+    # the checkpoint against the model and the spec first: a mismatch is found before any image is encoded
     model = ctx.pipeline.load_model_checkpoint(a.checkpoint, ctx.clip(), ctx.device)
-    ctx.pipeline.check_model_matches(model, feats.tasks, where=f"spec {a.spec}")
+    ctx.pipeline.check_model_matches(model, ctx.spec().class_names(), where=f"spec {a.spec}")
+    feats = ctx.features(splits=(a.split,))
     data = {"test": feats.test, "val": feats.val, "train": feats.train}[a.split]
     if not data:
         raise CliError(f"no {a.split} split in the spec")
@@ -902,6 +1026,8 @@ def cmd_demo(ctx: _Ctx) -> int:
 
 # Commands that run in a process group under torchrun (export writes outside the run directory).
 DIST_COMMANDS = ("cache", "train", "eval", "compare", "affinity", "tree", "demo")
+# The commands that read --spec (tree only without --affinity): checked before the run directory opens.
+SPEC_COMMANDS = ("cache", "affinity", "train", "eval", "compare")
 COMMANDS = {"cache": cmd_cache, "affinity": cmd_affinity, "tree": cmd_tree, "train": cmd_train, "eval": cmd_eval,
             "compare": cmd_compare, "export": cmd_export, "demo": cmd_demo}
 
@@ -996,6 +1122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         rank = dist_group.rank()
         msg = dist_group.collective_failure(e) or _one_line(e)
+        if ctx is not None and ctx.main and getattr(ctx, "run", None) is not None:
+            again = "--resume (same options) continues it, --overwrite starts over" \
+                if args.command in ("train", "compare") else "rerun with --overwrite"
+            msg += f" [the run directory {ctx.run.dir} keeps this failed run: {again}]"
         print(f"hipro: error: {'' if rank == 0 else f'[rank {rank}] '}{msg}", file=sys.stderr)
         return 1
     finally:

@@ -11,6 +11,7 @@ import atexit
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from ..method import checkpoint as ckpt
 from ..method import protocol
 from ..method.model import HiProModel
 from ..method.tree import TaskTree
-from ..errors import ForestError, InvalidInputError, MissingFileError, RunDirError
+from ..errors import ForestError, InvalidInputError, MissingFileError, RunDirError, TreeError
 from ..files import atomic_write_text
 from .report import Report
 
@@ -266,9 +267,17 @@ def resolve_device(device: str | None) -> str:
     without CUDA is an error (one line)."""
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidInputError(f"--device {device}: CUDA is not available on this machine")
-    return str(device)
+    device = str(device)
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device != "cpu" and m is None:
+        raise InvalidInputError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+    if m is not None:
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"--device {device}: CUDA is not available on this machine")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            raise InvalidInputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                                    f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def register_model_config(path: str | Path) -> str:
@@ -279,9 +288,12 @@ def register_model_config(path: str | Path) -> str:
     if not path.is_file():
         raise MissingFileError(f"model config not found: {path}")
     try:
-        json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InvalidInputError(f"{path}: invalid JSON: {e}") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise InvalidInputError(f"--model-config {path}: not an open_clip model config (no {', '.join(missing)})")
     open_clip.add_model_config(path)
     return path.stem
 
@@ -437,11 +449,14 @@ def load_tree(spec: str, names: Sequence[str]):
     if spec == "flat":
         return TaskTree.flat(list(names))
     usage = "expected 'flat', 'auto', a tree.json file or a JSON nested list"
+    shown = spec if len(spec) <= 60 else spec[:57] + "..."
     if spec.lstrip().startswith(("[", "{")):
         try:
             tree = TaskTree.from_json(spec)
         except json.JSONDecodeError as e:
             raise InvalidInputError(f"--tree: invalid JSON ({e.msg} at character {e.pos}); {usage}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise TreeError(f"--tree {shown}: {_tree_problem(e)}; {usage}") from None
     else:
         p = Path(spec)
         try:
@@ -455,10 +470,19 @@ def load_tree(spec: str, names: Sequence[str]):
                 tree = TaskTree.from_json(p)
             except json.JSONDecodeError as e:
                 raise InvalidInputError(f"tree file {p}: invalid JSON ({e.msg} at character {e.pos})") from None
+            except (KeyError, TypeError, ValueError) as e:
+                raise TreeError(f"tree file {p}: {_tree_problem(e)}") from None
         else:
             raise InvalidInputError(f"--tree {spec!r}: {usage}")
-    tree.check_tasks(list(names))
+    try:
+        tree.check_tasks(list(names))
+    except TreeError as e:
+        raise TreeError(f"--tree {shown}: {e}") from None
     return tree
+
+
+def _tree_problem(e: Exception) -> str:
+    return f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
 
 
 # ------------------------------------------------------------------ training
@@ -509,7 +533,7 @@ def save_model(model, directory: str | Path, extra: Mapping[str, Any] | None = N
     return directory
 
 
-def _checkpoint_location(path: str | Path) -> tuple[Path, str]:
+def checkpoint_location(path: str | Path) -> tuple[Path, str]:
     """A checkpoint directory (its `best`, else `last`) or a <kind>.json file."""
     path = Path(path)
     if not path.exists():
@@ -522,12 +546,15 @@ def _checkpoint_location(path: str | Path) -> tuple[Path, str]:
     for kind in ("best", "last"):
         if ckpt.has_checkpoint(path, kind):
             return path, kind
-    raise MissingFileError(f"no checkpoint in {path} (best.json / last.json not found)")
+    hint = ""
+    if any(ckpt.has_checkpoint(path / "checkpoints", k) for k in ("best", "last")):
+        hint = f"; it is a run directory: its checkpoint is {path / 'checkpoints'}"
+    raise MissingFileError(f"no checkpoint in {path} (best.json / last.json not found){hint}")
 
 
 def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
     """Rebuild the HiProModel a checkpoint was trained as, on `clip`, with its contexts."""
-    directory, kind = _checkpoint_location(path)
+    directory, kind = checkpoint_location(path)
     record = ckpt.load_checkpoint(directory, None, kind=kind)
     cfg = record.model_config
     width = getattr(getattr(clip.model, "token_embedding", None), "weight", None)

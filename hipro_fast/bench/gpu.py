@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..engine.text_tower import TextTower
+from ..errors import InvalidInputError
 from ..files import atomic_write_text
 from ..ops.extension import build_info, fused_available
 from .model import load_model, load_tokenizer
@@ -237,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"--device {args.device}: CUDA is not available on this machine")
     torch.set_float32_matmul_precision("highest")
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(f"build_info {build_info()}; fused ops on {device.type}: {fused_available(device)}")

@@ -79,11 +79,19 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    # A file that is not a weights file fails deep in the reader (a bare KeyError
+    # from unpickling, a SafetensorError): name the file and the reader instead.
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        reader = "safetensors" if path.suffix == ".safetensors" else "torch.load (weights_only)"
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise WeightsMismatchError(f"weights file {path}: cannot be read by {reader} "
+                                   f"({type(e).__name__}: {detail})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

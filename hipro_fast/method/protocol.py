@@ -44,6 +44,24 @@ def val_shots_for(shots: int) -> int:
     return min(int(shots), 4)
 
 
+def check_shot_counts(task: str, classes: Sequence[str], train_counts: Sequence[int],
+                      val_counts: Sequence[int] | None, shots: int) -> None:
+    """Raise FewShotError, as draw_few_shot would, when a class has too few images
+    for `shots` (+ min(shots, 4) validation shots, drawn from the training images
+    when the task has no validation split, `val_counts` None): the check a
+    command makes from its spec before it encodes anything."""
+    val_shots = val_shots_for(shots)
+    for name, n_train, n_val in zip(classes, train_counts, val_counts or [None] * len(classes)):
+        need = shots if val_counts is not None else shots + val_shots
+        if n_train < need:
+            extra = "" if val_counts is not None else f" + {val_shots} validation shots"
+            raise FewShotError(f"task {task!r}, class {name!r}: {n_train} training images, but {shots} shots"
+                               f"{extra} need {need}; lower --shots")
+        if n_val is not None and n_val < val_shots:
+            raise FewShotError(f"task {task!r}, class {name!r}: {n_val} validation images, but {shots} shots "
+                               f"need {val_shots} validation shots; lower --shots")
+
+
 @dataclass
 class FewShotDraw:
     """One seed's few-shot split. train / val: task -> (features [N, D], labels [N]);

@@ -499,8 +499,9 @@ def test_bad_numbers_fail_in_the_parser_before_any_model_load(world, tmp_path, c
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["train", "--train-batch-size", "32"], "mini-batches need optimizer 'adamw' or 'sgd'"),
-    (["compare", "--optimizer", "lbfgs", "--train-batch-size", "8"], "optimizer 'lbfgs' needs batch_size 'full'"),
+    (["train", "--train-batch-size", "32"], "mini-batches need --optimizer 'adamw' or 'sgd'"),
+    (["compare", "--optimizer", "lbfgs", "--train-batch-size", "8"],
+     "--optimizer 'lbfgs' needs --train-batch-size 'full'"),
     (["train", "--lr", "0.01"], "--lr has no effect with optimizer lbfgs"),
     (["demo", "--lr", "0.01"], "--lr has no effect with optimizer lbfgs"),
 ])
@@ -514,8 +515,8 @@ def test_training_options_that_conflict_fail_before_any_model_load(world, tmp_pa
     assert says in line and "no-such-model" not in line, line
     assert not run_dir.exists()
     if spec:
-        assert _run(world, *argv, "--optimizer", "adamw", "--train-batch-size", "full", *NO_MODEL,
-                    run_dir=tmp_path / "ok") != 0  # gets past the check ...
+        assert _run(world, *argv, "--optimizer", "adamw", "--train-batch-size", "full", "--shots", "1", *NO_MODEL,
+                    run_dir=tmp_path / "ok") != 0  # gets past the check (and 1 shot fits the spec) ...
         assert "no-such-model" in _one_error_line(capsys)  # ... to fail on loading the model
 
 
@@ -816,3 +817,98 @@ def test_flex_attention_on_the_cpu_fails_in_one_line(world, tmp_path, capsys):
                 "--attention", "flex", "--device", "cpu", run_dir=tmp_path / "r") == 1
     line = _one_error_line(capsys)
     assert "no backward on the CPU" in line and "attention='tree'" in line, line
+
+
+# ---------------------------------------------------------------- inputs checked before the run directory
+def test_bad_inputs_leave_no_run_directory(world, tmp_path, capsys):
+    """Input problems are found before the run directory is made (and before the
+    model loads: NO_MODEL would be reported instead), each naming its option, so
+    the corrected rerun is not blocked by the failed one."""
+    cases = [
+        (["cache", "--spec", str(tmp_path / "typo.toml")], "spec file not found"),
+        (["train", "--tree", '[["shapes", "ghost"], "texture", "scenes"]'], "ghost"),
+        (["train", "--tree", '{"nope": 1}'], "--tree {\"nope\": 1}: missing key 'tree'"),
+        (["train", "--tree", str(tmp_path / "tree.json")], "tree file not found"),
+        (["eval", "--checkpoint", str(tmp_path / "nothing")], "checkpoint not found"),
+        (["cache", "--device", "gpu"], "--device gpu: expected cpu, cuda, cuda:N or auto"),
+        (["cache", "--run-dir", ""], "--run-dir is empty"),
+        (["compare", "--shots", "1,,2"], "an empty entry in the comma list of shot counts"),
+        (["compare", "--shots", "1,40", "--tree", "flat"], "but 40 shots need 40; lower --shots"),
+    ]
+    for i, (argv, says) in enumerate(cases):
+        run_dir = tmp_path / f"run{i}"
+        argv = [*argv, *NO_MODEL] if "--run-dir" in argv else [*argv, *NO_MODEL, "--run-dir", str(run_dir)]
+        assert main(_cli_args(world, argv, spec="--spec" not in argv)) != 0, argv
+        line = _one_error_line(capsys)
+        assert says in line and "no-such-model" not in line, (argv, line)
+        assert not run_dir.exists(), argv
+    (tmp_path / "notes").write_text("x")
+    assert _run(world, "cache", "--cache-dir", str(tmp_path / "notes"), *NO_MODEL, run_dir=tmp_path / "r") == 1
+    assert "--cache-dir" in _one_error_line(capsys) and not (tmp_path / "r").exists()
+    assert _run(world, "cache", *NO_MODEL, run_dir=tmp_path / "notes" / "run") == 1
+    line = _one_error_line(capsys)
+    assert "--run-dir" in line and f"lies under {tmp_path / 'notes'}, which is a file" in line, line
+
+
+def test_overwrite_never_deletes_the_commands_own_inputs(world, tmp_path, capsys):
+    """--overwrite empties --run-dir: a checkpoint, spec or tree inside it is an
+    input of the command, so the command is refused and nothing is deleted."""
+    run_dir = tmp_path / "run"
+    assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--min-steps", "2",
+                "--n-ctx", "2", run_dir=run_dir) == 0
+    spec_copy = run_dir / "tasks.toml"
+    spec_copy.write_text(world["spec"].read_text().replace('images = "data/', f'images = "{world["root"]}/data/'))
+    before = _snapshot(run_dir)
+    for argv, flag in ((["eval", "--checkpoint", str(run_dir / "checkpoints"), "--overwrite"], "--checkpoint"),
+                       (["cache", "--spec", str(spec_copy), "--overwrite"], "--spec"),
+                       (["train", "--tree", str(run_dir / "tree.json"), "--overwrite"], "--tree")):
+        assert main(_cli_args(world, [*argv, "--run-dir", str(run_dir)], spec="--spec" not in argv)) == 1, argv
+        line = _one_error_line(capsys)
+        assert f"--overwrite would delete {flag}" in line and "lies inside --run-dir" in line, line
+        assert _snapshot(run_dir) == before
+
+
+def test_a_failure_after_the_run_started_says_what_to_do_with_its_directory(world, tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a weights file")
+    run_dir = tmp_path / "run"
+    assert _run(world, "cache", "--model", "hipro-tiny-clip", "--pretrained", str(junk), run_dir=run_dir) == 1
+    line = _one_error_line(capsys)
+    assert f"weights file {junk}: cannot be read by torch.load" in line, line
+    assert f"the run directory {run_dir} keeps this failed run: rerun with --overwrite" in line, line
+
+
+def test_eval_and_export_checkpoint_and_out_errors(world, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--min-steps", "2",
+                "--n-ctx", "2", run_dir=run_dir) == 0
+    capsys.readouterr()
+    assert _run(world, "eval", "--checkpoint", str(run_dir), *NO_MODEL, run_dir=tmp_path / "e") == 1
+    assert f"its checkpoint is {run_dir / 'checkpoints'}" in _one_error_line(capsys)
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"precious")
+    ckpt_dir = str(run_dir / "checkpoints")
+    for out, says in ((mine, "exists: pass --overwrite"), (tmp_path, "is a folder"),
+                      (tmp_path / "clf.toml", "a classifier file is .safetensors")):
+        assert _run(world, "export", "--checkpoint", ckpt_dir, "--out", str(out), spec=False,
+                    run_dir=tmp_path / "x") == 1, out
+        assert says in _one_error_line(capsys)
+    assert mine.read_bytes() == b"precious" and not (tmp_path / "x").exists()
+    assert _run(world, "export", "--checkpoint", ckpt_dir, "--out", str(mine), "--overwrite", spec=False,
+                run_dir=tmp_path / "x") == 0
+    assert mine.read_bytes() != b"precious"
+
+
+def test_repeated_seeds_or_methods_are_refused(world, tmp_path, capsys):
+    for flag, value in (("--seeds", "0,0"), ("--methods", "hipro,hipro")):
+        assert _run(world, "compare", flag, value, run_dir=tmp_path / "r") == 2
+        assert "is repeated" in _one_error_line(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_tree_from_an_affinity_of_other_tasks_is_refused(world, tmp_path, capsys):
+    aff = tmp_path / "affinity.json"
+    aff.write_text(json.dumps({"tasks": ["shapes", "texture", "tools"], "matrix": np.eye(3).tolist()}))
+    assert _run(world, "tree", "--affinity", str(aff), run_dir=tmp_path / "t") == 1
+    line = _one_error_line(capsys)
+    assert "tools" in line and "--spec has" in line and not (tmp_path / "t").exists()

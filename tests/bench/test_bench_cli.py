@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hipro_fast import cli
 from hipro_fast.bench import cpu, gpu
@@ -21,6 +22,13 @@ def calls(monkeypatch):
     monkeypatch.setattr(cpu, "main", lambda argv: seen.append(("cpu", list(argv))) or 0)
     monkeypatch.setattr(gpu, "main", lambda argv: seen.append(("gpu", list(argv))) or 0)
     return seen
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_benchmark_without_cuda_is_one_line(capsys):
+    assert cli.main(["bench", "--device", "cuda", "--problems", "a"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "hipro: error: --device cuda: CUDA is not available on this machine", err
 
 
 @pytest.mark.parametrize("argv, expected", [

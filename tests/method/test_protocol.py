@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hipro_fast.errors import FewShotError
-from hipro_fast.method.protocol import draw_few_shot, run_protocol, val_shots_for
+from hipro_fast.method.protocol import check_shot_counts, draw_few_shot, run_protocol, val_shots_for
 from hipro_fast.method.training import TrainConfig
 from tests.helpers_training import TASKS, few_shot_pool as _pool, tiny_clip, toy_data
 
@@ -42,6 +42,16 @@ def test_a_class_too_small_is_named():
     assert draw_few_shot(TASKS, pool, 1, seed=0).shots == 1
     with pytest.raises(FewShotError, match="shots must be an integer >= 1"):
         draw_few_shot(TASKS, pool, 0, seed=0)
+    # the CLI's check from the spec's counts, before anything is encoded, says the same
+    counts = torch.bincount(pool["colors"][1], minlength=len(TASKS["colors"])).tolist()
+    with pytest.raises(FewShotError) as from_counts:
+        check_shot_counts("colors", TASKS["colors"], counts, None, 2)
+    with pytest.raises(FewShotError) as from_draw:
+        draw_few_shot(TASKS, pool, 2, seed=0)
+    assert str(from_counts.value) == str(from_draw.value)
+    check_shot_counts("colors", TASKS["colors"], counts, None, 1)  # 1 + 1 fits in 3
+    with pytest.raises(FewShotError, match="2 validation images, but 4 shots need 4 validation shots"):
+        check_shot_counts("colors", TASKS["colors"], [9] * 3, [5, 2, 5], 4)
 
 
 def test_protocol_runs_the_grid_and_summarises_it():
