@@ -23,7 +23,10 @@ when there is one). Each set is persisted as a safetensors file:
   the file is touched or the cache file deleted;
 * the metadata also stores a SHA-256 of the tensor bytes; a file that does not
   parse or whose checksum differs is *corrupt* and is rebuilt. Neither is ever
-  used silently: a warning names the file and the reason.
+  used silently: a warning names the file and the reason;
+* ``skip_bad_images`` is not part of the key: a file that skipped nothing
+  serves both settings, and a file that skipped images, loaded without the
+  option, raises BadImageError naming the first of them, as encoding would.
 
 Writes go to a temporary file in the same folder and are moved in place with
 ``os.replace``, so an interrupted run (Ctrl-C) leaves the previous cache as it
@@ -303,11 +306,12 @@ class FeatureCache:
 
     def key(self, tag: str, records: Sequence[ImageRecord], views: int, seed: int,
             stats: list[list[Any]] | None = None) -> str:
-        """Hash of the identity, every image's (path, label, size, mtime_ns) (`stats`,
-        from _image_stats, or read now) and skip_bad_images."""
+        """Hash of the identity and every image's (path, label, size, mtime_ns)
+        (`stats`, from _image_stats, or read now). Not skip_bad_images: a file
+        written with nothing skipped serves both settings, and one that skipped
+        images refuses the strict setting when it is loaded (as encoding would)."""
         body = {"identity": self.identity(tag, views, seed),
-                "images": stats if stats is not None else _image_stats(records),
-                "skip_bad_images": self.skip_bad_images}
+                "images": stats if stats is not None else _image_stats(records)}
         return _sha(json.dumps(body, sort_keys=True))
 
     # ---------------------------------------------------------------- public
@@ -342,8 +346,7 @@ class FeatureCache:
                                                      labels=theirs.labels.to(self.device),
                                                      views=None if theirs.views is None else
                                                      theirs.views.to(self.device))
-                self.log.append(f"{tag}: cache hit {path.name}")
-                return loaded
+                return self._hit(loaded, tag)
             if verdict is not None:
                 status = "stale" if verdict.startswith("stale") else "corrupt"
                 if dist_group.is_main():
@@ -352,8 +355,7 @@ class FeatureCache:
         elif path.exists():
             loaded, reason = self._load(path, key, records)
             if loaded is not None:
-                self.log.append(f"{tag}: cache hit {path.name}")
-                return loaded
+                return self._hit(loaded, tag)
             status = "stale" if reason.startswith("stale") else "corrupt"
             warnings.warn(f"{status} feature cache {path}: {reason}; rebuilding", CacheWarning, stacklevel=2)
         out = self._encode_sharded(records, tag, views, seed) if sharded else self._encode(records, tag, views, seed)
@@ -495,10 +497,20 @@ class FeatureCache:
                           views.to(self.device) if views is not None else None,
                           json.loads(meta.get("skipped", "[]")), "hit", path), ""
 
+    def _hit(self, loaded: EncodedSet, tag: str) -> EncodedSet:
+        """A loaded file, unless it skipped images and this cache is strict: then
+        what encoding them would say (every rank of a job decides alike, from the
+        same file)."""
+        if loaded.skipped and not self.skip_bad_images:
+            raise BadImageError(loaded.skipped[0], f"it could not be decoded when {loaded.file.name} was written "
+                                                   "with skip_bad_images (--skip-bad-images); fix or remove it, "
+                                                   "or pass that option again")
+        self.log.append(f"{tag}: cache hit {loaded.file.name}")
+        return loaded
+
     def _why_stale(self, meta: dict, stats: list | None, records) -> str:
         """What changed since a file of the same name (same model, preprocessing,
-        tag and labelled image list) was written: image sizes/mtimes or the
-        skip_bad_images setting."""
+        tag and labelled image list) was written: image sizes/mtimes."""
         if stats is None or len(stats) != len(records):
             return "written by another version of hipro_fast"
         now = [s[2:] for s in _image_stats(records)]
@@ -506,8 +518,6 @@ class FeatureCache:
         if changed:
             return (f"{len(changed)} of {len(records)} images changed (size or modification time) since "
                     f"they were cached, first {changed[0]}")
-        if meta.get("skip_bad_images") != json.dumps(bool(self.skip_bad_images)):
-            return f"cached with skip_bad_images={meta.get('skip_bad_images')}"
         return "its key differs (written by another version of hipro_fast)"
 
 

@@ -104,12 +104,17 @@ def test_same_tag_different_images_do_not_evict_each_other(tmp_path, clip):
     assert fc.encode(a, tag="pets/test").status == "hit"
 
 
-def test_stale_warning_names_a_changed_skip_setting(tmp_path, clip):
+def test_a_clean_cache_serves_both_skip_settings(tmp_path, clip):
+    """Nothing was skipped: the features are those of either setting, so
+    toggling --skip-bad-images does not rebuild (or overwrite) the file."""
     recs = _records(tmp_path / "img", n=3)
-    FeatureCache(clip, tmp_path / "cache", progress=False).encode(recs, tag="t")
-    with pytest.warns(CacheWarning, match="cached with skip_bad_images=false"):
-        out = FeatureCache(clip, tmp_path / "cache", progress=False, skip_bad_images=True).encode(recs, tag="t")
-    assert out.status == "stale"
+    first = FeatureCache(clip, tmp_path / "cache", progress=False).encode(recs, tag="t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        skip = FeatureCache(clip, tmp_path / "cache", progress=False, skip_bad_images=True).encode(recs, tag="t")
+        strict = FeatureCache(clip, tmp_path / "cache", progress=False).encode(recs, tag="t")
+    assert (skip.status, strict.status) == ("hit", "hit") and skip.file == strict.file == first.file
+    torch.testing.assert_close(skip.features, first.features, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "garbage"])
@@ -168,6 +173,10 @@ def test_bad_image_raises_naming_the_file_or_is_skipped(tmp_path, clip):
     assert recs[3].path not in out.paths and out.labels.tolist() == [0, 1, 0, 0, 1]
     hit = skip.encode(recs, tag="t")
     assert hit.status == "hit" and hit.skipped == [recs[3].path] and hit.paths == out.paths
+    # the strict setting, on the file that skipped it, says what encoding would: the file is kept
+    with pytest.raises(BadImageError, match="written with skip_bad_images") as e:
+        fc.encode(recs, tag="t")
+    assert recs[3].path in str(e.value) and out.file.exists()
 
 
 def test_augmented_views_and_sampling(tmp_path, clip):
