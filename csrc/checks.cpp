@@ -84,8 +84,19 @@ std::string segment_row_problem(const int64_t* table, int64_t s, int64_t num_tok
     return cat("segment ", s, " subtree ends past token ", num_tokens, " (subtree_end ",
                seg_subtree_end(table, s), ")");
   }
-  return cat("segment ", s, " (offset ", seg_offset(table, s), ", length ", seg_length(table, s),
-             ") does not lie inside the ", num_tokens, " tokens");
+  if (!segment_row_in_range(table, s, num_tokens)) {
+    return cat("segment ", s, " (offset ", seg_offset(table, s), ", length ", seg_length(table, s),
+               ") does not lie inside the ", num_tokens, " tokens");
+  }
+  const int64_t end = seg_offset(table, s) + seg_length(table, s);
+  if (seg_subtree_end(table, s) < end) {
+    return cat("segment ", s, " subtree_end ", seg_subtree_end(table, s),
+               " is before the end of its own tokens (", end, ")");
+  }
+  return cat("segment ", s, " (offset ", seg_offset(table, s), ", subtree_end ",
+             seg_subtree_end(table, s), ") is not nested in its parent ", parent,
+             " (its tokens end at ", seg_offset(table, parent) + seg_length(table, parent),
+             ", its subtree at ", seg_subtree_end(table, parent), ")");
 }
 
 }  // namespace

@@ -169,11 +169,32 @@ HIPRO_HD bool token_reads_context(int64_t ctx_row) { return ctx_row >= 0; }
 // Row s of the segment table is safe for a forest of num_tokens tokens: its
 // tokens and subtree lie inside [0, num_tokens) and its parent comes earlier
 // in preorder (so every parent chain terminates and stays in range).
-HIPRO_HD bool segment_row_valid(const int64_t* table, int64_t s, int64_t num_tokens) {
+HIPRO_HD bool segment_row_in_range(const int64_t* table, int64_t s, int64_t num_tokens) {
   const int64_t off = seg_offset(table, s);
   const int64_t len = seg_length(table, s);
   return off >= 0 && len >= 0 && off + len <= num_tokens &&
          seg_subtree_end(table, s) <= num_tokens && seg_parent(table, s) < s;
+}
+
+// Row s is a DFS-preorder row: its subtree holds its own tokens, and a child's
+// tokens follow its parent's and end inside the parent's subtree. Together
+// with in-range rows this makes the two attention paths (the GEMM blocks,
+// which read subtree_end, and the per-row walk up the parent links) see the
+// same pairs; a table that breaks it would give results that depend on which
+// path a segment takes. A segment with an empty subtree (no tokens, no
+// descendants' tokens) takes part in no pair and may sit anywhere. Reads the
+// parent's row: call after the range check.
+HIPRO_HD bool segment_row_nested(const int64_t* table, int64_t s) {
+  const int64_t end = seg_offset(table, s) + seg_length(table, s);
+  const int64_t p = seg_parent(table, s);
+  if (seg_subtree_end(table, s) < end) return false;
+  if (p < 0 || seg_subtree_end(table, s) == seg_offset(table, s)) return true;
+  return seg_offset(table, s) >= seg_offset(table, p) + seg_length(table, p) &&
+         seg_subtree_end(table, s) <= seg_subtree_end(table, p);
+}
+
+HIPRO_HD bool segment_row_valid(const int64_t* table, int64_t s, int64_t num_tokens) {
+  return segment_row_in_range(table, s, num_tokens) && segment_row_nested(table, s);
 }
 
 // Token t names a segment inside [0, num_segments) that contains it.

@@ -37,7 +37,11 @@ class ForestEncoder:
             tokenizer, tower.config.context_length, self.node_rows, task_paths, task_classes, combine)
 
     def context_table(self, ctx: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """[R, W] rows of every node's context, in node order."""
+        """[R, W] rows of every node's context, in node order (R = 0 when no node
+        has a context: the prompts are then "[SOS] class. [EOS]" alone)."""
+        if not self.node_order:
+            weight = self.tower.text.token_embedding.weight
+            return weight.new_zeros((0, weight.shape[1]))
         return torch.cat([ctx[n] for n in self.node_order])
 
     def __call__(self, ctx: Mapping[str, torch.Tensor],

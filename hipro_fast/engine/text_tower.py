@@ -142,6 +142,9 @@ class TextTower(nn.Module):
             [P, E] fp32 L2-normalised text features.
         """
         text = self.text
+        # fp32 contexts on a bf16 / fp16 tower: the tower's blocks take their own dtype
+        # (the cast is differentiable, the contexts stay fp32 masters).
+        ctx_table = ctx_table.to(text.token_embedding.weight.dtype)
         x = ops.assemble_forest(ctx_table, text.token_embedding.weight, text.positional_embedding,
                                 layout.token_ctx_row, layout.token_vocab_id, layout.token_position)
         for blk in self.blocks:

@@ -11,6 +11,7 @@ Packed-forest conventions (see csrc/tree_index.h):
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import reference
 from .extension import _C, fused_available, warn_fallback
@@ -42,6 +43,7 @@ def assemble_forest(
     Returns:
         [T, W] in ctx_table's dtype; gradients flow to ctx_table only.
     """
+    _refuse_forward_ad("assemble_forest", ctx_table, token_embedding, positional_embedding)
     dtype = ctx_table.dtype
     token_embedding = token_embedding.to(dtype)
     positional_embedding = positional_embedding.to(dtype)
@@ -73,6 +75,7 @@ def tree_attention(
     Returns:
         [T, H, D] in q's dtype; softmax and accumulation in fp32 (fp64 for fp64).
     """
+    _refuse_forward_ad("tree_attention", q, k, v)
     if fused_available(q.device):
         out, _ = torch.ops.hipro_fast.tree_attention(
             _row_strided(q), _row_strided(k), _row_strided(v), segment_table, token_segment,
@@ -101,6 +104,7 @@ def pool_eos(
     Returns:
         [P, E] fp32 (fp64 for fp64 input) unit-norm text features.
     """
+    _refuse_forward_ad("pool_eos", x, ln_weight, ln_bias, projection)
     if fused_available(x.device):
         features, _, _, _ = torch.ops.hipro_fast.pool_eos(
             x, eos_index, ln_weight, ln_bias, projection, float(eps))
@@ -149,10 +153,31 @@ def set_attention_block_grouping(mode: str) -> None:
 
 
 def _row_strided(x: torch.Tensor) -> torch.Tensor:
-    """x itself when each [H, D] row block is contiguous (slices of a packed qkv are), else a copy."""
+    """x itself when each [H, D] row block is contiguous (slices of a packed qkv are),
+    else a copy with standard strides (not .contiguous(): a tensor with a size-1
+    dimension counts as contiguous whatever that dimension's stride)."""
     if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
         return x
-    return x.contiguous()
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _refuse_forward_ad(op: str, *tensors: torch.Tensor) -> None:
+    """The ops have reverse-mode formulas only: a forward-mode tangent (torch.func.jvp,
+    torch.autograd.forward_ad) would otherwise be dropped without a word."""
+    if torch.compiler.is_compiling():
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"hipro_fast.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
+                                  "is not supported; use reverse mode (backward / torch.func.grad / vjp)")
+
+
+def _refuse_double_backward(op: str) -> None:
+    """Called first in each backward: with create_graph=True grad mode is on there,
+    and the *_backward ops have no derivative of their own, so a second-order
+    gradient would come out zero without an error."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise NotImplementedError(f"hipro_fast.{op}: double backward (create_graph=True, gradients of "
+                                  "gradients) is not supported")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -181,6 +206,7 @@ def _register() -> None:
         ctx.pos_shape = positional_embedding.shape
 
     def assemble_backward(ctx, grad_out):
+        _refuse_double_backward("assemble_forest")
         token_ctx_row, token_vocab_id, token_position = ctx.saved_tensors
         grads = [None] * 6
         if ctx.needs_input_grad[0]:
@@ -209,10 +235,12 @@ def _register() -> None:
     def attention_setup(ctx, inputs, output):
         q, k, v, segment_table, token_segment, scale = inputs
         out, lse = output
+        ctx.mark_non_differentiable(lse)  # softmax statistics for the backward, not a differentiable output
         ctx.save_for_backward(q, k, v, out, lse, segment_table, token_segment)
         ctx.scale = scale
 
     def attention_backward(ctx, grad_out, grad_lse):
+        _refuse_double_backward("tree_attention")
         q, k, v, out, lse, segment_table, token_segment = ctx.saved_tensors
         dq, dk, dv = torch.ops.hipro_fast.tree_attention_backward(
             grad_out.contiguous(), q, k, v, out, lse, segment_table, token_segment, ctx.scale)
@@ -236,12 +264,14 @@ def _register() -> None:
     def pool_setup(ctx, inputs, output):
         x, eos_index, ln_weight, ln_bias, projection, eps = inputs
         features, x_hat, rstd, proj_norm = output
+        ctx.mark_non_differentiable(x_hat, rstd, proj_norm)  # saved statistics for the backward
         ctx.save_for_backward(features, x_hat, rstd, proj_norm, ln_weight, ln_bias, projection,
                               eos_index)
         ctx.num_tokens = x.shape[0]
         ctx.x_dtype = x.dtype
 
     def pool_backward(ctx, grad_features, _g_xhat, _g_rstd, _g_norm):
+        _refuse_double_backward("pool_eos")
         features, x_hat, rstd, proj_norm, ln_weight, ln_bias, projection, eos_index = ctx.saved_tensors
         grads = [None] * 6
         if grad_features is None:
@@ -251,7 +281,14 @@ def _register() -> None:
                 grad_features, features, x_hat, rstd, proj_norm, ln_weight, projection,
                 eos_index, ctx.num_tokens, ctx.x_dtype)
         if any(ctx.needs_input_grad[2:5]):
-            # Frozen in HiPro; computed from the saved activations when asked for.
+            # Frozen in HiPro; computed from the saved activations when asked for,
+            # in the op's precision also inside autocast (as the C++ backward).
+            return _pool_param_grads(ctx, grads, grad_features, features, x_hat, proj_norm, ln_weight, ln_bias,
+                                     projection)
+        return tuple(grads)
+
+    def _pool_param_grads(ctx, grads, grad_features, features, x_hat, proj_norm, ln_weight, ln_bias, projection):
+        with torch.autocast(x_hat.device.type, enabled=False):
             acc = x_hat.dtype
             g = grad_features.to(acc)
             dz = (g - features * (g * features).sum(1, keepdim=True)) / proj_norm.clamp_min(1e-12).unsqueeze(1)

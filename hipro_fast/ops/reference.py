@@ -24,7 +24,10 @@ def assemble_forest(
 ) -> torch.Tensor:
     """[T, W]: context row or frozen token embedding, plus the positional row."""
     reads_ctx = (token_ctx_row >= 0).unsqueeze(1)
-    from_ctx = ctx_table[token_ctx_row.clamp_min(0)]
+    if ctx_table.shape[0] == 0:  # a forest of vocabulary tokens only (no context rows to index)
+        from_ctx = ctx_table.new_zeros((token_ctx_row.shape[0], ctx_table.shape[1]))
+    else:
+        from_ctx = ctx_table[token_ctx_row.clamp_min(0)]
     from_vocab = token_embedding[token_vocab_id.clamp_min(0)]
     return torch.where(reads_ctx, from_ctx, from_vocab) + positional_embedding[token_position]
 
@@ -50,18 +53,22 @@ def tree_attention(
     token_segment: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """[T, H, D] attention of each query over its visible keys (dense mask, chunked)."""
+    """[T, H, D] attention of each query over its visible keys (dense mask, chunked).
+    Computes in the inputs' precision promoted to fp32, as the kernels do, also
+    inside an autocast region (which would otherwise run the attention in bf16)."""
     T = q.shape[0]
+    if T == 0:
+        return q.new_empty(q.shape)
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, D]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     outs = []
-    for start in range(0, T, _QUERY_CHUNK):
-        rows = slice(start, min(T, start + _QUERY_CHUNK))
-        mask = tree_attention_mask(segment_table, token_segment, rows)
-        # Math in the inputs' precision promoted to fp32, as the kernels do.
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = F.scaled_dot_product_attention(
-            qh[:, :, rows].to(acc), kh.to(acc), vh.to(acc), attn_mask=mask, scale=scale)
-        outs.append(out.to(q.dtype))
+    with torch.autocast(q.device.type, enabled=False):
+        for start in range(0, T, _QUERY_CHUNK):
+            rows = slice(start, min(T, start + _QUERY_CHUNK))
+            mask = tree_attention_mask(segment_table, token_segment, rows)
+            out = F.scaled_dot_product_attention(
+                qh[:, :, rows].to(acc), kh.to(acc), vh.to(acc), attn_mask=mask, scale=scale)
+            outs.append(out.to(q.dtype))
     return torch.cat(outs, dim=2).squeeze(0).transpose(0, 1)
 
 
@@ -73,7 +80,9 @@ def pool_eos(
     projection: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    """[P, E] L2-normalised projections of the LayerNormed EOS rows (fp32, fp64 for fp64)."""
+    """[P, E] L2-normalised projections of the LayerNormed EOS rows (fp32, fp64 for
+    fp64), also inside an autocast region, as the kernels."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rows = F.layer_norm(x[eos_index].to(acc), (x.shape[1],), ln_weight.to(acc), ln_bias.to(acc), eps)
-    return F.normalize(rows @ projection.to(acc), dim=-1)
+    with torch.autocast(x.device.type, enabled=False):
+        rows = F.layer_norm(x[eos_index].to(acc), (x.shape[1],), ln_weight.to(acc), ln_bias.to(acc), eps)
+        return F.normalize(rows @ projection.to(acc), dim=-1)

@@ -133,3 +133,36 @@ def test_bad_options_are_named(tiny, tokenizer, kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         hf.HiProModel(tiny, TASKS, TREE, **args)
+
+
+def test_no_context_anywhere_gives_the_bare_class_prompts(tiny, tokenizer):
+    """n_ctx 0 on every node (concat): the prompts are "[SOS] class. [EOS]",
+    open_clip's own features of them (before: torch.cat of an empty list)."""
+    model = hf.HiProModel(tiny, TASKS, TREE, n_ctx=0, combine="concat", tokenizer=tokenizer)
+    assert len(model.ctx) == 0
+    with torch.no_grad():
+        feats = model.text_features()
+    none = torch.zeros(0, tiny.token_embedding.weight.shape[1])
+    for task, classes in TASKS.items():
+        embs, eos = zip(*(oracle.embedded_prompt(tiny, tokenizer, none, name) for name in classes))
+        expected = oracle.open_clip_features(tiny, torch.stack(embs), torch.tensor(eos))
+        torch.testing.assert_close(feats[task], expected.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_tower_trains_fp32_contexts(tokenizer, dtype):
+    """A CLIP loaded in bf16 / fp16: the contexts stay fp32 masters, the forest
+    runs in the tower's dtype (before: a dtype mismatch in the first LayerNorm),
+    the features are the fp32 tower's within that precision, gradients reach the contexts."""
+    clip32 = oracle.tiny_clip(**oracle.TINY_CONFIGS["w64_h4_l2_gelu"])
+    clip16 = oracle.tiny_clip(**oracle.TINY_CONFIGS["w64_h4_l2_gelu"]).to(dtype)
+    m32, m16 = (hf.HiProModel(c, TASKS, TREE, n_ctx=3, combine="concat", tokenizer=tokenizer, seed=1)
+                for c in (clip32, clip16))
+    assert all(p.dtype == torch.float32 for p in m16.ctx.values())
+    f16, f32 = m16.text_features(), m32.text_features()
+    for task in TASKS:
+        assert f16[task].dtype == torch.float32
+        torch.testing.assert_close(f16[task], f32[task].detach(), atol=0.05, rtol=0)
+    sum(f.sum() for f in f16.values()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in m16.ctx.values())

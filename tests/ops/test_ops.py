@@ -494,6 +494,11 @@ MALFORMED_FORESTS = {
     "token_before_its_segment": ({}, {4: 3}, "token 4 lies outside its segment 3"),
     "token_after_its_segment": ({}, {9: 2}, "token 9 lies outside its segment 2"),
     "token_names_no_segment": ({}, {0: 99}, r"token 0 names segment 99 outside \[0, 4\)"),
+    # in range, but not a preorder table: the GEMM blocks and the parent walk would disagree
+    "subtree_before_own_tokens": ({(3, 3): 8}, {}, r"segment 3 subtree_end 8 is before the end of its own tokens"),
+    "child_outside_parent_subtree": ({(2, 3): 7}, {}, r"segment 2 \(offset 5, subtree_end 7\) is not nested in "
+                                                      r"its parent 1"),
+    "child_before_parent_tokens": ({(3, 2): 1}, {}, r"segment 3 \(offset 6, subtree_end 10\) is not nested"),
 }
 
 
@@ -582,3 +587,119 @@ def test_cpu_ops_name_a_non_floating_dtype():
     q = torch.zeros(lay.num_tokens, 1, 4, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="q must be float32, float64, float16 or bfloat16, got Int"):
         torch.ops.hipro_fast.tree_attention(q, q, q, lay.segment_table, lay.token_segment, 0.5)
+
+
+# ---------------------------------------------------------------- autograd modes the ops do not support
+@needs_ext
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_pool_parameter_gradients_ignore_autocast(amp_dtype):
+    """The frozen LayerNorm / projection gradients (computed in Python from the
+    saved statistics) stay in the op's precision when backward runs in autocast."""
+    x, eos, weight, bias, proj = pool_inputs(5, 20, 7, 16, 8, torch.float32)
+    params = [t.requires_grad_() for t in (weight, bias, proj)]
+    g = torch.randn(7, 8, generator=torch.Generator().manual_seed(5))
+    plain = torch.autograd.grad(ops.pool_eos(x, eos, *params, 1e-5), [x, *params], g)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        amp = torch.autograd.grad(ops.pool_eos(x, eos, *params, 1e-5), [x, *params], g)
+    for a, b in zip(amp, plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_references_ignore_autocast():
+    """The fallback computes what the kernels compute inside autocast too (fp32 in,
+    fp32 math), so HIPRO_FAST_REFERENCE=1 stays the same op."""
+    lay, _ = random_layout(8, 12, 5)
+    q, k, v = qkv(lay.num_tokens, 2, 8, torch.float32, 8)
+    x, eos, weight, bias, proj = pool_inputs(6, 20, 7, 16, 8, torch.float32)
+    att = reference.tree_attention(q, k, v, lay.segment_table, lay.token_segment, 0.3)
+    pool = reference.pool_eos(x, eos, weight, bias, proj, 1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        att_a = reference.tree_attention(q, k, v, lay.segment_table, lay.token_segment, 0.3)
+        pool_a = reference.pool_eos(x, eos, weight, bias, proj, 1e-5)
+    assert att_a.dtype == pool_a.dtype == torch.float32
+    torch.testing.assert_close(att_a, att, rtol=0, atol=0)
+    torch.testing.assert_close(pool_a, pool, rtol=0, atol=0)
+
+
+def _op_calls():
+    """(name, f(inputs) -> output, inputs requiring grad) for each op, fp64."""
+    lay, rows = random_layout(9, 8, 4)
+    q, k, v = qkv(lay.num_tokens, 2, 4, torch.float64, 9, requires_grad=True)
+    x, eos, weight, bias, proj = pool_inputs(9, 12, 5, 6, 4, torch.float64)
+    ctx = torch.randn(max(rows, 1), 6, dtype=torch.float64, requires_grad=True)
+    emb = torch.randn(50, 6, dtype=torch.float64)
+    pos = torch.randn(int(lay.token_position.max()) + 1, 6, dtype=torch.float64)
+    return [
+        ("tree_attention", lambda a: ops.tree_attention(a, k, v, lay.segment_table, lay.token_segment, 0.5), q),
+        ("pool_eos", lambda a: ops.pool_eos(a, eos, weight, bias, proj, 1e-5), x),
+        ("assemble_forest", lambda a: ops.assemble_forest(a, emb, pos, lay.token_ctx_row, lay.token_vocab_id,
+                                                          lay.token_position), ctx),
+    ]
+
+
+@needs_ext
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["tree_attention", "pool_eos", "assemble_forest"])
+def test_double_backward_raises_instead_of_returning_zeros(which):
+    """The *_backward ops have no derivative of their own: a graph of the
+    gradient (create_graph=True) is refused when it is built, where second-order
+    gradients would otherwise come out zero; first order is unaffected."""
+    name, f, a = _op_calls()[which]
+    with pytest.raises(NotImplementedError, match=f"hipro_fast.{name}: double backward"):
+        torch.autograd.grad(f(a).square().sum(), a, create_graph=True)
+    (g,) = torch.autograd.grad(f(a).square().sum(), a)
+    assert g.abs().sum() > 0
+
+
+@needs_ext
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["tree_attention", "pool_eos", "assemble_forest"])
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(which):
+    import torch.autograd.forward_ad as fwAD
+
+    name, f, a = _op_calls()[which]
+    a = a.detach()
+    with pytest.raises(NotImplementedError, match=f"hipro_fast.{name}: forward-mode AD"):
+        torch.func.jvp(f, (a,), (torch.ones_like(a),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"hipro_fast.{name}: forward-mode AD"):
+        f(fwAD.make_dual(a, torch.ones_like(a)))
+
+
+@needs_ext
+def test_the_raw_ops_statistics_outputs_are_not_differentiable():
+    """lse of tree_attention and x_hat / rstd / proj_norm of pool_eos feed the
+    backward only: marked non-differentiable, so a loss on them cannot get a
+    silently dropped gradient."""
+    lay, _ = random_layout(10, 6, 4)
+    q, k, v = qkv(lay.num_tokens, 2, 4, torch.float32, 10, requires_grad=True)
+    out, lse = torch.ops.hipro_fast.tree_attention(q, k, v, lay.segment_table, lay.token_segment, 0.5)
+    assert out.requires_grad and not lse.requires_grad
+    x, eos, weight, bias, proj = pool_inputs(10, 12, 5, 6, 4, torch.float32)
+    features, *stats = torch.ops.hipro_fast.pool_eos(x, eos, weight, bias, proj, 1e-5)
+    assert features.requires_grad and not any(t.requires_grad for t in stats)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 8), (2, 1)], ids=["one-head", "head-dim-1"])
+def test_size_one_dimensions_with_odd_strides_are_accepted(shape):
+    """torch calls a tensor with a size-1 dimension contiguous whatever that
+    dimension's stride; the op takes it (copying to standard strides) like the reference."""
+    H, D = shape
+    lay, _ = random_layout(11, 6, 4)
+    T = lay.num_tokens
+    base = torch.randn(T * H * D * 13, generator=torch.Generator().manual_seed(11))
+    strides = (H * D, 13 * T * H * D // max(H, 1), 1) if H == 1 else (H * D, D, 7 * T * H * D)
+    q = torch.as_strided(base, (T, H, D), strides)
+    assert q.is_contiguous() and q.stride() != torch.empty(T, H, D).stride()
+    out = ops.tree_attention(q, q, q, lay.segment_table, lay.token_segment, 0.3)
+    torch.testing.assert_close(out, reference.tree_attention(q, q, q, lay.segment_table, lay.token_segment, 0.3),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_references_handle_empty_forests_and_vocabulary_only_forests():
+    empty = torch.zeros(0, 2, 4)
+    table = torch.tensor([[0, 0, -1, 0]])
+    assert reference.tree_attention(empty, empty, empty, table, torch.zeros(0, dtype=torch.long), 0.5).shape == (0, 2, 4)
+    emb, pos = torch.randn(5, 3), torch.randn(4, 3)
+    ids = torch.tensor([1, 4, 0])
+    out = reference.assemble_forest(torch.zeros(0, 3), emb, pos, torch.full((3,), -1), ids, torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(out, emb[ids] + pos[:3], rtol=0, atol=0)
