@@ -443,7 +443,7 @@ class _Ctx:
         a = self.args
         if a.run_dir is not None and not str(a.run_dir).strip():
             raise CliError("--run-dir is empty (it would be the current folder): name a folder")
-        for flag, value in (("--run-dir", a.run_dir), ("--cache-dir", getattr(a, "cache_dir", None))):
+        for flag, value in (("--run-dir", a.run_dir or "runs"), ("--cache-dir", getattr(a, "cache_dir", None))):
             if value:
                 _check_folder_path(flag, Path(value))
         if command in SPEC_COMMANDS or (command == "tree" and (not a.affinity or a.spec)):
@@ -452,6 +452,8 @@ class _Ctx:
         tree = getattr(a, "tree", None)
         if tree not in (None, "auto") and tasks is not None:
             self.pipeline.load_tree(tree, tasks)
+        if command == "eval" and not any(t.splits.get(a.split) for t in self._spec.tasks.values()):
+            raise CliError(f"--split {a.split}: no task of the spec {a.spec} has a {a.split} split")
         if getattr(a, "checkpoint", None):
             self.pipeline.checkpoint_location(a.checkpoint)
         if command == "tree" and a.affinity:
@@ -461,6 +463,11 @@ class _Ctx:
                                f"{', '.join(tasks)}")
         if command == "export" and a.out:
             _check_export_out(Path(a.out), overwrite=bool(a.overwrite))
+            ckpt_dir, _ = self.pipeline.checkpoint_location(a.checkpoint)
+            out = Path(a.out).resolve()
+            if ckpt_dir.resolve() in out.parents:
+                raise CliError(f"--out {a.out} lies inside the checkpoint folder {ckpt_dir} it is exported from: "
+                               "choose a path outside it")
         if self._spec is not None:
             self._check_draws_fit(command)
         if mode == "overwrite" and a.run_dir:
@@ -479,11 +486,10 @@ class _Ctx:
                 check_shot_counts(name, task.classes, per_class("train"),
                                   per_class("val") if task.splits.get("val") else None, max(self.shot_grid))
         elif command == "compare" and self.args.select == "per-task":
-            no_val = [t for t, task in self._spec.tasks.items() if not task.splits.get("val")]
-            if no_val:
-                raise CliError(f"--select per-task chooses on a validation split, and with --shots 0 that is the "
-                               f"spec's own: task {no_val[0]!r} has none (add a val split to the spec, or pass "
-                               f"--select none)")
+            # a task without a val split keeps HiPro's tree (compare's fallback); none at all cannot select
+            if not any(task.splits.get("val") for task in self._spec.tasks.values()):
+                raise CliError("--select per-task chooses on a validation split, and with --shots 0 that is the "
+                               "spec's own: no task has one (add a val split to the spec, or pass --select none)")
 
     def _check_overwrite_spares_inputs(self, run_dir: Path) -> None:
         """--overwrite empties --run-dir: refuse when an input of this command lies inside it."""
@@ -499,6 +505,8 @@ class _Ctx:
             folders = {str(Path(r.path).parent) for task in self._spec.tasks.values()
                        for recs in task.splits.values() for r in recs}
             inputs += [("the spec's images in", f) for f in sorted(folders)]
+            inputs += [(f"task {name!r}'s {split} source", src) for name, task in self._spec.tasks.items()
+                       for split, src in sorted(task.sources.items()) if src]
         root = run_dir.resolve()
         for flag, value in inputs:
             if not value or (flag == "--pretrained" and not Path(value).exists()):
@@ -529,11 +537,20 @@ class _Ctx:
         """Rank 0 (or the only process) opens the run directory; the other ranks
         get its path and `resumed` from rank 0 and write nothing there."""
         resumable = command in ("train", "compare")
+        a = self.args
+
+        def check_model() -> None:  # after the run directory's refusals, before it is emptied or made
+            if hasattr(a, "model"):
+                self.pipeline.check_model_args(a.model, a.pretrained, a.model_config)
+
+        def open_run():
+            return pipeline.Run(run_dir, command, cfg, mode=mode, resumable=resumable, before_writing=check_model)
+
         if self.dist is None:
-            return pipeline.Run(run_dir, command, cfg, mode=mode, resumable=resumable)
+            return open_run()
         # nodes may differ in cwd: the other ranks get rank 0's resolved path
-        run = dist_group.main_first(lambda: pipeline.Run(run_dir, command, cfg, mode=mode, resumable=resumable),
-                                    "", describe=_one_line, shared=lambda r: (str(r.dir.resolve()), r.resumed))
+        run = dist_group.main_first(open_run, "", describe=_one_line,
+                                    shared=lambda r: (str(r.dir.resolve()), r.resumed))
         if self.main:
             return run
         directory, resumed = run
@@ -770,15 +787,21 @@ def _load_affinity(path: str) -> tuple[Any, list[str]]:
     return matrix, list(names)
 
 
-def _check_folder_path(flag: str, path: Path) -> None:
-    """A folder the command will create or use: refuse when it, or a folder above
-    it, exists as something other than a folder (the OS error would not say which option)."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                what = "is a file" if p == path else f"lies under {p}, which is a file"
-                raise CliError(f"{flag} {path}: {what}, not a folder")
-            return
+def _check_folder_path(flag: str, path: Path, what: str = "folder") -> None:
+    """A folder the command will create or use (or the folder of a file it will
+    write): refuse when it, or a folder above it, exists as something other than
+    a folder, or is a broken link (the OS error would not say which option)."""
+    try:
+        for p in (path, *path.parents):
+            if p.is_symlink() and not p.exists():
+                raise CliError(f"{flag} {path}: {p} is a broken symbolic link")
+            if p.exists():
+                if not p.is_dir():
+                    where = "is a file" if p == path else f"lies under {p}, which is a file"
+                    raise CliError(f"{flag} {path}: {where}, not a {what}")
+                return
+    except OSError as e:  # e.g. a name too long for the file system
+        raise CliError(f"{flag} {path}: {e.strerror or e}") from None
 
 
 def _check_export_out(out: Path, overwrite: bool) -> None:
@@ -788,7 +811,9 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
         raise CliError(f"--out {out}: a classifier file is .safetensors (name it <something>.safetensors)")
     if out.exists() and not overwrite:
         raise CliError(f"--out {out} exists: pass --overwrite to replace it, or choose another path")
-    _check_folder_path("--out", out.parent)
+    for p in out.parents:  # the folder it goes into: an existing file above it is named with --out's value
+        if p.exists() and not p.is_dir():
+            raise CliError(f"--out {out}: {p} is a file, not a folder")
 
 
 def _train_and_eval(ctx: _Ctx, tree):
@@ -1065,7 +1090,10 @@ def _bench(argv: list[str]) -> int:
     debug = "--debug" in argv
     argv = [x for x in argv if x != "--debug"]
     try:
-        if _bench_device(argv).startswith("cuda"):  # `hipro bench --device cuda ...`
+        device = _bench_device(argv)
+        if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+            raise CliError(f"--device {device}: hipro bench runs on cpu or cuda[:N]")
+        if device.startswith("cuda"):  # `hipro bench --device cuda ...`
             return int(bench_gpu.main(argv) or 0)
         return int(bench.main(without_option(argv, "--device")) or 0)  # the CPU benchmark has no --device
     except SystemExit as e:  # its argparse: --help or a usage error
@@ -1123,8 +1151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank = dist_group.rank()
         msg = dist_group.collective_failure(e) or _one_line(e)
         if ctx is not None and ctx.main and getattr(ctx, "run", None) is not None:
-            again = "--resume (same options) continues it, --overwrite starts over" \
-                if args.command in ("train", "compare") else "rerun with --overwrite"
+            again = ("fix the cause and rerun with --overwrite (or with --resume and the same options, if the "
+                     "failure was transient)") if args.command in ("train", "compare") else \
+                "fix the cause and rerun with --overwrite"
             msg += f" [the run directory {ctx.run.dir} keeps this failed run: {again}]"
         print(f"hipro: error: {'' if rank == 0 else f'[rank {rank}] '}{msg}", file=sys.stderr)
         return 1

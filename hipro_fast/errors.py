@@ -68,6 +68,11 @@ class RankMismatchError(DistributedError, ValueError):
     (spec, seed, options, data sizes); the message names the rank and the key."""
 
 
+class UnsupportedAutogradError(HiproError, NotImplementedError):
+    """A fused op asked for an autograd mode it has no formula for (forward-mode
+    AD, double backward): raised rather than returning zeros."""
+
+
 class FlexAttentionUnavailable(HiproError, RuntimeError):
     """attention='flex' asked for something FlexAttention cannot do here (a CPU backward,
     or a torch without FlexAttention)."""

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from ..data.bundled import export_image_folders
@@ -162,7 +162,8 @@ class Run:
     """
 
     def __init__(self, run_dir: str | Path | None, command: str, config: Mapping[str, Any] | None = None,
-                 mode: str = "new", resumable: bool = False, writer: bool = True, resumed: bool = False):
+                 mode: str = "new", resumable: bool = False, writer: bool = True, resumed: bool = False,
+                 before_writing: Callable[[], None] | None = None):
         if mode not in RUN_MODES:
             raise InvalidInputError(f"run mode must be one of {RUN_MODES}, got {mode!r}")
         self.writer = writer
@@ -185,18 +186,23 @@ class Run:
                 i += 1
         self.dir = Path(run_dir)
         self.command = command
-        self.resumed = self._prepare(mode, config, resumable)
+        self.resumed = self._prepare(mode, config, resumable, before_writing or (lambda: None))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.report = Report(self.dir, title=f"hipro {command}")
         if config is not None:
             self.write_config(config)
 
-    def _prepare(self, mode: str, config: Mapping[str, Any] | None, resumable: bool) -> bool:
+    def _prepare(self, mode: str, config: Mapping[str, Any] | None, resumable: bool,
+                 before_writing: Callable[[], None]) -> bool:
+        """The directory's checks, then `before_writing` (the caller's last checks:
+        after the run directory's own refusals, before anything is deleted or
+        created), then --overwrite's clearing. Returns whether a run is resumed."""
         d = self.dir
         if d.exists() and not d.is_dir():
             raise RunDirError(f"run directory {d} exists and is not a directory")
         if not d.exists() or not any(d.iterdir()):
+            before_writing()
             return False
         if mode == "new":
             how = ("pass --resume to continue the run in it or --overwrite to delete its contents and start over"
@@ -208,6 +214,7 @@ class Run:
             raise RunDirError(f"refusing to {'resume' if mode == 'resume' else 'delete the contents of'} {d}: "
                               f"it is not empty and holds no config.json written by hipro")
         if mode == "overwrite":
+            before_writing()
             _clear_directory(d)
             return False
         if saved["command"] != self.command:
@@ -215,6 +222,7 @@ class Run:
                               f"{self.command}`")
         if config is not None:
             check_resume_config(saved, config, d)
+        before_writing()
         return True
 
     def path(self, name: str) -> Path:
@@ -298,6 +306,26 @@ def register_model_config(path: str | Path) -> str:
     return path.stem
 
 
+def check_model_args(name: str | None, pretrained: str | None, model_config: str | Path | None) -> str:
+    """The model name load_model will build, after the checks that need no
+    weights: the config JSON registers (it is a model config), the name is
+    known, a weights path exists. Returns the name (the config's stem when
+    --model is left at its default)."""
+    import open_clip
+
+    if model_config is not None:
+        cfg_name = register_model_config(model_config)
+        if name in (None, "hipro-tiny-clip"):
+            name = cfg_name
+    name = name or "hipro-tiny-clip"
+    if name != "hipro-tiny-clip" and not name.startswith("hf-hub:") and name not in open_clip.list_models():
+        raise InvalidInputError(f"unknown model {name!r} (an open_clip model name, hipro-tiny-clip, "
+                                f"or pass --model-config)")
+    if pretrained is not None and not Path(pretrained).exists() and Path(pretrained).suffix:
+        raise MissingFileError(f"weights file not found: {pretrained}")
+    return name
+
+
 def load_model(name: str = "hipro-tiny-clip", pretrained: str | None = None, device: str = "cpu",
                model_config: str | Path | None = None, seed: int = 0):
     """load_clip with an optional open_clip config JSON (registered first). Random
@@ -305,12 +333,7 @@ def load_model(name: str = "hipro-tiny-clip", pretrained: str | None = None, dev
     the same model."""
     import logging
 
-    if model_config is not None:
-        cfg_name = register_model_config(model_config)
-        if name in (None, "hipro-tiny-clip"):
-            name = cfg_name
-    if pretrained is not None and not Path(pretrained).exists() and Path(pretrained).suffix:
-        raise MissingFileError(f"weights file not found: {pretrained}")
+    name = check_model_args(name, pretrained, model_config)
     state = torch.random.get_rng_state()
     prev = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on the root logger

@@ -5,6 +5,7 @@ and the pure-Python twin below otherwise; the tests check they agree.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -13,6 +14,22 @@ import torch
 from ..ops.extension import _C, reference_forced
 from ..errors import ForestError
 
+# The deepest parent chain either builder accepts: csrc/tree_index.h's kMaxDepth
+# (the kernels' per-row walk keeps one range per ancestor).
+MAX_DEPTH = 128
+
+
+def _integers(values: Sequence, what: str, segment: int | None = None) -> list[int]:
+    """The values as ints; a non-integral one (0.7, "1") is refused, not truncated."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            where = f"segment {i}" if segment is None else f"segment {segment}, token {i}"
+            raise ForestError(f"{where}: {what} must be an integer, got {v!r}"
+                              f" [segment={i if segment is None else segment}]") from None
+    return out
 
 
 def encode_vocab_source(vocab_id: int) -> int:
@@ -60,11 +77,12 @@ def build_forest_layout(parents: Sequence[int], sources: Sequence[Sequence[int]]
     invalid, parents form a cycle, a segment is empty, or a path holds more than
     `max_path_tokens` tokens.
     """
+    parents = _integers(parents, "its parent")
+    sources = [_integers(src, "a token source", segment=i) for i, src in enumerate(sources)]
     if _C is not None and not reference_forced():
         try:
-            d = _C.build_forest_layout(list(map(int, parents)), [list(map(int, s)) for s in sources],
-                                       int(max_path_tokens))
-        except ValueError as exc:
+            d = _C.build_forest_layout(parents, sources, int(max_path_tokens))
+        except ValueError as exc:  # the builder's ForestLayoutError, naming the segment
             raise ForestError(str(exc)) from None
         return ForestLayout(**d)
     return build_forest_layout_python(parents, sources, max_path_tokens)
@@ -73,6 +91,8 @@ def build_forest_layout(parents: Sequence[int], sources: Sequence[Sequence[int]]
 def build_forest_layout_python(parents: Sequence[int], sources: Sequence[Sequence[int]],
                                max_path_tokens: int) -> ForestLayout:
     """Pure-Python twin of the C++ builder (fallback and test oracle)."""
+    parents = _integers(parents, "its parent")
+    sources = [_integers(src, "a token source", segment=i) for i, src in enumerate(sources)]
     n = len(parents)
     if len(sources) != n:
         raise ForestError("parents and sources must have the same length")
@@ -89,15 +109,19 @@ def build_forest_layout_python(parents: Sequence[int], sources: Sequence[Sequenc
             children[p].append(i)
     order: list[int] = []
     start = [0] * n
+    depth = [0] * n
     stack = roots[::-1]
     longest = 0
     while stack:
         s = stack.pop()
         p = parents[s]
         start[s] = 0 if p < 0 else start[p] + len(sources[p])
+        depth[s] = 1 if p < 0 else depth[p] + 1
         end = start[s] + len(sources[s])
         if end > max_path_tokens:
             raise ForestError(f"segment {s} ends at path position {end} > limit {max_path_tokens} [segment={s}]")
+        if depth[s] > MAX_DEPTH:
+            raise ForestError(f"segment {s} is deeper than {MAX_DEPTH} [segment={s}]")
         longest = max(longest, end)
         order.append(s)
         stack.extend(reversed(children[s]))

@@ -44,6 +44,10 @@ def val_shots_for(shots: int) -> int:
     return min(int(shots), 4)
 
 
+def _images(n: int, kind: str) -> str:
+    return f"{n} {kind} image{'' if n == 1 else 's'}"
+
+
 def check_shot_counts(task: str, classes: Sequence[str], train_counts: Sequence[int],
                       val_counts: Sequence[int] | None, shots: int) -> None:
     """Raise FewShotError, as draw_few_shot would, when a class has too few images
@@ -55,10 +59,10 @@ def check_shot_counts(task: str, classes: Sequence[str], train_counts: Sequence[
         need = shots if val_counts is not None else shots + val_shots
         if n_train < need:
             extra = "" if val_counts is not None else f" + {val_shots} validation shots"
-            raise FewShotError(f"task {task!r}, class {name!r}: {n_train} training images, but {shots} shots"
+            raise FewShotError(f"task {task!r}, class {name!r}: {_images(n_train, 'training')}, but {shots} shots"
                                f"{extra} need {need}; lower --shots")
         if n_val is not None and n_val < val_shots:
-            raise FewShotError(f"task {task!r}, class {name!r}: {n_val} validation images, but {shots} shots "
+            raise FewShotError(f"task {task!r}, class {name!r}: {_images(n_val, 'validation')}, but {shots} shots "
                                f"need {val_shots} validation shots; lower --shots")
 
 
@@ -122,14 +126,14 @@ def draw_few_shot(tasks: Mapping[str, Sequence[str]], pool: Data, shots: int, se
             if rows.size < need:
                 extra = "" if own_val else f" + {val_shots} validation shots"
                 raise FewShotError(
-                    f"task {task!r}, class {name!r}: {rows.size} training images, but {shots} shots{extra} "
+                    f"task {task!r}, class {name!r}: {_images(rows.size, 'training')}, but {shots} shots{extra} "
                     f"need {need}; lower --shots")
             picked = gen.permutation(rows)
             tr.append(np.sort(picked[:shots]))
             if own_val:
                 vrows = (vdata[task][1] == label).nonzero().flatten().cpu().numpy()
                 if vrows.size < val_shots:
-                    raise FewShotError(f"task {task!r}, class {name!r}: {vrows.size} validation images, but "
+                    raise FewShotError(f"task {task!r}, class {name!r}: {_images(vrows.size, 'validation')}, but "
                                        f"{shots} shots need {val_shots} validation shots; lower --shots")
                 va.append(np.sort(gen.permutation(vrows)[:val_shots]))
             else:

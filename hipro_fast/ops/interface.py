@@ -15,7 +15,7 @@ import torch.autograd.forward_ad as fwAD
 
 from . import reference
 from .extension import _C, fused_available, warn_fallback
-from ..errors import ExtensionUnavailableError, InvalidInputError
+from ..errors import ExtensionUnavailableError, InvalidInputError, UnsupportedAutogradError
 
 __all__ = ["assemble_forest", "tree_attention", "pool_eos", "attention_block_min_pairs",
            "set_attention_block_min_pairs", "attention_block_grouping", "set_attention_block_grouping"]
@@ -167,7 +167,7 @@ def _refuse_forward_ad(op: str, *tensors: torch.Tensor) -> None:
     if torch.compiler.is_compiling():
         return
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError(f"hipro_fast.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
+        raise UnsupportedAutogradError(f"hipro_fast.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
                                   "is not supported; use reverse mode (backward / torch.func.grad / vjp)")
 
 
@@ -176,7 +176,7 @@ def _refuse_double_backward(op: str) -> None:
     and the *_backward ops have no derivative of their own, so a second-order
     gradient would come out zero without an error."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise NotImplementedError(f"hipro_fast.{op}: double backward (create_graph=True, gradients of "
+        raise UnsupportedAutogradError(f"hipro_fast.{op}: double backward (create_graph=True, gradients of "
                                   "gradients) is not supported")
 
 

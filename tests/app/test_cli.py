@@ -875,7 +875,7 @@ def test_a_failure_after_the_run_started_says_what_to_do_with_its_directory(worl
     assert _run(world, "cache", "--model", "hipro-tiny-clip", "--pretrained", str(junk), run_dir=run_dir) == 1
     line = _one_error_line(capsys)
     assert f"weights file {junk}: cannot be read by torch.load" in line, line
-    assert f"the run directory {run_dir} keeps this failed run: rerun with --overwrite" in line, line
+    assert f"the run directory {run_dir} keeps this failed run: fix the cause and rerun with --overwrite" in line, line
 
 
 def test_eval_and_export_checkpoint_and_out_errors(world, tmp_path, capsys):
@@ -912,3 +912,77 @@ def test_tree_from_an_affinity_of_other_tasks_is_refused(world, tmp_path, capsys
     assert _run(world, "tree", "--affinity", str(aff), run_dir=tmp_path / "t") == 1
     line = _one_error_line(capsys)
     assert "tools" in line and "--spec has" in line and not (tmp_path / "t").exists()
+
+
+def test_overwrite_spares_a_csv_split_and_export_spares_its_checkpoint(world, tmp_path, capsys):
+    """Two more inputs --overwrite / --out could destroy: a spec's CSV split
+    source inside the run directory, and the checkpoint files an export reads."""
+    run_dir = tmp_path / "run"
+    assert _run(world, "cache", "--shots", "1", run_dir=run_dir) == 0
+    rows = [f"{p},{c}" for c in TASKS["shapes"] for p in sorted((world["root"] / "data" / "shapes" / c).glob("*.png"))]
+    (run_dir / "train.csv").write_text("\n".join(rows) + "\n")
+    spec = tmp_path / "csv.toml"
+    spec.write_text(f'[[task]]\nname = "shapes"\ntrain = "{run_dir / "train.csv"}"\n'
+                    'split = {test = 0.5, seed = 0}\n')
+    before = _snapshot(run_dir)
+    assert _run(world, "cache", "--spec", str(spec), "--shots", "1", "--overwrite", run_dir=run_dir) == 1
+    line = _one_error_line(capsys)
+    assert "--overwrite would delete task 'shapes'" in line and "train.csv" in line, line
+    assert _snapshot(run_dir) == before
+
+    train_dir = tmp_path / "train"
+    assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--min-steps", "2",
+                "--n-ctx", "2", run_dir=train_dir) == 0
+    ckpt_dir = train_dir / "checkpoints"
+    target = next(ckpt_dir.glob("best-*.safetensors"))
+    before = target.read_bytes()
+    capsys.readouterr()
+    assert _run(world, "export", "--checkpoint", str(ckpt_dir), "--out", str(target), "--overwrite", spec=False,
+                run_dir=tmp_path / "x") == 1
+    assert "lies inside the checkpoint folder" in _one_error_line(capsys)
+    assert target.read_bytes() == before
+
+
+def test_model_options_are_checked_before_an_overwrite(world, tmp_path, capsys):
+    """A typo in --model / --pretrained / --model-config must not cost a finished
+    run: they are checked before --overwrite empties the directory."""
+    run_dir = tmp_path / "run"
+    assert _run(world, "cache", "--shots", "1", run_dir=run_dir) == 0
+    before = _snapshot(run_dir)
+    notcfg = tmp_path / "notcfg.json"
+    notcfg.write_text('{"hello": 1}')
+    for argv, says in ((["--model", "ViT-Nope-99"], "unknown model 'ViT-Nope-99'"),
+                       (["--model", "hipro-tiny-clip", "--pretrained", str(tmp_path / "nope.pt")],
+                        "weights file not found"),
+                       (["--model-config", str(notcfg)], "not an open_clip model config")):
+        args = _cli_args(world, ["cache", "--shots", "1", "--overwrite", *argv], run_dir)
+        if "--model-config" in argv:  # the last --model-config wins in argparse; drop the world's
+            i = args.index(str(world["config"])) - 1
+            del args[i:i + 2]
+        assert main(args) == 1, argv
+        assert says in _one_error_line(capsys)
+        assert _snapshot(run_dir) == before, argv
+
+
+def test_compare_without_a_shot_grid_selects_where_a_val_split_exists(world, tmp_path, capsys):
+    """--shots 0 and per-task selection: a task without a val split keeps HiPro's
+    tree (compare's fallback), so a spec where only some tasks have one runs; a
+    spec where none has one is refused up front."""
+    text = world["spec"].read_text()
+    first = "split = {val = 0.2, test = 0.34, seed = 0}"
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(text.replace(first, "split = {test = 0.34, seed = 0}", 1).replace('"data/', f'"{world["root"]}/data/'))
+    none = tmp_path / "none.toml"
+    none.write_text(text.replace(first, "split = {test = 0.34, seed = 0}").replace('"data/', f'"{world["root"]}/data/'))
+    base = ["compare", "--shots", "0", "--methods", "coop-per-task,hipro", "--tree", "flat", "--epochs", "1",
+            "--min-steps", "2", "--n-ctx", "2"]
+    assert _run(world, *base, "--spec", str(mixed), run_dir=tmp_path / "m") == 0
+    capsys.readouterr()
+    assert _run(world, *base, "--spec", str(none), run_dir=tmp_path / "n") == 1
+    assert "no task has one" in _one_error_line(capsys) and not (tmp_path / "n").exists()
+    assert _run(world, "eval", "--spec", str(none), "--split", "val", "--checkpoint", str(tmp_path),
+                run_dir=tmp_path / "e") == 1
+    assert "--split val: no task of the spec" in _one_error_line(capsys) and not (tmp_path / "e").exists()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert _run(world, "cache", "--shots", "1", run_dir=tmp_path / "dangling") == 1
+    assert "is a broken symbolic link" in _one_error_line(capsys)

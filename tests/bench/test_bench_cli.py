@@ -24,6 +24,11 @@ def calls(monkeypatch):
     return seen
 
 
+def test_an_unknown_device_is_refused_not_run_on_the_cpu(capsys):
+    assert cli.main(["bench", "--device", "mps", "--quick"]) == 1
+    assert "--device mps: hipro bench runs on cpu or cuda[:N]" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_benchmark_without_cuda_is_one_line(capsys):
     assert cli.main(["bench", "--device", "cuda", "--problems", "a"]) == 1

@@ -87,8 +87,20 @@ def _is_ancestor(table, a, d):
     ([1, 0], [[1], [2]], 10, "segment 0 is not reachable"),
     ([-1, 0], [[1], []], 10, "segment 1 has no tokens"),
     ([-1, 0], [[1, 2, 3], [4, 5]], 4, "segment 1 ends at path position 5 > limit 4"),
+    # both builders: the kernels' depth limit, and no silent truncation of a non-integral id
+    ([-1] + list(range(128)), [[0]] * 129, 10_000, "segment 128 is deeper than 128"),
+    ([-1, 0.7], [[1], [2]], 10, "segment 1: its parent must be an integer, got 0.7"),
+    ([-1, 0], [[1], [2.5]], 10, "segment 1, token 0: a token source must be an integer, got 2.5"),
 ])
 def test_layout_errors_name_the_segment(builder, parents, sources, limit, culprit):
     build = build_forest_layout if builder == "default" else build_forest_layout_python
     with pytest.raises(ForestError, match=culprit):
         build(parents, sources, limit)
+
+
+@pytest.mark.skipif(_C is None, reason="compiled extension missing")
+def test_python_depth_limit_is_the_kernels():
+    import hipro_fast
+    from hipro_fast.engine.layout import MAX_DEPTH
+
+    assert hipro_fast.build_info()["max_depth"] == MAX_DEPTH
