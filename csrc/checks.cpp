@@ -93,10 +93,15 @@ std::string segment_row_problem(const int64_t* table, int64_t s, int64_t num_tok
     return cat("segment ", s, " subtree_end ", seg_subtree_end(table, s),
                " is before the end of its own tokens (", end, ")");
   }
-  return cat("segment ", s, " (offset ", seg_offset(table, s), ", subtree_end ",
-             seg_subtree_end(table, s), ") is not nested in its parent ", parent,
-             " (its tokens end at ", seg_offset(table, parent) + seg_length(table, parent),
-             ", its subtree at ", seg_subtree_end(table, parent), ")");
+  if (!segment_row_nested(table, s)) {
+    return cat("segment ", s, " (subtree_end ", seg_subtree_end(table, s),
+               ") is not nested in its parent ", parent, " (its subtree ends at ",
+               seg_subtree_end(table, parent), ")");
+  }
+  return cat("segment ", s, " (offset ", seg_offset(table, s), ", parent ", parent,
+             ") does not follow segment ", s - 1, " in packed DFS preorder (its tokens must start "
+             "where the previous segment's end, under that segment or one of its ancestors, whose "
+             "subtrees close there)");
 }
 
 }  // namespace

@@ -26,7 +26,7 @@ namespace hipro {
 
 constexpr int kSegCols = 4;
 constexpr int kColOffset = 0;      // first packed token of the segment
-constexpr int kColLength = 1;      // number of tokens in the segment (>= 1)
+constexpr int kColLength = 1;      // number of tokens in the segment (the layout builder: >= 1)
 constexpr int kColParent = 2;      // packed index of the parent segment, -1 for a root
 constexpr int kColSubtreeEnd = 3;  // one past the last packed token of the subtree
 
@@ -176,25 +176,42 @@ HIPRO_HD bool segment_row_in_range(const int64_t* table, int64_t s, int64_t num_
          seg_subtree_end(table, s) <= num_tokens && seg_parent(table, s) < s;
 }
 
-// Row s is a DFS-preorder row: its subtree holds its own tokens, and a child's
-// tokens follow its parent's and end inside the parent's subtree. Together
-// with in-range rows this makes the two attention paths (the GEMM blocks,
-// which read subtree_end, and the per-row walk up the parent links) see the
-// same pairs; a table that breaks it would give results that depend on which
-// path a segment takes. A segment with an empty subtree (no tokens, no
-// descendants' tokens) takes part in no pair and may sit anywhere. Reads the
-// parent's row: call after the range check.
+// Row s is a DFS-preorder row: its subtree holds its own tokens and ends
+// inside its parent's. Reads the parent's row: call after the range check.
 HIPRO_HD bool segment_row_nested(const int64_t* table, int64_t s) {
   const int64_t end = seg_offset(table, s) + seg_length(table, s);
   const int64_t p = seg_parent(table, s);
   if (seg_subtree_end(table, s) < end) return false;
-  if (p < 0 || seg_subtree_end(table, s) == seg_offset(table, s)) return true;
-  return seg_offset(table, s) >= seg_offset(table, p) + seg_length(table, p) &&
-         seg_subtree_end(table, s) <= seg_subtree_end(table, p);
+  return p < 0 || seg_subtree_end(table, s) <= seg_subtree_end(table, p);
+}
+
+// Row s follows row s - 1 as DFS preorder packs them: its tokens start where
+// the previous segment's end (segment 0 at token 0), its parent is that
+// segment or one of its ancestors (-1: a new root), and every segment the
+// walk from s - 1 up to that parent leaves has its subtree closed at s's
+// first token. With in-range, nested rows this makes the table a packed
+// preorder forest, so the two attention paths -- the GEMM blocks, which read
+// subtree_end, and the per-row walk up the parent links -- see the same
+// (query, key) pairs; a table that breaks it (e.g. a segment inside a
+// sibling's tokens) would give results that depend on the path a segment
+// takes. The walk follows parents that must be earlier rows (else false), so
+// it ends within s steps.
+HIPRO_HD bool segment_row_follows(const int64_t* table, int64_t s) {
+  const int64_t start = seg_offset(table, s);
+  if (s == 0) return start == 0 && seg_parent(table, 0) < 0;
+  const int64_t r = s - 1;
+  if (start != seg_offset(table, r) + seg_length(table, r)) return false;
+  const int64_t p = seg_parent(table, s);
+  for (int64_t a = r; a != p; a = seg_parent(table, a)) {
+    if (a < 0 || seg_parent(table, a) >= a) return false;  // p is not on the chain above s - 1
+    if (seg_subtree_end(table, a) != start) return false;  // a's subtree must close where s starts
+  }
+  return true;
 }
 
 HIPRO_HD bool segment_row_valid(const int64_t* table, int64_t s, int64_t num_tokens) {
-  return segment_row_in_range(table, s, num_tokens) && segment_row_nested(table, s);
+  return segment_row_in_range(table, s, num_tokens) && segment_row_nested(table, s) &&
+         segment_row_follows(table, s);
 }
 
 // Token t names a segment inside [0, num_segments) that contains it.

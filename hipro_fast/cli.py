@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seed_list, default=None, help="comma list of seeds (default: 0,1,2)")
     _select_opts(p, help_select="as for compare")
     _parallel_opt(p)
-    p.set_defaults(shots=DEMO_DEFAULTS["shots"])
+    p.set_defaults(shots=DEMO_DEFAULTS["shots"], epochs=DEMO_DEFAULTS["epochs"])  # epochs: in the recorded recipe
     return ap
 
 
@@ -423,7 +423,7 @@ class _Ctx:
         if hasattr(args, "optimizer"):
             cfg["train_recipe"] = pipeline.resolved_recipe(self._check_recipe())
         self._spec = None
-        self._check_inputs(command, mode)
+        self._check_inputs_on_every_rank(command, mode)
         # Checked before anything is written or loaded: a refused run directory is left untouched.
         self.run = self._open_run(args.run_dir, command, cfg, mode)
         if resume and not self.run.resumed:
@@ -433,6 +433,27 @@ class _Ctx:
         self._clip = None
         self._feats = None
         self.t0 = time.time()
+
+    def _check_inputs_on_every_rank(self, command: str, mode: str) -> None:
+        """_check_inputs, and under torchrun the first rank's failure raised on every
+        rank before any of them opens the run directory (each rank resolves paths
+        in its own working directory and may see other files: rank 0 alone passing
+        must not empty --run-dir under --overwrite while another rank stops)."""
+        try:
+            self._check_inputs(command, mode)
+            failure = None
+        except Exception as e:  # noqa: BLE001 - gathered, then re-raised below
+            if self.dist is None:
+                raise
+            failure = e
+        if self.dist is None:
+            return
+        failures = dist_group.all_gather_object(None if failure is None else (type(failure).__name__, str(failure)))
+        for r, f in enumerate(failures):
+            if f is not None:
+                if failure is not None and r == self.dist.rank:
+                    raise failure
+                raise CliError(f"rank {r}: {f[1]}")
 
     def _check_inputs(self, command: str, mode: str) -> None:
         """The inputs a command names, checked before its run directory is opened,
@@ -1151,9 +1172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank = dist_group.rank()
         msg = dist_group.collective_failure(e) or _one_line(e)
         if ctx is not None and ctx.main and getattr(ctx, "run", None) is not None:
-            again = ("fix the cause and rerun with --overwrite (or with --resume and the same options, if the "
-                     "failure was transient)") if args.command in ("train", "compare") else \
-                "fix the cause and rerun with --overwrite"
+            again = f"fix the cause and rerun with --run-dir {ctx.run.dir} --overwrite"
+            if args.command in ("train", "compare"):
+                again += " (or with --resume and the same options, if the failure was transient)"
             msg += f" [the run directory {ctx.run.dir} keeps this failed run: {again}]"
         print(f"hipro: error: {'' if rank == 0 else f'[rank {rank}] '}{msg}", file=sys.stderr)
         return 1

@@ -23,4 +23,11 @@ cd "$DIR"
 cuda=$(python3 scripts/find_cuda_home.py 2>/dev/null || true)
 if [[ -n "$cuda" ]]; then export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"; fi
 make build TORCH_SPEC="$TORCH_SPEC"
+# The venv keeps the torch it was made with: a DIR reused with another TORCH_SPEC would test the old one.
+want=$(sed -n 's/.*torch==\([^ ]*\).*/\1/p' <<<"$TORCH_SPEC")
+have=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+if [[ -n "$want" && "$have" != "$want" ]]; then
+  echo "$DIR/.venv has torch $have, TORCH_SPEC asks $want: use another DIR" >&2
+  exit 2
+fi
 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Downloads, on a machine with pip access, the pure-Python packages that the
-# GPU machine's image lacks (open_clip_torch and its ftfy/wcwidth; the image
-# has torch, torchvision, timm, huggingface_hub, safetensors, scipy, pytest,
-# hypothesis, ...) as wheels for its Python (3.12, x86-64) into .whl/ (ignored
+# Downloads, on a machine with pip access, the packages that the GPU machine's
+# image lacks (open_clip_torch and ftfy, pure Python, and wcwidth, an abi3
+# x86-64 wheel; the image has torch, torchvision, timm, huggingface_hub,
+# regex, safetensors, scipy, pytest, hypothesis, ...: .library/device/KINDS.md)
+# as wheels for its Python (3.12, x86-64) into .whl/ (ignored
 # by git). scripts/gpu_check.sh installs whatever .whl/ holds with
 # `pip install --target`; carry the folder with the device call (carry=[".whl"]).
 set -euo pipefail

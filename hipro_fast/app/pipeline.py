@@ -112,8 +112,10 @@ RECIPE_OPTIONS = {"optimizer": "optimizer", "lr": "lr", "epochs": "epochs", "min
 
 
 def resolved_recipe(config: Any) -> dict[str, Any]:
-    """The TrainConfig fields the CLI's recipe options set (config.json's "train_recipe")."""
-    return {field: getattr(config, field) for field in RECIPE_OPTIONS.values()}
+    """The TrainConfig fields the CLI's recipe options set (config.json's "train_recipe");
+    not lr for L-BFGS, which has none (its line search sets every step)."""
+    return {field: getattr(config, field) for field in RECIPE_OPTIONS.values()
+            if not (field == "lr" and config.optimizer == "lbfgs")}
 
 
 def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], directory: Path) -> None:
@@ -318,7 +320,8 @@ def check_model_args(name: str | None, pretrained: str | None, model_config: str
         if name in (None, "hipro-tiny-clip"):
             name = cfg_name
     name = name or "hipro-tiny-clip"
-    if name != "hipro-tiny-clip" and not name.startswith("hf-hub:") and name not in open_clip.list_models():
+    schema, _ = open_clip.factory.parse_model_name(name)  # "hf-hub:…", "local-dir:…": resolved at load
+    if name != "hipro-tiny-clip" and schema is None and name not in open_clip.list_models():
         raise InvalidInputError(f"unknown model {name!r} (an open_clip model name, hipro-tiny-clip, "
                                 f"or pass --model-config)")
     if pretrained is not None and not Path(pretrained).exists() and Path(pretrained).suffix:

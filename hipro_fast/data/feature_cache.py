@@ -502,9 +502,10 @@ class FeatureCache:
         what encoding them would say (every rank of a job decides alike, from the
         same file)."""
         if loaded.skipped and not self.skip_bad_images:
-            raise BadImageError(loaded.skipped[0], f"it could not be decoded when {loaded.file.name} was written "
-                                                   "with skip_bad_images (--skip-bad-images); fix or remove it, "
-                                                   "or pass that option again")
+            raise BadImageError(loaded.skipped[0], f"it could not be decoded when the cache file {loaded.file} "
+                                                   "was written with skip_bad_images (--skip-bad-images): fix or "
+                                                   "remove the image, pass that option again, or delete the "
+                                                   "cache file to decode every image anew")
         self.log.append(f"{tag}: cache hit {loaded.file.name}")
         return loaded
 

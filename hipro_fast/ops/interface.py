@@ -168,7 +168,7 @@ def _refuse_forward_ad(op: str, *tensors: torch.Tensor) -> None:
         return
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
         raise UnsupportedAutogradError(f"hipro_fast.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
-                                  "is not supported; use reverse mode (backward / torch.func.grad / vjp)")
+                                  "is not supported; use reverse mode (loss.backward() or torch.autograd.grad)")
 
 
 def _refuse_double_backward(op: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidInputError
+
 # Query rows per chunk in the dense-mask attention reference: bounds its
 # memory at H * chunk * T scores.
 _QUERY_CHUNK = 512
@@ -25,6 +27,8 @@ def assemble_forest(
     """[T, W]: context row or frozen token embedding, plus the positional row."""
     reads_ctx = (token_ctx_row >= 0).unsqueeze(1)
     if ctx_table.shape[0] == 0:  # a forest of vocabulary tokens only (no context rows to index)
+        if bool(reads_ctx.any()):
+            raise InvalidInputError("assemble_forest: a token reads a context row, but ctx_table has none")
         from_ctx = ctx_table.new_zeros((token_ctx_row.shape[0], ctx_table.shape[1]))
     else:
         from_ctx = ctx_table[token_ctx_row.clamp_min(0)]

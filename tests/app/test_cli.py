@@ -632,8 +632,8 @@ def test_resume_compares_the_resolved_training_recipe(world, tmp_path, capsys):
     assert _run(world, *base, run_dir=run_dir) == 0
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["optimizer"] is None
-    assert saved["train_recipe"] == {"optimizer": "lbfgs", "lr": 0.002, "epochs": 1, "min_steps": 2,
-                                     "batch_size": "full"}
+    assert saved["train_recipe"] == {"optimizer": "lbfgs", "epochs": 1, "min_steps": 2,
+                                     "batch_size": "full"}  # no lr: L-BFGS has none
     capsys.readouterr()
     assert _run(world, *base, "--optimizer", "lbfgs", "--resume", run_dir=run_dir) == 0
     assert "cannot resume" not in capsys.readouterr().err
@@ -875,7 +875,8 @@ def test_a_failure_after_the_run_started_says_what_to_do_with_its_directory(worl
     assert _run(world, "cache", "--model", "hipro-tiny-clip", "--pretrained", str(junk), run_dir=run_dir) == 1
     line = _one_error_line(capsys)
     assert f"weights file {junk}: cannot be read by torch.load" in line, line
-    assert f"the run directory {run_dir} keeps this failed run: fix the cause and rerun with --overwrite" in line, line
+    assert (f"the run directory {run_dir} keeps this failed run: fix the cause and rerun with --run-dir {run_dir} "
+            "--overwrite") in line, line
 
 
 def test_eval_and_export_checkpoint_and_out_errors(world, tmp_path, capsys):

@@ -176,7 +176,8 @@ def test_bad_image_raises_naming_the_file_or_is_skipped(tmp_path, clip):
     # the strict setting, on the file that skipped it, says what encoding would: the file is kept
     with pytest.raises(BadImageError, match="written with skip_bad_images") as e:
         fc.encode(recs, tag="t")
-    assert recs[3].path in str(e.value) and out.file.exists()
+    assert recs[3].path in str(e.value) and f"delete the cache file" in str(e.value) and str(out.file) in str(e.value)
+    assert out.file.exists()
 
 
 def test_augmented_views_and_sampling(tmp_path, clip):

@@ -33,9 +33,9 @@ def torchrun_cmd(target: list[str], nproc: int = 2, port: int | None = None, ext
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port or free_port()}", *extra, *target]
 
 
-def start(cmd: Sequence[str], env_vars: dict[str, str] | None = None) -> subprocess.Popen:
-    """A launcher process (torchrun or the `--nproc` wrapper) in the repo root."""
-    return subprocess.Popen(list(cmd), cwd=REPO, env=env_vars if env_vars is not None else env(),
+def start(cmd: Sequence[str], env_vars: dict[str, str] | None = None, cwd=None) -> subprocess.Popen:
+    """A launcher process (torchrun or the `--nproc` wrapper), in the repo root unless `cwd`."""
+    return subprocess.Popen(list(cmd), cwd=cwd or REPO, env=env_vars if env_vars is not None else env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -71,13 +71,14 @@ def _hipro_torchrun(target: list[str], nproc: int = 2, extra=(), timeout: float 
     return run(torchrun_cmd(target, nproc, extra=list(extra)), timeout, **env_extra)
 
 
-def _two_nodes(world, argv_per_node: list[list[str]], timeout: float = 150) -> list[subprocess.CompletedProcess]:
+def _two_nodes(world, argv_per_node: list[list[str]], timeout: float = 150,
+               cwd_per_node: list[Path | None] = (None, None)) -> list[subprocess.CompletedProcess]:
     """Two torchrun invocations (one process each) joining one job of 2 nodes on localhost."""
     port = free_port()
     procs = [start(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"test-{port}",
-         "-m", "hipro_fast.cli", *argv]) for argv in argv_per_node]
+         "-m", "hipro_fast.cli", *argv], cwd=cwd) for argv, cwd in zip(argv_per_node, cwd_per_node)]
     return finish(procs, timeout)
 
 
@@ -150,6 +151,26 @@ def test_ranks_with_different_options_fail_at_start_up(world, tmp_path):
     assert lines and all("ranks disagree on the command line: 'seed' differs between rank 0 and rank 1" in line
                          for line in lines), lines
     assert not (run / "checkpoints").exists()
+
+
+def test_an_input_one_rank_cannot_see_stops_every_rank_before_the_run_directory(world, tmp_path):
+    """Each rank checks the inputs in its own working directory; one rank's
+    failure stops every rank before rank 0 opens (here: would empty, under
+    --overwrite) the run directory, naming the rank and the input."""
+    run = tmp_path / "run"
+    assert main(_args(world, ["cache", "--shots", "1"], run)) == 0
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    here, there = tmp_path / "node0", tmp_path / "node1"
+    here.mkdir()
+    there.mkdir()
+    (here / "tasks.toml").write_text(world["spec"].read_text().replace('"data/', f'"{world["root"]}/data/'))
+    argv = ["cache", "--shots", "1", "--spec", "tasks.toml", "--model-config", str(world["config"]), "--no-progress",
+            "--cache-dir", str(world["cache"]), "--run-dir", str(run), "--overwrite"]
+    results = _two_nodes(world, [argv, argv], cwd_per_node=[here, there])
+    assert all(r.returncode != 0 for r in results)
+    lines = [line for r in results for line in _error_lines(r.stderr)]
+    assert lines and any("rank 1: spec file not found: tasks.toml" in line for line in lines), lines
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
 
 
 # ---------------------------------------------------------------- item 6

@@ -219,14 +219,16 @@ def test_block_plan_is_cached_per_table_and_replanned_on_change():
         assert _cache_stats()[0] == m0 + 2               # other knob: planned
     # A write behind the version counter (through numpy): on a CPU table the
     # cache compares contents, so the stale plan is not used. The new table is
-    # one root segment holding every token (plain causal attention; the other
-    # rows become empty segments under it).
-    tseg = torch.zeros_like(lay.token_segment)
+    # a chain of one-token segments whose last one holds the remaining tokens
+    # (plain causal attention over all T tokens).
+    S = table.shape[0]
+    assert T > S
+    tseg = torch.arange(T).clamp_max(S - 1)
     with block_mode("all_gemm"):
         run(table)
         arr = table.numpy()
-        arr[:] = 0
-        arr[0] = [0, T, -1, T]
+        for i in range(S):
+            arr[i] = [i, 1 if i < S - 1 else T - i, i - 1, T]
         m1, _ = _cache_stats()
         out = run(table, tseg)
         assert _cache_stats()[0] == m1 + 1
@@ -496,9 +498,12 @@ MALFORMED_FORESTS = {
     "token_names_no_segment": ({}, {0: 99}, r"token 0 names segment 99 outside \[0, 4\)"),
     # in range, but not a preorder table: the GEMM blocks and the parent walk would disagree
     "subtree_before_own_tokens": ({(3, 3): 8}, {}, r"segment 3 subtree_end 8 is before the end of its own tokens"),
-    "child_outside_parent_subtree": ({(2, 3): 7}, {}, r"segment 2 \(offset 5, subtree_end 7\) is not nested in "
-                                                      r"its parent 1"),
-    "child_before_parent_tokens": ({(3, 2): 1}, {}, r"segment 3 \(offset 6, subtree_end 10\) is not nested"),
+    "child_outside_parent_subtree": ({(2, 3): 7}, {}, r"segment 2 \(subtree_end 7\) is not nested in its parent 1"),
+    "child_before_parent_tokens": ({(3, 2): 1}, {}, r"segment 3 \(subtree_end 10\) is not nested"),
+    "subtree_left_open": ({(1, 3): 10, (2, 3): 10}, {},
+                          r"segment 3 \(offset 6, parent 0\) does not follow segment 2 in packed DFS preorder"),
+    "gap_between_segments": ({(3, 0): 7, (3, 1): 3}, {},
+                             r"segment 3 \(offset 7, parent 0\) does not follow segment 2"),
 }
 
 
@@ -703,3 +708,16 @@ def test_references_handle_empty_forests_and_vocabulary_only_forests():
     ids = torch.tensor([1, 4, 0])
     out = reference.assemble_forest(torch.zeros(0, 3), emb, pos, torch.full((3,), -1), ids, torch.tensor([0, 1, 2]))
     torch.testing.assert_close(out, emb[ids] + pos[:3], rtol=0, atol=0)
+
+
+@needs_ext
+def test_a_segment_inside_a_siblings_tokens_is_refused():
+    """In range and nested, but segment 2 sits inside segment 1's tokens without
+    being its descendant: the GEMM blocks counted key 2 twice (0.15 off the
+    brute force) while the per-row walk did not. Refused, naming the segment."""
+    table = torch.tensor([[0, 1, -1, 5], [1, 2, 0, 5], [2, 1, 0, 5], [3, 2, 1, 5]])
+    token_segment = torch.tensor([0, 1, 1, 3, 3])
+    q = torch.randn(5, 1, 4, generator=torch.Generator().manual_seed(2))
+    for mode in ("all_gemm", "scalar_only"):
+        with block_mode(mode), pytest.raises(RuntimeError, match="segment 2 .* does not follow segment 1"):
+            torch.ops.hipro_fast.tree_attention(q, q, q, table, token_segment, 0.5)
