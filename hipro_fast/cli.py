@@ -424,6 +424,7 @@ class _Ctx:
             cfg["train_recipe"] = pipeline.resolved_recipe(self._check_recipe())
         self._spec = None
         self._check_inputs_on_every_rank(command, mode)
+        self._warn_ignored_options()
         # Checked before anything is written or loaded: a refused run directory is left untouched.
         self.run = self._open_run(args.run_dir, command, cfg, mode)
         if resume and not self.run.resumed:
@@ -433,6 +434,19 @@ class _Ctx:
         self._clip = None
         self._feats = None
         self.t0 = time.time()
+
+    def _warn_ignored_options(self) -> None:
+        """Options that are valid alone but do nothing in this combination: said,
+        not silently dropped (once, by rank 0)."""
+        a = self.args
+        if not self.main:
+            return
+        if getattr(a, "parent_prior", 0.0) and getattr(a, "combine", DEFAULT_COMBINE) != "mean":
+            warnings.warn(f"--parent-prior {a.parent_prior:g} has no effect with --combine {a.combine} "
+                          "(it is a --combine mean option)")
+        if getattr(a, "parallel", PARALLEL_MODES[0]) != PARALLEL_MODES[0] and self.dist is None:
+            warnings.warn(f"--parallel {a.parallel} has no effect in one process (pass --nproc N, or run "
+                          "under torchrun)")
 
     def _check_inputs_on_every_rank(self, command: str, mode: str) -> None:
         """_check_inputs, and under torchrun the first rank's failure raised on every

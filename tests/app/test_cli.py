@@ -987,3 +987,13 @@ def test_compare_without_a_shot_grid_selects_where_a_val_split_exists(world, tmp
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     assert _run(world, "cache", "--shots", "1", run_dir=tmp_path / "dangling") == 1
     assert "is a broken symbolic link" in _one_error_line(capsys)
+
+
+def test_options_that_do_nothing_in_their_combination_are_said(world, tmp_path, capsys):
+    argv = ["compare", "--shots", "1", "--seeds", "0", "--methods", "coop-per-task", "--tree", "flat",
+            "--epochs", "1", "--min-steps", "2", "--n-ctx", "2", "--combine", "concat", "--parent-prior", "0.5",
+            "--parallel", "classes"]
+    assert _run(world, *argv, run_dir=tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    assert "hipro: warning: --parent-prior 0.5 has no effect with --combine concat" in err, err
+    assert "hipro: warning: --parallel classes has no effect in one process" in err, err
