@@ -660,14 +660,32 @@ def table_results(table) -> dict[str, dict[str, float]]:
 
 # ------------------------------------------------------------------ bundled data
 def export_bundled(root: str | Path, seed: int = 0) -> Path:
-    """Export the bundled benchmark as image folders once (reused when complete)."""
+    """Export the bundled benchmark as image folders once (reused when complete
+    and of the same seed). The export goes to a fresh folder beside `root` and is
+    moved in place when whole, so a re-export never mixes two seeds' images and
+    an interrupted one leaves nothing half-written."""
 
     root = Path(root)
     spec = root / "tasks.toml"
     done = root / ".complete"
-    if spec.is_file() and done.is_file():
+    stamp = f"seed {int(seed)}\n"
+    if spec.is_file() and done.is_file() and done.read_text() == stamp:
         return spec
-    root.mkdir(parents=True, exist_ok=True)
-    out = Path(export_image_folders(root, seed=seed))
-    done.write_text("ok\n")
-    return out
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not done.is_file())):
+        raise InvalidInputError(f"{root} is not an export of the bundled benchmark (no .complete in it) and is "
+                                "not empty: choose another --data-dir (it is replaced when re-exported)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        export_image_folders(fresh, seed=seed)
+        (fresh / ".complete").write_text(stamp)
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
+            os.replace(root, old / root.name)
+            os.replace(fresh, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(fresh, root)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    return spec

@@ -6,8 +6,7 @@ bar, L2-normalises the features and keeps them on the model's device (the GPU
 when there is one). Each set is persisted as a safetensors file:
 
 * its **file name** is derived from what the set *is*: the model (name +
-  weights file path/size/mtime, or a content hash of the image tower's
-  weights when there is no file), the preprocessing (``repr`` of the
+  a content hash of the image tower's loaded weights), the preprocessing (``repr`` of the
   transform), a tag (task / split / few-shot draw), the augmentation settings
   and the labelled image list (every path and label). Two different image
   lists never share a file, so two specs with a task of the same name can
@@ -108,18 +107,17 @@ def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def model_fingerprint(clip) -> dict[str, Any]:
-    """What identifies the image tower: name + weights file (path, size, mtime),
-    or a content hash of the image tower's weights when there is no file."""
+    """What identifies the image tower: its name and a content hash of its loaded
+    weights (once per FeatureCache; about a second for ViT-B/16). Not the weights
+    file's size and mtime: a same-size file copied in with its old mtime
+    (cp -p, rsync -t, tar -x) would serve the old weights' features."""
     name = getattr(clip, "name", type(clip).__name__)
     pretrained = getattr(clip, "pretrained", None)
-    if pretrained and Path(str(pretrained)).is_file():
-        p = Path(str(pretrained)).resolve()
-        st = p.stat()
-        return {"name": name, "weights": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     model = getattr(clip, "model", clip)
     visual = getattr(model, "visual", model)
     state = {k: v for k, v in visual.state_dict().items()}
-    return {"name": name, "pretrained": pretrained, "visual_sha256": _tensor_hash(state)}
+    return {"name": name, "pretrained": str(pretrained) if pretrained is not None else None,
+            "visual_sha256": _tensor_hash(state)}
 
 
 def preprocess_repr(preprocess) -> str:

@@ -50,7 +50,9 @@ training split, seeded (:func:`few_shot`).
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
+import os
 import tomllib
 import warnings
 import zlib
@@ -205,18 +207,28 @@ def _split_fracs(task: str, split: Any) -> dict[str, float]:
     return out
 
 
+def _image_rank(path: str, seed: int) -> bytes:
+    """The place of an image in its class's seeded shuffle: a hash of the image
+    file (its resolved path) and the split seed alone. So a split does not
+    depend on the task's name (two tasks over the same images, e.g. a relabelled
+    twin, split them alike: no test image of one is a training image of the
+    other) nor on the other classes' images (a class that gains images does not
+    reshuffle the rest: an old checkpoint is not tested on its training images)."""
+    return hashlib.sha256(f"{int(seed)}\0{os.path.realpath(path)}".encode()).digest()
+
+
 def _carve(task: str, items: list[tuple[str, int]], fracs: dict[str, float],
            want: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
-    """Stratified seeded split of items into train + the wanted val/test parts."""
+    """Stratified seeded split of items into train + the wanted val/test parts
+    (each class's images in _image_rank order: test first, then val)."""
     want = set(want)
-    rng = np.random.default_rng(_stable_seed("split", task, fracs["seed"]))
     by_class: dict[int, list[tuple[str, int]]] = {}
     for it in items:
         by_class.setdefault(it[1], []).append(it)
     out: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
     for lab in sorted(by_class):
         group = by_class[lab]
-        order = rng.permutation(len(group))
+        order = sorted(range(len(group)), key=lambda i: (_image_rank(group[i][0], fracs["seed"]), group[i][0]))
         n = len(group)
         n_test = int(math.floor(n * fracs["test"] + 0.5)) if "test" in want else 0
         n_val = int(math.floor(n * fracs["val"] + 0.5)) if "val" in want else 0
@@ -299,6 +311,8 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
         if split in sources:
             _, its = _read_source(name, split, sources[split], labels)
             items[split] = [(p, index_of[lab]) for p, lab in its]
+    for split, its in items.items():  # before carving: a repeated row could land in two carved splits
+        _check_no_image_twice(name, {split: its}, sources)
     missing = [s for s in ("val", "test") if s not in items]
     if "split" in entry or (missing and "test" in missing):
         fracs = _split_fracs(name, entry.get("split"))
@@ -309,6 +323,7 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
         for s in missing:
             items[s] = carved[s]
     items.setdefault("val", [])
+    _check_no_image_twice(name, items, sources)
     present = {lab for _, lab in items["train"]}
     absent = [labels[i] for i in range(len(labels)) if i not in present]
     if absent:
@@ -323,6 +338,26 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
         splits={s: [ImageRecord(p, lab) for p, lab in items[s]] for s in SPLITS},
         group=str(group) if group is not None else None, description=str(entry.get("description", "")),
         sources={s: str(p) for s, p in sources.items()})
+
+
+def _check_no_image_twice(task: str, items: Mapping[str, list[tuple[str, int]]],
+                          sources: Mapping[str, Path]) -> None:
+    """An image file (symlinks resolved) in two splits of a task, or twice in one,
+    is refused, naming it: a test image that is also a training image inflates
+    the accuracy without a trace, and one listed twice (or with two labels) is
+    an error in the source."""
+    seen: dict[str, tuple[str, int]] = {}
+    for split in SPLITS:
+        for path, label in items.get(split, []):
+            real = os.path.realpath(path)
+            if real in seen:
+                where, first_label = seen[real]
+                what = (f"in both the {where} and the {split} split" if where != split
+                        else f"twice in the {split} split" + (" with two labels" if first_label != label else ""))
+                source = sources.get(split) or sources.get("train")
+                raise SpecError(f"task {task!r}: image {path} is {what} (source {source}); an image may be in "
+                                f"one split once")
+            seen[real] = (split, label)
 
 
 def parse_spec(data: Mapping[str, Any], base: str | Path = ".", path: Path | None = None) -> MultiTaskSpec:
@@ -449,6 +484,8 @@ def read_image(path: str | Path):
             im.load()
             gray = _to_8bit(im)
             return (gray if gray is not None else im).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # DecompressionBombError (a header claiming a huge image) is no OSError: named too, so
+        # skip_bad_images skips it like any other undecodable file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadImageError(path, reason) from None

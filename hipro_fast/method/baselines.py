@@ -13,6 +13,7 @@ context (a node with n_ctx 0 is skipped on its tasks' paths):
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -214,7 +215,8 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
     for m in methods:
         if m not in METHODS:
             raise InvalidInputError(f"unknown method {m!r} (methods: {METHODS})")
-    if not seeds:
+    seeds = [operator.index(s) for s in seeds]  # numpy integers welcome, as plain ints (JSON, manual_seed)
+    if len(seeds) == 0:
         raise InvalidInputError("compare needs at least one seed")
     names = list(validate_tasks(tasks))
     base = train_config or TrainConfig()

@@ -160,6 +160,20 @@ def has_checkpoint(directory: str | Path, kind: str = "last") -> bool:
     return _json_path(Path(directory), kind).exists()
 
 
+def clear_checkpoints(directory: str | Path) -> None:
+    """Remove every kind's checkpoint from `directory` (a run that starts over in
+    it): the JSON records first (a crash in between leaves no record naming a
+    missing file), then their tensor files. Other files are left alone."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for kind in KINDS:
+        _json_path(directory, kind).unlink(missing_ok=True)
+    for f in directory.iterdir():
+        if f.name.startswith(tuple(f"{k}-e" for k in KINDS)) and f.name.endswith(".safetensors"):
+            f.unlink(missing_ok=True)
+
+
 def _config_dict(train_config: Any) -> dict[str, Any] | None:
     if train_config is None:
         return None
@@ -284,6 +298,23 @@ def check_model_config(saved: Mapping[str, Any], model: HiProModel) -> None:
     for key in ("combine", "width", "embed_dim", "path_weights"):
         if key in saved and saved[key] != mine[key]:
             raise CheckpointError(f"checkpoint {key} {saved[key]!r} differs from the model's {mine[key]!r}")
+
+
+# HiProModel options that only shape the starting point or the objective: a
+# checkpoint loads into a model built with other values (its path logits are
+# loaded too), but a run resumed from it would continue another trajectory.
+MODEL_TRAJECTORY_KEYS = ("ctx_init", "leaf_weight", "init_from_parent", "parent_prior")
+
+
+def check_resume_model(saved: Mapping[str, Any], model: HiProModel) -> None:
+    """Raise CheckpointError naming the first MODEL_TRAJECTORY_KEYS option that
+    differs between a checkpoint's model and `model` (keys a checkpoint lacks are
+    not compared)."""
+    mine = model.config()
+    for key in MODEL_TRAJECTORY_KEYS:
+        if key in saved and saved[key] != mine[key]:
+            raise CheckpointError(f"cannot resume: the checkpoint's model was built with {key}={saved[key]!r}, "
+                                  f"this model has {key}={mine[key]!r}")
 
 
 def check_train_config(saved: Mapping[str, Any] | None, config: Any) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -149,7 +150,7 @@ class HiProModel(nn.Module):
             if c < 0:
                 raise InvalidInputError(f"node {node!r}: n_ctx must be >= 0, got {c}")
         init = self._phrase_embedding(ctx_init) if ctx_init else None
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(operator.index(seed))  # a numpy integer too
         self._params = nn.ParameterList()
         self.ctx: dict[str, nn.Parameter] = {}
         device = self.tower.token_embedding.device

@@ -45,6 +45,7 @@ import dataclasses
 import math
 import numbers
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,17 @@ class TrainConfig:
             if not cond:
                 raise InvalidInputError(f"TrainConfig: {msg}")
 
+        def integer(value) -> bool:  # numpy integers count; bools and 2.5 do not (range() would fail later)
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        for name in ("epochs", "warmup_epochs", "min_steps", "seed", "eval_every", "eval_batch_size"):
+            need(integer(getattr(self, name)), f"{name} must be an integer, got {getattr(self, name)!r}")
+        need(self.steps_per_epoch is None or integer(self.steps_per_epoch),
+             f"steps_per_epoch must be an integer or None, got {self.steps_per_epoch!r}")
+        for name in ("lr", "momentum", "weight_decay", "warmup_lr"):
+            value = getattr(self, name)
+            need(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
+                 f"{name} must be a finite number, got {value!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
@@ -259,7 +271,15 @@ def _resolve_config(config: TrainConfig | None, overrides: Mapping[str, Any]) ->
         raise InvalidTypeError(f"unknown training option {unknown[0]!r} (TrainConfig fields: {sorted(names)})")
     config = dataclasses.replace(config, **overrides)
     config.validate()
-    return config
+    # plain Python numbers from here on (a numpy integer would fail the checkpoint's JSON after an epoch)
+    ints = {f: int(getattr(config, f)) for f in ("epochs", "warmup_epochs", "min_steps", "seed", "eval_every",
+                                                  "eval_batch_size")}
+    if config.steps_per_epoch is not None:
+        ints["steps_per_epoch"] = int(config.steps_per_epoch)
+    if config.batch_size != FULL_BATCH:
+        ints["batch_size"] = int(config.batch_size)
+    floats = {f: float(getattr(config, f)) for f in ("lr", "momentum", "weight_decay", "warmup_lr")}
+    return dataclasses.replace(config, **ints, **floats)
 
 
 def _model_device(model: HiProModel) -> torch.device:
@@ -310,6 +330,8 @@ def evaluate(model: HiProModel, data: Data, batch_size: int = 4096, metric: str 
     the mean cross-entropy over the task's own classes. Text features are computed once."""
     if metric not in EVAL_METRICS:
         raise InvalidInputError(f"metric must be one of {EVAL_METRICS}, got {metric!r}")
+    if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise InvalidInputError(f"evaluate: batch_size must be an integer >= 1, got {batch_size!r}")
     checked = validate_data(model, data, role="eval", require_all=False)
     was_training = model.training
     model.eval()
@@ -372,6 +394,9 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     """
 
     config = _resolve_config(config, overrides)
+    if config.optimizer != "lbfgs" and config.warmup_epochs >= config.epochs:
+        warnings.warn(f"fit: warmup_epochs {config.warmup_epochs} >= epochs {config.epochs}: every step runs at "
+                      f"warmup_lr {config.warmup_lr:g}, never at lr {config.lr:g}", stacklevel=2)
     train_data = validate_data(model, train, role="train", require_all=True)
     val_data = validate_data(model, val, role="val", require_all=False) if val is not None else None
     params = [(n, p) for n, p in model.learnable().items() if p.requires_grad]
@@ -418,7 +443,9 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     start = 0
     ckdir = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
     if ckdir is not None and config.resume and ckpt.has_checkpoint(ckdir, "last"):
-        state = ckpt.load_checkpoint(ckdir, model, kind="last")
+        # Every check before the model is touched: a refused resume leaves the caller's contexts as they were.
+        state = ckpt.load_checkpoint(ckdir, model, kind="last", load_contexts=False)
+        ckpt.check_resume_model(state.model_config, model)
         ckpt.check_train_config(state.train_config, config)
         saved_sizes = (state.extra or {}).get("train_sizes")
         if saved_sizes is not None and saved_sizes != sizes:
@@ -426,6 +453,7 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
             t = diff[0] if diff else next(iter(sizes))
             raise TaskSpecError(f"cannot resume: task {t!r} has {sizes[t]} train samples, the checkpoint "
                                 f"was trained on {saved_sizes.get(t)}")
+        model.load_context_state(state.contexts)
         ckpt.restore_optimizer_state(optimizer, model, state.optimizer_state)
         if scaler is not None and (state.extra or {}).get("scaler"):
             scaler.load_state_dict(state.extra["scaler"])
@@ -433,6 +461,10 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
         best_epoch, best_val = state.best_epoch, state.best_val
         best_state = state.best_contexts
         start = state.epoch + 1
+    elif ckdir is not None and main:
+        # A run that starts over: another run's best/last in the folder must not
+        # outlive it (a later resume would pick up the other run's files).
+        ckpt.clear_checkpoints(ckdir)
 
     if world > 1:
         # Every rank read the same checkpoint (rank 0 writes only after this point).

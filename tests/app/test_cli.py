@@ -165,10 +165,13 @@ def _bad_world(tmp_path: Path, case: str) -> tuple[Path, str, str]:
             "labels.csv:4"
     if case == "duplicate task":
         return root, base + "\n" + base, "'t' twice"
-    if case == "undecodable image":
-        (root / "d" / "b" / "2.png").write_bytes(b"this is not a png")
-        return root, base.replace("split = {test = 0.34}", 'train = "d"\ntest = "d"').replace(
-            'images = "d"\n', ""), str(root / "d" / "b" / "2.png")
+    if case == "undecodable image":  # in the test split, which is its own folder
+        for c in ("a", "b"):
+            for i in range(3):
+                _png(root / "t" / c / f"{i}.png", seed=i + (30 if c == "b" else 20))
+        (root / "t" / "b" / "2.png").write_bytes(b"this is not a png")
+        return root, base.replace("split = {test = 0.34}", 'train = "d"\ntest = "t"').replace(
+            'images = "d"\n', ""), str(root / "t" / "b" / "2.png")
     raise AssertionError(case)
 
 
@@ -193,10 +196,10 @@ def test_skip_bad_images_counts_instead(world, tmp_path, capsys):
     rc = _run(world, "cache", "--spec", str(spec), "--shots", "0", "--skip-bad-images", run_dir=tmp_path / "run",
               cache=tmp_path / "cache")
     assert rc == 0
-    assert "skipped 2 bad images" in capsys.readouterr().out  # once in train, once in test
+    assert "skipped 1 bad images" in capsys.readouterr().out  # the test split's
     recs = _events(tmp_path / "run", "cache")
-    assert {r["split"]: r["skipped"] for r in recs} == {"train": 1, "test": 1}
-    assert {r["split"]: r["images"] for r in recs} == {"train": 5, "test": 5}
+    assert {r["split"]: r["skipped"] for r in recs} == {"train": 0, "test": 1}
+    assert {r["split"]: r["images"] for r in recs} == {"train": 6, "test": 5}
 
 
 @pytest.mark.parametrize("argv,needle", [

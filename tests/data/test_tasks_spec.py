@@ -167,7 +167,8 @@ def test_missing_spec_file(tmp_path):
 
 def test_few_shot_is_k_per_class_seeded_and_warns_on_small_classes(tmp_path):
     _folder(tmp_path / "d", {"a": 20, "b": 20, "c": 3})
-    spec = _spec(tmp_path, '[[task]]\nname = "t"\ntrain = "d"\ntest = "d"\n')
+    _folder(tmp_path / "e", {"a": 1, "b": 1, "c": 1}, seed=1)
+    spec = _spec(tmp_path, '[[task]]\nname = "t"\ntrain = "d"\ntest = "e"\n')
     recs = spec.tasks["t"].splits["train"]
     assert len(recs) == 43
     with pytest.warns(FewShotWarning, match="'c' has 3 training images < 4"):
@@ -232,5 +233,41 @@ def test_high_bit_depth_values_without_an_8_bit_meaning_name_the_file(tmp_path, 
 
 def test_parse_spec_from_mapping(tmp_path):
     _folder(tmp_path / "d", {"a": 2, "b": 2})
-    spec = parse_spec({"task": [{"name": "t", "train": str(tmp_path / "d"), "test": str(tmp_path / "d")}]})
+    _folder(tmp_path / "e", {"a": 2, "b": 2}, seed=1)
+    spec = parse_spec({"task": [{"name": "t", "train": str(tmp_path / "d"), "test": str(tmp_path / "e")}]})
     assert spec.tasks["t"].counts()["test"] == 4
+
+
+def test_an_image_in_two_splits_or_twice_is_refused(tmp_path):
+    """A test image that is also a training image would inflate the accuracy
+    without a trace: the same file (symlinks resolved) in two splits, a CSV row
+    given twice, or one image under two labels is refused, naming it."""
+    _folder(tmp_path / "d", {"a": 3, "b": 3})
+    with pytest.raises(SpecError, match=r"image .*d/a/00.png is in both the train and the test split"):
+        _spec(tmp_path, '[[task]]\nname = "t"\ntrain = "d"\ntest = "d"\n')
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a").mkdir()
+    (tmp_path / "t" / "a" / "x.png").symlink_to(tmp_path / "d" / "a" / "01.png")
+    (tmp_path / "t" / "b").mkdir()
+    _png(tmp_path / "t" / "b" / "y.png", seed=99)
+    with pytest.raises(SpecError, match=r"image .*d/a/01.png is in both the train and the test split"):
+        _spec(tmp_path, '[[task]]\nname = "t"\ntrain = "d"\ntest = "t"\n')
+    rows = [f"{tmp_path}/d/a/00.png,a", f"{tmp_path}/d/b/00.png,b", f"{tmp_path}/d/a/01.png,a",
+            f"{tmp_path}/d/b/01.png,b", f"{tmp_path}/d/a/00.png,b"]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(SpecError, match=r"image .*d/a/00.png is twice in the train split with two labels"):
+        _spec(tmp_path, '[[task]]\nname = "t"\ncsv = "train.csv"\nsplit = {test = 0.5, seed = 0}\n')
+
+
+def test_a_split_depends_on_the_images_and_the_seed_only(tmp_path):
+    """Two tasks over the same images (a relabelled twin) carve them alike, and a
+    class that gains images leaves the other classes' split as it was."""
+    _folder(tmp_path / "d", {"a": 10, "b": 10})
+    twin = ('[[task]]\nname = "{}"\nimages = "d"\nsplit = {{test = 0.3, seed = 4}}\n{}')
+    spec = _spec(tmp_path, twin.format("one", "") + twin.format("two", 'classes = {a = "b-ish", b = "a-ish"}\n'))
+    tests = [sorted(r.path for r in spec.tasks[t].splits["test"]) for t in ("one", "two")]
+    assert tests[0] == tests[1] and len(tests[0]) == 6
+    before = [r.path for r in spec.tasks["one"].splits["test"] if "/b/" in r.path]
+    _folder(tmp_path / "d", {"a": 14}, seed=3)  # class a gains four images (and rewrites its first ten)
+    spec = _spec(tmp_path, twin.format("one", ""))
+    assert [r.path for r in spec.tasks["one"].splits["test"] if "/b/" in r.path] == before

@@ -255,3 +255,59 @@ def test_optimizer_state_of_another_optimizer_is_refused(tmp_path, data):
     adamw = torch.optim.AdamW([p for p in model.learnable().values() if p.requires_grad])
     with pytest.raises(CheckpointError, match=r"\['momentum_buffer'\].*AdamW keeps \['exp_avg', 'exp_avg_sq', 'step'\]"):
         ckpt.restore_optimizer_state(adamw, model, state.optimizer_state)
+
+
+def test_a_refused_resume_leaves_the_callers_model_untouched(tmp_path, data):
+    """Every resume check runs before the checkpoint's contexts are loaded: a
+    caller who catches the error and retries from scratch gets a fresh run."""
+    train, val = data
+    fit(make_model(), train, val, checkpoint_dir=str(tmp_path), **RUN)
+    model = make_model()
+    before = model.context_state()
+    with pytest.raises(CheckpointError, match="lr"):
+        fit(model, train, val, checkpoint_dir=str(tmp_path), resume=True, **{**RUN, "lr": 0.1})
+    assert _same(model.context_state(), before)
+
+
+@pytest.mark.parametrize("option", [{"parent_prior": 0.5}, {"leaf_weight": 0.5}, {"init_from_parent": True}])
+def test_resume_refuses_a_checkpoint_of_a_model_built_otherwise(tmp_path, data, option):
+    """Options that shape only the start or the objective still make another
+    run: resuming one model's checkpoint with another is refused, naming it."""
+    train, val = data
+    base = {"combine": "mean", "path_weights": "learned"}
+    fit(make_model(**base), train, val, checkpoint_dir=str(tmp_path), **RUN)
+    (key, value), = option.items()
+    with pytest.raises(CheckpointError, match=f"cannot resume: the checkpoint's model was built with {key}="):
+        fit(make_model(**base, **option), train, val, checkpoint_dir=str(tmp_path), resume=True, **RUN)
+
+
+def test_a_fresh_run_clears_another_runs_checkpoints(tmp_path, data):
+    """resume=False starts over: the folder's best/last of an earlier run are
+    removed first, so a crash before the new run's first evaluation cannot leave
+    the old run's best beside the new run's last (or a resumable old last)."""
+    train, val = data
+    fit(make_model(seed=5), train, val, checkpoint_dir=str(tmp_path), **RUN)
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def crash(info):
+        if info["epoch"] == 0 and info["step"] == 1:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        fit(make_model(), train, val, checkpoint_dir=str(tmp_path), callback=crash, **RUN)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_numpy_integers_are_welcome(tmp_path, data):
+    """numpy integers pass validation and are stored as plain ints (before: the
+    first checkpoint's JSON failed after an epoch of training)."""
+    import numpy as np
+
+    train, val = data
+    res = fit(make_model(seed=np.int64(0)), train, val, checkpoint_dir=str(tmp_path),
+              **{**RUN, "epochs": np.int64(2), "seed": np.int64(11), "batch_size": np.int64(4)})
+    assert res.best_epoch is not None and json.loads((tmp_path / "last.json").read_text())["epoch"] == 1
+    with pytest.raises(ValueError, match="epochs must be an integer, got 2.5"):
+        fit(make_model(), train, val, **{**RUN, "epochs": 2.5})
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        fit(make_model(), train, val, **{**RUN, "lr": float("inf")})

@@ -473,3 +473,18 @@ def test_bad_optimizer_and_batch_options_name_the_value(data, bad, pattern):
     train, _ = data
     with pytest.raises(ValueError, match=pattern):
         fit(make_model(), train, None, epochs=1, **bad)
+
+
+def test_evaluate_refuses_a_batch_size_below_one(data):
+    _, val = data
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {bad!r}"):
+            evaluate(make_model(), val, batch_size=bad)
+
+
+def test_a_warmup_as_long_as_the_run_is_said(data):
+    """warmup_epochs >= epochs keeps every step at warmup_lr (1e-5 by default):
+    almost no training. Allowed, but said."""
+    train, val = data
+    with pytest.warns(UserWarning, match="warmup_epochs 1 >= epochs 1: every step runs at warmup_lr"):
+        fit(make_model(), train, val, **{**FAST, "epochs": 1, "warmup_epochs": 1})

@@ -62,6 +62,7 @@ import importlib.util
 import io
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -396,6 +397,10 @@ def export_image_folders(root: Path, seed: int = 0) -> Path:
     """
     from PIL import Image
 
+    if seed != 0:
+        warnings.warn(f"bundled split seed {seed}: its test images overlap the images the shipped "
+                      "hipro-tiny-clip was pretrained on (seed 0's split keeps them apart); fine for other models",
+                      stacklevel=2)
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     tasks = load_bundled_tasks(seed)

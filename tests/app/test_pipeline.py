@@ -1,0 +1,35 @@
+"""hipro_fast.app.pipeline helpers that the CLI tests reach only through whole commands."""
+from __future__ import annotations
+
+import pytest
+
+from hipro_fast.app import pipeline
+
+
+def _fake_export(root, seed=0):
+    """export_image_folders' contract (a tasks.toml and image folders), fast: one file per seed."""
+    (root / "task" / "train").mkdir(parents=True)
+    (root / "task" / "train" / f"from-seed-{seed}.png").write_bytes(b"x")
+    (root / "tasks.toml").write_text(f"# seed {seed}\n")
+    return root / "tasks.toml"
+
+
+def test_export_bundled_is_reused_per_seed_and_replaced_whole(tmp_path, monkeypatch):
+    """The same seed reuses the export; another seed replaces it whole (before:
+    the old seed's images stayed beside the new ones, or the old export was
+    returned for the new seed); a folder that is not an export is never touched."""
+    monkeypatch.setattr(pipeline, "export_image_folders", _fake_export)
+    root = tmp_path / "bundled"
+    spec = pipeline.export_bundled(root, seed=0)
+    assert spec.read_text() == "# seed 0\n"
+    stamp = spec.stat().st_mtime_ns
+    assert pipeline.export_bundled(root, seed=0).stat().st_mtime_ns == stamp  # reused
+    pipeline.export_bundled(root, seed=1)
+    assert sorted(p.name for p in (root / "task" / "train").iterdir()) == ["from-seed-1.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundled"]  # no temporary folders left
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years")
+    with pytest.raises(ValueError, match="is not an export of the bundled benchmark"):
+        pipeline.export_bundled(mine, seed=0)
+    assert (mine / "thesis.tex").read_text() == "years"
