@@ -671,21 +671,50 @@ def export_bundled(root: str | Path, seed: int = 0) -> Path:
     stamp = f"seed {int(seed)}\n"
     if spec.is_file() and done.is_file() and done.read_text() == stamp:
         return spec
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not done.is_file())):
-        raise InvalidInputError(f"{root} is not an export of the bundled benchmark (no .complete in it) and is "
-                                "not empty: choose another --data-dir (it is replaced when re-exported)")
+    if root.exists() and not _is_bundled_export(root):
+        raise InvalidInputError(f"{root} is not an export of the bundled benchmark and is not empty: choose "
+                                "another --data-dir (an export there is replaced when re-exported)")
     root.parent.mkdir(parents=True, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    old = None
     try:
         export_image_folders(fresh, seed=seed)
         (fresh / ".complete").write_text(stamp)
+        _apply_umask(fresh)  # mkdtemp makes 0700; the export is shared like any folder the user makes
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
             os.replace(root, old / root.name)
+        try:
             os.replace(fresh, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(fresh, root)
+        except OSError:
+            # another process finished the same export first: use it if it is this seed's
+            if done.is_file() and done.read_text() == stamp:
+                return spec
+            if old is not None and not root.exists():
+                os.replace(old / root.name, root)  # put the previous export back
+            raise
     finally:
         shutil.rmtree(fresh, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return spec
+
+
+def _is_bundled_export(root: Path) -> bool:
+    """An empty folder, or what export_image_folders writes (tasks.toml, .complete
+    and task folders of train/test folders), complete or interrupted: safe to replace."""
+    if not root.is_dir():
+        return False
+    for entry in root.iterdir():
+        if entry.name in ("tasks.toml", ".complete"):
+            continue
+        if not entry.is_dir() or not {c.name for c in entry.iterdir()} <= {"train", "test"}:
+            return False
+    return True
+
+
+def _apply_umask(folder: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

@@ -112,12 +112,10 @@ def model_fingerprint(clip) -> dict[str, Any]:
     file's size and mtime: a same-size file copied in with its old mtime
     (cp -p, rsync -t, tar -x) would serve the old weights' features."""
     name = getattr(clip, "name", type(clip).__name__)
-    pretrained = getattr(clip, "pretrained", None)
     model = getattr(clip, "model", clip)
     visual = getattr(model, "visual", model)
     state = {k: v for k, v in visual.state_dict().items()}
-    return {"name": name, "pretrained": str(pretrained) if pretrained is not None else None,
-            "visual_sha256": _tensor_hash(state)}
+    return {"name": name, "visual_sha256": _tensor_hash(state)}  # not the file's path: a moved file still hits
 
 
 def preprocess_repr(preprocess) -> str:

@@ -207,20 +207,23 @@ def _split_fracs(task: str, split: Any) -> dict[str, float]:
     return out
 
 
-def _image_rank(path: str, seed: int) -> bytes:
-    """The place of an image in its class's seeded shuffle: a hash of the image
-    file (its resolved path) and the split seed alone. So a split does not
-    depend on the task's name (two tasks over the same images, e.g. a relabelled
-    twin, split them alike: no test image of one is a training image of the
-    other) nor on the other classes' images (a class that gains images does not
-    reshuffle the rest: an old checkpoint is not tested on its training images)."""
-    return hashlib.sha256(f"{int(seed)}\0{os.path.realpath(path)}".encode()).digest()
+def _image_rank(path: str, root: Path, seed: int) -> bytes:
+    """The place of an image in its class's seeded shuffle: a hash of the split
+    seed and the image's path relative to its source (the folder, or the CSV's
+    folder) alone. So a split does not depend on the task's name (two tasks that
+    read the same source into the same classes, e.g. a renamed twin, split them
+    alike), on the other classes' images (a class that gains images does not
+    reshuffle the rest: an old checkpoint is not tested on its training
+    images), nor on where the data sits (a moved or copied dataset splits alike)."""
+    rel = os.path.relpath(path, root)
+    return hashlib.sha256(str(int(seed)).encode() + b"\0" + os.fsencode(rel)).digest()
 
 
 def _carve(task: str, items: list[tuple[str, int]], fracs: dict[str, float],
-           want: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
+           want: Iterable[str], root: Path) -> dict[str, list[tuple[str, int]]]:
     """Stratified seeded split of items into train + the wanted val/test parts
-    (each class's images in _image_rank order: test first, then val)."""
+    (each class's images in _image_rank order: test first, then val); `root`:
+    the source's folder."""
     want = set(want)
     by_class: dict[int, list[tuple[str, int]]] = {}
     for it in items:
@@ -228,7 +231,7 @@ def _carve(task: str, items: list[tuple[str, int]], fracs: dict[str, float],
     out: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
     for lab in sorted(by_class):
         group = by_class[lab]
-        order = sorted(range(len(group)), key=lambda i: (_image_rank(group[i][0], fracs["seed"]), group[i][0]))
+        order = sorted(range(len(group)), key=lambda i: (_image_rank(group[i][0], root, fracs["seed"]), group[i][0]))
         n = len(group)
         n_test = int(math.floor(n * fracs["test"] + 0.5)) if "test" in want else 0
         n_val = int(math.floor(n * fracs["val"] + 0.5)) if "val" in want else 0
@@ -312,13 +315,15 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
             _, its = _read_source(name, split, sources[split], labels)
             items[split] = [(p, index_of[lab]) for p, lab in its]
     for split, its in items.items():  # before carving: a repeated row could land in two carved splits
-        _check_no_image_twice(name, {split: its}, sources)
+        _check_listed_once(name, split, its, sources.get(split) or sources["train"])
     missing = [s for s in ("val", "test") if s not in items]
     if "split" in entry or (missing and "test" in missing):
         fracs = _split_fracs(name, entry.get("split"))
         if "test" in missing and fracs["test"] == 0 and "split" in entry:
             raise SpecError(f"task {name!r}: no test split: give 'test' or split.test > 0")
-        carved = _carve(name, items["train"], fracs, missing)
+        source = sources["train"]
+        carved = _carve(name, items["train"], fracs, missing, source.parent if source.suffix.lower() == ".csv"
+                        else source)
         items["train"] = carved["train"]
         for s in missing:
             items[s] = carved[s]
@@ -340,24 +345,34 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
         sources={s: str(p) for s, p in sources.items()})
 
 
+def _check_listed_once(task: str, split: str, items: list[tuple[str, int]], source: Path) -> None:
+    """A path a source lists twice (a repeated CSV row, or one image under two
+    labels) is an error in the source: refused, naming it."""
+    first: dict[str, int] = {}
+    for path, label in items:
+        if path in first:
+            labels = " with two labels" if first[path] != label else ""
+            raise SpecError(f"task {task!r}: image {path} is listed twice in the {split} source{labels} ({source})")
+        first[path] = label
+
+
 def _check_no_image_twice(task: str, items: Mapping[str, list[tuple[str, int]]],
                           sources: Mapping[str, Path]) -> None:
-    """An image file (symlinks resolved) in two splits of a task, or twice in one,
-    is refused, naming it: a test image that is also a training image inflates
-    the accuracy without a trace, and one listed twice (or with two labels) is
-    an error in the source."""
-    seen: dict[str, tuple[str, int]] = {}
+    """An image file (symlinks resolved) in two splits of a task is refused,
+    naming it: a test image that is also a training image inflates the accuracy
+    without a trace. (Two paths of one split that resolve to one file, e.g. on
+    deduplicating storage, are left alone: no split leaks into another.)"""
+    seen: dict[str, str] = {}
     for split in SPLITS:
-        for path, label in items.get(split, []):
+        for path, _ in items.get(split, []):
             real = os.path.realpath(path)
-            if real in seen:
-                where, first_label = seen[real]
-                what = (f"in both the {where} and the {split} split" if where != split
-                        else f"twice in the {split} split" + (" with two labels" if first_label != label else ""))
-                source = sources.get(split) or sources.get("train")
-                raise SpecError(f"task {task!r}: image {path} is {what} (source {source}); an image may be in "
-                                f"one split once")
-            seen[real] = (split, label)
+            where = seen.setdefault(real, split)
+            if where != split:
+                hint = " (omit 'val' to draw the validation images from the training split)" \
+                    if {where, split} == {"val", "test"} else ""
+                raise SpecError(f"task {task!r}: image {path} is in both the {where} and the {split} split "
+                                f"(sources {sources.get(where) or sources.get('train')}, "
+                                f"{sources.get(split) or sources.get('train')}); an image may be in one split{hint}")
 
 
 def parse_spec(data: Mapping[str, Any], base: str | Path = ".", path: Path | None = None) -> MultiTaskSpec:

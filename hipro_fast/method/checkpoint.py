@@ -170,7 +170,9 @@ def clear_checkpoints(directory: str | Path) -> None:
     for kind in KINDS:
         _json_path(directory, kind).unlink(missing_ok=True)
     for f in directory.iterdir():
-        if f.name.startswith(tuple(f"{k}-e" for k in KINDS)) and f.name.endswith(".safetensors"):
+        tensors = f.name.startswith(tuple(f"{k}-e" for k in KINDS)) and f.name.endswith(".safetensors")
+        leftover_tmp = f.name.startswith(tuple(f".{k}" for k in KINDS)) and f.name.endswith(".tmp")
+        if tensors or leftover_tmp:
             f.unlink(missing_ok=True)
 
 
@@ -300,9 +302,10 @@ def check_model_config(saved: Mapping[str, Any], model: HiProModel) -> None:
             raise CheckpointError(f"checkpoint {key} {saved[key]!r} differs from the model's {mine[key]!r}")
 
 
-# HiProModel options that only shape the starting point or the objective: a
-# checkpoint loads into a model built with other values (its path logits are
-# loaded too), but a run resumed from it would continue another trajectory.
+# HiProModel options that shape the starting point (ctx_init, leaf_weight,
+# init_from_parent) or the objective (parent_prior): a checkpoint loads into a
+# model built with other values (its path logits are loaded too), but a
+# resumed run would not be the run it claims to continue.
 MODEL_TRAJECTORY_KEYS = ("ctx_init", "leaf_weight", "init_from_parent", "parent_prior")
 
 

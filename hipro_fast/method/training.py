@@ -117,7 +117,9 @@ class TrainConfig:
     contexts stay fp32; fp16 on CUDA uses a GradScaler). seed: sampling seed.
     device: None = where the model is. checkpoint_dir: None = no checkpoints,
     else a `last` and a `best` checkpoint are kept there, written every epoch.
-    resume: continue from checkpoint_dir's `last` checkpoint when there is one.
+    resume: continue from checkpoint_dir's `last` checkpoint when there is one;
+    without it (or without a `last`), the run starts over and first removes the
+    folder's best/last checkpoints of any earlier run.
     progress: tqdm bar. eval_every: validate every this many epochs (and after
     the last). eval_batch_size: image features per chunk in evaluation.
     """
@@ -146,8 +148,10 @@ class TrainConfig:
             if not cond:
                 raise InvalidInputError(f"TrainConfig: {msg}")
 
-        def integer(value) -> bool:  # numpy integers count; bools and 2.5 do not (range() would fail later)
-            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        def integer(value) -> bool:  # numpy integers and 2.0 count; bools and 2.5 do not (range() would fail)
+            if isinstance(value, bool):
+                return False
+            return isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
 
         for name in ("epochs", "warmup_epochs", "min_steps", "seed", "eval_every", "eval_batch_size"):
             need(integer(getattr(self, name)), f"{name} must be an integer, got {getattr(self, name)!r}")
@@ -396,7 +400,8 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     config = _resolve_config(config, overrides)
     if config.optimizer != "lbfgs" and config.warmup_epochs >= config.epochs:
         warnings.warn(f"fit: warmup_epochs {config.warmup_epochs} >= epochs {config.epochs}: every step runs at "
-                      f"warmup_lr {config.warmup_lr:g}, never at lr {config.lr:g}", stacklevel=2)
+                      f"warmup_lr {config.warmup_lr:g}, never at lr {config.lr:g} (train for more epochs than the "
+                      f"warm-up: --epochs {config.warmup_epochs + 1} or more)", stacklevel=2)
     train_data = validate_data(model, train, role="train", require_all=True)
     val_data = validate_data(model, val, role="val", require_all=False) if val is not None else None
     params = [(n, p) for n, p in model.learnable().items() if p.requires_grad]
@@ -453,8 +458,8 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
             t = diff[0] if diff else next(iter(sizes))
             raise TaskSpecError(f"cannot resume: task {t!r} has {sizes[t]} train samples, the checkpoint "
                                 f"was trained on {saved_sizes.get(t)}")
+        ckpt.restore_optimizer_state(optimizer, model, state.optimizer_state)  # may still refuse: contexts last
         model.load_context_state(state.contexts)
-        ckpt.restore_optimizer_state(optimizer, model, state.optimizer_state)
         if scaler is not None and (state.extra or {}).get("scaler"):
             scaler.load_state_dict(state.extra["scaler"])
         history = list(state.history)

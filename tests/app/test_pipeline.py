@@ -1,6 +1,8 @@
 """hipro_fast.app.pipeline helpers that the CLI tests reach only through whole commands."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hipro_fast.app import pipeline
@@ -27,6 +29,13 @@ def test_export_bundled_is_reused_per_seed_and_replaced_whole(tmp_path, monkeypa
     pipeline.export_bundled(root, seed=1)
     assert sorted(p.name for p in (root / "task" / "train").iterdir()) == ["from-seed-1.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundled"]  # no temporary folders left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (root / "tasks.toml").stat().st_mode & 0o777 == 0o666 & ~mask  # the umask's, not mkdtemp's 0700
+    assert root.stat().st_mode & 0o777 == 0o777 & ~mask
+    half = tmp_path / "half"  # an export an earlier version left half-written (no .complete): replaced
+    (half / "task" / "train").mkdir(parents=True)
+    assert pipeline.export_bundled(half, seed=2).read_text() == "# seed 2\n"
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years")

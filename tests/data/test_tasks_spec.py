@@ -1,4 +1,5 @@
 """Multi-task spec files: sources, splits, class names, few-shot draws, bad input."""
+import os
 import shutil
 import warnings
 import zlib
@@ -255,7 +256,7 @@ def test_an_image_in_two_splits_or_twice_is_refused(tmp_path):
     rows = [f"{tmp_path}/d/a/00.png,a", f"{tmp_path}/d/b/00.png,b", f"{tmp_path}/d/a/01.png,a",
             f"{tmp_path}/d/b/01.png,b", f"{tmp_path}/d/a/00.png,b"]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
-    with pytest.raises(SpecError, match=r"image .*d/a/00.png is twice in the train split with two labels"):
+    with pytest.raises(SpecError, match=r"image .*d/a/00.png is listed twice in the train source with two labels"):
         _spec(tmp_path, '[[task]]\nname = "t"\ncsv = "train.csv"\nsplit = {test = 0.5, seed = 0}\n')
 
 
@@ -271,3 +272,18 @@ def test_a_split_depends_on_the_images_and_the_seed_only(tmp_path):
     _folder(tmp_path / "d", {"a": 14}, seed=3)  # class a gains four images (and rewrites its first ten)
     spec = _spec(tmp_path, twin.format("one", ""))
     assert [r.path for r in spec.tasks["one"].splits["test"] if "/b/" in r.path] == before
+    # the data moved elsewhere (another folder, another user's home): the same split
+    moved = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(tmp_path / "d", moved / "d")
+    (moved / "tasks.toml").write_text(twin.format("one", ""))
+    again = load_spec(moved / "tasks.toml")
+    rel = lambda task, root: sorted(str(Path(r.path).relative_to(root)) for r in task.splits["test"])  # noqa: E731
+    assert rel(again.tasks["one"], moved) == rel(spec.tasks["one"], tmp_path)
+
+
+def test_a_file_name_that_is_not_utf8_is_carved_like_any_other(tmp_path):
+    _folder(tmp_path / "d", {"a": 3, "b": 3})
+    odd = os.fsdecode(b"\xff-odd.png")
+    shutil.copy(tmp_path / "d" / "a" / "00.png", tmp_path / "d" / "a" / odd)
+    spec = _spec(tmp_path, '[[task]]\nname = "t"\nimages = "d"\nsplit = {test = 0.3, seed = 0}\n')
+    assert sum(len(v) for v in spec.tasks["t"].splits.values()) == 7

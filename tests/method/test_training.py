@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -488,3 +489,7 @@ def test_a_warmup_as_long_as_the_run_is_said(data):
     train, val = data
     with pytest.warns(UserWarning, match="warmup_epochs 1 >= epochs 1: every step runs at warmup_lr"):
         fit(make_model(), train, val, **{**FAST, "epochs": 1, "warmup_epochs": 1})
+    with warnings.catch_warnings():  # L-BFGS has no learning-rate schedule: nothing to say
+        warnings.simplefilter("error", UserWarning)
+        fit(make_model(), train, val, optimizer="lbfgs", batch_size="full", epochs=1, steps_per_epoch=2)
+        fit(make_model(), train, val, **{**FAST, "epochs": 2.0})  # an integral float is an integer
