@@ -423,6 +423,7 @@ class _Ctx:
         if hasattr(args, "optimizer"):
             cfg["train_recipe"] = pipeline.resolved_recipe(self._check_recipe())
         self._spec = None
+        self._given_tree = self._given_affinity = None
         self._check_inputs_on_every_rank(command, mode)
         self._warn_ignored_options()
         # Checked before anything is written or loaded: a refused run directory is left untouched.
@@ -486,13 +487,14 @@ class _Ctx:
         tasks = list(self._spec.tasks) if self._spec is not None else None
         tree = getattr(a, "tree", None)
         if tree not in (None, "auto") and tasks is not None:
-            self.pipeline.load_tree(tree, tasks)
+            self._given_tree = self.pipeline.load_tree(tree, tasks)  # checked here, used by _resolve_tree
         if command == "eval" and not any(t.splits.get(a.split) for t in self._spec.tasks.values()):
             raise CliError(f"--split {a.split}: no task of the spec {a.spec} has a {a.split} split")
         if getattr(a, "checkpoint", None):
             self.pipeline.checkpoint_location(a.checkpoint)
         if command == "tree" and a.affinity:
-            _, names = _load_affinity(a.affinity)
+            self._given_affinity = _load_affinity(a.affinity)  # checked here, used by cmd_tree
+            names = self._given_affinity[1]
             if tasks is not None and sorted(names) != sorted(tasks):
                 raise CliError(f"--affinity {a.affinity} is over tasks {', '.join(names)}; the --spec has "
                                f"{', '.join(tasks)}")
@@ -734,7 +736,7 @@ def _resolve_tree(ctx: _Ctx, spec: str):
             _save_tree(ctx, tree)
             return tree
         return _affinity_and_tree(ctx)[2]
-    tree = ctx.pipeline.load_tree(spec, list(feats.tasks))
+    tree = ctx._given_tree or ctx.pipeline.load_tree(spec, list(feats.tasks))
     _save_tree(ctx, tree)
     return tree
 
@@ -801,7 +803,7 @@ def cmd_affinity(ctx: _Ctx) -> int:
 def cmd_tree(ctx: _Ctx) -> int:
     a = ctx.args
     if a.affinity:
-        matrix, names = _load_affinity(a.affinity)
+        matrix, names = ctx._given_affinity
         tree = ctx.pipeline.build_tree(matrix, names, a.levels, a.threshold, a.linkage)
         _save_tree(ctx, tree, matrix, names)
     else:

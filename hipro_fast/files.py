@@ -10,15 +10,25 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir", "new_file_mode"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir", "new_file_mode", "new_dir_mode"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def new_file_mode() -> int:
     """The permission bits a plain open() would give a new file under the
     current umask (mkstemp's temp files are 0600 whatever the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """The permission bits mkdir() would give a new folder under the current
+    umask (mkdtemp's folders are 0700 whatever the umask)."""
+    return 0o777 & ~_umask()
 
 
 def fsync_dir(directory: Path) -> None:

@@ -32,7 +32,7 @@ from ..method import protocol
 from ..method.model import HiProModel
 from ..method.tree import TaskTree
 from ..errors import ForestError, InvalidInputError, MissingFileError, RunDirError, TreeError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, new_dir_mode, new_file_mode
 from .report import Report
 
 __all__ = [
@@ -714,7 +714,6 @@ def _is_bundled_export(root: Path) -> bool:
 
 
 def _apply_umask(folder: Path) -> None:
-    mask = os.umask(0)
-    os.umask(mask)
+    dir_mode, file_mode = new_dir_mode(), new_file_mode()
     for path in (folder, *folder.rglob("*")):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        path.chmod(dir_mode if path.is_dir() else file_mode)
