@@ -254,6 +254,24 @@ def _parallel_opt(p: argparse.ArgumentParser) -> None:
                         "sharded by class (for label spaces too large for one device)")
 
 
+GIVEN = "given_options"  # the namespace attribute listing the options typed on the command line
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that the option was given: whether an option
+    that does nothing in the chosen combination is worth a warning depends on
+    the user having typed it, not on its default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = set(getattr(namespace, GIVEN, None) or ())
+        setattr(namespace, GIVEN, given | {self.dest})
+
+
+def _given(args, dest: str) -> bool:
+    return dest in (getattr(args, GIVEN, None) or ())
+
+
 def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: int | None = DEFAULT_N_CTX) -> None:
     g = p.add_argument_group("training")
     if tree:
@@ -271,7 +289,7 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: in
     g.add_argument("--min-steps", type=_NONNEG, default=None,
                    help="budget rule: at least this many optimiser steps per run, whatever the task size "
                         f"(TrainConfig default {TrainConfig.min_steps} if unset)")
-    g.add_argument("--n-ctx", type=_POSITIVE, default=n_ctx_default,
+    g.add_argument("--n-ctx", type=_POSITIVE, default=n_ctx_default, action=_Given,
                    help="context tokens per tree node, >= 1 (default %(default)s; the affinity step of "
                         "--tree auto has its own --affinity-n-ctx)")
     g.add_argument("--combine", choices=list(COMBINE_MODES), default=DEFAULT_COMBINE,
@@ -283,9 +301,10 @@ def _train_opts(p: argparse.ArgumentParser, tree: bool = True, n_ctx_default: in
                         "affinity step keeps the fused op")
     h = p.add_argument_group("HiPro options (see HiProModel)")
     h.add_argument("--path-weights", choices=list(PATH_WEIGHTS), default=DEFAULT_HIPRO_OPTIONS["path_weights"],
+                   action=_Given,
                    help="uniform mean of the path nodes' features, or per-task learned weights "
                         "(--combine mean; default %(default)s)")
-    h.add_argument("--leaf-weight", type=_unit_interval, default=DEFAULT_HIPRO_OPTIONS["leaf_weight"],
+    h.add_argument("--leaf-weight", type=_unit_interval, default=DEFAULT_HIPRO_OPTIONS["leaf_weight"], action=_Given,
                    help="initial weight of a task's own node with learned path weights (default %(default)s)")
     h.add_argument("--init-from-parent", action="store_true", help="start each node from its parent's context")
     h.add_argument("--parent-prior", type=_nonneg_float, default=0.0,
@@ -406,7 +425,7 @@ class _Ctx:
         self.main = self.dist is None or self.dist.is_main
         self.progress = not getattr(args, "no_progress", False) and self.main
         self.device = self.dist.device if self.dist is not None else pipeline.resolve_device(args.device)
-        cfg = {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
+        cfg = {k: v for k, v in vars(args).items() if k not in ("func", "debug", GIVEN)}
         cfg["device_resolved"] = self.device
         cfg["command"] = command
         cfg["world_size"] = self.dist.world_size if self.dist is not None else 1
@@ -442,9 +461,18 @@ class _Ctx:
         a = self.args
         if not self.main:
             return
-        if getattr(a, "parent_prior", 0.0) and getattr(a, "combine", DEFAULT_COMBINE) != "mean":
-            warnings.warn(f"--parent-prior {a.parent_prior:g} has no effect with --combine {a.combine} "
+        combine = getattr(a, "combine", DEFAULT_COMBINE)
+        if getattr(a, "parent_prior", 0.0) and combine != "mean":
+            warnings.warn(f"--parent-prior {a.parent_prior:g} has no effect with --combine {combine} "
                           "(it is a --combine mean option)")
+        if _given(a, "path_weights") and combine != "mean":
+            warnings.warn(f"--path-weights {a.path_weights} has no effect with --combine {combine}: the path's "
+                          "contexts form one prompt, so there are no per-node features to weigh "
+                          "(a --combine mean option)")
+        if _given(a, "leaf_weight") and (combine != "mean" or a.path_weights != "learned"):
+            why = f"--combine {combine}" if combine != "mean" else f"--path-weights {a.path_weights}"
+            warnings.warn(f"--leaf-weight {a.leaf_weight:g} has no effect with {why} "
+                          "(it starts the learned path weights of --combine mean --path-weights learned)")
         if getattr(a, "parallel", PARALLEL_MODES[0]) != PARALLEL_MODES[0] and self.dist is None:
             warnings.warn(f"--parallel {a.parallel} has no effect in one process (pass --nproc N, or run "
                           "under torchrun)")
@@ -609,7 +637,25 @@ class _Ctx:
             self._clip = self.pipeline.load_model(a.model, a.pretrained, self.device, a.model_config, a.seed)
             self.config["model_resolved"] = {"name": self._clip.name, "pretrained": self._clip.pretrained}
             self.run.write_config(self.config)
+            self._warn_ctx_init_length()
         return self._clip
+
+    def _warn_ctx_init_length(self) -> None:
+        """A --ctx-init phrase sets the context length of the nodes it starts
+        (HiProModel's rule): a typed --n-ctx that differs is said, not dropped
+        silently. Needs the tokenizer, hence after the model loads."""
+        a = self.args
+        phrase = getattr(a, "ctx_init", None)
+        if not (self.main and phrase and _given(a, "n_ctx")):
+            return
+        tokens = len(self._clip.tokenizer.encode(phrase))
+        if tokens == a.n_ctx:
+            return
+        where = ("every context node" if getattr(a, "combine", DEFAULT_COMBINE) == "mean"
+                 else "the root context (the other nodes keep --n-ctx)")
+        warnings.warn(f"--ctx-init {phrase!r} is {tokens} token{'s' if tokens != 1 else ''}: {where} gets "
+                      f"{tokens} context tokens, not --n-ctx {a.n_ctx} (a phrase sets the length of the "
+                      "contexts it starts)")
 
     def spec(self):
         if self._spec is not None:
@@ -961,7 +1007,7 @@ def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
     result = ctx.pipeline.run_shots_protocol(
         ctx.clip(), feats, shots=shots, seeds=seeds, methods=methods, tree=tree, n_ctx=a.n_ctx, combine=a.combine,
         train_overrides=ctx.train_overrides(), affinity_config=_affinity_config(a) if tree is None else None,
-        progress=False, checkpoint_dir=_ckpt_path(ctx), resume=ctx.run.resumed,
+        progress=False, checkpoint_dir=_ckpt_path(ctx), resume=ctx.run.resumed, ctx_init=a.ctx_init,
         hipro_options={**ctx.hipro_options(), **_select_options(a)}, on_run=on_run, parallel=a.parallel)
     summary = result.summary_markdown()
     per_shot = "\n\n".join(f"### {k} shot{'s' if k > 1 else ''}\n\n" + result.shot_table_markdown(k)
@@ -995,7 +1041,7 @@ def _compare(ctx: _Ctx, tree, seeds: Sequence[int]):
     table = ctx.pipeline.run_compare(ctx.clip(), feats, methods=methods, seeds=seeds, tree=tree, n_ctx=a.n_ctx,
                                      combine=a.combine, train_overrides=ctx.train_overrides(),
                                      progress=ctx.progress, checkpoint_dir=_ckpt_path(ctx),
-                                     resume=ctx.run.resumed,
+                                     resume=ctx.run.resumed, ctx_init=a.ctx_init,
                                      hipro_options={**ctx.hipro_options(), **_select_options(a)})
     md = table.to_markdown()
     ctx.run.write_text("comparison.md", md + "\n")

@@ -609,7 +609,7 @@ def run_compare(clip, feats: TaskFeatures, *, methods: Sequence[str] | None = No
                 seeds: Sequence[int] = (0,), tree=None, n_ctx: int | None = None, combine: str = DEFAULT_COMBINE,
                 train_overrides: Mapping[str, Any] | None = None, progress: bool = True,
                 checkpoint_dir: str | Path | None = None, resume: bool = False,
-                hipro_options: Mapping[str, Any] | None = None):
+                hipro_options: Mapping[str, Any] | None = None, ctx_init: str | None = None):
     """baselines.compare on the cached features (train = the few-shot draw).
     With `checkpoint_dir`, every trained (method, seed) checkpoints into
     <checkpoint_dir>/<method>-seed<seed>, and resume=True continues each from there."""
@@ -617,7 +617,7 @@ def run_compare(clip, feats: TaskFeatures, *, methods: Sequence[str] | None = No
         **(train_overrides or {}), "progress": progress,
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "resume": bool(resume)}))
     kw: dict[str, Any] = {"seeds": list(seeds), "tree": tree, "combine": combine, "train_config": cfg,
-                          **dict(hipro_options or {})}
+                          "ctx_init": ctx_init, **dict(hipro_options or {})}
     if n_ctx is not None:
         kw["n_ctx"] = n_ctx
     if methods:
@@ -631,7 +631,7 @@ def run_shots_protocol(clip, feats: TaskFeatures, *, shots: Sequence[int], seeds
                        affinity_config: Mapping[str, Any] | None = None, progress: bool = True,
                        checkpoint_dir: str | Path | None = None, resume: bool = False,
                        hipro_options: Mapping[str, Any] | None = None, on_run=None,
-                       parallel: str = "draws") -> protocol.ProtocolResult:
+                       parallel: str = "draws", ctx_init: str | None = None) -> protocol.ProtocolResult:
     """CoOp's protocol (hipro_fast.method.protocol.run_protocol) on cached features:
     `feats.train` is every training image of each task (cache_features with
     shots=None); each (K, seed) draws K training images per class from it and
@@ -645,7 +645,8 @@ def run_shots_protocol(clip, feats: TaskFeatures, *, shots: Sequence[int], seeds
     kw: dict[str, Any] = {"shots": list(shots), "seeds": list(seeds), "tree": tree, "combine": combine,
                           "train_config": cfg, "affinity_config": dict(affinity_config or {}) or None,
                           "on_run": on_run, "pool_views": feats.train_views or None,
-                          "val_pool": feats.val or None, "parallel": parallel, **dict(hipro_options or {})}
+                          "val_pool": feats.val or None, "parallel": parallel, "ctx_init": ctx_init,
+                          **dict(hipro_options or {})}
     if n_ctx is not None:
         kw["n_ctx"] = n_ctx
     if methods:

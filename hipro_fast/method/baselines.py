@@ -82,8 +82,13 @@ def _flat_ctx(tasks: Sequence[str], root: int, leaf: int) -> dict[str, int]:
 
 def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str]],
                  tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
-                 seed: int = 0, tokenizer=None, **hipro_options: Any) -> HiProModel:
-    """The HiProModel of one method (see the module docstring). `tree` and
+                 seed: int = 0, tokenizer=None, ctx_init: str | None = None,
+                 **hipro_options: Any) -> HiProModel:
+    """The HiProModel of one method (see the module docstring). `ctx_init`
+    (HiProModel's: a phrase such as "a photo of a" that the contexts start
+    from, fixing their length to its token count) applies to every trained
+    method, so that a comparison starts them alike; zero-shot keeps its own
+    ZERO_SHOT_PREFIX. `tree` and
     `hipro_options` (HiProModel's path_weights, leaf_weight, init_from_parent,
     parent_prior; DEFAULT_HIPRO_OPTIONS fill the unset ones in combine="mean")
     are used by "hipro" only, except `attention` (HiProModel's text attention
@@ -99,6 +104,7 @@ def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping
         for p in model.ctx.values():
             p.requires_grad_(False)
         return model
+    kw["ctx_init"] = ctx_init
     if method == "coop-per-task":
         return HiProModel(clip, tasks, flat, n_ctx=_flat_ctx(names, 0, n_ctx), combine=combine, **kw)
     if method == "coop-shared":
@@ -195,7 +201,7 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
             tree: TaskTree | Sequence[Any] | None = None, n_ctx: int = 16, combine: str = DEFAULT_COMBINE,
             train_config: TrainConfig | None = None, affinity_config: Mapping[str, Any] | None = None,
             tokenizer=None, select: str | None = None, select_by: str = DEFAULT_SELECT_BY,
-            **hipro_options: Any) -> ComparisonTable:
+            ctx_init: str | None = None, **hipro_options: Any) -> ComparisonTable:
     """Train and test every method on the same data, over several seeds.
 
     Each (method, seed) gets a fresh HiProModel (context init seeded by the seed)
@@ -210,6 +216,8 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         with the best validation score on that task (see choose_per_task); the
         candidates missing from `methods` are trained too. Needs `val`.
     select_by: the validation score of select, one of SELECT_CRITERIA.
+    ctx_init: None (random contexts), or a phrase every trained method's
+        contexts start from (see build_method).
     """
     methods = list(methods)
     for m in methods:
@@ -240,7 +248,7 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         run_seeds = list(seeds)[:1] if method == "zero-shot" else list(seeds)
         for seed in run_seeds:
             model = build_method(method, clip, tasks, hipro_tree, n_ctx, combine, seed=seed, tokenizer=tokenizer,
-                                 **hipro_options)
+                                 ctx_init=ctx_init, **hipro_options)
             run: dict[str, Any] = {"params": model.num_trainable_parameters(), "seconds": 0.0, "best_epoch": None}
             t0 = time.perf_counter()
             if method != "zero-shot":

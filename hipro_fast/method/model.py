@@ -13,7 +13,7 @@ from ..engine.encoder import ForestEncoder
 from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE, class_suffix_tokens
 from ..engine.text_tower import TextTower
 from ..distributed.sharding import ShardedForestEncoder
-from .tree import ROOT, TaskTree, TreeError, leaf_id
+from .tree import TaskTree, TreeError, leaf_id
 from ..errors import InvalidInputError, TaskSpecError
 
 CTX_INIT_STD = 0.02  # CoOp's N(0, 0.02) context initialisation
@@ -82,8 +82,10 @@ class HiProModel(nn.Module):
             path's contexts concatenated into one prompt).
         ctx_init: None for N(0, 0.02) contexts, or a phrase such as "a photo of a":
             in `mean` mode every node starts from the phrase's token embeddings, in
-            `concat` mode the root does and the other nodes start random. A phrase
-            fixes n_ctx of the nodes it initialises to its token count.
+            `concat` mode the first context of every path does (the root's, or
+            the top context nodes' when the root has none) and the other nodes
+            start random. A phrase fixes n_ctx of the nodes it initialises to
+            its token count.
         seed: seed of the context initialisation.
         path_weights: "uniform" (the mean above) or "learned" (`mean` only): each
             task learns softmax weights over its path nodes' features, starting
@@ -157,15 +159,19 @@ class HiProModel(nn.Module):
         for node in nodes:
             if counts[node] == 0:
                 continue  # a node without context adds nothing to its tasks' prompts
-            from_phrase = init is not None and (combine == "mean" or node == ROOT)
             parent = self.context_parent(node)
+            # concat: the phrase starts each prompt, i.e. the first context on
+            # every path (the root's, or each top node's when the root has none,
+            # as CoOp per task's leaves)
+            from_phrase = init is not None and (combine == "mean" or parent is None)
             if from_phrase:
                 value = init.clone()
             else:
                 # Drawn even when replaced below, so that the other nodes' inits do
                 # not depend on init_from_parent.
                 value = torch.randn(counts[node], width, generator=gen) * CTX_INIT_STD
-                if init_from_parent and parent is not None and counts[parent] == counts[node]:
+                # compared with the parent's actual length: a phrase may have set it
+                if init_from_parent and parent is not None and self.ctx[parent].shape[0] == counts[node]:
                     value = self.ctx[parent].detach().cpu().clone()
             p = nn.Parameter(value.float().to(device))
             self._params.append(p)

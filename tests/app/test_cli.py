@@ -1000,3 +1000,39 @@ def test_options_that_do_nothing_in_their_combination_are_said(world, tmp_path, 
     err = capsys.readouterr().err
     assert "hipro: warning: --parent-prior 0.5 has no effect with --combine concat" in err, err
     assert "hipro: warning: --parallel classes has no effect in one process" in err, err
+    # the HiPro options' defaults are not warned about; the same values typed are
+    assert "--path-weights" not in err and "--leaf-weight" not in err, err
+    assert _run(world, *argv, "--path-weights", "learned", "--leaf-weight", "0.75", run_dir=tmp_path / "typed") == 0
+    err = capsys.readouterr().err
+    assert "hipro: warning: --path-weights learned has no effect with --combine concat" in err, err
+    assert "hipro: warning: --leaf-weight 0.75 has no effect with --combine concat" in err, err
+    assert _run(world, *argv[:-6], "--path-weights", "uniform", "--leaf-weight", "0.5", run_dir=tmp_path / "u") == 0
+    err = capsys.readouterr().err
+    assert "hipro: warning: --leaf-weight 0.5 has no effect with --path-weights uniform" in err, err
+    assert "--path-weights uniform has no effect" not in err, err
+
+
+def test_ctx_init_reaches_every_trained_method_and_a_typed_n_ctx_it_overrides_is_said(world, tmp_path, capsys,
+                                                                                     monkeypatch):
+    from hipro_fast.method import baselines
+    seen = []
+    build = baselines.build_method
+
+    def spy(method, *args, **kw):
+        seen.append((method, kw.get("ctx_init")))
+        return build(method, *args, **kw)
+
+    monkeypatch.setattr(baselines, "build_method", spy)
+    base = ["compare", "--seeds", "0", "--methods", "coop-per-task,coop-shared,hipro", "--tree", "flat",
+            "--epochs", "1", "--min-steps", "1", "--ctx-init", "a photo of a"]
+    for shots in ("0", "1"):  # the plain comparison and the protocol
+        seen.clear()
+        assert _run(world, *base, "--shots", shots, "--n-ctx", "2", run_dir=tmp_path / f"s{shots}") == 0
+        assert {m for m, _ in seen} >= {"coop-per-task", "coop-shared", "hipro"}, seen
+        assert all(phrase == "a photo of a" for _, phrase in seen), seen
+        err = capsys.readouterr().err
+        assert ("hipro: warning: --ctx-init 'a photo of a' is 4 tokens: every context node gets 4 context "
+                "tokens, not --n-ctx 2") in err, err
+    assert _run(world, *base, "--shots", "0", "--n-ctx", "4", run_dir=tmp_path / "same") == 0
+    assert _run(world, *base, "--shots", "0", run_dir=tmp_path / "untyped") == 0
+    assert "--ctx-init" not in capsys.readouterr().err

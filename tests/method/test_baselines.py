@@ -31,6 +31,20 @@ def test_zero_shot_is_open_clip_encode_text_of_the_template():
             torch.testing.assert_close(feats[task], want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("combine", ["mean", "concat"])
+def test_ctx_init_starts_every_trained_method_from_the_phrase(combine):
+    clip, tok = tiny_clip()
+    phrase = "a photo of a"
+    embedding = clip.token_embedding.weight[torch.tensor(tok.encode(phrase))].detach()
+    for method in METHODS:
+        model = build_method(method, clip, TASKS, TREE, N_CTX, combine, tokenizer=tok, ctx_init=phrase)
+        # the first context of every path (concat), or every context (mean)
+        starts = {n for t in TASKS for n in model.context_path(t)[:1 if combine == "concat" else None]}
+        assert starts, method
+        for node in starts:
+            torch.testing.assert_close(model.ctx[node].detach(), embedding, rtol=0, atol=0, msg=f"{method} {node}")
+
+
 def test_parameter_counts():
     clip, tok = tiny_clip()
     want = {

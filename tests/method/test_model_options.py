@@ -166,3 +166,23 @@ def test_a_low_precision_tower_trains_fp32_contexts(tokenizer, dtype):
     sum(f.sum() for f in f16.values()).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
                for p in m16.ctx.values())
+
+
+def test_a_phrase_starts_the_first_context_of_every_concat_path_and_keeps_the_others_length(tiny, tokenizer):
+    phrase = "a photo of a"
+    n_phrase = len(tokenizer.encode(phrase))
+    ids = torch.tensor(tokenizer.encode(phrase))
+    embedding = tiny.token_embedding.weight[ids].detach()
+    # CoOp per task in concat mode: no root context, so each leaf's context starts the prompt
+    per_task = hf.HiProModel(tiny, TASKS, list(TASKS), n_ctx={"root": 0, **{f"task/{t}": 3 for t in TASKS}},
+                             combine="concat", ctx_init=phrase, tokenizer=tokenizer)
+    for t in TASKS:
+        torch.testing.assert_close(per_task.ctx[f"task/{t}"].detach(), embedding, rtol=0, atol=0)
+    # a root from the phrase: below it, init_from_parent copies only a parent of the node's own length
+    tree = hf.HiProModel(tiny, TASKS, TREE, n_ctx=3, combine="concat", ctx_init=phrase, tokenizer=tokenizer,
+                         init_from_parent=True)
+    assert tree.ctx["root"].shape[0] == n_phrase != 3
+    torch.testing.assert_close(tree.ctx["root"].detach(), embedding, rtol=0, atol=0)
+    assert {n: p.shape[0] for n, p in tree.ctx.items() if n != "root"} == \
+        {"root/0": 3, "task/a": 3, "task/b": 3, "task/c": 3}
+    torch.testing.assert_close(tree.ctx["task/a"], tree.ctx["root/0"])  # same length: copied
