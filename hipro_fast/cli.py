@@ -55,6 +55,7 @@ from .method.training import FULL_BATCH, OPTIMIZERS, TrainConfig
 from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, SELECT_CRITERIA
 from .method.model import PATH_WEIGHTS, validate_tasks
 from .method.protocol import PARALLEL_MODES, check_shot_counts
+from .usage import OneLineUsageParser
 
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
 
@@ -325,19 +326,11 @@ def _affinity_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--linkage", default="average", choices=list(LINKAGES), help="agglomerative linkage")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (`hipro: error: ...`, exit status 2)."""
-
-    def error(self, message: str):
-        hint = f" (see {self.prog} --help)"
-        self.exit(2, f"hipro: error: {' '.join(message.split())}{hint}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="hipro", description="Hierarchical prompt learning (HiPro) on a frozen CLIP.",
+    ap = OneLineUsageParser(prog="hipro", description="Hierarchical prompt learning (HiPro) on a frozen CLIP.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n")[1])
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser("cache", help="encode and cache image features")

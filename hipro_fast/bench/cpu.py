@@ -27,6 +27,7 @@ import torch
 
 from ..engine.text_tower import TextTower
 from ..ops.extension import build_info, fused_available
+from ..usage import OneLineUsageParser
 from .counting import CONVENTIONS, linear_flops_per_token
 from .machine import PeakRSS, cpu_name, graph_budget_bytes, loadavg
 from .model import load_model, load_tokenizer
@@ -372,7 +373,7 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hipro bench", description=__doc__.split("\n\n")[0])
+    ap = OneLineUsageParser(prog="hipro bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16", help="open_clip model name (random weights) or 'tiny'")
     ap.add_argument("--quick", action="store_true", help="few repeats; extrapolate the big baselines")
     ap.add_argument("--configs", default="a,b,c", help="comma list of a,b,c (empty: none)")

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..distributed import group as dist_group
 from ..method.model import HiProModel
 from ..method.training import fit
+from ..usage import OneLineUsageParser
 from .model import load_model, load_tokenizer
 
 _ADJ = ["red", "small", "old", "wild", "dark", "bright", "wooden", "metal", "round", "tall", "soft", "sharp",
@@ -134,7 +135,7 @@ def _table(runs: dict[int, list[dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hipro_fast.bench.distributed", description=__doc__.split("\n\n")[0])
+    p = OneLineUsageParser(prog="python -m hipro_fast.bench.distributed", description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", default="1,2", help="comma list of process counts")
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--tasks", type=int, default=8)

@@ -39,6 +39,7 @@ from ..engine.text_tower import TextTower
 from ..errors import InvalidInputError
 from ..files import atomic_write_text
 from ..ops.extension import build_info, fused_available
+from ..usage import OneLineUsageParser
 from .model import load_model, load_tokenizer
 from .output import (README_BEGIN, README_END, gpu_markdown, print_gpu_table, print_targets,
                      replace_readme_block, write_json)
@@ -187,7 +188,7 @@ def targets(results: list[dict]) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hipro bench", description=__doc__.split("\n\n")[0])
+    ap = OneLineUsageParser(prog="hipro bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default="ViT-B-16")
     ap.add_argument("--problems", default="a,b,c,L")

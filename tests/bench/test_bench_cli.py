@@ -57,13 +57,23 @@ def test_device_cpu_help_is_the_cpu_benchmark(capsys):
     assert "--precisions" in out and "--profile-only" not in out
 
 
+def _usage_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("hipro: error: "), err  # no usage block above it
+    assert err.rstrip().endswith("(see hipro bench --help)"), err
+    return err
+
+
 def test_bad_flags_are_one_line_usage_errors(capsys):
     assert cli.main(["bench", "--configs", "a,z"]) == 2
-    assert "unknown configuration(s) z" in capsys.readouterr().err
+    assert "unknown configuration(s) z" in _usage_error_line(capsys)
     assert cli.main(["bench", "--sweep-classes", "65,many"]) == 2
-    assert "--sweep-classes" in capsys.readouterr().err
+    assert "--sweep-classes" in _usage_error_line(capsys)
     assert cli.main(["bench", "--device", "cuda", "--precisions", "fp8"]) == 2
-    assert "--precisions: unknown fp8" in capsys.readouterr().err
+    assert "--precisions: unknown fp8" in _usage_error_line(capsys)
+    for argv in (["--bogus"], ["--device", "cuda", "--bogus"], ["--forest-repeats", "x"]):
+        assert cli.main(["bench", *argv]) == 2
+        assert "--bogus" in _usage_error_line(capsys) or argv[0] == "--forest-repeats"
 
 
 class _Stop(Exception):
