@@ -1,15 +1,20 @@
 """`hipro <command> ... --nproc N`: the same command under torchrun on this machine.
 
 The wrapper only builds torchrun's command line (`python -m
-torch.distributed.run --standalone --nproc-per-node N -m hipro_fast.cli ...`)
-and runs it; launch, rendezvous and restarts are torchrun's. For several
+hipro_fast.distributed.torchrun --standalone --nproc-per-node N -m hipro_fast.cli
+...`: torchrun itself, ending a failure in the workers' own error lines rather
+than the launcher's traceback) and runs it; launch, rendezvous and restarts are
+torchrun's. For several
 machines, or for elastic restarts, call torchrun yourself (README, "Scaling
 out").
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
 from typing import Sequence
 
 import torch
@@ -39,7 +44,7 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
 
 def torchrun_argv(nproc: int, argv: Sequence[str], module: str = "hipro_fast.cli") -> list[str]:
     """The torchrun command that runs `python -m module argv` in `nproc` local processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(int(nproc)),
+    return [sys.executable, "-m", "hipro_fast.distributed.torchrun", "--standalone", "--nproc-per-node", str(int(nproc)),
             "-m", module, *strip_nproc(argv)]
 
 
@@ -54,4 +59,25 @@ def run_under_torchrun(nproc: int, argv: Sequence[str], device: str = "auto") ->
         if nproc > n:
             raise DistributedError(f"--nproc {nproc} with --device {device}: this machine has {n} GPU(s), one per "
                                    f"process")
-    return subprocess.call(torchrun_argv(nproc, argv))
+    # torchrun's default, set here so that it does not print a banner about it
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return _wait_forwarding_signals(subprocess.Popen(torchrun_argv(nproc, argv), env=env,
+                                                     start_new_session=True))
+
+
+def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
+    """proc's exit status; a SIGINT or SIGTERM to this process meanwhile goes
+    to proc, once, and the wait goes on. torchrun, stopped that way, stops its
+    workers (each in its own session) before it exits: killing torchrun instead
+    (subprocess.call on KeyboardInterrupt) left them training into the run
+    directory. proc runs in its own session, so a Ctrl-C in the terminal
+    reaches it through here only, not twice."""
+    forwarded = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        return proc.wait()
+    previous = {s: signal.signal(s, lambda signum, _frame: proc.send_signal(signum)) for s in forwarded}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

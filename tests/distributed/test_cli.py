@@ -7,8 +7,11 @@ process (hipro_fast.cli.main). Every launch has a hard timeout."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +226,49 @@ def test_commands_that_run_in_one_process_refuse_nproc(world, tmp_path, capsys):
                  "--run-dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "hipro export runs in one process" in err[0], err
+
+
+def _workers_of(run_dir: Path) -> list[int]:
+    """pids of the `hipro ... --run-dir run_dir` workers torchrun started (not the launcher, not torchrun)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [c.decode(errors="replace") for c in cmd]
+        launchers = ("--nproc" in args or "hipro_fast.distributed.torchrun" in args)
+        if str(run_dir) in args and "hipro_fast.cli" in args and not launchers:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the workers through /proc")
+def test_interrupting_the_nproc_launcher_stops_every_worker(world, tmp_path):
+    """SIGINT to `hipro train --nproc 2` itself (not its process group) reaches
+    torchrun, which stops the workers; killing torchrun instead left them training."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "--tree", TREE, "--shots", "2", "--epochs", "1000", "--min-steps", "1000000", "--n-ctx", "2",
+            "--optimizer", "adamw"]
+    proc = subprocess.Popen([sys.executable, "-m", "hipro_fast.cli", *_args(world, argv, run_dir), "--nproc", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (len(_workers_of(run_dir)) == 2 and (run_dir / "metrics.jsonl").exists()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        workers = _workers_of(run_dir)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 130, err[-3000:]
+        assert "hipro: interrupted (SIGINT); the workers were stopped" in err and "Traceback" not in err, err
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _workers_of(run_dir), "a worker outlived the launcher"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _workers_of(run_dir):
+            os.kill(pid, signal.SIGKILL)

@@ -52,7 +52,7 @@ def test_nproc_wraps_torchrun_once():
     argv = ["train", "--nproc", "2", "--spec", "t.toml", "--nproc=3", "--epochs", "1"]
     assert strip_nproc(argv) == ["train", "--spec", "t.toml", "--epochs", "1"]
     cmd = torchrun_argv(2, argv)
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" in cmd
+    assert cmd[:3] == [sys.executable, "-m", "hipro_fast.distributed.torchrun"] and "--standalone" in cmd
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
     assert cmd[-5:] == ["train", "--spec", "t.toml", "--epochs", "1"]
     assert cmd[cmd.index("-m", 3) + 1] == "hipro_fast.cli" and "--nproc" not in cmd[cmd.index("-m", 3):]

@@ -1,0 +1,57 @@
+"""`python -m hipro_fast.distributed.torchrun ARGS`: torchrun (torch.distributed.run,
+same arguments, same behaviour) whose failure ends the way a one-process `hipro`
+command ends: each worker has printed its own `hipro: error: ...` line, so the
+launcher adds no traceback or failure table below them, only one line when a
+worker died without a word (a signal, e.g. the out-of-memory killer), and exits
+with the first failed worker's status. Stopped by SIGINT or SIGTERM, torchrun
+stops its workers, and this ends in `hipro: interrupted` (status 128 + N).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from torch.distributed import run as torch_run
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+# The launcher's own "failed (exitcode: N) local_rank: ..." record says what
+# main() below says, or less.
+_LAUNCHER_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+
+
+def exit_status(error: ChildFailedError) -> tuple[int, str | None]:
+    """(exit status, one line or None) of a failed launch: the first failed
+    worker's status; a line only for a worker killed by a signal (128 + N, the
+    shell's convention), which could not print its own."""
+    rank, failure = error.get_first_failure()
+    code = int(failure.exitcode)
+    if code >= 0:
+        return code, None
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+    return 128 - code, f"hipro: error: rank {rank} was killed by {name}{hint}; the other workers were stopped"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.getLogger(_LAUNCHER_LOGGER).setLevel(logging.CRITICAL)
+    try:
+        torch_run.main(list(sys.argv[1:] if argv is None else argv))
+    except ChildFailedError as e:
+        code, line = exit_status(e)
+        if line:
+            print(line, file=sys.stderr)
+        return code
+    except SignalException as e:  # torchrun has stopped the workers before raising it
+        print(f"hipro: interrupted ({signal.Signals(e.sigval).name}); the workers were stopped", file=sys.stderr)
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""hipro_fast.distributed.torchrun: torchrun whose failures end in the workers'
+own error lines and the first failed worker's exit status."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+from hipro_fast.distributed.torchrun import exit_status
+
+
+def _failed(**codes: int) -> ChildFailedError:
+    """A launch whose ranks (keys "r<N>") exited with these codes, in that order of time."""
+    failures = {}
+    for i, (key, code) in enumerate(codes.items()):
+        failure = ProcessFailure(local_rank=int(key[1:]), pid=1000 + i, exitcode=code, error_file="<N/A>")
+        failure.timestamp = i  # the first failure is the earliest
+        failures[int(key[1:])] = failure
+    return ChildFailedError("hipro_fast.cli", failures)
+
+
+def test_a_worker_error_keeps_its_status_and_adds_no_line():
+    assert exit_status(_failed(r1=2, r0=1)) == (2, None)
+
+
+@pytest.mark.parametrize("sig, says", [(signal.SIGKILL, "rank 1 was killed by SIGKILL (out of memory?)"),
+                                       (signal.SIGSEGV, "rank 1 was killed by SIGSEGV;")])
+def test_a_worker_killed_by_a_signal_is_one_line_with_the_shells_status(sig, says):
+    code, line = exit_status(_failed(r1=-int(sig), r0=1))
+    assert code == 128 + int(sig)
+    assert line.startswith("hipro: error: ") and says in line and "\n" not in line
+
+
+def test_a_failing_nproc_command_ends_in_the_workers_lines_not_a_traceback(tmp_path):
+    missing = tmp_path / "missing.toml"
+    proc = subprocess.run([sys.executable, "-m", "hipro_fast.cli", "train", "--nproc", "2", "--device", "cpu",
+                           "--spec", str(missing), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+    assert "OMP_NUM_THREADS" not in proc.stderr + proc.stdout  # torchrun's banner
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("hipro: error: ") for ln in lines), proc.stderr
+    assert any(f"spec file not found: {missing}" in ln for ln in lines), proc.stderr
+    assert not (tmp_path / "run").exists()
