@@ -71,6 +71,17 @@ _WRONG_TREE = '''            raise ValueError("method 'hipro' needs a tree")
 '''
 
 MUTATIONS = [
+    Mutation("fit-leaves-model-sharded", "fit() leaves a multi-rank model sharded (rank-0-only use hangs)",
+             "hipro_fast/method/training.py",
+             "    try:\n        return _fit(model, train, val, config, callback, **overrides)\n    finally:\n"
+             "        model.shard_text(0, 1)",
+             "    return _fit(model, train, val, config, callback, **overrides)",
+             (("tests/distributed/test_training.py", "-k", "one_process_model_again"),)),
+    Mutation("evaluate-unchecked-ranks", "evaluate() scores each rank's own data without a word",
+             "hipro_fast/method/training.py",
+             '        dist_group.check_agreement({"metric": metric, "data": digests}, "evaluate()")',
+             "        pass",
+             (("tests/distributed/test_training.py", "-k", "own_data"),)),
     Mutation("sgd-weight-decay", "SGD ignores weight decay", "hipro_fast/method/training.py",
              "momentum=config.momentum, weight_decay=config.weight_decay)",
              "momentum=config.momentum)",

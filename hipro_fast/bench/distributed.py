@@ -97,6 +97,7 @@ def worker(a: argparse.Namespace) -> None:
         min_steps=0, callback=tick, device=device)
     steps = [b - a_ for a_, b in zip([t0] + stamps[:-1], stamps)]
     rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    model.shard_text(rank, world)  # fit() returned to the whole forest; the shard it trained on is cached
     enc = model.encoder
     rec = {"rank": rank, "world_size": world, "step_s": steps, "median_step_s": statistics.median(steps[1:]),
            "peak_mb": _peak_memory_mb(device), "before_fit_mb": before, "tokens": enc.num_tokens,

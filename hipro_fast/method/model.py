@@ -196,22 +196,29 @@ class HiProModel(nn.Module):
             self.tower, tokenizer, {n: p.shape[0] for n, p in self.ctx.items()},
             {t: self.context_path(t) for t in self.tasks}, self.tasks, combine).to(device)
         self._whole_forest = self.encoder  # shard_text() may swap `encoder` for a ShardedForestEncoder
+        object.__setattr__(self, "_sharded_forest", None)
+        self.register_load_state_dict_pre_hook(_check_state_dict_layout)
+        self.register_load_state_dict_post_hook(_rebind_learnable)
 
     def shard_text(self, rank: int, world_size: int) -> None:
         """Encode only this rank's share of the (task, class) prompts from now on;
-        text_features() all-gathers the rest (hipro_fast.distributed.sharding).
-        fit() and evaluate() call this when a process group of more than one rank
-        is up; world_size 1 goes back to the whole forest."""
+        text_features() all-gathers the rest (hipro_fast.distributed.sharding),
+        so every rank must call it together. fit() and evaluate() shard for
+        their own duration when a process group of more than one rank is up,
+        and go back to the whole forest (world_size 1) when they return: after
+        them the model is a one-process object again (logits, export on rank 0
+        alone). The sharded encoder is kept for the next call."""
         if world_size <= 1:
             self.encoder = self._whole_forest
             return
-        enc = self.encoder
-        if isinstance(enc, ShardedForestEncoder) and (enc.rank, enc.world_size) == (rank, world_size):
-            return
-        self.encoder = ShardedForestEncoder(
-            self.tower, self.tokenizer, {n: p.shape[0] for n, p in self.ctx.items()},
-            {t: self.context_path(t) for t in self.tasks}, self.tasks, self.combine, rank, world_size
-        ).to(self.tower.token_embedding.device)
+        cached = getattr(self, "_sharded_forest", None)  # absent from a model pickled before it existed
+        if cached is None or (cached.rank, cached.world_size) != (rank, world_size):
+            cached = ShardedForestEncoder(
+                self.tower, self.tokenizer, {n: p.shape[0] for n, p in self.ctx.items()},
+                {t: self.context_path(t) for t in self.tasks}, self.tasks, self.combine, rank, world_size
+            ).to(self.tower.token_embedding.device)
+            object.__setattr__(self, "_sharded_forest", cached)  # a cache, not a submodule
+        self.encoder = cached
 
     @classmethod
     def from_config(cls, clip: Any, config: Mapping[str, Any], tokenizer=None) -> "HiProModel":
@@ -222,8 +229,11 @@ class HiProModel(nn.Module):
         counts = {n: int(config.get("n_ctx", {}).get(n, 0)) for n in tree.nodes}
         options = {k: config[k] for k in ("path_weights", "leaf_weight", "init_from_parent", "parent_prior")
                    if k in config}
-        return cls(clip, config["tasks"], tree, n_ctx=counts, combine=config.get("combine", "concat"),
-                   tokenizer=tokenizer, **options)
+        model = cls(clip, config["tasks"], tree, n_ctx=counts, combine=config.get("combine", "concat"),
+                    tokenizer=tokenizer, **options)
+        # recorded, not applied: the phrase only chose the initial contexts, which a checkpoint replaces
+        model.ctx_init = config.get("ctx_init")
+        return model
 
     def context_parent(self, node: str) -> str | None:
         """The nearest ancestor of `node` that holds a context (None at the top)."""
@@ -249,8 +259,9 @@ class HiProModel(nn.Module):
         self.clip._apply(fn)
         device = self.tower.token_embedding.device
         self.encoder.to(device)
-        if self._whole_forest is not self.encoder:
-            self._whole_forest.to(device)
+        for forest in (self._whole_forest, getattr(self, "_sharded_forest", None)):
+            if forest is not None and forest is not self.encoder:
+                forest.to(device)
         return self
 
     # ------------------------------------------------------------ features
@@ -300,7 +311,9 @@ class HiProModel(nn.Module):
         """[N, n_classes(task)] scaled cosine logits of L2-normalised image features."""
         self.check_features(task, image_features)
         feats = text_features if text_features is not None else self.text_features()
-        return self.logit_scale * image_features.float() @ feats[task].t()
+        text = feats[task]
+        # fp32 at least (a bf16/fp16 tower's features are fp32 already); a float64 model stays float64
+        return self.logit_scale.to(text.dtype) * image_features.to(text.dtype) @ text.t()
 
     # ------------------------------------------------------------ state
     def learnable(self) -> dict[str, nn.Parameter]:
@@ -331,6 +344,20 @@ class HiProModel(nn.Module):
             for n, p in mine.items():
                 p.copy_(state[n].to(p.device, p.dtype))
 
+    # state_dict(): the learned tensors are the `_params` list (positional keys
+    # `_params.0` ...), so the extra state names them: loading the state of a
+    # model with another tree or other tasks is refused instead of putting
+    # contexts on the wrong nodes.
+    def learnable_layout(self) -> list[list[Any]]:
+        """[[name, shape]] of learnable(), in state_dict order."""
+        return [[n, [int(d) for d in p.shape]] for n, p in self.learnable().items()]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"learnable": self.learnable_layout()}
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # checked before anything was loaded (_check_state_dict_layout)
+
     def config(self) -> dict[str, Any]:
         """JSON-able description: tasks, classes, tree, contexts, combine."""
         return {
@@ -346,3 +373,43 @@ class HiProModel(nn.Module):
             "width": self.tower.config.width,
             "embed_dim": self.embed_dim,
         }
+
+
+def _check_state_dict_layout(model: HiProModel, state_dict, prefix, local_metadata, strict, missing_keys,
+                             unexpected_keys, error_msgs) -> None:
+    """load_state_dict's pre-hook: the state's learned tensors must be this
+    model's, name by name and shape by shape; refused before anything loads."""
+    key = prefix + "_extra_state"
+    if key not in state_dict:
+        if strict:
+            raise InvalidInputError(
+                f"load_state_dict: the state has no {key!r} naming its contexts, so it cannot be checked against "
+                "this model's tree (a state_dict of an older hipro_fast, or not of a HiProModel); pass strict=False "
+                "to load it by position, or use load_context_state() with a context_state()")
+        return
+    extra = state_dict[key]
+    theirs = extra.get("learnable") if isinstance(extra, Mapping) else None
+    if not isinstance(theirs, (list, tuple)):
+        raise InvalidInputError(f"load_state_dict: {key!r} is not a HiProModel's (no 'learnable' list)")
+    theirs = [[str(n), [int(d) for d in shape]] for n, shape in theirs]
+    mine = model.learnable_layout()
+    for i in range(max(len(mine), len(theirs))):
+        a = mine[i] if i < len(mine) else None
+        b = theirs[i] if i < len(theirs) else None
+        if a != b:
+            def describe(entry):
+                return "nothing" if entry is None else f"{entry[0]!r} {tuple(entry[1])}"
+            raise InvalidInputError(
+                f"load_state_dict: the state is of another model: its learned tensor {prefix}_params.{i} is "
+                f"{describe(b)}, this model's is {describe(a)} (another tree, other tasks or other n_ctx)")
+
+
+def _rebind_learnable(model: HiProModel, incompatible_keys) -> None:
+    """load_state_dict's post-hook: with assign=True the `_params` entries are new
+    tensors; ctx and path_logits (what the forward reads) follow them."""
+    params = list(model._params)
+    names = list(model.ctx)
+    for i, node in enumerate(names):
+        model.ctx[node] = params[i]
+    for j, task in enumerate(list(model.path_logits)):
+        model.path_logits[task] = params[len(names) + j]

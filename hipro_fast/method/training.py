@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import numbers
 import time
@@ -328,6 +329,17 @@ def _task_scores(model: HiProModel, data: Mapping[str, tuple[torch.Tensor, torch
     return {task: s / x.shape[0] for (task, (x, _)), s in zip(data.items(), reduced)}
 
 
+def _content_digest(*tensors: torch.Tensor) -> str:
+    """A digest of the tensors' shapes, dtypes and bytes: equal on two ranks
+    exactly when they hold the same data."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def evaluate(model: HiProModel, data: Data, batch_size: int = 4096, metric: str = "accuracy") -> dict[str, float]:
     """Per-task score of `data` (task -> (features, labels), any subset of the
     model's tasks): top-1 accuracy (a fraction in [0, 1]) or, with metric="loss",
@@ -337,12 +349,19 @@ def evaluate(model: HiProModel, data: Data, batch_size: int = 4096, metric: str 
     if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size >= 1):
         raise InvalidInputError(f"evaluate: batch_size must be an integer >= 1, got {batch_size!r}")
     checked = validate_data(model, data, role="eval", require_all=False)
+    info = dist_group.current()
+    if info is not None and info.world_size > 1:
+        # Each rank scores its share of the data it was given, so the ranks must be given the same data
+        # (a rank holding its own shard, as under DDP, would be scored on a slice of it).
+        digests = {t: _content_digest(x, y) for t, (x, y) in checked.items()}
+        dist_group.check_agreement({"metric": metric, "data": digests}, "evaluate()")
     was_training = model.training
     model.eval()
     try:
         return _task_scores(model, checked, batch_size, metric)
     finally:
         model.train(was_training)
+        model.shard_text(0, 1)  # a one-process model again (see HiProModel.shard_text)
 
 
 # ---------------------------------------------------------------- training
@@ -396,12 +415,19 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     Raises:
         TaskSpecError for bad data, NonFiniteLossError when a loss goes NaN/inf.
     """
+    try:
+        return _fit(model, train, val, config, callback, **overrides)
+    finally:
+        model.shard_text(0, 1)  # a one-process model again (see HiProModel.shard_text)
 
+
+def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig | None,
+         callback: Callable[[dict[str, Any]], None] | None, **overrides: Any) -> FitResult:
     config = _resolve_config(config, overrides)
     if config.optimizer != "lbfgs" and config.warmup_epochs >= config.epochs:
         warnings.warn(f"fit: warmup_epochs {config.warmup_epochs} >= epochs {config.epochs}: every step runs at "
                       f"warmup_lr {config.warmup_lr:g}, never at lr {config.lr:g} (train for more epochs than the "
-                      f"warm-up: --epochs {config.warmup_epochs + 1} or more)", stacklevel=2)
+                      f"warm-up: --epochs {config.warmup_epochs + 1} or more)", stacklevel=3)
     train_data = validate_data(model, train, role="train", require_all=True)
     val_data = validate_data(model, val, role="val", require_all=False) if val is not None else None
     params = [(n, p) for n, p in model.learnable().items() if p.requires_grad]

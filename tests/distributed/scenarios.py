@@ -49,6 +49,15 @@ def scenario_mean(ckdir: str | None = None) -> dict[str, torch.Tensor]:
     return _state("mean", res, model)
 
 
+def scenario_mean_model():
+    """scenario_mean's trained model (what after_fit_on_rank_0_alone trains)."""
+    from hipro_fast.method.training import fit
+
+    model = make_model(combine="mean", path_weights="learned", parent_prior=0.1)
+    fit(model, toy_data(seed=1), toy_data(seed=2, noise=1.0), **STEPS)
+    return model
+
+
 def scenario_concat() -> dict[str, torch.Tensor]:
     from hipro_fast.method.training import fit
 
@@ -188,6 +197,35 @@ def resumed(ckdir: str) -> dict[str, torch.Tensor]:
     return _state("resumed", res, model)
 
 
+def after_fit_on_rank_0_alone(work: str) -> dict[str, torch.Tensor]:
+    """fit() and evaluate() in the group, then what a script does on rank 0 only:
+    text features and export_classifier (collectives while the model was left
+    sharded: rank 0 waited for rank 1 until the timeout). Then evaluate() given
+    each rank's own data, refused on every rank. Rank 0's features out."""
+    import torch.distributed as dist
+
+    from hipro_fast.method.export import export_classifier
+    from hipro_fast.method.training import evaluate
+
+    model = scenario_mean_model()
+    alone = [None]
+    if dist.get_rank() == 0:  # after fit()
+        alone[0] = {f"alone/{t}": f.detach().clone() for t, f in model.text_features().items()}
+    dist.barrier()
+    evaluate(model, toy_data(seed=3, noise=1.0))
+    if dist.get_rank() == 0:  # after evaluate()
+        export_classifier(model, os.path.join(work, "alone.safetensors"))
+    dist.broadcast_object_list(alone, src=0)  # every rank returns the same keys (the final all_gather)
+    out = dict(alone[0])
+    try:
+        evaluate(model, toy_data(seed=10 + dist.get_rank(), noise=1.0))
+        told = "evaluated"
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        told = f"{type(e).__name__}: {e}"
+    out[f"alone/own_data/{dist.get_rank()}"] = torch.tensor(list(told.encode()), dtype=torch.uint8)
+    return out
+
+
 def main(argv: list[str]) -> None:
     """OUT WORKDIR: run every scenario in this (torchrun) process group; rank 0 writes OUT."""
     import torch.distributed as dist
@@ -201,6 +239,13 @@ def main(argv: list[str]) -> None:
     assert info is not None and info.world_size > 1, "run me under torchrun with 2+ processes"
     tensors: dict[str, torch.Tensor] = {}
     tensors.update(scenario_mean())
+    alone = after_fit_on_rank_0_alone(work)
+    own_data = {k: v for k, v in alone.items() if k.startswith("alone/own_data/")}
+    everyone_told = [None] * info.world_size
+    dist.all_gather_object(everyone_told, own_data)
+    for told in everyone_told:
+        alone.update(told)
+    tensors.update(alone)
     tensors.update(scenario_concat())
     tensors.update(scenario_lbfgs())
     tensors.update(scenario_baselines())

@@ -57,6 +57,27 @@ def test_two_processes_train_like_one(two_ranks, scenario):
     _check(scenario, one, two)
 
 
+def test_after_fit_the_model_is_a_one_process_model_again(two_ranks):
+    """Rank 0 alone computed text features and exported a classifier after a
+    two-rank fit() and evaluate() (they were collectives while the model stayed
+    sharded); the features equal the one-process model's."""
+    two, work = two_ranks
+    one = S.scenario_mean_model()
+    with torch.no_grad():
+        want = one.text_features()
+    for task, f in want.items():
+        assert _rel(f, two[f"alone/{task}"]) <= REL_BOUND, task
+    assert (work / "alone.safetensors").is_file()
+
+
+def test_evaluate_given_each_ranks_own_data_is_refused_on_every_rank(two_ranks):
+    two, _ = two_ranks
+    told = [bytes(two[f"alone/own_data/{r}"].tolist()).decode() for r in (0, 1)]
+    for text in told:
+        assert text.startswith("RankMismatchError: ranks disagree on evaluate(): 'data' differs between rank 0 "
+                               "and rank 1"), text
+
+
 def test_baselines_compare_equal_accuracies(two_ranks):
     two, _ = two_ranks
     one = S.scenario_baselines()

@@ -1,9 +1,12 @@
 """HiProModel: contexts per node, prompt semantics through the forest, errors."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hipro_fast as hf
+from hipro_fast.errors import InvalidInputError
 from tests import oracle
 
 TASKS = {"a": ["dog", "cat"], "b": ["car", "bus", "bike"], "c": ["pizza"]}
@@ -138,3 +141,51 @@ def test_classes_that_tokenise_identically_are_rejected_naming_both(tiny, tokeni
     # the same two names in different tasks are fine; without a tokenizer only exact duplicates are checked
     hf.HiProModel(tiny, {"t1": ["cat", a], "t2": ["cat", b]}, ["t1", "t2"], n_ctx=2, tokenizer=tokenizer)
     assert hf.method.model.validate_tasks(tasks) == tasks
+
+
+def test_state_dict_round_trip_names_its_contexts_and_refuses_another_models(tiny, tokenizer):
+    tree = [["a", "b"], "c"]
+    src = hf.HiProModel(tiny, TASKS, tree, n_ctx=2, combine="mean", tokenizer=tokenizer, seed=1,
+                        path_weights="learned")
+    dst = hf.HiProModel(tiny, TASKS, tree, n_ctx=2, combine="mean", tokenizer=tokenizer, seed=2,
+                        path_weights="learned")
+    state = src.state_dict()
+    assert state["_extra_state"]["learnable"][0] == ["root", [2, 64]]
+    with torch.no_grad():
+        want = src.text_features()
+    for assign in (False, True):  # assign=True swaps the parameters: the forward must read the new ones
+        model = hf.HiProModel(tiny, TASKS, tree, n_ctx=2, combine="mean", tokenizer=tokenizer, seed=2,
+                              path_weights="learned")
+        model.load_state_dict({k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()},
+                              assign=assign)
+        assert all(p is q for p, q in zip(model.learnable().values(), model.parameters()))
+        with torch.no_grad():
+            got = model.text_features()
+        for t in TASKS:
+            torch.testing.assert_close(got[t], want[t], rtol=0, atol=0)
+    # same shapes, another tree: refused by name, nothing loaded
+    other = hf.HiProModel(tiny, TASKS, [["a", "c"], "b"], n_ctx=2, combine="mean", tokenizer=tokenizer, seed=2,
+                          path_weights="learned")
+    before = {n: p.detach().clone() for n, p in other.learnable().items()}
+    with pytest.raises(InvalidInputError, match=r"_params\.\d+ is 'task/\w' \(2, 64\), this model's is 'task/\w'"):
+        other.load_state_dict(state)
+    for n, p in other.learnable().items():
+        assert torch.equal(p.detach(), before[n]), n
+    # inside a parent module the check runs with its prefix
+    parent_src, parent_dst = torch.nn.ModuleDict({"h": src}), torch.nn.ModuleDict({"h": dst})
+    parent_dst.load_state_dict(parent_src.state_dict())
+    with pytest.raises(InvalidInputError, match="no 'h._extra_state'"):
+        parent_dst.load_state_dict({k: v for k, v in parent_src.state_dict().items() if "extra" not in k})
+
+
+def test_a_float64_model_scores_in_float64(tiny, tokenizer):
+    own = copy.deepcopy(tiny)  # .double() converts the tower it is given, shared by the module's tests
+    model = hf.HiProModel(own, TASKS, [["a", "b"], "c"], n_ctx=2, tokenizer=tokenizer).double()
+    img = F.normalize(torch.randn(3, 24, dtype=torch.float64), dim=-1)
+    logits = model.logits("b", img)
+    assert logits.dtype == torch.float64 and logits.shape == (3, 3)
+    with torch.no_grad():
+        feats = model.text_features()["b"]
+    torch.testing.assert_close(logits, model.logit_scale.double() * img @ feats.t(), rtol=1e-6, atol=0)
+    acc = hf.evaluate(model, {"b": (img, torch.tensor([0, 1, 2]))})
+    assert 0.0 <= acc["b"] <= 1.0
