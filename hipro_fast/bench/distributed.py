@@ -35,9 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import group as dist_group
+from ..files import atomic_write_text
 from ..method.model import HiProModel
 from ..method.training import fit
 from ..usage import OneLineUsageParser
+from .machine import PeakRSS
 from .model import load_model, load_tokenizer
 
 _ADJ = ["red", "small", "old", "wild", "dark", "bright", "wooden", "metal", "round", "tall", "soft", "sharp",
@@ -64,9 +66,14 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _peak_memory_mb(device: str) -> float:
+def _peak_memory_mb(device: str, before_mb: float, growth_bytes: int | None) -> float:
+    """Peak memory during fit(): CUDA's peak allocation since its reset; on the CPU
+    the RSS before plus the high-water growth (the process's lifetime peak where
+    the high-water mark cannot be reset)."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    if growth_bytes is not None:
+        return before_mb + growth_bytes / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -91,16 +98,23 @@ def worker(a: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    before = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _current_rss_mb()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = _current_rss_mb()
     t0 = time.perf_counter()
-    fit(model, train, None, optimizer="sgd", epochs=1, warmup_epochs=0, steps_per_epoch=a.steps, batch_size=32,
-        min_steps=0, callback=tick, device=device)
+    # the high-water mark from here: the process peak includes loading the whole CLIP (its image tower
+    # is dropped), ~300 MB on ViT-B-16 that would hide how the training peak scales with the ranks
+    with PeakRSS() as rss:
+        fit(model, train, None, optimizer="sgd", epochs=1, warmup_epochs=0, steps_per_epoch=a.steps, batch_size=32,
+            min_steps=0, callback=tick, device=device)
     steps = [b - a_ for a_, b in zip([t0] + stamps[:-1], stamps)]
     rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
     model.shard_text(rank, world)  # fit() returned to the whole forest; the shard it trained on is cached
     enc = model.encoder
     rec = {"rank": rank, "world_size": world, "step_s": steps, "median_step_s": statistics.median(steps[1:]),
-           "peak_mb": _peak_memory_mb(device), "before_fit_mb": before, "tokens": enc.num_tokens,
+           "peak_mb": _peak_memory_mb(device, before, rss.peak_bytes), "before_fit_mb": before, "tokens": enc.num_tokens,
            "classes": (enc.counts[rank] if hasattr(enc, "counts") else sum(len(c) for c in tasks.values())),
            "backend": info.backend if info is not None else None}
     everyone = dist_group.all_gather_object(rec)
@@ -151,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.steps < 2:
         p.error("--steps must be >= 2 (the first step is a warm-up)")
+    if a.tasks < 2 or a.classes < 1 or a.n_ctx < 0 or a.threads < 1:
+        p.error(f"--tasks must be >= 2 (two groups of tasks), --classes and --threads >= 1, --n-ctx >= 0; got "
+                f"--tasks {a.tasks} --classes {a.classes} --threads {a.threads} --n-ctx {a.n_ctx}")
+    try:
+        counts = [int(v) for v in a.nproc.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        p.error(f"--nproc takes a comma list of process counts >= 1, got {a.nproc!r}")
     if a.worker:
         worker(a)
         return 0
@@ -158,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[int, list[dict]] = {}
     load: dict[int, list[float]] = {}
-    for n in (int(v) for v in a.nproc.split(",")):
+    for n in counts:
         t0 = time.time()
         before = list(os.getloadavg())
         runs[n] = _launch(a, n, out / f".distributed_step_{n}.json")
@@ -172,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
             "n_ctx": a.n_ctx, "steps": a.steps, "device": a.device, "threads_per_process": a.threads,
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "runs": runs,
             "loadavg_1_5_15_before_and_after": load}
-    (out / "distributed_step.json").write_text(json.dumps(meta, indent=1))
+    atomic_write_text(out / "distributed_step.json", json.dumps(meta, indent=1))
     md = (f"# Class-sharded training step\n\n`{command}`\n\n{a.tasks} tasks x {a.classes} classes, n_ctx {a.n_ctx}, "
           f"{a.model} text tower (random weights), combine concat, batch 32 per task, device {a.device}, "
           f"{a.threads} thread(s) per process, {os.cpu_count()} CPU cores; median of {a.steps - 1} steps after "
           f"a warm-up. Load average (1 min) before / after each launch: "
           + ", ".join(f"{n} proc: {v[0]:.1f} / {v[3]:.1f}" for n, v in load.items())
           + f".\n\n{table}\n")
-    (out / "distributed_step.md").write_text(md)
+    atomic_write_text(out / "distributed_step.md", md)
     print(table)
     return 0
 

@@ -241,11 +241,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type == "cuda":
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        # the current device: streams, graphs and synchronisations without an explicit device act on it
+        torch.cuda.set_device(device)
     torch.set_float32_matmul_precision("highest")
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(f"build_info {build_info()}; fused ops on {device.type}: {fused_available(device)}")
     if device.type == "cuda":
-        log(f"device {torch.cuda.get_device_name()} torch {torch.__version__}")
+        log(f"device {torch.cuda.get_device_name(device)} torch {torch.__version__}")
     tok = load_tokenizer()
     probs = gpu_problems(tok, args.n_ctx)
     unknown = [n for n in names if n not in probs]
@@ -259,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[dict] = []
     out = {"device": str(device), "model": args.model, "results": results, "failed": failed,
            "build_info": build_info(), "torch": torch.__version__,
-           "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     for name in names:
         for precision in precisions:
             log(f"[{name} {precision}] {probs[name].description}")

@@ -94,6 +94,11 @@ def _fmt(v, spec=".2f", none="-"):
     return format(v, spec)
 
 
+def _fmt_diff(v) -> str:
+    """A verification difference: '-' when not compared, 'nan' when non-finite."""
+    return "-" if v is None else format(v, ".1e")
+
+
 def print_table(result: dict, file=None) -> None:
     """The CPU benchmark's results (`cpu.run_bench`) as plain-text tables."""
     p = lambda s="": print(s, file=file or sys.stdout)  # noqa: E731
@@ -115,8 +120,8 @@ def print_table(result: dict, file=None) -> None:
             if e is None:
                 continue
             v = res["verify"].get(m, {})
-            ver = "ref" if m == "forest" else (
-                f"{_fmt(v.get('prompt_max_abs_diff'), '.1e')}, {_fmt(v.get('ctx_grad_rel_diff'), '.1e')}")
+            ver = "ref" if m == "forest" else (  # NaN here is a failed comparison, not a missing one
+                f"{_fmt_diff(v.get('prompt_max_abs_diff'))}, {_fmt_diff(v.get('ctx_grad_rel_diff'))}")
             p(f"  {m + (' est' if e['est'] else ''):13s} {e['tokens']:8d} {_fmt(e['seq_len'], 'd'):>4s} "
               f"{e['flops']['total'] / 1e9:9.1f} {_fmt(e['time_s'], '9.3f'):>9s} {e['reps']:4d} "
               f"{_fmt(e['gflops'], '8.1f'):>8s} {_fmt(e['peak_mb'], '8.0f'):>8s} {_fmt(e['micro_batches'], 'd'):>3s}  {ver}")
@@ -157,7 +162,7 @@ def print_table(result: dict, file=None) -> None:
     p("Targets:")
     for t in result.get("targets", []):
         status = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
-        val = _fmt(t["value"], ".2f")
+        val = _fmt_diff(t["value"]) if "features within" in t["target"] else _fmt(t["value"], ".2f")
         p(f"  {status:4s}  {t['target']}: {val}{' (est)' if t.get('est') else ''}")
     p(f"elapsed {result['meta'].get('elapsed_s', 0):.0f} s")
 

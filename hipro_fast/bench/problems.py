@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..engine.prompt_forest import class_suffix_tokens
+from ..errors import InvalidInputError
 
 OFFICE_HOME_CLASSES = [
     "Alarm_Clock", "Backpack", "Batteries", "Bed", "Bike", "Bottle", "Bucket", "Calculator",
@@ -86,6 +87,9 @@ def sweep_classnames(tokenizer, n: int) -> list[str]:
         if key not in seen:
             seen.add(key)
             names.append(c)
+    if len(names) < n:  # a row labelled with n classes must have n classes
+        raise InvalidInputError(f"the sweep has {len(names)} distinct class names (Office-Home + ImageNet), "
+                                f"not {n}: choose --sweep-classes of at most {len(names)}")
     return names[:n]
 
 

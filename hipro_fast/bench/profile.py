@@ -50,7 +50,7 @@ def _op_self_times(step: Callable[[], object], device: torch.device,
         for _ in range(steps):
             step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     rows = [(ev.key, getattr(ev, "self_device_time_total", 0) if cuda else ev.self_cpu_time_total, ev.count)
             for ev in prof.key_averages()]

@@ -29,12 +29,14 @@ def timed(fn: Callable[[], object], device: torch.device | str | None = None) ->
             t0 = time.perf_counter()
             out = fn()
             return time.perf_counter() - t0, out
+        # events on `device`'s current stream, whatever the current device is
+        stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
+        torch.cuda.synchronize(device)
+        start.record(stream)
         out = fn()
-        end.record()
-        torch.cuda.synchronize()
+        end.record(stream)
+        torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3, out
     finally:
         if enabled:

@@ -91,16 +91,17 @@ class TrainStep:
         stream, which also creates the optimiser state the captured step updates)."""
         if self.device.type != "cuda":
             raise InvalidInputError("CUDA graphs need a CUDA device")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(max(1, warmup)):
-                self.eager_step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            self.static_loss = self._forward_backward_step()
+        with torch.cuda.device(self.device):  # streams and the capture on the step's device
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(max(1, warmup)):
+                    self.eager_step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                self.static_loss = self._forward_backward_step()
         self.graph = graph
 
     def graph_step(self) -> torch.Tensor:
@@ -133,5 +134,5 @@ def time_train_step(runner, precision: str, repeats: int, warmup: int,
         out["graph_loss_finite"] = bool(torch.isfinite(step.graph_step()).item())
     except Exception as e:  # reported in the results: the capture is what is being measured
         out["graph_error"] = f"{type(e).__name__}: {e}"[:2000]
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(step.device)
     return out

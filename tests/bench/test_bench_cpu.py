@@ -2,12 +2,16 @@
 text tower: every baseline gives the forest's features and context gradients,
 the token and FLOP counts follow their formulas, and the result has every
 field the tables and the README are made from. Correctness only, never timings."""
+import copy
+import io
+
 import pytest
 import torch
 
 from hipro_fast.bench import cpu
 from hipro_fast.bench.counting import forest_visible_keys
 from hipro_fast.bench.model import load_model, load_tokenizer
+from hipro_fast.bench.output import print_table
 from hipro_fast.bench.problems import Problem, main_problems
 from hipro_fast.engine.prompt_forest import class_suffix_tokens
 from hipro_fast.engine.text_tower import TextTower
@@ -82,7 +86,20 @@ def test_smoke_quick_tiny(tmp_path):
         assert row["ideal_vs_truncated"] == pytest.approx(row["truncated_tokens"] / row["forest_tokens"])
         assert row["naive_tokens"] == 4 * row["classes"] * L
     targets = cpu.evaluate_targets(result)
-    assert len(targets) == 3 * 3 + 1
+    assert len(targets) == 3 * 4 + 1
+    exact = [t for t in targets if "features within" in t["target"]]
+    assert len(exact) == 3 and all(t["pass"] is True for t in exact), exact
+    # a baseline that disagrees, or a NaN anywhere in a comparison, fails exactness (NaN printed as nan, not "-")
+    for bad in (1e-3, float("nan")):
+        broken = copy.deepcopy(result)
+        broken["configs"]["a"]["verify"]["padded"]["prompt_max_abs_diff"] = bad
+        (a_exact,) = [t for t in cpu.evaluate_targets(broken) if t["target"].startswith("(a) every baseline")]
+        assert a_exact["pass"] is False, a_exact
+        broken["targets"] = cpu.evaluate_targets(broken)
+        text = io.StringIO()
+        print_table(broken, file=text)
+        line = next(ln for ln in text.getvalue().splitlines() if "(a) every baseline" in ln)
+        assert line.strip().startswith("MISS") and line.rstrip().endswith("nan" if bad != bad else "1.0e-03"), line
 
 
 @pytest.mark.parametrize("name", ["a", "b"])
@@ -136,3 +153,14 @@ def test_baseline_steps_move_every_tensor(method):
     after = list(_tensors(owned()))
     assert [p for p, _ in after] == [p for p, _ in before]
     assert [p for p, t in after if t.device.type != "meta"] == []
+
+
+def test_a_sweep_point_beyond_the_distinct_class_names_is_refused():
+    from hipro_fast.bench.problems import sweep_classnames
+    from hipro_fast.errors import InvalidInputError
+
+    tok = load_tokenizer()
+    names = sweep_classnames(tok, 130)
+    assert len(names) == len(set(names)) == 130
+    with pytest.raises(InvalidInputError, match=r"distinct class names .* not 100000"):
+        sweep_classnames(tok, 100000)
