@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -41,7 +42,7 @@ from typing import Any, Sequence
 from .app import pipeline, plots, report
 from .bench import gpu as bench_gpu
 from .bench import cpu as bench
-from .data.feature_cache import default_cache_dir
+from .data.feature_cache import default_cache_dir, model_fingerprint
 from .distributed import group as dist_group
 from .distributed.launch import run_under_torchrun, without_option
 from .data.tasks_spec import load_spec
@@ -645,7 +646,7 @@ class _Ctx:
         if tokens == a.n_ctx:
             return
         where = ("every context node" if getattr(a, "combine", DEFAULT_COMBINE) == "mean"
-                 else "the root context (the other nodes keep --n-ctx)")
+                 else "the first context of each path (the other nodes keep --n-ctx)")
         warnings.warn(f"--ctx-init {phrase!r} is {tokens} token{'s' if tokens != 1 else ''}: {where} gets "
                       f"{tokens} context tokens, not --n-ctx {a.n_ctx} (a phrase sets the length of the "
                       "contexts it starts)")
@@ -1060,9 +1061,13 @@ def cmd_compare(ctx: _Ctx) -> int:
 
 def cmd_export(ctx: _Ctx) -> int:
     a = ctx.args
-    model = ctx.pipeline.load_model_checkpoint(a.checkpoint, ctx.clip(), ctx.device)
+    clip = ctx.clip()
+    model = ctx.pipeline.load_model_checkpoint(a.checkpoint, clip, ctx.device)
     out = Path(a.out) if a.out else ctx.run.path("classifier.safetensors")
-    res = export.export_classifier(model, out)
+    # whoever loads the classifier can check that their image features come from this image tower
+    clip_info = {"name": clip.name, "pretrained": clip.pretrained,
+                 "image_tower": model_fingerprint(clip)["visual_sha256"][:16]}
+    res = export.export_classifier(model, out, clip_info=clip_info)
     out = Path(res) if isinstance(res, (str, Path)) else out
     ctx.run.log("export", path=str(out), checkpoint=a.checkpoint)
     ctx.say(f"classifier written to {out}")
@@ -1217,6 +1222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise CliError(f"--nproc: hipro {args.command} runs in one process (multi-process commands: "
                                    f"{', '.join(DIST_COMMANDS)})")
                 return run_under_torchrun(args.nproc, argv, args.device)
+            if getattr(args, "nproc", None) and os.environ.get("RANK") == "0":
+                warnings.warn(f"--nproc {args.nproc} has no effect: this process was started by a launcher "
+                              f"(RANK and WORLD_SIZE are set) and joins its group of "
+                              f"{os.environ.get('WORLD_SIZE')} process(es)")
             dist_group.init_from_env(args.device, args.dist_timeout)
             ctx = _Ctx(args, args.command)
             return int(COMMANDS[args.command](ctx) or 0)

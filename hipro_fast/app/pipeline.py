@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -337,6 +338,13 @@ def load_model(name: str = "hipro-tiny-clip", pretrained: str | None = None, dev
     import logging
 
     name = check_model_args(name, pretrained, model_config)
+    if pretrained is None and model_config is None and name != "hipro-tiny-clip" and dist_group.is_main():
+        import open_clip
+
+        if open_clip.factory.parse_model_name(name)[0] is None:  # hf-hub: / local-dir: bring their weights
+            # open_clip says so on the root logger, silenced below with its other start-up chatter
+            warnings.warn(f"model {name!r} has random weights: no --pretrained was given (a weights file or an "
+                          "open_clip tag such as 'openai')", stacklevel=2)
     state = torch.random.get_rng_state()
     prev = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on the root logger

@@ -242,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"--device {args.device}: CUDA is not available on this machine")
     if device.type == "cuda":
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if device.index is None:  # "cuda": the current GPU, named, so that every call below names the same one
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
             raise InvalidInputError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
         # the current device: streams, graphs and synchronisations without an explicit device act on it
         torch.cuda.set_device(device)

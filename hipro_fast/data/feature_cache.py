@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import group as dist_group
+from ..engine.fingerprint import tensors_digest
 from ..errors import DistributedError, InvalidInputError, MissingFileError, SpecError
 from ..files import atomic_write_bytes
 from .tasks_spec import BadImageError, ImageRecord, read_image
@@ -96,16 +97,6 @@ def _sha(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def model_fingerprint(clip) -> dict[str, Any]:
     """What identifies the image tower: its name and a content hash of its loaded
     weights (once per FeatureCache; about a second for ViT-B/16). Not the weights
@@ -115,7 +106,7 @@ def model_fingerprint(clip) -> dict[str, Any]:
     model = getattr(clip, "model", clip)
     visual = getattr(model, "visual", model)
     state = {k: v for k, v in visual.state_dict().items()}
-    return {"name": name, "visual_sha256": _tensor_hash(state)}  # not the file's path: a moved file still hits
+    return {"name": name, "visual_sha256": tensors_digest(state)}  # not the file's path: a moved file still hits
 
 
 def preprocess_repr(preprocess) -> str:
@@ -459,7 +450,7 @@ class FeatureCache:
                    "stats": torch.tensor([s[2:] for s in stats], dtype=torch.long)}
         if enc.views is not None:
             tensors["views"] = enc.views.detach().cpu().contiguous()
-        meta = {"format": FORMAT, "key": key, "checksum": _tensor_hash(tensors),
+        meta = {"format": FORMAT, "key": key, "checksum": tensors_digest(tensors),
                 "n_images": str(len(records)), "skipped": json.dumps(enc.skipped),
                 "skip_bad_images": json.dumps(bool(self.skip_bad_images))}
         atomic_write_bytes(path, save(tensors, metadata=meta))
@@ -478,7 +469,7 @@ class FeatureCache:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types on a damaged file
             return None, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        if meta.get("checksum") != _tensor_hash(tensors):
+        if meta.get("checksum") != tensors_digest(tensors):
             return None, "checksum mismatch"
         need = {"features", "labels", "kept"}
         if not need <= set(tensors):

@@ -164,6 +164,12 @@ def init_from_env(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOU
     if not timeout_s > 0:
         raise DistributedError(f"the process-group timeout must be > 0 s, got {timeout_s}")
     dev = _device(device, local_rank)
+    if dev.startswith("cuda") and "LOCAL_RANK" not in os.environ and _env_int("LOCAL_WORLD_SIZE", 1) > 1:
+        # several processes on this node would all take cuda:0 (NCCL: a duplicate-GPU error); one
+        # process per node (a pod or a SLURM task per node) may leave it unset and takes cuda:0
+        raise DistributedError(f"LOCAL_RANK is not set, with LOCAL_WORLD_SIZE {os.environ['LOCAL_WORLD_SIZE']} "
+                               "processes on this node: on CUDA each picks its GPU by it (torchrun sets it; "
+                               "set it with another launcher)")
     backend = backend_for(dev)
     if dev.startswith("cuda"):
         torch.cuda.set_device(torch.device(dev))  # NCCL and the object collectives use the current device
@@ -244,16 +250,25 @@ def main_first(fn: Callable[[], Any], what: str, describe: Callable[[BaseExcepti
     the others return shared(value) broadcast from rank 0, or raise
     DistributedError("rank 0 stopped{what}: <describe(error)>") instead of
     waiting at a later collective until the timeout. The broadcast also orders
-    every rank after rank 0's work (a write, say)."""
+    every rank after rank 0's work (a write, say). The others wait for it at
+    most --dist-timeout: raise it for work longer than that (a large feature
+    cache written to a slow network filesystem). Not over an unbounded gloo
+    group as the protocol's gathers: that would add a gloo mesh, and its
+    interface troubles, to every NCCL run."""
     if current() is None:
         return fn()
     if is_main():
         try:
             value = fn()
-        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
-            broadcast_object((None, describe(e)))
+            told = (shared(value), None)
+        except BaseException as e:  # told to the other ranks (even ^C), then raised here
+            try:
+                said = describe(e)
+            except Exception:  # noqa: BLE001 - a failing describe must not leave the others waiting
+                said = f"{type(e).__name__}: {e}"
+            broadcast_object((None, said))
             raise
-        broadcast_object((shared(value), None))
+        broadcast_object(told)
         return value
     value, error = broadcast_object(None)
     if error is not None:
@@ -272,6 +287,7 @@ def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
 
 
 UNBOUNDED_WAIT = datetime.timedelta(days=30)
+_UNBOUNDED: tuple[DistInfo, Any] | None = None  # (the group it belongs to, the gloo group)
 
 
 def unbounded_wait_group() -> Any:
@@ -279,8 +295,13 @@ def unbounded_wait_group() -> Any:
     --dist-timeout bound (30 days): for gathers after units of work that may
     legitimately take longer than a peer may stall between training steps
     (a whole few-shot draw). A dead peer still ends the job: torchrun tears
-    the group down. Every rank must call this together (it creates a group)."""
-    return dist.new_group(backend="gloo", timeout=UNBOUNDED_WAIT)
+    the group down. Made once per process group (each made a full TCP mesh
+    that was never freed) when every rank first calls this together."""
+    global _UNBOUNDED
+    info = current()
+    if _UNBOUNDED is None or _UNBOUNDED[0] is not info:
+        _UNBOUNDED = (info, dist.new_group(backend="gloo", timeout=UNBOUNDED_WAIT))
+    return _UNBOUNDED[1]
 
 
 def _digest(value: Any) -> str:
@@ -326,7 +347,7 @@ def collective_failure(e: BaseException) -> str | None:
 
 def shutdown() -> None:
     """Leave the process group (idempotent)."""
-    global _INFO
+    global _INFO, _UNBOUNDED
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _INFO = None
+    _INFO = _UNBOUNDED = None

@@ -59,25 +59,43 @@ def run_under_torchrun(nproc: int, argv: Sequence[str], device: str = "auto") ->
         if nproc > n:
             raise DistributedError(f"--nproc {nproc} with --device {device}: this machine has {n} GPU(s), one per "
                                    f"process")
-    # torchrun's default, set here so that it does not print a banner about it
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return _wait_forwarding_signals(subprocess.Popen(torchrun_argv(nproc, argv), env=env,
-                                                     start_new_session=True))
+    env = dict(os.environ)
+    if nproc > 1:  # torchrun's default for several processes, set here so that it prints no banner about it
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return _run_forwarding_signals(torchrun_argv(nproc, argv), env)
 
 
-def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
-    """proc's exit status; a SIGINT or SIGTERM to this process meanwhile goes
-    to proc, once, and the wait goes on. torchrun, stopped that way, stops its
-    workers (each in its own session) before it exits: killing torchrun instead
-    (subprocess.call on KeyboardInterrupt) left them training into the run
-    directory. proc runs in its own session, so a Ctrl-C in the terminal
-    reaches it through here only, not twice."""
-    forwarded = (signal.SIGINT, signal.SIGTERM)
+# What stops torchrun (its own handlers stop the workers first); a terminal that
+# hangs up or a Ctrl-\ must stop them as Ctrl-C does.
+_FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+                   if hasattr(signal, name))
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run cmd in a session of its own and return its exit status; a stopping
+    signal to this process meanwhile goes to it, once (received before it
+    started: sent when it starts), and the wait goes on. torchrun, stopped that
+    way, stops its workers (each in a session of its own) before it exits:
+    killing torchrun instead (subprocess.call on KeyboardInterrupt) left them
+    training into the run directory. Its own session keeps a terminal's Ctrl-C
+    from reaching it twice (through here and from the terminal)."""
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-        return proc.wait()
-    previous = {s: signal.signal(s, lambda signum, _frame: proc.send_signal(signum)) for s in forwarded}
+        return subprocess.Popen(cmd, env=env, start_new_session=True).wait()
+    started: list[subprocess.Popen] = []
+    pending: list[int] = []
+
+    def forward(signum, _frame):
+        if started:
+            started[0].send_signal(signum)
+        else:
+            pending.append(signum)
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
     try:
-        return proc.wait()
+        started.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        for signum in pending:
+            started[0].send_signal(signum)
+        return started[0].wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -300,6 +301,18 @@ def check_model_config(saved: Mapping[str, Any], model: HiProModel) -> None:
     for key in ("combine", "width", "embed_dim", "path_weights"):
         if key in saved and saved[key] != mine[key]:
             raise CheckpointError(f"checkpoint {key} {saved[key]!r} differs from the model's {mine[key]!r}")
+    if "text_tower" in saved and saved["text_tower"] != mine["text_tower"]:  # older checkpoints lack it
+        dtypes = {saved.get("text_tower_dtype"), mine["text_tower_dtype"]}
+        if "torch.float16" in dtypes and len(dtypes) > 1:
+            # fp16 rounds the weights apart from the other dtypes' bf16-rounded digest: not comparable
+            warnings.warn(f"cannot check that the checkpoint's CLIP is this one: it was trained on a "
+                          f"{saved.get('text_tower_dtype')} text tower, this one is {mine['text_tower_dtype']}",
+                          stacklevel=3)
+        else:
+            raise CheckpointError(
+                f"the checkpoint was trained on another CLIP: its text weights digest {saved['text_tower']}, this "
+                f"model's {mine['text_tower']} (load it on the CLIP it was trained on: the same --model, "
+                "--pretrained and --model-config; contexts on another CLIP score garbage)")
 
 
 # HiProModel options that shape the starting point (ctx_init, leaf_weight,

@@ -5,36 +5,88 @@
     "weight/<i>"    [C_i, E] fp32 L2-normalised class text features of task i
     "logit_scale"   [] fp32, the CLIP logit scale (exp of the stored log-scale)
 
-with the task names, class names and model config as JSON in the metadata.
-`Classifier.load(path)` computes the same logits as `HiProModel.logits`:
-logit_scale * features.float() @ weight.T.
+with the task names, class names, model config and (when given) the CLIP it
+was trained on as JSON in the metadata. `Classifier.load(path)` computes the
+same logits as `HiProModel.logits`: logit_scale * features @ weight.T.
+
+A Classifier is an nn.Module (its weights are buffers), so it embeds in a
+larger model: a parent's .to() / .eval() / state_dict() reach it,
+`clf(features, task)` is its forward, and `clf.head(task)` is one task's head
+as a module of its own (for nn.Sequential).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
+from torch import nn
 
-from ..files import atomic_write_bytes
-from .model import HiProModel, TaskSpecError
 from ..errors import InvalidInputError, MissingFileError
+from ..files import atomic_write_bytes
+from .model import HiProModel, TaskSpecError, image_features_of
 
 FORMAT = "hipro_fast.classifier"
 VERSION = "1"
+_NORM_TOL = 1e-3  # exported rows are L2-normalised text features
+
+
+def _checked_text_features(model: HiProModel, text_features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Given text features, checked against the model before anything is written:
+    every task, [C_t, E], finite, L2-normalised rows (a bad export would only
+    fail, or silently mis-score, in whoever loads it)."""
+    extra = [t for t in text_features if t not in model.tasks]
+    if extra:
+        raise TaskSpecError(f"text_features has task {extra[0]!r}, which the model does not have "
+                            f"(model tasks: {list(model.tasks)})")
+    out = {}
+    for task, classes in model.tasks.items():
+        if task not in text_features:
+            raise TaskSpecError(f"text_features lacks task {task!r}")
+        f = text_features[task]
+        if not torch.is_tensor(f) or not f.is_floating_point():
+            raise TaskSpecError(f"text_features[{task!r}] must be a floating-point tensor, got "
+                                f"{getattr(f, 'dtype', type(f).__name__)}")
+        want = (len(classes), model.embed_dim)
+        if tuple(f.shape) != want:
+            raise TaskSpecError(f"text_features[{task!r}] is {tuple(f.shape)}, expected {list(want)} "
+                                f"({len(classes)} classes x embed dim {model.embed_dim})")
+        f = f.detach().float().cpu().contiguous()
+        if not torch.isfinite(f).all():
+            raise TaskSpecError(f"text_features[{task!r}] has non-finite values")
+        norms = f.norm(dim=1)
+        if f.shape[0] and float((norms - 1).abs().max()) > _NORM_TOL:
+            raise TaskSpecError(f"text_features[{task!r}]: rows must be L2-normalised (norms from "
+                                f"{float(norms.min()):.4g} to {float(norms.max()):.4g})")
+        out[task] = f
+    return out
 
 
 def export_classifier(model: HiProModel, path: str | Path,
-                      text_features: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write the model's per-task classifier weights to `path` (a .safetensors file)."""
+                      text_features: Mapping[str, torch.Tensor] | None = None,
+                      clip_info: Mapping[str, Any] | None = None) -> Path:
+    """Write the model's per-task classifier weights to `path` (a .safetensors file).
+
+    text_features: {task: [C_t, E]} to write instead of model.text_features()
+        (checked: every task, that shape, finite, L2-normalised rows).
+    clip_info: JSON-able record of the CLIP whose image features the classifier
+        scores (e.g. {"name": ..., "pretrained": ..., "image_tower": digest});
+        read back as Classifier.clip_info.
+    Every rank of a process group may call it alone (the model is whole outside fit/evaluate).
+    """
     from safetensors.torch import save
 
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a directory: pass the .safetensors file to write")
     if text_features is None:
         with torch.no_grad():
-            text_features = model.text_features()
+            feats = {t: f.detach().float().cpu().contiguous() for t, f in model.text_features().items()}
+    else:
+        feats = _checked_text_features(model, text_features)
     tasks = list(model.tasks)
-    tensors = {f"weight/{i}": text_features[t].detach().float().cpu().contiguous() for i, t in enumerate(tasks)}
+    tensors = {f"weight/{i}": feats[t] for i, t in enumerate(tasks)}
     tensors["logit_scale"] = model.logit_scale.detach().float().cpu().reshape(()).contiguous()
     metadata = {
         "format": FORMAT,
@@ -44,78 +96,202 @@ def export_classifier(model: HiProModel, path: str | Path,
         "embed_dim": str(model.embed_dim),
         "model_config": json.dumps(model.config()),
     }
+    if clip_info is not None:
+        metadata["clip"] = json.dumps(dict(clip_info))
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
-class Classifier:
+def _scaled_cosine(logit_scale: torch.Tensor, weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """logit_scale * features @ weight.T in the weight's dtype and on its device."""
+    return logit_scale * features.to(device=weight.device, dtype=weight.dtype) @ weight.t()
+
+
+class Classifier(nn.Module):
     """Per-task linear heads exported from a HiProModel.
 
     clf.tasks: task names. clf.class_names(task): its class names.
-    clf.logits(task, feats): [N, C] scaled cosine logits of L2-normalised image
-    features [N, E]. clf.predict(task, feats): [N] class indices.
+    clf.logits(task, feats) / clf(feats, task): [N, C] scaled cosine logits of
+    L2-normalised image features [N, E] (computed in the weights' dtype: after
+    clf.to(torch.float64) in float64). clf.predict(task, feats): [N] class
+    indices. clf.head(task): that task's head as a module. clf.clip_info: the
+    CLIP recorded at export ({} when none was).
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
-                 classes: Mapping[str, list[str]], config: dict | None = None):
-        self.weights = dict(weights)
-        self.logit_scale = logit_scale
-        self._classes = {t: list(c) for t, c in classes.items()}
-        self.config = config or {}
-        for t, w in self.weights.items():
-            if w.dim() != 2 or w.shape[0] != len(self._classes[t]):
+                 classes: Mapping[str, list[str]], config: dict | None = None,
+                 clip_info: Mapping[str, Any] | None = None):
+        super().__init__()
+        tasks = list(weights)
+        if not tasks:
+            raise TaskSpecError("a classifier needs at least one task")
+        missing = [t for t in tasks if t not in classes]
+        if missing:
+            raise TaskSpecError(f"task {missing[0]!r} has weights but no class names")
+        dims = set()
+        for t in tasks:
+            w = weights[t]
+            if w.dim() != 2 or w.shape[0] != len(classes[t]):
                 raise TaskSpecError(f"task {t!r}: weight {tuple(w.shape)} does not match its "
-                                    f"{len(self._classes[t])} classes")
+                                    f"{len(classes[t])} classes")
+            dims.add(int(w.shape[1]))
+        if len(dims) != 1:
+            raise TaskSpecError(f"the tasks' weights have different embed dims {sorted(dims)}")
+        scale = torch.as_tensor(logit_scale)
+        if scale.numel() != 1:
+            raise TaskSpecError(f"logit_scale must be one number, got shape {tuple(scale.shape)}")
+        self._tasks = tasks
+        self._classes = {t: list(classes[t]) for t in tasks}
+        self.config = dict(config or {})
+        self.clip_info = dict(clip_info or {})
+        for i, t in enumerate(tasks):
+            self.register_buffer(f"weight_{i}", weights[t].detach())
+        self.register_buffer("logit_scale", scale.detach().reshape(()))
+        self.register_load_state_dict_pre_hook(_check_classifier_state)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Classifier":
-        from safetensors import safe_open
+        """The classifier written by export_classifier to `path`, on `device`."""
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.exists():
             raise MissingFileError(f"classifier file not found: {path}")
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise InvalidInputError(f"{path}: not a hipro_fast classifier (format {meta.get('format')!r})")
-            tasks = json.loads(meta["tasks"])
-            classes = json.loads(meta["classes"])
-            weights = {t: f.get_tensor(f"weight/{i}") for i, t in enumerate(tasks)}
-            scale = f.get_tensor("logit_scale")
-        return cls(weights, scale, {t: classes[t] for t in tasks}, json.loads(meta.get("model_config", "{}")))
+        if not path.is_file():
+            raise InvalidInputError(f"{path} is not a file (a classifier is one .safetensors file)")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidInputError(f"Classifier.load: device {device!r} is not a device (e.g. 'cpu', "
+                                    "'cuda:0'); move it to another dtype with .to(dtype) after loading") from None
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise InvalidInputError(f"{path}: not a hipro_fast classifier (format {meta.get('format')!r})")
+                if meta.get("version") != VERSION:
+                    raise InvalidInputError(f"{path}: classifier format version {meta.get('version')!r}, this "
+                                            f"hipro_fast reads version {VERSION!r}")
+                try:
+                    tasks = json.loads(meta["tasks"])
+                    classes = json.loads(meta["classes"])
+                    config = json.loads(meta.get("model_config", "{}"))
+                    clip_info = json.loads(meta.get("clip", "{}"))
+                except KeyError as e:
+                    raise InvalidInputError(f"{path}: the classifier metadata lacks {e.args[0]!r}") from None
+                except json.JSONDecodeError as e:
+                    raise InvalidInputError(f"{path}: the classifier metadata is not valid JSON ({e})") from None
+                names = set(f.keys())
+                needed = [f"weight/{i}" for i in range(len(tasks))] + ["logit_scale"]
+                absent = [k for k in needed if k not in names]
+                if absent:
+                    raise InvalidInputError(f"{path}: the classifier lacks tensor {absent[0]!r}")
+                weights = {t: f.get_tensor(f"weight/{i}") for i, t in enumerate(tasks)}
+                scale = f.get_tensor("logit_scale")
+        except SafetensorError as e:
+            raise InvalidInputError(f"{path}: not a readable safetensors file ({e})") from None
+        if set(tasks) - set(classes):
+            raise InvalidInputError(f"{path}: the metadata has no classes for task "
+                                    f"{sorted(set(tasks) - set(classes))[0]!r}")
+        embed = meta.get("embed_dim")
+        if embed is not None and any(int(w.shape[-1]) != int(embed) for w in weights.values()):
+            raise InvalidInputError(f"{path}: a weight's embed dim differs from the metadata's {embed}")
+        try:
+            return cls(weights, scale, {t: classes[t] for t in tasks}, config, clip_info)
+        except TaskSpecError as e:
+            raise InvalidInputError(f"{path}: {e}") from None
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.weights)
+        return list(self._tasks)
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """{task: [C_t, E]} the class weight rows (the module's buffers)."""
+        return {t: getattr(self, f"weight_{i}") for i, t in enumerate(self._tasks)}
 
     @property
     def embed_dim(self) -> int:
-        return int(next(iter(self.weights.values())).shape[1])
+        return int(self.weight_0.shape[1])
 
     def class_names(self, task: str) -> list[str]:
         self._check_task(task)
         return list(self._classes[task])
 
     def _check_task(self, task: str) -> None:
-        if task not in self.weights:
+        if task not in self._classes:
             raise TaskSpecError(f"unknown task {task!r} (classifier tasks: {self.tasks})")
 
     def logits(self, task: str, features: torch.Tensor) -> torch.Tensor:
+        """[N, C] scaled cosine logits of `features` [N, E] (a tensor, array or list)."""
         self._check_task(task)
         w = self.weights[task]
-        features = torch.as_tensor(features)
-        if features.dim() != 2 or features.shape[1] != w.shape[1]:
-            raise TaskSpecError(f"task {task!r}: image features must be [N, {w.shape[1]}] "
-                                f"(the classifier's embed dim), got {tuple(features.shape)}")
-        return self.logit_scale * features.to(w.device).float() @ w.t()
+        return _scaled_cosine(self.logit_scale, w, image_features_of(task, features, int(w.shape[1])))
+
+    def forward(self, features: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """logits(task, features); `task` may be left out when there is one."""
+        if task is None:
+            if len(self._tasks) != 1:
+                raise InvalidInputError(f"this classifier has {len(self._tasks)} tasks: pass task= "
+                                        f"(one of {self.tasks})")
+            task = self._tasks[0]
+        return self.logits(task, features)
 
     def predict(self, task: str, features: torch.Tensor) -> torch.Tensor:
         return self.logits(task, features).argmax(dim=1)
 
-    def to(self, device: str | torch.device) -> "Classifier":
-        self.weights = {t: w.to(device) for t, w in self.weights.items()}
-        self.logit_scale = self.logit_scale.to(device)
-        return self
+    def head(self, task: str) -> "TaskHead":
+        """One task's head as a module of its own (a copy: move it on its own)."""
+        self._check_task(task)
+        return TaskHead(task, self.weights[task].clone(), self.logit_scale.clone(), self._classes[task])
 
-    def __repr__(self) -> str:
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"tasks": list(self._tasks), "classes": self._classes}
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # checked before anything was loaded (_check_classifier_state)
+
+    def extra_repr(self) -> str:
         sizes = ", ".join(f"{t}: {len(c)}" for t, c in self._classes.items())
-        return f"Classifier(embed_dim={self.embed_dim}, tasks={{{sizes}}})"
+        return f"embed_dim={self.embed_dim}, tasks={{{sizes}}}"
+
+
+class TaskHead(nn.Module):
+    """One task's classifier: forward(features [N, E]) -> [N, C] logits. Like
+    Classifier.logits it scores L2-normalised image features (a raw encoder's
+    output scales each row's logits by its norm)."""
+
+    def __init__(self, task: str, weight: torch.Tensor, logit_scale: torch.Tensor, classes: list[str]):
+        super().__init__()
+        self.task = task
+        self.classes = list(classes)
+        self.register_buffer("weight", weight)
+        self.register_buffer("logit_scale", logit_scale.reshape(()))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return _scaled_cosine(self.logit_scale, self.weight,
+                              image_features_of(self.task, features, int(self.weight.shape[1])))
+
+    def extra_repr(self) -> str:
+        return f"task={self.task!r}, classes={len(self.classes)}, embed_dim={int(self.weight.shape[1])}"
+
+
+def _check_classifier_state(clf: Classifier, state_dict, prefix, local_metadata, strict, missing_keys,
+                            unexpected_keys, error_msgs) -> None:
+    """load_state_dict's pre-hook: the state must be of a classifier with these
+    tasks and classes (the weights are stored by position); refused before
+    anything loads."""
+    key = prefix + "_extra_state"
+    if key not in state_dict:
+        if strict:
+            raise InvalidInputError(f"load_state_dict: the state has no {key!r} naming its tasks and classes "
+                                    "(not a Classifier's state_dict); pass strict=False to load it by position")
+        return
+    theirs = state_dict[key]
+    mine = clf.get_extra_state()
+    if not isinstance(theirs, Mapping) or list(theirs.get("tasks", [])) != mine["tasks"]:
+        raise InvalidInputError(f"load_state_dict: the state is of a classifier with tasks "
+                                f"{theirs.get('tasks') if isinstance(theirs, Mapping) else None}, this one has "
+                                f"{mine['tasks']}")
+    for t in mine["tasks"]:
+        if list(theirs["classes"].get(t, [])) != mine["classes"][t]:
+            raise InvalidInputError(f"load_state_dict: task {t!r} has other classes in the state")

@@ -13,6 +13,7 @@ from ..engine.encoder import ForestEncoder
 from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE, class_suffix_tokens
 from ..engine.text_tower import TextTower
 from ..distributed.sharding import ShardedForestEncoder
+from ..engine.fingerprint import text_side_digest, text_side_dtype
 from .tree import TaskTree, TreeError, leaf_id
 from ..errors import InvalidInputError, TaskSpecError
 
@@ -38,6 +39,21 @@ def _same_prompt_check(task: str, names: Sequence[str], tokenizer) -> None:
             raise TaskSpecError(f"task {task!r}: classes {other!r} and {name!r} tokenise identically "
                                 f"({text!r}), so their prompts and text features are identical and one "
                                 f"can never be predicted; rename one of them")
+
+
+def image_features_of(task: str, features: Any, embed_dim: int) -> torch.Tensor:
+    """`features` (a tensor, array or nested list) as a floating-point [N, embed_dim]
+    tensor, or a TaskSpecError naming the task. No finiteness check: it would
+    synchronise a GPU on every call (evaluate() and fit() check their data)."""
+    try:
+        features = torch.as_tensor(features)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TaskSpecError(f"task {task!r}: image features must be a tensor [N, {embed_dim}] ({e})") from None
+    if not features.is_floating_point():
+        raise TaskSpecError(f"task {task!r}: image features must be floating point, got {features.dtype}")
+    if features.dim() != 2 or features.shape[1] != embed_dim:
+        raise TaskSpecError(f"task {task!r}: image features must be [N, {embed_dim}], got {tuple(features.shape)}")
+    return features
 
 
 def validate_tasks(tasks: Mapping[str, Sequence[str]], tokenizer=None) -> dict[str, list[str]]:
@@ -153,7 +169,10 @@ class HiProModel(nn.Module):
                 raise InvalidInputError(f"node {node!r}: n_ctx must be >= 0, got {c}")
         init = self._phrase_embedding(ctx_init) if ctx_init else None
         gen = torch.Generator().manual_seed(operator.index(seed))  # a numpy integer too
-        self._params = nn.ParameterList()
+        # Registered by name (state_dict keys "contexts.<node>", "path_weight_logits.path/<task>");
+        # `ctx` and `path_logits` are the same tensors by node and task, what the forward reads.
+        self.contexts = nn.ParameterDict()
+        self.path_weight_logits = nn.ParameterDict()
         self.ctx: dict[str, nn.Parameter] = {}
         device = self.tower.token_embedding.device
         for node in nodes:
@@ -174,7 +193,7 @@ class HiProModel(nn.Module):
                 if init_from_parent and parent is not None and self.ctx[parent].shape[0] == counts[node]:
                     value = self.ctx[parent].detach().cpu().clone()
             p = nn.Parameter(value.float().to(device))
-            self._params.append(p)
+            self.contexts[_state_key(node)] = p
             self.ctx[node] = p
         if parent_prior and combine == "concat":
             raise InvalidInputError("parent_prior pulls a node's context toward its parent's, which only "
@@ -190,14 +209,14 @@ class HiProModel(nn.Module):
                 if len(path) > 1 and path[-1] == leaf_id(task):
                     logits[-1] = math.log(leaf_weight * (len(path) - 1) / (1 - leaf_weight))
                 p = nn.Parameter(logits.to(device))
-                self._params.append(p)
+                self.path_weight_logits[_state_key(PATH_PREFIX + task)] = p
                 self.path_logits[task] = p
         self.encoder = ForestEncoder(
             self.tower, tokenizer, {n: p.shape[0] for n, p in self.ctx.items()},
             {t: self.context_path(t) for t in self.tasks}, self.tasks, combine).to(device)
         self._whole_forest = self.encoder  # shard_text() may swap `encoder` for a ShardedForestEncoder
         object.__setattr__(self, "_sharded_forest", None)
-        self.register_load_state_dict_pre_hook(_check_state_dict_layout)
+        self.register_load_state_dict_pre_hook(_check_state_dict)
         self.register_load_state_dict_post_hook(_rebind_learnable)
 
     def shard_text(self, rank: int, world_size: int) -> None:
@@ -299,17 +318,17 @@ class HiProModel(nn.Module):
             return None
         return self.parent_prior * torch.stack(terms).mean()
 
-    def check_features(self, task: str, image_features: torch.Tensor) -> None:
+    def check_features(self, task: str, image_features: torch.Tensor) -> torch.Tensor:
+        """`image_features` as a tensor, checked: a task of the model, floating
+        point, [N, embed_dim]."""
         if task not in self.tasks:
             raise TaskSpecError(f"unknown task {task!r} (model tasks: {list(self.tasks)})")
-        if image_features.dim() != 2 or image_features.shape[1] != self.embed_dim:
-            raise TaskSpecError(
-                f"task {task!r}: image features must be [N, {self.embed_dim}], got {tuple(image_features.shape)}")
+        return image_features_of(task, image_features, self.embed_dim)
 
     def logits(self, task: str, image_features: torch.Tensor,
                text_features: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """[N, n_classes(task)] scaled cosine logits of L2-normalised image features."""
-        self.check_features(task, image_features)
+        """[N, n_classes(task)] scaled cosine logits of L2-normalised image features [N, E]."""
+        image_features = self.check_features(task, image_features)
         feats = text_features if text_features is not None else self.text_features()
         text = feats[task]
         # fp32 at least (a bf16/fp16 tower's features are fp32 already); a float64 model stays float64
@@ -344,19 +363,11 @@ class HiProModel(nn.Module):
             for n, p in mine.items():
                 p.copy_(state[n].to(p.device, p.dtype))
 
-    # state_dict(): the learned tensors are the `_params` list (positional keys
-    # `_params.0` ...), so the extra state names them: loading the state of a
-    # model with another tree or other tasks is refused instead of putting
-    # contexts on the wrong nodes.
-    def learnable_layout(self) -> list[list[Any]]:
-        """[[name, shape]] of learnable(), in state_dict order."""
-        return [[n, [int(d) for d in p.shape]] for n, p in self.learnable().items()]
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"learnable": self.learnable_layout()}
-
-    def set_extra_state(self, state: Any) -> None:
-        pass  # checked before anything was loaded (_check_state_dict_layout)
+    def state_keys(self) -> dict[str, str]:
+        """{state_dict key (without a parent's prefix): learnable() name} in
+        parameters() order."""
+        return {**{f"contexts.{_state_key(n)}": n for n in self.ctx},
+                **{f"path_weight_logits.{_state_key(PATH_PREFIX + t)}": PATH_PREFIX + t for t in self.path_logits}}
 
     def config(self) -> dict[str, Any]:
         """JSON-able description: tasks, classes, tree, contexts, combine."""
@@ -372,44 +383,55 @@ class HiProModel(nn.Module):
             "parent_prior": self.parent_prior,
             "width": self.tower.config.width,
             "embed_dim": self.embed_dim,
+            # the CLIP the contexts belong to (checked when a checkpoint loads)
+            "text_tower": text_side_digest(self.clip),
+            "text_tower_dtype": text_side_dtype(self.clip),
         }
 
 
-def _check_state_dict_layout(model: HiProModel, state_dict, prefix, local_metadata, strict, missing_keys,
-                             unexpected_keys, error_msgs) -> None:
+def _state_key(name: str) -> str:
+    """A node id or "path/<task>" as a parameter name: no "." (a module path
+    separator), escaped reversibly."""
+    return name.replace("%", "%25").replace(".", "%2E")
+
+
+def _check_state_dict(model: HiProModel, state_dict, prefix, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
     """load_state_dict's pre-hook: the state's learned tensors must be this
-    model's, name by name and shape by shape; refused before anything loads."""
-    key = prefix + "_extra_state"
-    if key not in state_dict:
-        if strict:
-            raise InvalidInputError(
-                f"load_state_dict: the state has no {key!r} naming its contexts, so it cannot be checked against "
-                "this model's tree (a state_dict of an older hipro_fast, or not of a HiProModel); pass strict=False "
-                "to load it by position, or use load_context_state() with a context_state()")
-        return
-    extra = state_dict[key]
-    theirs = extra.get("learnable") if isinstance(extra, Mapping) else None
-    if not isinstance(theirs, (list, tuple)):
-        raise InvalidInputError(f"load_state_dict: {key!r} is not a HiProModel's (no 'learnable' list)")
-    theirs = [[str(n), [int(d) for d in shape]] for n, shape in theirs]
-    mine = model.learnable_layout()
-    for i in range(max(len(mine), len(theirs))):
-        a = mine[i] if i < len(mine) else None
-        b = theirs[i] if i < len(theirs) else None
-        if a != b:
-            def describe(entry):
-                return "nothing" if entry is None else f"{entry[0]!r} {tuple(entry[1])}"
-            raise InvalidInputError(
-                f"load_state_dict: the state is of another model: its learned tensor {prefix}_params.{i} is "
-                f"{describe(b)}, this model's is {describe(a)} (another tree, other tasks or other n_ctx)")
+    model's, name by name and shape by shape; refused naming the first that
+    differs before anything loads (torch would load the matching ones first).
+    A state of hipro_fast before named keys (`_params.<i>`, in parameters()
+    order) is renamed to this model's keys, its shapes then checked."""
+    mine = {prefix + k: n for k, n in model.state_keys().items()}
+    legacy = [k for k in state_dict if k.startswith(prefix + "_params.")]
+    if legacy:
+        for i, key in enumerate(mine):
+            if f"{prefix}_params.{i}" in state_dict:
+                state_dict[key] = state_dict.pop(f"{prefix}_params.{i}")
+    # (torch passes strict=True to every hook whatever the caller's: a state with none of this
+    # model's keys is left to torch's own missing-key rule, one with some of them is another model's)
+    ours = (prefix + "contexts.", prefix + "path_weight_logits.", prefix + "_params.")
+    foreign = [k for k in state_dict if k.startswith(ours) and k not in mine]
+    if foreign:
+        raise InvalidInputError(f"load_state_dict: the state is of another model: it has {foreign[0]!r}, "
+                                "which this model does not (another tree or other tasks)")
+    absent = [k for k in mine if k not in state_dict]
+    if absent and len(absent) < len(mine):
+        raise InvalidInputError(f"load_state_dict: the state is of another model: it has no {absent[0]!r} "
+                                f"(this model's {mine[absent[0]]!r}; another tree, other tasks or n_ctx 0)")
+    params = dict(model.named_parameters())
+    for key, name in mine.items():
+        if key in state_dict and torch.is_tensor(state_dict[key]):
+            want = tuple(params[key[len(prefix):]].shape)
+            if tuple(state_dict[key].shape) != want:
+                raise InvalidInputError(f"load_state_dict: {name!r} is {tuple(state_dict[key].shape)} in the state, "
+                                        f"{want} in this model (other n_ctx or another tree)")
 
 
 def _rebind_learnable(model: HiProModel, incompatible_keys) -> None:
-    """load_state_dict's post-hook: with assign=True the `_params` entries are new
-    tensors; ctx and path_logits (what the forward reads) follow them."""
-    params = list(model._params)
-    names = list(model.ctx)
-    for i, node in enumerate(names):
-        model.ctx[node] = params[i]
-    for j, task in enumerate(list(model.path_logits)):
-        model.path_logits[task] = params[len(names) + j]
+    """load_state_dict's post-hook: with assign=True the registered parameters
+    are new tensors; ctx and path_logits (what the forward reads) follow them."""
+    for node in model.ctx:
+        model.ctx[node] = model.contexts[_state_key(node)]
+    for task in model.path_logits:
+        model.path_logits[task] = model.path_weight_logits[_state_key(PATH_PREFIX + task)]

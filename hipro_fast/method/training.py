@@ -343,7 +343,9 @@ def _content_digest(*tensors: torch.Tensor) -> str:
 def evaluate(model: HiProModel, data: Data, batch_size: int = 4096, metric: str = "accuracy") -> dict[str, float]:
     """Per-task score of `data` (task -> (features, labels), any subset of the
     model's tasks): top-1 accuracy (a fraction in [0, 1]) or, with metric="loss",
-    the mean cross-entropy over the task's own classes. Text features are computed once."""
+    the mean cross-entropy over the task's own classes. Text features are computed once.
+    Under several ranks every rank must pass the same data, bit for bit (each
+    scores its share of it): a rank given other data is refused on every rank."""
     if metric not in EVAL_METRICS:
         raise InvalidInputError(f"metric must be one of {EVAL_METRICS}, got {metric!r}")
     if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size >= 1):

@@ -247,6 +247,13 @@ def test_train_eval_export(world, tmp_path, capsys):
 
     clf = Classifier.load(out)
     assert list(clf.tasks) == list(TASKS) and clf.class_names("texture") == sorted(TASKS["texture"])
+    assert set(clf.clip_info) == {"name", "pretrained", "image_tower"} and len(clf.clip_info["image_tower"]) == 16
+
+    # the checkpoint on another CLIP of the same shape (here: other random weights) is refused in one line
+    capsys.readouterr()
+    assert _run(world, "export", "--checkpoint", str(train_dir / "checkpoints"), "--out", str(tmp_path / "x.safetensors"),
+                "--seed", "5", spec=False, run_dir=tmp_path / "export2") == 1
+    assert "trained on another CLIP" in _one_error_line(capsys)
 
     # a checkpoint from another spec (fewer classes) is refused with one line
     other = tmp_path / "other"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
@@ -42,3 +43,15 @@ def test_export_bundled_is_reused_per_seed_and_replaced_whole(tmp_path, monkeypa
     with pytest.raises(ValueError, match="is not an export of the bundled benchmark"):
         pipeline.export_bundled(mine, seed=0)
     assert (mine / "thesis.tex").read_text() == "years"
+
+
+def test_a_named_model_without_weights_says_it_is_random(monkeypatch):
+    pl = pipeline
+    monkeypatch.setattr(pl, "load_clip", lambda name, pretrained=None, device="cpu": (name, pretrained))
+    with pytest.warns(UserWarning, match=r"model 'ViT-B-32' has random weights: no --pretrained"):
+        pl.load_model("ViT-B-32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pl.load_model("ViT-B-32", pretrained="openai") == ("ViT-B-32", "openai")
+        pl.load_model("hipro-tiny-clip")  # ships its weights
+        pl.load_model("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")  # the hub's weights (load_clip faked)

@@ -164,3 +164,32 @@ def test_a_failing_problem_is_recorded_and_the_json_is_written_after_each_proble
     assert out["complete"] is True and [r["precision"] for r in out["results"]] == ["fp32"]
     assert out["failed"] == [{"problem": "a", "precision": "bf16", "error": "OutOfMemoryError: planted: out of memory"}]
     assert "(a) bf16 FAILED: `OutOfMemoryError: planted: out of memory`" in (tmp_path / "gpu.md").read_text()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("arg, index", [("cuda", 0), ("cuda:1", 1)])
+def test_the_benchmarked_gpu_is_made_current_by_index(monkeypatch, arg, index):
+    """`--device cuda` names the current GPU and `cuda:N` makes GPU N current
+    (set_device needs an index; events, graphs and synchronisations without a
+    device act on the current one). torch.cuda is faked up to the model load."""
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made_current.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "fake")
+
+    def stop():
+        raise _Stop
+
+    monkeypatch.setattr(bench_gpu, "load_tokenizer", stop)
+    with pytest.raises(_Stop):
+        bench_gpu.main(["--device", arg, "--problems", "a"])
+    assert made_current == [torch.device("cuda", index)]
+    from hipro_fast.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="this machine has 2 GPU"):
+        bench_gpu.main(["--device", "cuda:2", "--problems", "a"])

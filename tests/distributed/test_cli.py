@@ -244,9 +244,11 @@ def _workers_of(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the workers through /proc")
-def test_interrupting_the_nproc_launcher_stops_every_worker(world, tmp_path):
-    """SIGINT to `hipro train --nproc 2` itself (not its process group) reaches
-    torchrun, which stops the workers; killing torchrun instead left them training."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_interrupting_the_nproc_launcher_stops_every_worker(world, tmp_path, sig):
+    """SIGINT (Ctrl-C) or SIGHUP (a closed terminal) to `hipro train --nproc 2`
+    itself (not its process group) reaches torchrun, which stops the workers;
+    killing torchrun instead left them training."""
     run_dir = tmp_path / "run"
     argv = ["train", "--tree", TREE, "--shots", "2", "--epochs", "1000", "--min-steps", "1000000", "--n-ctx", "2",
             "--optimizer", "adamw"]
@@ -259,10 +261,10 @@ def test_interrupting_the_nproc_launcher_stops_every_worker(world, tmp_path):
             assert time.monotonic() < deadline, "the workers did not start"
             time.sleep(0.2)
         workers = _workers_of(run_dir)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=90)
-        assert proc.returncode == 130, err[-3000:]
-        assert "hipro: interrupted (SIGINT); the workers were stopped" in err and "Traceback" not in err, err
+        assert proc.returncode == 128 + int(sig), err[-3000:]
+        assert f"hipro: interrupted ({sig.name}); the workers were stopped" in err and "Traceback" not in err, err
         deadline = time.monotonic() + 30
         while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -272,3 +274,16 @@ def test_interrupting_the_nproc_launcher_stops_every_worker(world, tmp_path):
             proc.kill()
         for pid in _workers_of(run_dir):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_nproc_inside_a_launched_process_is_said_not_wrapped(world, tmp_path):
+    """RANK/WORLD_SIZE already set (a torchrun worker, a cluster pod): --nproc
+    cannot start more processes; the command joins the launcher's group and says so."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "hipro_fast.cli", *_args(world, ["cache", "--shots", "2"],
+                                                                           tmp_path / "run"), "--nproc", "2"],
+                          capture_output=True, text=True, timeout=150, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("hipro: warning: --nproc 2 has no effect: this process was started by a launcher (RANK and "
+            "WORLD_SIZE are set) and joins its group of 1 process(es)") in proc.stderr, proc.stderr

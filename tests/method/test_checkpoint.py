@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import hipro_fast
+
 from hipro_fast import TaskSpecError, TreeError
 from hipro_fast.method import checkpoint as ckpt
 from hipro_fast.files import atomic_write_bytes
@@ -97,6 +99,44 @@ def test_mismatch_errors_name_the_item(tmp_path):
     tensors.write_bytes(tensors.read_bytes()[:-4] + b"oops")
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(tmp_path, model)
+
+
+def test_contexts_never_load_onto_another_clip(tmp_path):
+    """A checkpoint records a digest of its CLIP's text side: loading it on another
+    CLIP of the same shape (forgotten --pretrained, another checkpoint of the
+    model) is refused; the same weights in another dtype or on a copy load."""
+    import copy
+
+    from hipro_fast.engine.fingerprint import text_side_digest
+    from tests import oracle
+    from tests.helpers_training import tiny_clip
+
+    clip, tok = tiny_clip()
+    model = make_model()
+    save_checkpoint(tmp_path, model, None, 0, [])
+    assert len(model.config()["text_tower"]) == 16
+    other = oracle.tiny_clip(width=64, heads=4, layers=2, quick_gelu=False, seed=1)
+    on_other = hipro_fast.HiProModel(other, TASKS, [["animals", "vehicles"], "colors"], n_ctx=2, tokenizer=tok)
+    with pytest.raises(CheckpointError, match="trained on another CLIP: its text weights digest"):
+        load_checkpoint(tmp_path, on_other)
+    twin = copy.deepcopy(clip)
+    load_checkpoint(tmp_path, hipro_fast.HiProModel(twin, TASKS, [["animals", "vehicles"], "colors"], n_ctx=2,
+                                                    tokenizer=tok))
+    assert text_side_digest(copy.deepcopy(clip).to(torch.bfloat16)) == text_side_digest(clip)
+    # fp16 rounds apart from the others: said, not refused
+    half = hipro_fast.HiProModel(copy.deepcopy(clip).half(), TASKS, [["animals", "vehicles"], "colors"], n_ctx=2,
+                                 tokenizer=tok)
+    with pytest.warns(UserWarning, match="cannot check that the checkpoint's CLIP is this one: it was trained on "
+                                         "a torch.float32 text tower, this one is torch.float16"):
+        load_checkpoint(tmp_path, half)
+    # the image tower is not part of it; a text weight is
+    bumped = copy.deepcopy(clip)
+    with torch.no_grad():
+        bumped.visual.conv1.weight.add_(1.0)
+    assert text_side_digest(bumped) == text_side_digest(clip)
+    with torch.no_grad():
+        bumped.ln_final.weight.add_(1.0)  # in place: the cached digest must not be served
+    assert text_side_digest(bumped) != text_side_digest(clip)
 
 
 def test_resume_rejects_different_training_options(tmp_path, data):

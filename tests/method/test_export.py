@@ -64,3 +64,91 @@ def test_export_overwrites_atomically(tmp_path, trained):
     with torch.no_grad():
         assert torch.equal(clf.logits("animals", x), trained.logits("animals", x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clf.safetensors"]
+
+
+def test_the_classifier_is_a_module_a_larger_model_carries(tmp_path, trained):
+    clf = Classifier.load(export_classifier(trained, tmp_path / "clf.safetensors"))
+    x = toy_data(seed=3)["colors"][0]
+    want = clf.logits("colors", x)
+    torch.testing.assert_close(clf(x, "colors"), want, rtol=0, atol=0)
+    pipeline = torch.nn.Sequential(torch.nn.Identity(), clf.head("colors"))
+    torch.testing.assert_close(pipeline(x), want, rtol=0, atol=0)
+    # a parent's dtype move reaches the weights, and the logits follow them
+    parent = torch.nn.ModuleDict({"clf": clf}).to(torch.float64)
+    got = parent["clf"].logits("colors", x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want.double(), rtol=1e-6, atol=1e-6)
+    # state_dict round trip into a classifier of the same tasks and classes
+    fresh = Classifier.load(tmp_path / "clf.safetensors")
+    with torch.no_grad():
+        fresh.weight_0.zero_()
+    fresh.load_state_dict(Classifier.load(tmp_path / "clf.safetensors").state_dict())
+    torch.testing.assert_close(fresh.logits("colors", x), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pass task="):
+        clf(x)
+
+
+def test_another_classifiers_state_is_refused_before_loading(tmp_path, trained):
+    clf = Classifier.load(export_classifier(trained, tmp_path / "clf.safetensors"))
+    w = {t: torch.nn.functional.normalize(torch.randn(len(c), 24), dim=-1) for t, c in TASKS.items()}
+    renamed = Classifier({f"{t}-2": v for t, v in w.items()}, torch.tensor(50.0),
+                         {f"{t}-2": c for t, c in TASKS.items()})
+    before = {k: v.clone() for k, v in clf.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match="the state is of a classifier with tasks"):
+        clf.load_state_dict(renamed.state_dict())
+    assert all(torch.equal(v, clf.state_dict()[k]) for k, v in before.items())
+
+
+def test_export_checks_given_text_features_and_records_the_clip(tmp_path, trained):
+    with torch.no_grad():
+        feats = trained.text_features()
+    path = export_classifier(trained, tmp_path / "ok.safetensors", text_features=feats,
+                             clip_info={"name": "tiny", "pretrained": None})
+    assert Classifier.load(path).clip_info == {"name": "tiny", "pretrained": None}
+    assert Classifier.load(export_classifier(trained, tmp_path / "plain.safetensors")).clip_info == {}
+    task = next(iter(TASKS))
+    bad_cases = [({**feats, task: feats[task][:-1]}, rf"text_features\['{task}'\] is \("),
+                 ({k: v for k, v in feats.items() if k != task}, f"lacks task '{task}'"),
+                 ({**feats, task: feats[task] * 2}, "rows must be L2-normalised"),
+                 ({**feats, task: feats[task].clone().fill_(float("nan"))}, "non-finite"),
+                 ({**feats, "other": feats[task]}, "task 'other', which the model does not have")]
+    for bad, says in bad_cases:
+        with pytest.raises(TaskSpecError, match=says):
+            export_classifier(trained, tmp_path / "bad.safetensors", text_features=bad)
+    assert not (tmp_path / "bad.safetensors").exists()
+    with pytest.raises(ValueError, match="is a directory"):
+        export_classifier(trained, tmp_path)
+
+
+def test_inference_checks_the_features_and_loading_names_the_file(tmp_path, trained):
+    path = export_classifier(trained, tmp_path / "clf.safetensors")
+    clf = Classifier.load(path)
+    for bad in (torch.zeros(2, 24, dtype=torch.long), torch.zeros(2, 24, dtype=torch.bool)):
+        with pytest.raises(TaskSpecError, match="must be floating point"):
+            clf.logits("colors", bad)
+        with pytest.raises(TaskSpecError, match="must be floating point"):
+            trained.logits("colors", bad)
+    x = toy_data(seed=3)["colors"][0]
+    torch.testing.assert_close(trained.logits("colors", x.numpy()), trained.logits("colors", x))
+    with pytest.raises(ValueError, match="is not a file"):
+        Classifier.load(tmp_path)
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cut\.safetensors: not a readable safetensors file"):
+        Classifier.load(tmp_path / "cut.safetensors")
+    with pytest.raises(ValueError, match="is not a device"):
+        Classifier.load(path, device=torch.float64)
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    save_file(tensors, str(tmp_path / "v9.safetensors"), metadata={**meta, "version": "9"})
+    with pytest.raises(ValueError, match="format version '9'"):
+        Classifier.load(tmp_path / "v9.safetensors")
+    save_file(tensors, str(tmp_path / "nocls.safetensors"), metadata={k: v for k, v in meta.items() if k != "classes"})
+    with pytest.raises(ValueError, match="lacks 'classes'"):
+        Classifier.load(tmp_path / "nocls.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "weight/1"}, str(tmp_path / "now1.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="lacks tensor 'weight/1'"):
+        Classifier.load(tmp_path / "now1.safetensors")

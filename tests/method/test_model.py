@@ -145,37 +145,57 @@ def test_classes_that_tokenise_identically_are_rejected_naming_both(tiny, tokeni
 
 def test_state_dict_round_trip_names_its_contexts_and_refuses_another_models(tiny, tokenizer):
     tree = [["a", "b"], "c"]
-    src = hf.HiProModel(tiny, TASKS, tree, n_ctx=2, combine="mean", tokenizer=tokenizer, seed=1,
-                        path_weights="learned")
-    dst = hf.HiProModel(tiny, TASKS, tree, n_ctx=2, combine="mean", tokenizer=tokenizer, seed=2,
-                        path_weights="learned")
+
+    def build(seed, tasks=TASKS, tree=tree):
+        return hf.HiProModel(tiny, tasks, tree, n_ctx=2, combine="mean", tokenizer=tokenizer, seed=seed,
+                             path_weights="learned")
+
+    src = build(1)
     state = src.state_dict()
-    assert state["_extra_state"]["learnable"][0] == ["root", [2, 64]]
+    assert list(state) == ["contexts.root", "contexts.root/0", "contexts.task/a", "contexts.task/b",
+                           "contexts.task/c", "path_weight_logits.path/a", "path_weight_logits.path/b",
+                           "path_weight_logits.path/c"]
+    assert all(torch.is_tensor(v) for v in state.values())  # safetensors can hold it
     with torch.no_grad():
         want = src.text_features()
     for assign in (False, True):  # assign=True swaps the parameters: the forward must read the new ones
-        model = hf.HiProModel(tiny, TASKS, tree, n_ctx=2, combine="mean", tokenizer=tokenizer, seed=2,
-                              path_weights="learned")
-        model.load_state_dict({k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()},
-                              assign=assign)
+        model = build(2)
+        model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=assign)
         assert all(p is q for p, q in zip(model.learnable().values(), model.parameters()))
         with torch.no_grad():
             got = model.text_features()
         for t in TASKS:
             torch.testing.assert_close(got[t], want[t], rtol=0, atol=0)
+    # the positional keys of hipro_fast before named keys still load, by position
+    legacy = build(2)
+    legacy.load_state_dict({f"_params.{i}": v.clone() for i, v in enumerate(state.values())})
+    for n, p in legacy.learnable().items():
+        assert torch.equal(p.detach(), src.learnable()[n].detach()), n
     # same shapes, another tree: refused by name, nothing loaded
-    other = hf.HiProModel(tiny, TASKS, [["a", "c"], "b"], n_ctx=2, combine="mean", tokenizer=tokenizer, seed=2,
-                          path_weights="learned")
+    other = build(2, tree=[["a", "c"], "b"])
     before = {n: p.detach().clone() for n, p in other.learnable().items()}
-    with pytest.raises(InvalidInputError, match=r"_params\.\d+ is 'task/\w' \(2, 64\), this model's is 'task/\w'"):
-        other.load_state_dict(state)
+    for bad in (state, {f"_params.{i}": v for i, v in enumerate(state.values())}):
+        with pytest.raises(InvalidInputError) as err:
+            other.load_state_dict(bad)
+        assert "the state is of another model" in str(err.value) or "in the state" in str(err.value)
     for n, p in other.learnable().items():
         assert torch.equal(p.detach(), before[n]), n
-    # inside a parent module the check runs with its prefix
-    parent_src, parent_dst = torch.nn.ModuleDict({"h": src}), torch.nn.ModuleDict({"h": dst})
+    renamed = build(2, tasks={"a": TASKS["a"], "b": TASKS["b"], "d": TASKS["c"]}, tree=[["a", "b"], "d"])
+    with pytest.raises(InvalidInputError, match="it has 'contexts.task/c', which this model does not"):
+        renamed.load_state_dict(state)
+    # inside a parent module the keys carry its prefix; a parent state without HiPro keys is torch's to judge
+    parent_src, parent_dst = torch.nn.ModuleDict({"h": src}), torch.nn.ModuleDict({"h": build(3)})
     parent_dst.load_state_dict(parent_src.state_dict())
-    with pytest.raises(InvalidInputError, match="no 'h._extra_state'"):
-        parent_dst.load_state_dict({k: v for k, v in parent_src.state_dict().items() if "extra" not in k})
+    torch.testing.assert_close(parent_dst["h"].text_features()["a"], want["a"], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        parent_dst.load_state_dict({})
+    assert parent_dst.load_state_dict({}, strict=False).missing_keys == ["h." + k for k in state]
+    # a "." in a task name cannot be a module path separator: escaped in the key, reversibly
+    dotted = {"v1.0": TASKS["a"], "100%": TASKS["b"]}
+    d1, d2 = build(1, tasks=dotted, tree=list(dotted)), build(2, tasks=dotted, tree=list(dotted))
+    assert "contexts.task/v1%2E0" in d1.state_dict() and "path_weight_logits.path/100%25" in d1.state_dict()
+    d2.load_state_dict(d1.state_dict())
+    assert all(torch.equal(d2.learnable()[n], p) for n, p in d1.learnable().items())
 
 
 def test_a_float64_model_scores_in_float64(tiny, tokenizer):

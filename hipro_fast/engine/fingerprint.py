@@ -1,0 +1,70 @@
+"""Content digests of a CLIP's weights: what identifies a tower whatever file,
+path or device it came from. The feature cache keys the image tower by one;
+checkpoints and exported classifiers record the text side's, so that contexts
+are never loaded onto another CLIP without a word (they would give a
+classifier of garbage, silently)."""
+from __future__ import annotations
+
+import hashlib
+import weakref
+from collections import OrderedDict
+from typing import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["tensors_digest", "text_side_digest", "text_side_dtype"]
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) of the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+_TEXT_DIGESTS: OrderedDict[tuple, tuple[str, list[weakref.ref]]] = OrderedDict()
+_TEXT_DIGESTS_KEPT = 8
+
+
+def _text_side(clip_model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in clip_model.state_dict(keep_vars=True).items() if not k.startswith("visual.")}
+
+
+def text_side_digest(clip_model: nn.Module) -> str:
+    """A 16-hex digest of every weight of an open_clip model outside its image
+    tower (`visual.*`): the text tower and the logit scale, what text features
+    and logits come from. Rounded to bfloat16 first, so the same weights in
+    fp32, bf16 or fp64 (a tower cast for training) digest alike (fp16 rounds
+    differently: see text_side_dtype). Cached per weight tensor (the same
+    objects, unmodified since): about a second for ViT-B/16, once."""
+    state = _text_side(clip_model)
+    names = sorted(state)
+    key = tuple((k, state[k].data_ptr(), state[k]._version, tuple(state[k].shape), str(state[k].dtype),
+                 str(state[k].device)) for k in names)
+    hit = _TEXT_DIGESTS.get(key)
+    # the same addresses may be another, freed model's: a hit must be these very tensors
+    if hit is not None and all(ref() is state[k] for ref, k in zip(hit[1], names)):
+        _TEXT_DIGESTS.move_to_end(key)
+        return hit[0]
+    with torch.no_grad():
+        rounded = {k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach())
+                   for k, v in state.items()}
+        digest = tensors_digest(rounded)[:16]
+    _TEXT_DIGESTS[key] = (digest, [weakref.ref(state[k]) for k in names])
+    while len(_TEXT_DIGESTS) > _TEXT_DIGESTS_KEPT:
+        _TEXT_DIGESTS.popitem(last=False)
+    return digest
+
+
+def text_side_dtype(clip_model: nn.Module) -> str:
+    """The dtype of the text side's floating-point weights ("torch.float32"): two
+    digests of one CLIP agree across fp32 / bf16 / fp64 but not with fp16."""
+    for v in _text_side(clip_model).values():
+        if v.is_floating_point():
+            return str(v.dtype)
+    return "none"
