@@ -139,9 +139,12 @@ def _wait_for_peers(store: dist.Store, rank: int, world: int, timeout_s: float) 
                 store.set("hipro/all-arrived", json.dumps(missing))
                 raise PeerTimeoutError(missing, world, timeout_s, where)
             time.sleep(0.05)
+    # Rank 0's own deadline starts when IT arrives, which may be well after this rank (slow start-up
+    # on its node): wait for its verdict a timeout longer, so that it is rank 0 that names the absent.
     while not store.check(["hipro/all-arrived"]):
-        if time.monotonic() > deadline + 10.0:
-            raise DistributedError(f"rank {rank}: rank 0 did not confirm the group within {timeout_s:g} s at {where}")
+        if time.monotonic() > deadline + timeout_s + 10.0:
+            raise DistributedError(f"rank {rank}: rank 0 did not confirm the group within "
+                                   f"{2 * timeout_s + 10:g} s at {where}")
         time.sleep(0.05)
     verdict = store.get("hipro/all-arrived").decode()
     if verdict != "1":

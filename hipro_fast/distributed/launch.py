@@ -80,7 +80,8 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
     training into the run directory. Its own session keeps a terminal's Ctrl-C
     from reaching it twice (through here and from the terminal)."""
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-        return subprocess.Popen(cmd, env=env, start_new_session=True).wait()
+        code = subprocess.Popen(cmd, env=env, start_new_session=True).wait()
+        return 128 - code if code < 0 else code
     started: list[subprocess.Popen] = []
     pending: list[int] = []
 
@@ -90,12 +91,18 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
         else:
             pending.append(signum)
 
-    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    # an ignored signal stays ignored (`nohup hipro ... --nproc N` must survive a hang-up)
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         started.append(subprocess.Popen(cmd, env=env, start_new_session=True))
         for signum in pending:
             started[0].send_signal(signum)
-        return started[0].wait()
+        code = started[0].wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if code < 0:  # torchrun killed before its own handlers were up: the shell's status, and a word
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        print(f"hipro: interrupted ({name}); torchrun stopped before its workers started", file=sys.stderr)
+        return 128 - code
+    return code

@@ -41,7 +41,9 @@ def text_side_digest(clip_model: nn.Module) -> str:
     and logits come from. Rounded to bfloat16 first, so the same weights in
     fp32, bf16 or fp64 (a tower cast for training) digest alike (fp16 rounds
     differently: see text_side_dtype). Cached per weight tensor (the same
-    objects, unmodified since): about a second for ViT-B/16, once."""
+    objects, unmodified since by in-place torch ops: writes through `.data`
+    or a numpy view go unseen by the version counter): about a second for
+    ViT-B/16, once."""
     state = _text_side(clip_model)
     names = sorted(state)
     key = tuple((k, state[k].data_ptr(), state[k]._version, tuple(state[k].shape), str(state[k].dtype),
@@ -62,9 +64,11 @@ def text_side_digest(clip_model: nn.Module) -> str:
 
 
 def text_side_dtype(clip_model: nn.Module) -> str:
-    """The dtype of the text side's floating-point weights ("torch.float32"): two
-    digests of one CLIP agree across fp32 / bf16 / fp64 but not with fp16."""
-    for v in _text_side(clip_model).values():
-        if v.is_floating_point():
-            return str(v.dtype)
-    return "none"
+    """"torch.float16" when any text-side weight is fp16 (open_clip's fp16
+    precision leaves LayerNorms and embeddings fp32), else the dtype of the
+    first floating-point one ("torch.float32"): two digests of one CLIP agree
+    across fp32 / bf16 / fp64, not with fp16."""
+    dtypes = [v.dtype for v in _text_side(clip_model).values() if v.is_floating_point()]
+    if torch.float16 in dtypes:
+        return str(torch.float16)
+    return str(dtypes[0]) if dtypes else "none"

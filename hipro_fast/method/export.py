@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
@@ -146,6 +147,8 @@ class Classifier(nn.Module):
         for i, t in enumerate(tasks):
             self.register_buffer(f"weight_{i}", weights[t].detach())
         self.register_buffer("logit_scale", scale.detach().reshape(()))
+        # the tasks and classes in the state_dict, as a tensor (safetensors holds it)
+        self.register_buffer("layout", _json_bytes({"tasks": tasks, "classes": self._classes}))
         self.register_load_state_dict_pre_hook(_check_classifier_state)
 
     @classmethod
@@ -205,9 +208,10 @@ class Classifier(nn.Module):
         return list(self._tasks)
 
     @property
-    def weights(self) -> dict[str, torch.Tensor]:
-        """{task: [C_t, E]} the class weight rows (the module's buffers)."""
-        return {t: getattr(self, f"weight_{i}") for i, t in enumerate(self._tasks)}
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """{task: [C_t, E]} the class weight rows: the module's buffers, read-only
+        by task (replace one in place: clf.weights[t].copy_(w))."""
+        return MappingProxyType({t: getattr(self, f"weight_{i}") for i, t in enumerate(self._tasks)})
 
     @property
     def embed_dim(self) -> int:
@@ -244,12 +248,6 @@ class Classifier(nn.Module):
         self._check_task(task)
         return TaskHead(task, self.weights[task].clone(), self.logit_scale.clone(), self._classes[task])
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"tasks": list(self._tasks), "classes": self._classes}
-
-    def set_extra_state(self, state: Any) -> None:
-        pass  # checked before anything was loaded (_check_classifier_state)
-
     def extra_repr(self) -> str:
         sizes = ", ".join(f"{t}: {len(c)}" for t, c in self._classes.items())
         return f"embed_dim={self.embed_dim}, tasks={{{sizes}}}"
@@ -275,23 +273,31 @@ class TaskHead(nn.Module):
         return f"task={self.task!r}, classes={len(self.classes)}, embed_dim={int(self.weight.shape[1])}"
 
 
+def _json_bytes(value: Any) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(value, separators=(",", ":")).encode()), dtype=torch.uint8)
+
+
 def _check_classifier_state(clf: Classifier, state_dict, prefix, local_metadata, strict, missing_keys,
                             unexpected_keys, error_msgs) -> None:
-    """load_state_dict's pre-hook: the state must be of a classifier with these
-    tasks and classes (the weights are stored by position); refused before
-    anything loads."""
-    key = prefix + "_extra_state"
-    if key not in state_dict:
-        if strict:
-            raise InvalidInputError(f"load_state_dict: the state has no {key!r} naming its tasks and classes "
-                                    "(not a Classifier's state_dict); pass strict=False to load it by position")
+    """load_state_dict's pre-hook: a state with this classifier's tensors must
+    be of a classifier with these tasks and classes (the weights are stored by
+    position); refused before anything loads. A state without them is left to
+    torch's missing-key rule (strict=False loads of a parent's other parts)."""
+    layout = state_dict.get(prefix + "layout")
+    if layout is None:
+        ours = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".")[0] in clf._buffers]
+        if ours:
+            raise InvalidInputError(f"load_state_dict: the state has {ours[0]!r} but no {prefix + 'layout'!r} naming "
+                                    "its tasks and classes (not a Classifier's state_dict)")
         return
-    theirs = state_dict[key]
-    mine = clf.get_extra_state()
-    if not isinstance(theirs, Mapping) or list(theirs.get("tasks", [])) != mine["tasks"]:
-        raise InvalidInputError(f"load_state_dict: the state is of a classifier with tasks "
-                                f"{theirs.get('tasks') if isinstance(theirs, Mapping) else None}, this one has "
-                                f"{mine['tasks']}")
-    for t in mine["tasks"]:
-        if list(theirs["classes"].get(t, [])) != mine["classes"][t]:
+    try:
+        theirs = json.loads(bytes(layout.detach().cpu().tolist()).decode())
+        tasks, classes = list(theirs["tasks"]), dict(theirs["classes"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise InvalidInputError(f"load_state_dict: {prefix + 'layout'!r} is not a Classifier's") from None
+    if tasks != clf.tasks:
+        raise InvalidInputError(f"load_state_dict: the state is of a classifier with tasks {tasks}, this one has "
+                                f"{clf.tasks}")
+    for t in tasks:
+        if list(classes.get(t, [])) != clf._classes[t]:
             raise InvalidInputError(f"load_state_dict: task {t!r} has other classes in the state")

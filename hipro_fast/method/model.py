@@ -1,8 +1,10 @@
 """HiProModel: one learnable context per task-tree node on a frozen CLIP."""
 from __future__ import annotations
 
+import json
 import math
 import operator
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -216,6 +218,9 @@ class HiProModel(nn.Module):
             {t: self.context_path(t) for t in self.tasks}, self.tasks, combine).to(device)
         self._whole_forest = self.encoder  # shard_text() may swap `encoder` for a ShardedForestEncoder
         object.__setattr__(self, "_sharded_forest", None)
+        # The tree in the state_dict, as a tensor (safetensors holds it): internal node ids are
+        # positional ("root/0"), so another tree can have this one's keys and shapes.
+        self.register_buffer("layout", _json_bytes(self.tree.to_nested()).to(device))
         self.register_load_state_dict_pre_hook(_check_state_dict)
         self.register_load_state_dict_post_hook(_rebind_learnable)
 
@@ -275,6 +280,7 @@ class HiProModel(nn.Module):
     # ------------------------------------------------------------ device moves
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        _rebind_learnable(self, None)  # a conversion may have replaced the registered parameters
         self.clip._apply(fn)
         device = self.tower.token_embedding.device
         self.encoder.to(device)
@@ -389,28 +395,50 @@ class HiProModel(nn.Module):
         }
 
 
+_PROBE = nn.ParameterDict()
+
+
 def _state_key(name: str) -> str:
-    """A node id or "path/<task>" as a parameter name: no "." (a module path
-    separator), escaped reversibly."""
-    return name.replace("%", "%25").replace(".", "%2E")
+    """A node id or "path/<task>" as a parameter name, escaped one-to-one: no "."
+    (a module path separator), no leading "_" and no name of a ParameterDict
+    attribute ("update", "training": a hand-built tree may use any id)."""
+    key = name.replace("%", "%25").replace(".", "%2E")
+    if key.startswith("_") or hasattr(_PROBE, key):
+        key = f"%{ord(key[0]):02X}{key[1:]}"
+    return key
+
+
+def _json_bytes(value: Any) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(value, separators=(",", ":")).encode()), dtype=torch.uint8)
+
+
+def _json_of(t: torch.Tensor) -> Any:
+    return json.loads(bytes(t.detach().cpu().tolist()).decode())
 
 
 def _check_state_dict(model: HiProModel, state_dict, prefix, local_metadata, strict, missing_keys,
                       unexpected_keys, error_msgs) -> None:
-    """load_state_dict's pre-hook: the state's learned tensors must be this
-    model's, name by name and shape by shape; refused naming the first that
-    differs before anything loads (torch would load the matching ones first).
-    A state of hipro_fast before named keys (`_params.<i>`, in parameters()
-    order) is renamed to this model's keys, its shapes then checked."""
+    """load_state_dict's pre-hook: the state must be of a model with this tree,
+    and its learned tensors this model's, name by name and shape by shape;
+    refused naming the first difference before anything loads (torch would load
+    the matching ones first). States of earlier versions: positional keys
+    `_params.<i>` with their names (`_extra_state`) are mapped by name; without
+    names they load by position, with a warning."""
     mine = {prefix + k: n for k, n in model.state_keys().items()}
-    legacy = [k for k in state_dict if k.startswith(prefix + "_params.")]
-    if legacy:
-        for i, key in enumerate(mine):
-            if f"{prefix}_params.{i}" in state_dict:
-                state_dict[key] = state_dict.pop(f"{prefix}_params.{i}")
+    if any(k.startswith(prefix + "_params.") for k in state_dict):
+        _rename_positional(model, state_dict, prefix, mine)
+    layout = state_dict.get(prefix + "layout")
+    if torch.is_tensor(layout):
+        try:
+            theirs = _json_of(layout)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInputError(f"load_state_dict: {prefix}layout is not a HiProModel's tree") from None
+        if theirs != model.tree.to_nested():
+            raise InvalidInputError(f"load_state_dict: the state is of a model with another tree: {theirs!r}, "
+                                    f"this model's is {model.tree.to_nested()!r}")
     # (torch passes strict=True to every hook whatever the caller's: a state with none of this
     # model's keys is left to torch's own missing-key rule, one with some of them is another model's)
-    ours = (prefix + "contexts.", prefix + "path_weight_logits.", prefix + "_params.")
+    ours = (prefix + "contexts.", prefix + "path_weight_logits.")
     foreign = [k for k in state_dict if k.startswith(ours) and k not in mine]
     if foreign:
         raise InvalidInputError(f"load_state_dict: the state is of another model: it has {foreign[0]!r}, "
@@ -426,6 +454,28 @@ def _check_state_dict(model: HiProModel, state_dict, prefix, local_metadata, str
             if tuple(state_dict[key].shape) != want:
                 raise InvalidInputError(f"load_state_dict: {name!r} is {tuple(state_dict[key].shape)} in the state, "
                                         f"{want} in this model (other n_ctx or another tree)")
+
+
+def _rename_positional(model: HiProModel, state_dict, prefix: str, mine: Mapping[str, str]) -> None:
+    """Earlier versions' `_params.<i>` keys renamed to this model's, in place."""
+    extra = state_dict.pop(prefix + "_extra_state", None)
+    named = extra.get("learnable") if isinstance(extra, Mapping) else None
+    key_of = {n: k for k, n in mine.items()}
+    if named is not None:
+        for i, entry in enumerate(named):
+            name = str(entry[0])
+            if name not in key_of:
+                raise InvalidInputError(f"load_state_dict: the state is of another model: it has {name!r}, "
+                                        "which this model does not (another tree or other tasks)")
+            if f"{prefix}_params.{i}" in state_dict:
+                state_dict[key_of[name]] = state_dict.pop(f"{prefix}_params.{i}")
+    else:
+        warnings.warn("load_state_dict: a state of hipro_fast before named keys (_params.<i>): loaded by position, "
+                      "its node names cannot be checked", stacklevel=4)
+        for i, key in enumerate(mine):
+            if f"{prefix}_params.{i}" in state_dict:
+                state_dict[key] = state_dict.pop(f"{prefix}_params.{i}")
+    state_dict.setdefault(prefix + "layout", model.layout)  # they carried no tree
 
 
 def _rebind_learnable(model: HiProModel, incompatible_keys) -> None:

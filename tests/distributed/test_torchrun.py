@@ -2,9 +2,11 @@
 own error lines and the first failed worker's exit status."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -46,3 +48,28 @@ def test_a_failing_nproc_command_ends_in_the_workers_lines_not_a_traceback(tmp_p
     assert lines and all(ln.startswith("hipro: error: ") for ln in lines), proc.stderr
     assert any(f"spec file not found: {missing}" in ln for ln in lines), proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _sleeper(seconds: float) -> list[str]:
+    return [sys.executable, "-c", f"import time; time.sleep({seconds})"]
+
+
+def test_a_stopping_signal_goes_to_the_launched_process_once(capsys):
+    from hipro_fast.distributed.launch import _run_forwarding_signals
+
+    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGHUP)).start()
+    assert _run_forwarding_signals(_sleeper(30), dict(os.environ)) == 128 + signal.SIGHUP  # the shell's status
+    assert "hipro: interrupted (SIGHUP)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # the handler is put back
+
+
+def test_an_ignored_signal_stays_ignored():
+    """`nohup hipro ... --nproc N`: a hang-up must not reach torchrun."""
+    from hipro_fast.distributed.launch import _run_forwarding_signals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGHUP)).start()
+        assert _run_forwarding_signals(_sleeper(1.5), dict(os.environ)) == 0
+    finally:
+        signal.signal(signal.SIGHUP, previous)

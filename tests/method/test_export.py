@@ -86,6 +86,17 @@ def test_the_classifier_is_a_module_a_larger_model_carries(tmp_path, trained):
     torch.testing.assert_close(fresh.logits("colors", x), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="pass task="):
         clf(x)
+    # a parent's state_dict is all tensors (safetensors), and a partial strict=False load leaves it be
+    from safetensors.torch import load_file, save_file
+
+    parent = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "clf": Classifier.load(tmp_path / "clf.safetensors")})
+    save_file(parent.state_dict(), str(tmp_path / "parent.safetensors"))
+    parent.load_state_dict(load_file(str(tmp_path / "parent.safetensors")))
+    result = parent.load_state_dict({"backbone.weight": torch.zeros(2, 2), "backbone.bias": torch.zeros(2)},
+                                    strict=False)
+    assert "clf.weight_0" in result.missing_keys
+    with pytest.raises(TypeError):
+        clf.weights["colors"] = torch.zeros(3, 24)  # read-only by task: no silent no-op
 
 
 def test_another_classifiers_state_is_refused_before_loading(tmp_path, trained):

@@ -152,10 +152,11 @@ def test_state_dict_round_trip_names_its_contexts_and_refuses_another_models(tin
 
     src = build(1)
     state = src.state_dict()
-    assert list(state) == ["contexts.root", "contexts.root/0", "contexts.task/a", "contexts.task/b",
-                           "contexts.task/c", "path_weight_logits.path/a", "path_weight_logits.path/b",
-                           "path_weight_logits.path/c"]
+    learned = ["contexts.root", "contexts.root/0", "contexts.task/a", "contexts.task/b", "contexts.task/c",
+               "path_weight_logits.path/a", "path_weight_logits.path/b", "path_weight_logits.path/c"]
+    assert sorted(state) == sorted(learned + ["layout"])
     assert all(torch.is_tensor(v) for v in state.values())  # safetensors can hold it
+    learned_values = [state[k] for k in learned]
     with torch.no_grad():
         want = src.text_features()
     for assign in (False, True):  # assign=True swaps the parameters: the forward must read the new ones
@@ -166,36 +167,71 @@ def test_state_dict_round_trip_names_its_contexts_and_refuses_another_models(tin
             got = model.text_features()
         for t in TASKS:
             torch.testing.assert_close(got[t], want[t], rtol=0, atol=0)
-    # the positional keys of hipro_fast before named keys still load, by position
+    # the positional keys of hipro_fast before named keys still load: by position, said
     legacy = build(2)
-    legacy.load_state_dict({f"_params.{i}": v.clone() for i, v in enumerate(state.values())})
+    with pytest.warns(UserWarning, match="loaded by position, its node names cannot be checked"):
+        legacy.load_state_dict({f"_params.{i}": v.clone() for i, v in enumerate(learned_values)})
     for n, p in legacy.learnable().items():
         assert torch.equal(p.detach(), src.learnable()[n].detach()), n
-    # same shapes, another tree: refused by name, nothing loaded
-    other = build(2, tree=[["a", "c"], "b"])
-    before = {n: p.detach().clone() for n, p in other.learnable().items()}
-    for bad in (state, {f"_params.{i}": v for i, v in enumerate(state.values())}):
-        with pytest.raises(InvalidInputError) as err:
-            other.load_state_dict(bad)
-        assert "the state is of another model" in str(err.value) or "in the state" in str(err.value)
-    for n, p in other.learnable().items():
-        assert torch.equal(p.detach(), before[n]), n
+    # ... and with their names (the layout of 11f2d9f), by name
+    named = build(2)
+    names = list(src.learnable())
+    named.load_state_dict({**{f"_params.{i}": v.clone() for i, v in enumerate(learned_values)},
+                           "_extra_state": {"learnable": [[n, list(src.learnable()[n].shape)] for n in names]}})
+    for n, p in named.learnable().items():
+        assert torch.equal(p.detach(), src.learnable()[n].detach()), n
+    # another tree with the same node ids and shapes (internal ids are positional): refused, nothing loaded
+    for options in ({"path_weights": "uniform"}, {"combine": "concat", "path_weights": "uniform"}):
+        one = hf.HiProModel(tiny, TASKS, tree, n_ctx=2, tokenizer=tokenizer, seed=1, **options)
+        other = hf.HiProModel(tiny, TASKS, [["a", "c"], "b"], n_ctx=2, tokenizer=tokenizer, seed=2, **options)
+        assert sorted(k for k in one.state_dict() if k != "layout") == sorted(k for k in other.state_dict() if k != "layout")
+        before = {n: p.detach().clone() for n, p in other.learnable().items()}
+        with pytest.raises(InvalidInputError, match=r"a model with another tree: \[\['a', 'b'\], 'c'\]"):
+            other.load_state_dict(one.state_dict())
+        for n, p in other.learnable().items():
+            assert torch.equal(p.detach(), before[n]), n
     renamed = build(2, tasks={"a": TASKS["a"], "b": TASKS["b"], "d": TASKS["c"]}, tree=[["a", "b"], "d"])
-    with pytest.raises(InvalidInputError, match="it has 'contexts.task/c', which this model does not"):
+    with pytest.raises(InvalidInputError, match=r"another tree: \[\['a', 'b'\], 'c'\]"):
         renamed.load_state_dict(state)
+    with pytest.raises(InvalidInputError, match="it has 'contexts.task/c', which this model does not"):
+        renamed.load_state_dict({k: v for k, v in state.items() if k != "layout"}, strict=False)
     # inside a parent module the keys carry its prefix; a parent state without HiPro keys is torch's to judge
     parent_src, parent_dst = torch.nn.ModuleDict({"h": src}), torch.nn.ModuleDict({"h": build(3)})
     parent_dst.load_state_dict(parent_src.state_dict())
     torch.testing.assert_close(parent_dst["h"].text_features()["a"], want["a"], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="Missing key"):
         parent_dst.load_state_dict({})
-    assert parent_dst.load_state_dict({}, strict=False).missing_keys == ["h." + k for k in state]
+    assert sorted(parent_dst.load_state_dict({}, strict=False).missing_keys) == sorted("h." + k for k in state)
     # a "." in a task name cannot be a module path separator: escaped in the key, reversibly
     dotted = {"v1.0": TASKS["a"], "100%": TASKS["b"]}
     d1, d2 = build(1, tasks=dotted, tree=list(dotted)), build(2, tasks=dotted, tree=list(dotted))
     assert "contexts.task/v1%2E0" in d1.state_dict() and "path_weight_logits.path/100%25" in d1.state_dict()
     d2.load_state_dict(d1.state_dict())
     assert all(torch.equal(d2.learnable()[n], p) for n, p in d1.learnable().items())
+    # a hand-built tree may name a node like a ParameterDict attribute
+    from hipro_fast.method.tree import TreeNode
+
+    nodes = {"root": TreeNode("root", None, ["update", "_keys"]), "update": TreeNode("update", "root", ["task/a"]),
+             "_keys": TreeNode("_keys", "root", ["task/b", "task/c"])}
+    nodes.update({f"task/{t}": TreeNode(f"task/{t}", p, task=t) for t, p in
+                  (("a", "update"), ("b", "_keys"), ("c", "_keys"))})
+    odd = hf.HiProModel(tiny, TASKS, hf.TaskTree(nodes), n_ctx=1, tokenizer=tokenizer)
+    odd.eval()
+    twin = hf.HiProModel(tiny, TASKS, hf.TaskTree(nodes), n_ctx=1, tokenizer=tokenizer, seed=4)
+    twin.load_state_dict(odd.state_dict())
+    assert torch.equal(twin.ctx["update"], odd.ctx["update"]) and torch.equal(twin.ctx["_keys"], odd.ctx["_keys"])
+
+
+def test_a_conversion_that_replaces_the_parameters_moves_the_forward_too(tiny, tokenizer):
+    own = copy.deepcopy(tiny)
+    model = hf.HiProModel(own, TASKS, [["a", "b"], "c"], n_ctx=2, tokenizer=tokenizer)
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert all(p is q for p, q in zip(model.learnable().values(), model.parameters()))
+    assert all(p.dtype == torch.float64 for p in model.ctx.values())
 
 
 def test_a_float64_model_scores_in_float64(tiny, tokenizer):
