@@ -54,7 +54,7 @@ class Mutation:
 # The "wrong tree of the same shape" bug: HiPro's tree keeps its shape but its
 # tasks are re-dealt round-robin over the top-level groups (for the planted
 # 4 x 4 and 3 x 2 trees every group then holds one task of each planted group).
-_WRONG_TREE = '''            raise ValueError("method 'hipro' needs a tree")
+_WRONG_TREE = '''            raise InvalidInputError("method 'hipro' needs a tree")
         # MUTATION: same shape, tasks re-dealt round-robin over the top-level groups
         _nested = (tree if isinstance(tree, TaskTree) else TaskTree.from_nested(tree)).to_nested()
 
@@ -82,6 +82,16 @@ MUTATIONS = [
              '        dist_group.check_agreement({"metric": metric, "data": digests}, "evaluate()")',
              "        pass",
              (("tests/distributed/test_training.py", "-k", "own_data"),)),
+    Mutation("checkpoint-any-clip", "a checkpoint loads onto another CLIP without a word",
+             "hipro_fast/method/checkpoint.py",
+             '    if "text_tower" in saved and saved["text_tower"] != mine["text_tower"]:',
+             '    if False:',
+             (("tests/method/test_checkpoint.py", "-k", "another_clip"),)),
+    Mutation("state-dict-any-tree", "load_state_dict takes a state of another tree with the same node ids",
+             "hipro_fast/method/model.py",
+             '        if theirs != model.tree.to_nested():',
+             '        if False:',
+             (("tests/method/test_model.py", "-k", "state_dict"),)),
     Mutation("sgd-weight-decay", "SGD ignores weight decay", "hipro_fast/method/training.py",
              "momentum=config.momentum, weight_decay=config.weight_decay)",
              "momentum=config.momentum)",
@@ -91,7 +101,7 @@ MUTATIONS = [
              "    return zscore_columns(s)\n", "    return s\n",
              (("tests/method/test_affinity.py",),)),
     Mutation("hipro-wrong-tree", "HiPro trained on a wrong tree of the same shape", "hipro_fast/method/baselines.py",
-             "            raise ValueError(\"method 'hipro' needs a tree\")\n", _WRONG_TREE,
+             "            raise InvalidInputError(\"method 'hipro' needs a tree\")\n", _WRONG_TREE,
              (("tests/method/test_planted.py", "-k", "right_tree"),)),
     Mutation("cache-ignores-mtime", "cache key ignores image mtimes", "hipro_fast/data/feature_cache.py",
              "out.append([r.path, r.label, st.st_size, st.st_mtime_ns])",
@@ -100,10 +110,10 @@ MUTATIONS = [
     Mutation("cache-ignores-preprocessing", "cache key ignores the preprocessing", "hipro_fast/data/feature_cache.py",
              '"preprocess": preprocess_repr(self.preprocess),', '"preprocess": None,',
              (("tests/data/test_cache_keys.py",),)),
-    Mutation("weights-fingerprint-name-only", "weights-file fingerprint ignores the file's size and mtime",
+    Mutation("weights-fingerprint-name-only", "the image tower's fingerprint ignores its weights (name only)",
              "hipro_fast/data/feature_cache.py",
-             'return {"name": name, "weights": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}',
-             'return {"name": name, "weights": str(p)}',
+             'return {"name": name, "visual_sha256": tensors_digest(state)}',
+             'return {"name": name}',
              (("tests/data/test_cache_keys.py",),)),
     Mutation("draws-not-split", "parallel=\"draws\" silently runs every draw on every rank (class-sharded)",
              "hipro_fast/method/protocol.py",
