@@ -761,8 +761,10 @@ def _save_affinity(ctx: _Ctx, matrix, names) -> None:
 def _save_tree(ctx: _Ctx, tree, matrix=None, names=None) -> None:
 
     ctx.run.write_text("tree.json", tree.to_json())
+    a = ctx.args
+    by_rule = getattr(a, "levels", None) is None and getattr(a, "threshold", None) is None  # else cut as asked
     png = plots.plot_dendrogram(tree, ctx.run.path("dendrogram.png"), matrix=matrix, names=names,
-                              linkage=getattr(ctx.args, "linkage", "average"))
+                                linkage=getattr(a, "linkage", "average"), auto_cut=by_rule)
     ctx.run.report.add_figure("Task tree", png, "```\n" + tree.render() + "\n```")
     ctx.run.log("tree", tree=tree.to_nested())
     ctx.say("task tree:\n" + tree.render())

@@ -12,6 +12,7 @@ from scipy.cluster.hierarchy import dendrogram
 from ..method.grouping import affinity_to_distance, cut_info, linkage_matrix, validate_affinity_matrix
 from ..method.tree import ROOT, TaskTree, leaf_id
 from ..errors import InvalidInputError
+from .report import percent_scale
 
 __all__ = ["plot_affinity", "dendrogram_plot", "plot_tree", "plot_affinity_heatmap", "plot_dendrogram",
            "plot_accuracy_bars", "plot_curves", "plot_accuracy_vs_shots"]
@@ -26,6 +27,16 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _label(name: str) -> str:
+    """A task or method name as matplotlib text: a "$" would start math mode
+    (garbled, or a parse error at layout that names no task)."""
+    return str(name).replace("$", r"\$")
+
+
+def _labels(names: Sequence[str]) -> list[str]:
+    return [_label(n) for n in names]
 
 
 def _plt():
@@ -52,8 +63,8 @@ def plot_affinity(matrix, names: Sequence[str], path: str | Path, title: str = "
     off = m[~np.eye(n, dtype=bool)] if n > 1 else m.ravel()
     lim = float(np.max(np.abs(off))) if off.size else 1.0
     im = ax.imshow(m, cmap="RdBu_r", vmin=-lim or -1, vmax=lim or 1)
-    ax.set_xticks(range(n), names, rotation=60, ha="right")
-    ax.set_yticks(range(n), names)
+    ax.set_xticks(range(n), _labels(names), rotation=60, ha="right")
+    ax.set_yticks(range(n), _labels(names))
     if n <= 16:
         for i in range(n):
             for j in range(n):
@@ -64,9 +75,10 @@ def plot_affinity(matrix, names: Sequence[str], path: str | Path, title: str = "
 
 
 def dendrogram_plot(matrix, names: Sequence[str], path: str | Path, linkage: str = "average",
-                    title: str = "task dendrogram") -> Path:
+                    title: str = "task dendrogram", auto_cut: bool = True) -> Path:
     """PNG of the average-linkage dendrogram over the normalised distance, with the
-    automatic cut drawn when it keeps one."""
+    automatic cut drawn when it keeps one and `auto_cut` (False: the tree was cut
+    another way, by levels or a threshold, which the figure should not contradict)."""
     plt = _plt()
 
     m, names = validate_affinity_matrix(matrix, names)
@@ -77,12 +89,12 @@ def dendrogram_plot(matrix, names: Sequence[str], path: str | Path, linkage: str
     if d is None or len(names) < 2:
         ax.text(0.5, 0.5, "no structure (constant affinity or < 2 tasks):\nflat tree",
                 ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+        ax.set_xticks(range(len(names)), _labels(names), rotation=60, ha="right")
     else:
         Z = linkage_matrix(d, linkage)
-        dendrogram(Z, labels=names, ax=ax, leaf_rotation=60, color_threshold=0)
+        dendrogram(Z, labels=_labels(names), ax=ax, leaf_rotation=60, color_threshold=0)
         info = cut_info(m, names, linkage)
-        if not info["flat"]:
+        if auto_cut and not info["flat"]:
             merges = len(names) - info["clusters"]
             y = (Z[merges - 1, 2] + Z[merges, 2]) / 2
             ax.axhline(y, color="tab:red", ls="--", lw=1,
@@ -121,7 +133,7 @@ def plot_tree(tree: TaskTree, path: str | Path, title: str = "task tree") -> Pat
         for c in node.children:
             cx = max_depth if tree.nodes[c].task is not None else depth_of[c]
             ax.plot([x, x, cx], [ypos[n], ypos[c], ypos[c]], color="tab:blue")
-    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(len(tasks)), _labels(tasks))
     ax.set_xticks(range(max_depth + 1))
     ax.set_xlabel("tree level (0 = root)")
     ax.set_title(title)
@@ -138,12 +150,12 @@ def plot_affinity_heatmap(matrix, names: Sequence[str], path: str | Path,
 
 
 def plot_dendrogram(tree, path: str | Path, title: str = "task tree", matrix=None,
-                    names: Sequence[str] | None = None, linkage: str = "average") -> Path:
+                    names: Sequence[str] | None = None, linkage: str = "average", auto_cut: bool = True) -> Path:
     """The task tree as a dendrogram: the affinity dendrogram
     (dendrogram_plot) when a matrix is given, else plot_tree."""
     path = Path(path)
     if matrix is not None and names is not None:
-        return Path(dendrogram_plot(matrix, list(names), path, linkage=linkage))
+        return Path(dendrogram_plot(matrix, list(names), path, linkage=linkage, auto_cut=auto_cut))
     return Path(plot_tree(tree, path, title=title))
 
 
@@ -157,14 +169,14 @@ def plot_accuracy_bars(results: Mapping[str, Mapping[str, float]], path: str | P
     tasks: list[str] = []
     for m in methods:
         tasks += [t for t in results[m] if t not in tasks and t != "mean"]
-    scale = 100.0 if all(0 <= v <= 1.0 for m in methods for v in results[m].values()) else 1.0
+    scale = percent_scale(results)
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 1.2 * len(tasks) + 2)), 4.2))
     x = np.arange(len(tasks))
     for k, m in enumerate(methods):
         vals = [results[m].get(t, np.nan) * scale for t in tasks]
-        ax.bar(x + (k - (len(methods) - 1) / 2) * width, vals, width, label=m)
-    ax.set_xticks(x, tasks, rotation=30, ha="right")
+        ax.bar(x + (k - (len(methods) - 1) / 2) * width, vals, width, label=_label(m))
+    ax.set_xticks(x, _labels(tasks), rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
@@ -176,16 +188,27 @@ def plot_accuracy_bars(results: Mapping[str, Mapping[str, float]], path: str | P
 
 
 
+def _is_number(v) -> bool:
+    """A real number: Python, numpy or a one-element tensor (not a bool)."""
+    if isinstance(v, bool) or v is None:
+        return False
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def plot_curves(history: Sequence[Mapping[str, float]], path: str | Path, keys: Sequence[str] = ("loss",),
                 x: str = "epoch", title: str = "training") -> Path | None:
-    """Line plot of metric records (e.g. the loss per epoch); None when empty."""
-    rows = [r for r in history if x in r and any(k in r for k in keys)]
+    """Line plot of metric records (e.g. the loss per epoch); None when nothing to draw."""
+    rows = [r for r in history if _is_number(r.get(x)) and any(_is_number(r.get(k)) for k in keys)]
     if not rows:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k in keys:
-        pts = [(r[x], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        pts = [(float(r[x]), float(r[k])) for r in rows if _is_number(r.get(k))]
         if pts:
             ax.plot(*zip(*pts), label=k)
     ax.set_xlabel(x)
@@ -202,13 +225,13 @@ def plot_accuracy_vs_shots(result, path: str | Path, title: str = "accuracy vs s
     shots, one line per method, with a ±std band over seeds when there are
     several. `result` is a hipro_fast.method.protocol.ProtocolResult."""
     plt = _plt()
-    shots = list(result.shots)
+    shots = sorted(result.shots)  # as given they may be out of order: a line would zigzag back
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method in result.methods:
         stats = [result.mean_std(method, k) for k in shots]
         mean = np.array([100 * m for m, _ in stats])
         style = dict(lw=2.4, marker="o") if method == "hipro" else dict(lw=1.4, marker=".")
-        (line,) = ax.plot(shots, mean, label=method, **style)
+        (line,) = ax.plot(shots, mean, label=_label(method), **style)
         if all(s is not None for _, s in stats):
             std = np.array([100 * s for _, s in stats])
             ax.fill_between(shots, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)

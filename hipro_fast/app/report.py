@@ -3,6 +3,7 @@ figures of :mod:`hipro_fast.app.plots` linked relatively) and writes
 ``report.md`` in a run directory, atomically."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -11,26 +12,38 @@ import numpy as np
 
 from ..files import atomic_write_text
 
-__all__ = ["Report", "accuracy_table"]
+__all__ = ["Report", "accuracy_table", "percent_scale"]
+
+
+def percent_scale(results: Mapping[str, Mapping[str, float]]) -> float:
+    """100 when the per-task values are fractions (every finite one in [0, 1]),
+    else 1 (already %). The "mean" entries and NaNs do not decide."""
+    vals = [float(v) for m in results.values() for t, v in m.items() if t != "mean" and v is not None]
+    finite = [v for v in vals if math.isfinite(v)]
+    return 100.0 if all(0.0 <= v <= 1.0 for v in finite) else 1.0
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")  # a "|" in a name would split the column
 
 
 def accuracy_table(results: Mapping[str, Mapping[str, float]]) -> str:
-    """Markdown table, one row per method, one column per task plus the mean (in %)."""
+    """Markdown table, one row per method, one column per task plus the mean (in %).
+    The mean is over every task of the table, so "-" when a method lacks one or
+    has a non-finite value (a mean over fewer tasks would not compare)."""
     methods = list(results)
     tasks: list[str] = []
     for m in methods:
         tasks += [t for t in results[m] if t not in tasks and t != "mean"]
-    scale = 100.0 if all(0 <= v <= 1.0 for m in methods for v in results[m].values()) else 1.0
-    head = "| method | " + " | ".join(tasks) + " | mean |"
-    sep = "|---" * (len(tasks) + 2) + "|"
-    rows = [head, sep]
+    scale = percent_scale(results)
+    rows = ["| " + " | ".join(["method", *map(_cell, tasks), "mean"]) + " |",
+            "|" + "---|" * (len(tasks) + 2)]
     for m in methods:
         vals = [results[m].get(t) for t in tasks]
-        ok = [v for v in vals if v is not None]
-        mean = sum(ok) / len(ok) if ok else None
-        cells = [f"{v * scale:.1f}" if v is not None else "-" for v in vals]
-        rows.append(f"| {m} | " + " | ".join(cells) + f" | {mean * scale:.1f} |" if mean is not None
-                    else f"| {m} | " + " | ".join(cells) + " | - |")
+        finite = [v is not None and math.isfinite(float(v)) for v in vals]
+        cells = [f"{float(v) * scale:.1f}" if ok else "-" for v, ok in zip(vals, finite)]
+        mean = f"{scale * sum(float(v) for v in vals) / len(vals):.1f}" if tasks and all(finite) else "-"
+        rows.append("| " + " | ".join([_cell(m), *cells, mean]) + " |")
     return "\n".join(rows)
 
 

@@ -54,6 +54,8 @@ fixed equal path weights)
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +131,25 @@ def class_name_pool(tokenizer, max_tokens: int = 3) -> list[str]:
     return out
 
 
+def _check_planted_args(**args) -> None:
+    """Every argument of make_planted_problem in range, or an InvalidInputError naming it."""
+    least = {"n_groups": 1, "tasks_per_group": 1, "classes_per_task": 2, "shots": 1, "val_shots": 1,
+             "test_per_class": 1, "group_ctx": 0, "task_ctx": 0}
+    for name, low in least.items():
+        v = args[name]
+        if v is None and name == "val_shots":
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+            raise InvalidInputError(f"make_planted_problem: {name} must be an integer >= {low}, got {v!r}")
+    for name in ("noise", "ctx_std"):
+        v = args[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+            raise InvalidInputError(f"make_planted_problem: {name} must be a finite number >= 0, got {v!r}")
+    r = args["row_corr"]
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
+        raise InvalidInputError(f"make_planted_problem: row_corr must be in [0, 1], got {r!r}")
+
+
 def make_planted_problem(clip_or_model, n_groups: int = 3, tasks_per_group: int = 2,
                          classes_per_task: int = 6, shots: int = 2, seed: int = 0,
                          conflict: bool = False, noise: float = 1.0, *, group_ctx: int = 8,
@@ -139,7 +160,7 @@ def make_planted_problem(clip_or_model, n_groups: int = 3, tasks_per_group: int 
 
     Args:
         clip_or_model: a LoadedClip, (model, tokenizer) or an open_clip model with tokenizer=
-            (tokenizer then defaults to ViT-B-16's).
+            (required then: there is no default tokenizer).
         n_groups, tasks_per_group: the planted hierarchy.
         classes_per_task: classes of each task.
         shots: training samples per class; val has `val_shots` (default: shots)
@@ -154,8 +175,9 @@ def make_planted_problem(clip_or_model, n_groups: int = 3, tasks_per_group: int 
     Task names are "task00", "task01", ... in a seeded random order, so a
     group's tasks are not adjacent.
     """
-    if n_groups < 1 or tasks_per_group < 1 or classes_per_task < 2 or shots < 1:
-        raise InvalidInputError("need n_groups >= 1, tasks_per_group >= 1, classes_per_task >= 2, shots >= 1")
+    _check_planted_args(n_groups=n_groups, tasks_per_group=tasks_per_group, classes_per_task=classes_per_task,
+                        shots=shots, val_shots=val_shots, test_per_class=test_per_class, group_ctx=group_ctx,
+                        task_ctx=task_ctx, noise=noise, ctx_std=ctx_std, row_corr=row_corr)
     model, tokenizer = clip_parts(clip_or_model, tokenizer)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
@@ -179,7 +201,7 @@ def make_planted_problem(clip_or_model, n_groups: int = 3, tasks_per_group: int 
             task = f"task{int(order[idx]):02d}"
             groups[gname].append(task)
             names = name_sets[0] if conflict else name_sets[g]
-            tasks[task] = list(rng.permutation(names))
+            tasks[task] = [str(n) for n in rng.permutation(names)]  # plain str, not numpy.str_
             paths[task] = [f"group/{gname}", f"task/{task}"]
     tasks = {t: tasks[t] for t in sorted(tasks)}
     paths = {t: paths[t] for t in tasks}

@@ -96,7 +96,10 @@ class FlexTreeAttention:
         # q, k, v is small next to the attention itself).
         qh, kh, vh = (x.permute(1, 0, 2).unsqueeze(0).contiguous() for x in (q, k, v))
         with warnings.catch_warnings():
-            # Eager (unfused) on the CPU is the point there: a forward check, not a fast path.
-            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            if q.device.type == "cpu":
+                # Eager (unfused) on the CPU is the point there: a forward check, not a fast path.
+                # On CUDA the warning stays: it means the compiled kernel fell back to eager
+                # (e.g. torch.compile's recompile limit, one compile per token count and grad mode).
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             out = _flex_fn(q.device)(qh, kh, vh, block_mask=mask, scale=scale)
         return out.squeeze(0).permute(1, 0, 2)

@@ -1,0 +1,61 @@
+"""app/report.py and app/plots.py: tables and figures from awkward inputs
+(NaN, missing tasks, names with '|' or '$', shots out of order, numpy numbers)."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from hipro_fast.app import plots
+from hipro_fast.app.report import accuracy_table, percent_scale
+
+
+def test_accuracy_table_keeps_its_unit_and_means_only_whole_rows():
+    table = accuracy_table({"A": {"t1": 0.8, "t2": float("nan")}, "B|x": {"t1": 0.9, "t2": 0.7}, "C": {"t1": 0.5}})
+    assert table.splitlines() == ["| method | t1 | t2 | mean |", "|---|---|---|---|",
+                                  "| A | 80.0 | - | - |",        # a NaN does not switch the table to raw values
+                                  "| B\\|x | 90.0 | 70.0 | 80.0 |",  # a '|' in a name stays in its cell
+                                  "| C | 50.0 | - | - |"]      # no mean over fewer tasks than the others
+    assert accuracy_table({}).splitlines() == ["| method | mean |", "|---|---|"]
+    assert percent_scale({"A": {"t1": 80.0, "mean": 80.0}}) == 1.0
+    assert percent_scale({"A": {"t1": 0.8, "mean": 80.0}}) == 100.0  # "mean" does not decide
+
+
+def test_figures_take_names_with_dollars_and_numpy_numbers(tmp_path):
+    names = ["$5-$10 bills", "cost $_$ range", "plain"]
+    m = np.array([[0, 0.9, 0.1], [0.9, 0, 0.2], [0.1, 0.2, 0]])
+    assert plots.plot_affinity(m, names, tmp_path / "a.png").stat().st_size > 0
+    assert plots.plot_accuracy_bars({"$m$": {n: 0.5 for n in names}}, tmp_path / "b.png").stat().st_size > 0
+    history = [{"epoch": np.int64(e), "loss": np.float32(1.0 / (e + 1)), "val_mean": torch.tensor(0.5)}
+               for e in range(3)]
+    assert plots.plot_curves(history, tmp_path / "c.png", keys=("loss", "val_mean")) is not None
+    assert plots.plot_curves([{"epoch": 0, "loss": None}], tmp_path / "none.png") is None
+
+
+def test_accuracy_vs_shots_draws_the_shots_in_order(tmp_path, monkeypatch):
+    drawn = []
+    real_plot = plots._plt().Axes.plot
+
+    def spy(self, x, *args, **kw):
+        drawn.append(list(x))
+        return real_plot(self, x, *args, **kw)
+
+    monkeypatch.setattr(plots._plt().Axes, "plot", spy)
+    result = types.SimpleNamespace(shots=[16, 1, 4], seeds=[0, 1], methods=["hipro"],
+                                   mean_std=lambda m, k: ({1: 0.5, 4: 0.6, 16: 0.7}[k], 0.01))
+    plots.plot_accuracy_vs_shots(result, tmp_path / "s.png")
+    assert drawn == [[1, 4, 16]]
+
+
+def test_a_dendrogram_of_a_tree_cut_by_levels_draws_no_automatic_cut(tmp_path, monkeypatch):
+    lines = []
+    real = plots._plt().Axes.axhline
+    monkeypatch.setattr(plots._plt().Axes, "axhline", lambda self, *a, **k: lines.append(k) or real(self, *a, **k))
+    blocks = np.kron(np.eye(2), np.ones((3, 3))) * 0.9 + 0.05
+    names = [f"t{i}" for i in range(6)]
+    plots.dendrogram_plot(blocks, names, tmp_path / "auto.png")
+    assert len(lines) == 1 and "auto cut" in lines[0]["label"]
+    plots.dendrogram_plot(blocks, names, tmp_path / "levels.png", auto_cut=False)
+    assert len(lines) == 1
