@@ -100,8 +100,9 @@ def dendrogram_plot(matrix, names: Sequence[str], path: str | Path, linkage: str
             ax.axhline(y, color="tab:red", ls="--", lw=1,
                        label=f"auto cut: {info['clusters']} groups (silhouette {info['silhouette']:.2f}, "
                              f"correlation {info['correlation']:.2f}, separation {info['separation']:.2f})")
-            ax.legend(loc="upper left", fontsize=7)
-        ax.set_ylabel("normalised distance (1 - scaled affinity)")
+            # below the axes: inside, the long label ran off a narrow figure and hid the top merge
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), fontsize=7, frameon=False)
+        ax.set_ylabel("distance\n(1 - scaled affinity)")
     ax.set_title(title)
     return _save(fig, path)
 

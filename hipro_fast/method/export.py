@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, MissingFileError
 from ..files import atomic_write_bytes
-from .model import HiProModel, TaskSpecError, image_features_of
+from .model import HiProModel, TaskSpecError, image_features_of, json_tensor, tensor_json
 
 FORMAT = "hipro_fast.classifier"
 VERSION = "1"
@@ -148,7 +148,7 @@ class Classifier(nn.Module):
             self.register_buffer(f"weight_{i}", weights[t].detach())
         self.register_buffer("logit_scale", scale.detach().reshape(()))
         # the tasks and classes in the state_dict, as a tensor (safetensors holds it)
-        self.register_buffer("layout", _json_bytes({"tasks": tasks, "classes": self._classes}))
+        self.register_buffer("layout", json_tensor({"tasks": tasks, "classes": self._classes}))
         self.register_load_state_dict_pre_hook(_check_classifier_state)
 
     @classmethod
@@ -273,10 +273,6 @@ class TaskHead(nn.Module):
         return f"task={self.task!r}, classes={len(self.classes)}, embed_dim={int(self.weight.shape[1])}"
 
 
-def _json_bytes(value: Any) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(value, separators=(",", ":")).encode()), dtype=torch.uint8)
-
-
 def _check_classifier_state(clf: Classifier, state_dict, prefix, local_metadata, strict, missing_keys,
                             unexpected_keys, error_msgs) -> None:
     """load_state_dict's pre-hook: a state with this classifier's tensors must
@@ -291,7 +287,7 @@ def _check_classifier_state(clf: Classifier, state_dict, prefix, local_metadata,
                                     "its tasks and classes (not a Classifier's state_dict)")
         return
     try:
-        theirs = json.loads(bytes(layout.detach().cpu().tolist()).decode())
+        theirs = tensor_json(layout)
         tasks, classes = list(theirs["tasks"]), dict(theirs["classes"])
     except (ValueError, UnicodeDecodeError, KeyError, TypeError):
         raise InvalidInputError(f"load_state_dict: {prefix + 'layout'!r} is not a Classifier's") from None

@@ -220,7 +220,7 @@ class HiProModel(nn.Module):
         object.__setattr__(self, "_sharded_forest", None)
         # The tree in the state_dict, as a tensor (safetensors holds it): internal node ids are
         # positional ("root/0"), so another tree can have this one's keys and shapes.
-        self.register_buffer("layout", _json_bytes(self.tree.to_nested()).to(device))
+        self.register_buffer("layout", json_tensor(self.tree.to_nested()).to(device))
         self.register_load_state_dict_pre_hook(_check_state_dict)
         self.register_load_state_dict_post_hook(_rebind_learnable)
 
@@ -408,11 +408,14 @@ def _state_key(name: str) -> str:
     return key
 
 
-def _json_bytes(value: Any) -> torch.Tensor:
+def json_tensor(value: Any) -> torch.Tensor:
+    """`value` as compact JSON bytes in a uint8 tensor: a state_dict entry that
+    describes the tensors beside it (safetensors holds only tensors)."""
     return torch.tensor(list(json.dumps(value, separators=(",", ":")).encode()), dtype=torch.uint8)
 
 
-def _json_of(t: torch.Tensor) -> Any:
+def tensor_json(t: torch.Tensor) -> Any:
+    """The value json_tensor stored (ValueError / UnicodeDecodeError when it is not one)."""
     return json.loads(bytes(t.detach().cpu().tolist()).decode())
 
 
@@ -430,7 +433,7 @@ def _check_state_dict(model: HiProModel, state_dict, prefix, local_metadata, str
     layout = state_dict.get(prefix + "layout")
     if torch.is_tensor(layout):
         try:
-            theirs = _json_of(layout)
+            theirs = tensor_json(layout)
         except (ValueError, UnicodeDecodeError):
             raise InvalidInputError(f"load_state_dict: {prefix}layout is not a HiProModel's tree") from None
         if theirs != model.tree.to_nested():
