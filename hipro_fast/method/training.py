@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import numbers
 import time
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from ..distributed import group as dist_group
 from ..distributed.data_parallel import all_reduce_grads, local_part, local_range
+from ..engine.fingerprint import tensors_digest
 from .model import HiProModel, TaskSpecError
 from .task_data import validate_task_data
 from ..errors import InvalidInputError, InvalidTypeError, NonFiniteLossError
@@ -329,17 +329,6 @@ def _task_scores(model: HiProModel, data: Mapping[str, tuple[torch.Tensor, torch
     return {task: s / x.shape[0] for (task, (x, _)), s in zip(data.items(), reduced)}
 
 
-def _content_digest(*tensors: torch.Tensor) -> str:
-    """A digest of the tensors' shapes, dtypes and bytes: equal on two ranks
-    exactly when they hold the same data."""
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def evaluate(model: HiProModel, data: Data, batch_size: int = 4096, metric: str = "accuracy") -> dict[str, float]:
     """Per-task score of `data` (task -> (features, labels), any subset of the
     model's tasks): top-1 accuracy (a fraction in [0, 1]) or, with metric="loss",
@@ -355,7 +344,8 @@ def evaluate(model: HiProModel, data: Data, batch_size: int = 4096, metric: str 
     if info is not None and info.world_size > 1:
         # Each rank scores its share of the data it was given, so the ranks must be given the same data
         # (a rank holding its own shard, as under DDP, would be scored on a slice of it).
-        digests = {t: _content_digest(x, y) for t, (x, y) in checked.items()}
+        # equal on two ranks exactly when they hold the same data (shapes, dtypes, bytes)
+        digests = {t: tensors_digest({"x": x, "y": y}) for t, (x, y) in checked.items()}
         dist_group.check_agreement({"metric": metric, "data": digests}, "evaluate()")
     was_training = model.training
     model.eval()
