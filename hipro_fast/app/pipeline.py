@@ -554,11 +554,15 @@ def evaluate_model(model, data: Split) -> dict[str, float]:
 
 
 def save_model(model, directory: str | Path, extra: Mapping[str, Any] | None = None, result=None) -> Path:
-    """Write `model`'s current contexts as the `best` checkpoint of `directory`
-    (unless fit already wrote one there; in a multi-process run only rank 0
-    writes); returns the directory."""
+    """Write `model`'s current contexts as the `best` checkpoint of `directory`,
+    with `extra` (JSON-able provenance, e.g. the spec and seed) in its record.
+    When fit already wrote `best` there, its tensors stay and `extra` is added to
+    its record. In a multi-process run only rank 0 writes. Returns the directory."""
     directory = Path(directory)
-    if dist_group.is_main() and not ckpt.has_checkpoint(directory, "best"):  # rank 0 writes, once
+    if dist_group.is_main() and ckpt.has_checkpoint(directory, "best"):
+        if extra:
+            ckpt.annotate_checkpoint(directory, "best", extra)
+    elif dist_group.is_main():  # rank 0 writes, once
         hist = list(getattr(result, "history", []) or [])
         epoch = int(getattr(result, "best_epoch", max(0, len(hist) - 1)) or 0)
         ckpt.save_checkpoint(directory, model, None, epoch, hist, kind="best",

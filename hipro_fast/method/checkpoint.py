@@ -151,6 +151,9 @@ class Checkpoint:
     path: Path
 
 
+FIT_EXTRA_KEYS = ("train_sizes", "scaler")  # what fit keeps in a checkpoint's extra, and resume reads
+
+
 def _json_path(directory: Path, kind: str) -> Path:
     if kind not in KINDS:
         raise InvalidInputError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
@@ -251,6 +254,33 @@ def save_checkpoint(directory: str | Path, model: HiProModel,
                 stale.unlink()
             except FileNotFoundError:
                 pass
+    return json_path
+
+
+def annotate_checkpoint(directory: str | Path, kind: str, extra: Mapping[str, Any]) -> Path:
+    """Add `extra`'s keys to the `kind` checkpoint's JSON-able `extra` (e.g. the
+    CLI's provenance on the `best` checkpoint fit wrote), rewriting its record
+    atomically; the tensors and their sha256 stay as they are. Returns the JSON
+    path. `extra`'s values replace earlier ones under the same keys (a resumed
+    run re-annotates), so keep clear of the keys fit writes (`train_sizes`,
+    `scaler`: resume reads them); those are refused."""
+    json_path = _json_path(Path(directory), kind)
+    if not json_path.exists():
+        raise MissingFileError(f"no {kind} checkpoint in {directory} ({json_path.name} not found)")
+    try:
+        record = json.loads(json_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{json_path}: unreadable checkpoint record ({e})") from None
+    have = dict(record.get("extra") or {})
+    try:
+        new = json.loads(json.dumps(dict(extra), allow_nan=False))  # JSON-able now, as the file will hold it
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"checkpoint extra for {json_path}: not JSON-able ({e})") from None
+    reserved = sorted(set(new) & set(FIT_EXTRA_KEYS))
+    if reserved:
+        raise InvalidInputError(f"checkpoint extra for {json_path}: {reserved} are fit's own (resume reads them)")
+    record["extra"] = {**have, **new}
+    atomic_write_text(json_path, json.dumps(record, indent=1, allow_nan=False))
     return json_path
 
 

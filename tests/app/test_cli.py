@@ -360,6 +360,8 @@ def test_augmented_views_train(world, tmp_path):
     # every augmented view is a training sample: 1 shot x 2 views per class
     record = json.loads((run_dir / "checkpoints" / "best.json").read_text())
     assert record["extra"]["train_sizes"] == {t: 2 * len(c) for t, c in TASKS.items()}
+    # the CLI's provenance reaches the checkpoint fit wrote
+    assert record["extra"]["shots"] == 1 and record["extra"]["spec"] == str(world["spec"])
 
 
 def test_help_usage_errors_and_bench_delegation(capsys):

@@ -15,6 +15,7 @@ import torch
 import hipro_fast
 
 from hipro_fast import TaskSpecError, TreeError
+from hipro_fast.errors import InvalidInputError, MissingFileError
 from hipro_fast.method import checkpoint as ckpt
 from hipro_fast.files import atomic_write_bytes
 from hipro_fast.method.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -73,6 +74,27 @@ def test_save_load_roundtrip_and_files(tmp_path, data):
     best = load_checkpoint(tmp_path, make_model(seed=9), kind="best")
     assert best.epoch == res.best_epoch and _same(best.contexts, res.best_state)
 
+
+
+def test_annotating_a_checkpoint_adds_provenance_and_keeps_its_tensors(tmp_path):
+    model = make_model()
+    save_checkpoint(tmp_path, model, None, 3, [], kind="best", extra={"train_sizes": {"a": 2}})
+    tensors_before = {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")}
+    ckpt.annotate_checkpoint(tmp_path, "best", {"spec": "tasks.toml", "seed": 2, "shots": None})
+    state = load_checkpoint(tmp_path, make_model(seed=9), kind="best")  # the sha256 still matches
+    assert state.extra == {"train_sizes": {"a": 2}, "spec": "tasks.toml", "seed": 2, "shots": None}
+    assert _same(state.contexts, model.context_state())
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")} == tensors_before
+    ckpt.annotate_checkpoint(tmp_path, "best", {"seed": 3})  # a resumed run's provenance replaces the old
+    assert load_checkpoint(tmp_path, None, kind="best").extra["seed"] == 3
+    with pytest.raises(InvalidInputError, match=r"\['train_sizes'\] are fit's own"):
+        ckpt.annotate_checkpoint(tmp_path, "best", {"train_sizes": {"a": 5}, "seed": 4})
+    with pytest.raises(InvalidInputError, match="not JSON-able"):
+        ckpt.annotate_checkpoint(tmp_path, "best", {"when": object()})
+    with pytest.raises(MissingFileError, match="no last checkpoint"):
+        ckpt.annotate_checkpoint(tmp_path, "last", {"seed": 2})
+    assert load_checkpoint(tmp_path, None, kind="best").extra == {"train_sizes": {"a": 2}, "spec": "tasks.toml",
+                                                                  "seed": 3, "shots": None}  # refused: unchanged
 
 def test_mismatch_errors_name_the_item(tmp_path):
     model = make_model()
