@@ -114,8 +114,9 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
 
 
-def _read_folder(task: str, split: str, root: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """ImageFolder -> (labels sorted, [(path, label)])."""
+def _read_folder(task: str, split: str, root: Path) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
+    """ImageFolder -> (labels sorted, [(resolved path, label)], {resolved path:
+    its path inside the folder, "<class>/<file>", unresolved})."""
     if not root.exists():
         raise SpecError(f"task {task!r}: {split} directory not found: {root}")
     if not root.is_dir():
@@ -123,21 +124,24 @@ def _read_folder(task: str, split: str, root: Path) -> tuple[list[str], list[tup
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise SpecError(f"task {task!r}: {split} directory has no class folders: {root}")
-    items = []
+    items, names = [], {}
     for d in class_dirs:
         files = sorted(p for p in d.iterdir() if _is_image(p))
         if not files:
             raise SpecError(f"task {task!r}: class folder has no images: {d}")
-        items.extend((str(p.resolve()), d.name) for p in files)
-    return [d.name for d in class_dirs], items
+        for p in files:
+            items.append((str(p.resolve()), d.name))
+            names[items[-1][0]] = os.path.relpath(p, root)
+    return [d.name for d in class_dirs], items, names
 
 
 def _read_csv(task: str, split: str, path: Path,
-              known: Sequence[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
-    """CSV of path,label -> (labels in first-seen order, [(path, label)])."""
+              known: Sequence[str] | None) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
+    """CSV of path,label -> (labels in first-seen order, [(resolved path, label)],
+    {resolved path: its path relative to the CSV's folder, unresolved})."""
     if not path.is_file():
         raise SpecError(f"task {task!r}: {split} CSV file not found: {path}")
-    items, labels, seen = [], [], set()
+    items, labels, seen, names = [], [], set(), {}
     known_set = set(known) if known is not None else None
     with open(path, newline="", encoding="utf-8-sig") as f:
         for lineno, row in enumerate(csv.reader(f), start=1):
@@ -159,25 +163,26 @@ def _read_csv(task: str, split: str, path: Path,
             if not img.is_file():
                 raise SpecError(f"{path}:{lineno}: image not found: {img}")
             items.append((str(img.resolve()), label))
+            names[items[-1][0]] = os.path.relpath(img, path.parent)
             if label not in seen:
                 seen.add(label)
                 labels.append(label)
     if not items:
         raise SpecError(f"task {task!r}: {split} CSV file has no rows: {path}")
-    return labels, items
+    return labels, items, names
 
 
 def _read_source(task: str, split: str, path: Path, known: Sequence[str] | None):
     if path.suffix.lower() == ".csv":
         return _read_csv(task, split, path, known)
-    labels, items = _read_folder(task, split, path)
+    labels, items, names = _read_folder(task, split, path)
     if known is not None:
         known_set = set(known)
         for lab in labels:
             if lab not in known_set:
                 raise SpecError(f"task {task!r}: unknown class folder {path / lab} "
                                 f"(classes: {', '.join(known)})")
-    return labels, items
+    return labels, items, names
 
 
 # ------------------------------------------------------------------ parsing
@@ -207,23 +212,23 @@ def _split_fracs(task: str, split: Any) -> dict[str, float]:
     return out
 
 
-def _image_rank(path: str, root: Path, seed: int) -> bytes:
+def _image_rank(name: str, seed: int) -> bytes:
     """The place of an image in its class's seeded shuffle: a hash of the split
     seed and the image's path relative to its source (the folder, or the CSV's
-    folder) alone. So a split does not depend on the task's name (two tasks that
+    folder), as listed, before any symbolic link is resolved, alone. So a split does not depend on the task's name (two tasks that
     read the same source into the same classes, e.g. a renamed twin, split them
     alike), on the other classes' images (a class that gains images does not
     reshuffle the rest: an old checkpoint is not tested on its training
-    images), nor on where the data sits (a moved or copied dataset splits alike)."""
-    rel = os.path.relpath(path, root)
-    return hashlib.sha256(str(int(seed)).encode() + b"\0" + os.fsencode(rel)).digest()
+    images), nor on where the data sits (a moved or copied dataset, or one reached
+    through a link to wherever it lies, splits alike)."""
+    return hashlib.sha256(str(int(seed)).encode() + b"\0" + os.fsencode(name)).digest()
 
 
 def _carve(task: str, items: list[tuple[str, int]], fracs: dict[str, float],
-           want: Iterable[str], root: Path) -> dict[str, list[tuple[str, int]]]:
+           want: Iterable[str], names: Mapping[str, str]) -> dict[str, list[tuple[str, int]]]:
     """Stratified seeded split of items into train + the wanted val/test parts
-    (each class's images in _image_rank order: test first, then val); `root`:
-    the source's folder."""
+    (each class's images in _image_rank order: test first, then val); `names`:
+    each item's path inside its source (see _image_rank)."""
     want = set(want)
     by_class: dict[int, list[tuple[str, int]]] = {}
     for it in items:
@@ -231,7 +236,7 @@ def _carve(task: str, items: list[tuple[str, int]], fracs: dict[str, float],
     out: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
     for lab in sorted(by_class):
         group = by_class[lab]
-        order = sorted(range(len(group)), key=lambda i: (_image_rank(group[i][0], root, fracs["seed"]), group[i][0]))
+        order = sorted(range(len(group)), key=lambda i: (_image_rank(names[group[i][0]], fracs["seed"]), group[i][0]))
         n = len(group)
         n_test = int(math.floor(n * fracs["test"] + 0.5)) if "test" in want else 0
         n_val = int(math.floor(n * fracs["val"] + 0.5)) if "val" in want else 0
@@ -300,7 +305,7 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
         else:
             raise SpecError(f"task {name!r}: 'classes' must be a list or a table {{label = \"name\"}}")
 
-    train_labels, train_items = _read_source(name, "train", sources["train"], known)
+    train_labels, train_items, train_names = _read_source(name, "train", sources["train"], known)
     labels = known if known is not None else train_labels
     if len(labels) < 2:  # one class: loss 0, accuracy 100% by construction, a silent inflation of the mean
         raise SpecError(f"task {name!r} has only one class ({labels[0]!r}): a classifier needs at least 2 "
@@ -312,7 +317,7 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
     items: dict[str, list[tuple[str, int]]] = {"train": [(p, index_of[lab]) for p, lab in train_items]}
     for split in ("val", "test"):
         if split in sources:
-            _, its = _read_source(name, split, sources[split], labels)
+            _, its, _ = _read_source(name, split, sources[split], labels)
             items[split] = [(p, index_of[lab]) for p, lab in its]
     for split, its in items.items():  # before carving: a repeated row could land in two carved splits
         _check_listed_once(name, split, its, sources.get(split) or sources["train"])
@@ -321,9 +326,7 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
         fracs = _split_fracs(name, entry.get("split"))
         if "test" in missing and fracs["test"] == 0 and "split" in entry:
             raise SpecError(f"task {name!r}: no test split: give 'test' or split.test > 0")
-        source = sources["train"]
-        carved = _carve(name, items["train"], fracs, missing, source.parent if source.suffix.lower() == ".csv"
-                        else source)
+        carved = _carve(name, items["train"], fracs, missing, train_names)
         items["train"] = carved["train"]
         for s in missing:
             items[s] = carved[s]
