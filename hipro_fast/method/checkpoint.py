@@ -59,6 +59,13 @@ _LBFGS_LISTS = ("old_dirs", "old_stps", "ro")
 _LBFGS_KEYS = set(_LBFGS_NUMBERS + _LBFGS_TENSORS + _LBFGS_LISTS)
 
 
+def _stored_dtype(t: Any) -> torch.dtype:
+    """The dtype a tensor is kept in: float64 stays float64 (a float64 model
+    resumes bit for bit), anything else is kept as float32 (exact for fp32, bf16
+    and fp16)."""
+    return torch.float64 if torch.is_tensor(t) and t.dtype == torch.float64 else torch.float32
+
+
 def _lbfgs_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     size = int(state["d"].numel()) if "d" in state else 0  # the flat parameter count
@@ -66,11 +73,11 @@ def _lbfgs_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if key in _LBFGS_NUMBERS:
             out[key] = torch.tensor(float(value), dtype=torch.float64)
         elif key in _LBFGS_TENSORS:  # H_diag is the int 1 until the first curvature pair
-            out[key] = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+            out[key] = torch.as_tensor(value, dtype=_stored_dtype(value)).detach().clone()
         elif key in _LBFGS_LISTS:
             shape = (0,) if key == "ro" else (0, size)
-            out[key] = torch.stack([torch.as_tensor(v).detach() for v in value]).float() if value \
-                else torch.zeros(shape)
+            out[key] = torch.stack([torch.as_tensor(v).detach() for v in value]).to(_stored_dtype(value[0])) \
+                if value else torch.zeros(shape, dtype=_stored_dtype(state.get("d")))
     return out
 
 
@@ -81,10 +88,10 @@ def _lbfgs_state(tensors: Mapping[str, torch.Tensor], p: torch.Tensor) -> dict[s
             state[key] = int(value.item())
         elif key in _LBFGS_NUMBERS:
             state[key] = float(value.item())
-        elif key in _LBFGS_TENSORS:
-            state[key] = value.to(p.device, torch.float32).clone()
+        elif key in _LBFGS_TENSORS:  # torch's L-BFGS keeps them in the parameters' dtype
+            state[key] = value.to(p.device, p.dtype).clone()
         else:
-            state[key] = [row.to(p.device, torch.float32).clone() for row in value]
+            state[key] = [row.to(p.device, p.dtype).clone() for row in value]
     return state
 
 
@@ -216,14 +223,13 @@ def save_checkpoint(directory: str | Path, model: HiProModel,
         optimizer_state = collect_optimizer_state(optimizer_state, model)
     tensors: dict[str, torch.Tensor] = {}
     for node, p in model.learnable().items():
-        tensors[f"ctx/{node}"] = p.detach().float().cpu().contiguous()
+        tensors[f"ctx/{node}"] = p.detach().to(_stored_dtype(p)).cpu().contiguous()
     for node, state in (optimizer_state or {}).items():
         for key, value in state.items():
-            # fp32 contexts keep fp32 state, so the round trip is exact (L-BFGS's float64 numbers stay float64)
-            dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-            tensors[f"opt/{key}/{node}"] = value.detach().to(dtype).cpu().contiguous()
+            # the round trip is exact: fp32 state stays fp32, float64 state (L-BFGS's numbers, a float64 model's) float64
+            tensors[f"opt/{key}/{node}"] = value.detach().to(_stored_dtype(value)).cpu().contiguous()
     for node, value in (best_state or {}).items():
-        tensors[f"best/{node}"] = value.detach().float().cpu().contiguous()
+        tensors[f"best/{node}"] = value.detach().to(_stored_dtype(value)).cpu().contiguous()
     from safetensors.torch import save
 
     blob = save(tensors, metadata={"format": FORMAT, "kind": kind, "epoch": str(int(epoch))})

@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import os
 import time
 import warnings
 import zlib
@@ -284,7 +285,17 @@ def _resolve_config(config: TrainConfig | None, overrides: Mapping[str, Any]) ->
     if config.batch_size != FULL_BATCH:
         ints["batch_size"] = int(config.batch_size)
     floats = {f: float(getattr(config, f)) for f in ("lr", "momentum", "weight_decay", "warmup_lr")}
-    return dataclasses.replace(config, **ints, **floats)
+    # a Path or torch.device as a string (the checkpoint's record of the config is JSON)
+    strings = {}
+    if config.checkpoint_dir is not None:
+        if not isinstance(config.checkpoint_dir, (str, bytes, os.PathLike)):
+            raise InvalidTypeError(f"checkpoint_dir must be a path, got {type(config.checkpoint_dir).__name__}")
+        strings["checkpoint_dir"] = os.fsdecode(config.checkpoint_dir)
+    if config.device is not None:
+        if not isinstance(config.device, (str, torch.device)):
+            raise InvalidTypeError(f"device must be a string or torch.device, got {type(config.device).__name__}")
+        strings["device"] = str(config.device)
+    return dataclasses.replace(config, **ints, **floats, **strings)
 
 
 def _model_device(model: HiProModel) -> torch.device:
@@ -380,9 +391,14 @@ def make_optimizer(config: TrainConfig, params: list[torch.Tensor]) -> torch.opt
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of one task's logits over its own classes (fp32); reduction
-    "sum" gives a rank's share of a global-batch mean (see fit)."""
-    return F.cross_entropy(logits.float(), labels, reduction=reduction)
+    """Cross-entropy of one task's logits over its own classes (in fp32, or float64
+    for a float64 model); reduction "sum" gives a rank's share of a global-batch
+    mean (see fit)."""
+    return F.cross_entropy(logits.to(_loss_dtype(logits)), labels, reduction=reduction)
+
+
+def _loss_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # half types -> fp32; fp32, float64 kept
 
 
 def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainConfig | None = None,
@@ -531,10 +547,10 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
                         losses.append(task_loss(model.logits(t, x, feats), y))
                     else:  # this rank's piece: its CE sum over the global batch size (module docstring)
                         losses.append(task_loss(model.logits(t, x, feats), y, reduction="sum") / global_size)
-            stacked = torch.stack(losses).float()
+            stacked = torch.stack(losses)
             prior = model.regularization() if main else None  # replicated: counted once, on rank 0
             # one collective for the tasks' losses and the prior (rank 0's; the line search needs it everywhere)
-            prior_part = (prior.detach().float() if prior is not None else stacked.new_zeros(())).reshape(1)
+            prior_part = (prior.detach().to(stacked.dtype) if prior is not None else stacked.new_zeros(())).reshape(1)
             reduced = dist_group.all_reduce_sum(torch.cat([stacked.detach(), prior_part])).cpu()
             values, prior_value = reduced[:-1].tolist(), float(reduced[-1])
             bad = {t: v for t, v in zip(tasks, values) if not math.isfinite(v)}
@@ -544,7 +560,7 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
                 raise NonFiniteLossError(epoch, step, bad)
             loss = stacked.mean()
             if prior is not None:
-                loss = loss + prior.float()
+                loss = loss + prior.to(_loss_dtype(prior))
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -21,7 +21,7 @@ from hipro_fast.files import atomic_write_bytes
 from hipro_fast.method.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hipro_fast.method.training import fit
 from tests.helpers_training import data  # noqa: F401
-from tests.helpers_training import REPO, TASKS, make_model
+from tests.helpers_training import REPO, TASKS, make_model, private_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
 
@@ -185,12 +185,22 @@ class _Crash(Exception):
 
 @pytest.mark.parametrize("options", [{"optimizer": "sgd"}, {"optimizer": "adamw", "lr": 0.01},
                                      {"optimizer": "adamw", "batch_size": "full"},
-                                     {"optimizer": "lbfgs", "batch_size": "full"}],
-                         ids=["sgd", "adamw", "adamw-full-batch", "lbfgs"])
+                                     {"optimizer": "lbfgs", "batch_size": "full"},
+                                     {"optimizer": "adamw", "lr": 0.01, "float64": True},
+                                     {"optimizer": "lbfgs", "batch_size": "full", "float64": True}],
+                         ids=["sgd", "adamw", "adamw-full-batch", "lbfgs", "adamw-float64", "lbfgs-float64"])
 def test_resume_after_crash_in_process_is_exact(tmp_path, data, options):
+    """Also for a float64 model: its contexts and optimiser state are kept in
+    float64 (they were rounded to fp32, and L-BFGS's resume crashed on them)."""
     train, val = data
     run = {**RUN, **options}
+    if run.pop("float64", False):
+        def make_model():  # a private copy of the tiny CLIP, since .double() converts it in place
+            return private_model().double()
+    else:
+        from tests.helpers_training import make_model
     ref = fit(make_model(), train, val, **run)
+    assert next(iter(ref.final_state.values())).dtype == next(make_model().parameters()).dtype
 
     def crash(info):
         if info["epoch"] == 2 and info["step"] == 1:

@@ -493,3 +493,19 @@ def test_a_warmup_as_long_as_the_run_is_said(data):
         warnings.simplefilter("error", UserWarning)
         fit(make_model(), train, val, optimizer="lbfgs", batch_size="full", epochs=1, steps_per_epoch=2)
         fit(make_model(), train, val, **{**FAST, "epochs": 2.0})  # an integral float is an integer
+
+
+def test_a_path_and_a_torch_device_are_welcome_as_options(data, tmp_path):
+    """checkpoint_dir=Path(...) and device=torch.device(...) used to fail after
+    the first epoch, when the checkpoint wrote its config as JSON."""
+    from pathlib import Path
+
+    train, _ = data
+    res = fit(make_model(), train, None, checkpoint_dir=Path(tmp_path), device=torch.device("cpu"),
+              **{**FAST, "epochs": 2})
+    assert res.config.checkpoint_dir == str(tmp_path) and res.config.device == "cpu"
+    assert (tmp_path / "last.json").exists()
+    with pytest.raises(TypeError, match="checkpoint_dir must be a path, got int"):
+        fit(make_model(), train, None, checkpoint_dir=3, **FAST)
+    with pytest.raises(TypeError, match="device must be a string or torch.device, got int"):
+        fit(make_model(), train, None, device=0, **FAST)
