@@ -135,14 +135,29 @@ def load_clip(name: str = "hipro-tiny-clip", pretrained: str | Path | None = Non
         model = open_clip.create_model(name, pretrained=pretrained)
         pretrained_desc = None if pretrained is None else str(pretrained)
     model = _freeze(model.float().to(device))
-    image_size = model.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    preprocess = open_clip.image_transform(image_size, is_train=False,
-                                           mean=getattr(model.visual, "image_mean", None),
-                                           std=getattr(model.visual, "image_std", None))
+    preprocess = eval_transform(model)
     tokenizer = open_clip.get_tokenizer(name) if name != "hipro-tiny-clip" else \
         open_clip.tokenizer.SimpleTokenizer(context_length=model.positional_embedding.shape[0])
     return LoadedClip(model, tokenizer, preprocess, name, pretrained_desc)
+
+
+def eval_transform(model: torch.nn.Module):
+    """The model's own evaluation preprocessing: open_clip records it per model and
+    pretrained tag (`model.visual.preprocess_cfg`: size, mean/std, interpolation,
+    resize mode; e.g. DFN's and CLIPA's weights were trained on squashed, not
+    centre-cropped, images); a model without one gets open_clip's default
+    (bicubic resize of the shortest side, centre crop) at its image size."""
+    import open_clip
+
+    cfg = getattr(model.visual, "preprocess_cfg", None)
+    if cfg:
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    return open_clip.image_transform(image_size, is_train=False, mean=getattr(model.visual, "image_mean", None),
+                                     std=getattr(model.visual, "image_std", None))
 
 
 def _load_into(model: torch.nn.Module, path: Path) -> None:

@@ -44,3 +44,24 @@ def test_random_clip_is_deterministic_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not any(p.requires_grad for p in a.parameters())
+
+
+def test_the_eval_transform_follows_the_models_own_preprocessing():
+    """A model whose weights were trained on squashed images (open_clip's
+    preprocess_cfg, e.g. DFN's or CLIPA's tags) is fed squashed images, with its
+    interpolation; a default model keeps the shortest-side resize + centre crop."""
+    import open_clip
+    from torchvision import transforms as T
+
+    from hipro_fast.data.clip_loading import eval_transform
+
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    default = eval_transform(model).transforms
+    assert isinstance(default[1], T.CenterCrop) and default[0].size == 224
+    assert default[0].interpolation == T.InterpolationMode.BICUBIC
+    model.visual.preprocess_cfg = {**model.visual.preprocess_cfg, "resize_mode": "squash",
+                                   "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    squash = eval_transform(model).transforms
+    assert squash[0].size == (224, 224) and squash[0].interpolation == T.InterpolationMode.BILINEAR
+    assert not any(isinstance(t, T.CenterCrop) for t in squash)
+    assert squash[-1].mean == (0.5, 0.5, 0.5)
