@@ -98,14 +98,19 @@ def main() -> int:
         return 0
     crashed = 0
     for name in CASES:
-        p = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, timeout=120)
+        try:
+            p = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            crashed += 1
+            print(f"{name}: HUNG (no answer in 60 s)", flush=True)
+            continue
         line = (p.stdout.strip().splitlines() or [""])[-1]
         if p.returncode != 0:
             crashed += 1
             tail = " | ".join(p.stderr.strip().splitlines()[-3:])
-            print(f"{name}: CRASHED rc={p.returncode} {line} {tail[:300]}")
+            print(f"{name}: CRASHED rc={p.returncode} {line} {tail[:300]}", flush=True)
         else:
-            print(line)
+            print(line, flush=True)
     return 1 if crashed else 0
 
 

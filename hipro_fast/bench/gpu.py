@@ -53,6 +53,8 @@ PRECISIONS = ("fp32", "bf16")
 METHODS = ("naive", "truncated", "forest")
 FLEX_SKIP_CPU = "FlexAttention has no CPU backward in this torch; the flex row runs on CUDA only"
 GRAPH_BUDGET_BYTES = 60.0 * 2**30  # device memory for one baseline backward before it is split
+# mms per timed GEMM-reference run on a GPU: one small mm is a few microseconds, mostly launch and events
+GEMM_CALLS = 50
 
 
 def _autocast(device: torch.device, precision: str):
@@ -112,10 +114,16 @@ def run_problem(tower, tokenizer, problem: Problem, device: torch.device, precis
             for m in order:
                 times[m].append(timed(steps[m], device)[0])
         if profile:
-            res["forest_kernels"] = kernel_table(r.forest_step, device)
+            try:  # the profiler is a diagnostic: its failure must not lose the timings above
+                res["forest_kernels"] = kernel_table(r.forest_step, device)
+            except Exception as e:  # noqa: BLE001 - recorded in the results
+                res["profile_error"] = f"{type(e).__name__}: {e}"[:2000]
+                log(f"[{problem.name} {precision}] kernel profile failed: {res['profile_error'][:300]}")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     T, W = counts["forest"]["tokens"], tower.config.width
-    res["gemm_gflops"] = gemm_rate(T, W, 10, dtype=dtype, device=device, warmup=3)
+    res["gemm_calls_per_timing"] = GEMM_CALLS if device.type == "cuda" else 1
+    res["gemm_gflops"] = gemm_rate(T, W, 10, dtype=dtype, device=device, warmup=3,
+                                   calls=res["gemm_calls_per_timing"])
     for m, ts in times.items():
         t = median(ts)
         res["methods"][m] = {"time_ms": t * 1e3, "times_ms": [x * 1e3 for x in ts], "tokens": counts[m]["tokens"],
@@ -132,7 +140,11 @@ def run_problem(tower, tokenizer, problem: Problem, device: torch.device, precis
         e["token_ratio"] = counts[m]["tokens"] / counts["forest"]["tokens"]
     if train_step:
         log(f"[{problem.name} {precision}] whole training step")
-        res["train_step"] = time_train_step(r, precision, repeats, warmup, timed, median, graphs)
+        try:  # the step's own failure is a result; the forest's timings above stay
+            res["train_step"] = time_train_step(r, precision, repeats, warmup, timed, median, graphs)
+        except Exception as e:  # noqa: BLE001 - recorded in the results
+            res["train_step"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"[{problem.name} {precision}] training step failed: {res['train_step']['error'][:300]}")
     return res
 
 
@@ -185,6 +197,11 @@ def targets(results: list[dict]) -> list[dict]:
                 "value": None, "pass": None,
                 "note": "checked by tests/ops/test_cuda_ops.py (gpu_tests.log), not by the benchmark"})
     return out
+
+
+def make_flex_tower(model, device: torch.device):
+    """The FlexAttention peer's tower, or None off CUDA (FlexAttention has no CPU backward)."""
+    return TextTower(model, attention="flex") if device.type == "cuda" else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,8 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--problems: unknown {','.join(unknown)} (choose from {','.join(probs)})")
     model = load_model(args.model).to(device)
     tower = TextTower(model)
-    # FlexAttention has no CPU backward: the flex row is CUDA only.
-    flex_tower = TextTower(model, attention="flex") if device.type == "cuda" and not args.no_flex else None
+    flex_tower = make_flex_tower(model, device) if not args.no_flex else None
+    flex_dropped: str | None = None  # why the flex row stopped, once it has
     results: list[dict] = []
     failed: list[dict] = []
     out = {"device": str(device), "model": args.model, "results": results, "failed": failed,
@@ -278,8 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failed.append({"problem": name, "precision": precision, "error": f"{type(e).__name__}: {e}"[:4000]})
                 log(f"[{name} {precision}] FAILED: {failed[-1]['error'][:1000]}")
             else:
+                if flex_dropped is not None:
+                    res["flex_skipped"] = flex_dropped
                 results.append(res)
                 print_gpu_table([res])
+                if flex_tower is not None and "flex_error" in res:
+                    # a peer that failed to compile fails again: do not pay its compile on every problem
+                    flex_tower = None
+                    flex_dropped = f"off after it failed on {name} {precision}: {res['flex_error'][:300]}"
+                    log(f"flex row {flex_dropped}")
             if args.json:  # after every problem: a run cut short by a timeout keeps what it measured
                 write_json(args.json, {**out, "complete": False, "targets": targets(results)})
     print("\n== summary")

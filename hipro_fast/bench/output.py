@@ -194,7 +194,9 @@ def print_gpu_table(results: list[dict], file=None) -> None:
         elif res.get("flex_skipped"):
             print(f"{'':4s} {'':4s} flex: skipped ({res['flex_skipped']})", file=file)
         ts = res.get("train_step")
-        if ts:
+        if ts and "error" in ts:
+            print(f"{'':4s} {'':4s} whole training step FAILED: {ts['error']}", file=file)
+        elif ts:
             graph = (f"CUDA graph {ts['graph_ms']:.2f} ms" if "graph_ms" in ts else
                      f"CUDA graph failed: {ts['graph_error']}" if "graph_error" in ts else
                      f"CUDA graph skipped ({ts.get('graph_skipped')})")
@@ -211,7 +213,7 @@ def print_targets(targets: list[dict], file=None) -> None:
     print("\n== targets (issue 10)", file=file)
     for t in targets:
         status = "unmeasured" if t["pass"] is None else ("MET" if t["pass"] else "MISSED")
-        val = "" if t["value"] is None else f": {_fmt(t['value'], '.3g')}"
+        val = "" if t["value"] is None else f": {_fmt(t['value'], '.3g', none='nan')}"
         note = f" ({t['note']})" if t.get("note") else ""
         print(f"  {status:10s} [{t['where']}] {t['target']}{val}{note}", file=file)
 
@@ -237,7 +239,7 @@ def gpu_markdown(results: list[dict], targets: list[dict], device: str = "",
         flex = m.get("flex")
         ts = r.get("train_step") or {}
         graph = (f"{ts['graph_ms']:.2f}" if "graph_ms" in ts else "failed" if "graph_error" in ts else "–")
-        train = f"{ts['eager_ms']:.2f} / {graph}" if ts else "–"
+        train = "failed" if "error" in ts else f"{ts['eager_ms']:.2f} / {graph}" if ts else "–"
         fx = (f"{flex['time_ms']:.1f}", f"{flex['speedup']:.2f}×") if flex else ("–", "–")
         gemm = f"{100 * r['forest_fraction_of_gemm']:.0f} % of {r['gemm_gflops'] / 1e3:.1f} TFLOP/s"
         lines.append(f"| ({r['problem']}) | {r['precision']} | {m['forest']['time_ms']:.1f} | {naive[0]} "
@@ -245,11 +247,17 @@ def gpu_markdown(results: list[dict], targets: list[dict], device: str = "",
     lines += ["", "| target | where | measured | status |", "| --- | --- | ---: | --- |"]
     for t in targets:
         status = "unmeasured" if t["pass"] is None else ("**met**" if t["pass"] else "**missed**")
-        val = "–" if t["value"] is None else _fmt(t["value"], ".3g")
+        val = "–" if t["value"] is None else _fmt(t["value"], ".3g", none="nan")
         lines.append(f"| {t['target']} | {t['where']} | {val} | {status} |")
     notes = [f"* ({f['problem']}) {f['precision']} FAILED: `{_one_line(f['error'])}`" for f in failed or []]
     notes += [f"* ({r['problem']}) {r['precision']}: flex row dropped: `{_one_line(r['flex_error'])}`"
               for r in results if r.get("flex_error")]
+    notes += [f"* ({r['problem']}) {r['precision']}: flex row {_one_line(r['flex_skipped'])}"
+              for r in results if r.get("flex_skipped") and r["flex_skipped"].startswith("off after")]
+    notes += [f"* ({r['problem']}) {r['precision']}: training step FAILED: `{_one_line(r['train_step']['error'])}`"
+              for r in results if "error" in (r.get("train_step") or {})]
+    notes += [f"* ({r['problem']}) {r['precision']}: kernel profile failed: `{_one_line(r['profile_error'])}`"
+              for r in results if r.get("profile_error")]
     if not complete:
         notes.append("* the run was cut short: only the rows above were measured")
     if notes:

@@ -52,8 +52,14 @@ def _op_self_times(step: Callable[[], object], device: torch.device,
         if cuda:
             torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    if cuda:
+        # the kernels themselves: an aten op's row also carries its kernels' device time
+        from torch.autograd import DeviceType
+
+        events = [ev for ev in events if getattr(ev, "device_type", None) == DeviceType.CUDA]
     rows = [(ev.key, getattr(ev, "self_device_time_total", 0) if cuda else ev.self_cpu_time_total, ev.count)
-            for ev in prof.key_averages()]
+            for ev in events]
     rows.sort(key=lambda x: -x[1])
     return wall, rows
 

@@ -49,12 +49,22 @@ def median(xs: Sequence[float]) -> float | None:
 
 
 def gemm_rate(rows: int, width: int, repeats: int = 3, *, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu", warmup: int = 1) -> float:
+              device: torch.device | str = "cpu", warmup: int = 1, calls: int = 1) -> float:
     """GFLOP/s of torch.mm [rows, W] x [W, 4W] in `dtype` on `device`: 2 * rows * W * 4W
-    FLOPs over the median of `repeats` timed calls, after `warmup` untimed ones."""
+    FLOPs per mm over the median of `repeats` timed runs of `calls` back-to-back mms
+    each, after `warmup` untimed ones. On a GPU one small mm (a few microseconds)
+    times mostly its launch and the events around it, so there several calls share
+    one pair of events and the rate is the device's throughput at that shape."""
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
     a = torch.randn(rows, width, device=device, dtype=dtype)
     b = torch.randn(width, 4 * width, device=device, dtype=dtype)
+
+    def run():
+        for _ in range(calls):
+            torch.mm(a, b)
+
     for _ in range(warmup):
-        torch.mm(a, b)
-    times = [timed(lambda: torch.mm(a, b), device)[0] for _ in range(repeats)]
-    return 2.0 * rows * width * 4 * width / statistics.median(times) / 1e9
+        run()
+    times = [timed(run, device)[0] for _ in range(repeats)]
+    return 2.0 * rows * width * 4 * width * calls / statistics.median(times) / 1e9

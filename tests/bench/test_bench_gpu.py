@@ -193,3 +193,76 @@ def test_the_benchmarked_gpu_is_made_current_by_index(monkeypatch, arg, index):
 
     with pytest.raises(InvalidInputError, match="this machine has 2 GPU"):
         bench_gpu.main(["--device", "cuda:2", "--problems", "a"])
+
+
+def _tiny_problem():
+    from hipro_fast.bench.model import load_model, load_tokenizer
+    from hipro_fast.bench.problems import gpu_problems
+    from hipro_fast.engine.text_tower import TextTower
+
+    tok = load_tokenizer()
+    return TextTower(load_model("tiny")), tok, gpu_problems(tok, 4)["a"]
+
+
+def test_a_failing_training_step_or_profile_keeps_the_problems_timings(monkeypatch):
+    """The whole training step and the kernel profile run after the forest's
+    timings: their failure is recorded in the row, not raised (which lost the
+    row's measurements with it)."""
+    tower, tok, problem = _tiny_problem()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted: CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(bench_gpu, "time_train_step", broken)
+    monkeypatch.setattr(bench_gpu, "kernel_table", broken)
+    logged = []
+    res = bench_gpu.run_problem(tower, tok, problem, torch.device("cpu"), "fp32", repeats=1, warmup=0,
+                                log=logged.append, profile=True)
+    assert set(res["methods"]) == {"forest", "naive", "truncated"} and res["gemm_gflops"] > 0
+    assert res["train_step"] == {"error": "RuntimeError: planted: CUDA error: an illegal memory access"}
+    assert res["profile_error"] == "RuntimeError: planted: CUDA error: an illegal memory access"
+    assert any("training step failed" in line for line in logged)
+    text = bench_gpu.gpu_markdown([res], bench_gpu.targets([res]))
+    assert "| failed |" in text and "(a) fp32: training step FAILED: `RuntimeError: planted" in text
+    assert "(a) fp32: kernel profile failed" in text
+    bench_gpu.print_gpu_table([res])  # the text table prints the failure too, without a KeyError
+
+
+def test_a_flex_peer_that_failed_once_is_not_compiled_again(tmp_path, monkeypatch):
+    calls = []
+
+    class Broken(_BrokenFlexTower):
+        def encode_layout(self, *args, **kwargs):
+            calls.append(1)
+            super().encode_layout(*args, **kwargs)
+
+        encode_forest = encode_layout
+
+    monkeypatch.setattr(bench_gpu, "make_flex_tower", lambda model, device: Broken())
+    path = tmp_path / "gpu.json"
+    assert bench_gpu.main(["--device", "cpu", "--model", "tiny", "--problems", "a", "--precisions", "fp32,bf16",
+                           "--repeats", "1", "--warmup", "0", "--n-ctx", "4", "--no-train-step",
+                           "--json", str(path), "--markdown", str(tmp_path / "gpu.md")]) == 0
+    first, second = json.loads(path.read_text())["results"]
+    assert first["flex_error"].startswith("RuntimeError: triton compile failed")
+    assert second["flex_skipped"].startswith("off after it failed on a fp32: RuntimeError: triton")
+    assert "flex_error" not in second and len(calls) == 1
+    assert "(a) bf16: flex row off after it failed on a fp32" in (tmp_path / "gpu.md").read_text()
+
+
+def test_a_nan_measurement_reads_nan_not_a_dash():
+    res = _result("a", "fp32", 10, 90, 10, diff=float("nan"))
+    tgt = bench_gpu.targets([res])
+    text = bench_gpu.gpu_markdown([res], tgt)
+    assert "| fp32 features within 1e-5 of naive | a fp32 | nan | **missed** |" in text
+
+
+def test_the_gpu_gemm_reference_times_several_back_to_back_calls(monkeypatch):
+    from hipro_fast.bench import timing
+
+    real_mm, seen = torch.mm, []
+    monkeypatch.setattr(torch, "mm", lambda a, b: (seen.append(1), real_mm(a, b))[1])
+    assert timing.gemm_rate(8, 4, repeats=2, warmup=1, calls=5) > 0
+    assert len(seen) == (1 + 2) * 5
+    with pytest.raises(ValueError, match="calls must be >= 1, got 0"):
+        timing.gemm_rate(8, 4, calls=0)
