@@ -304,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
   const auto acc = acc_scalar_type(q.scalar_type());
   const auto plan = attention_block_plan(segment_table, T, attention_block_min_pairs());
   const auto go = grad_out.contiguous().to(q.scalar_type());
-  const auto o = out.contiguous();
+  const auto o = out.contiguous().to(q.scalar_type());  // as the CUDA backward: out may come in another float dtype
   const auto lse_c = lse.contiguous().to(acc);
   auto dq = at::empty({T, H, D}, q.options().dtype(acc));
   auto dk = at::empty({T, H, D}, q.options().dtype(acc));

@@ -107,6 +107,23 @@ def test_tree_attention_backward_matches_reference(dtype, seed, segments, H, D, 
         assert err <= 2 * ref_err + 2 * fp_tolerance(dtype), (err, ref_err)
 
 
+
+@needs_ext
+def test_tree_attention_backward_takes_out_in_another_float_dtype():
+    """The raw backward op rounds `out` to q's dtype, as the CUDA backward does
+    (the CPU one used to read float64 memory as float32)."""
+    lay, _ = random_layout(7, 9)
+    T, H, D = lay.num_tokens, 2, 8
+    q, k, v = qkv(T, H, D, torch.float32, 7)
+    out, lse = torch.ops.hipro_fast.tree_attention(q, k, v, lay.segment_table, lay.token_segment, D ** -0.5)
+    go = torch.randn_like(out)
+    same = torch.ops.hipro_fast.tree_attention_backward(go, q, k, v, out, lse, lay.segment_table,
+                                                        lay.token_segment, D ** -0.5)
+    wide = torch.ops.hipro_fast.tree_attention_backward(go, q, k, v, out.double(), lse, lay.segment_table,
+                                                        lay.token_segment, D ** -0.5)
+    for a, b in zip(same, wide):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
 @needs_ext
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 100_000), segments=st.integers(1, 40), H=st.integers(1, 4),
