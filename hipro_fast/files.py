@@ -14,6 +14,16 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir", "new_file_mod
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux's
+    /proc): os.umask can only read it by setting it, which for that moment
+    gives files another thread creates the wrong mode."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

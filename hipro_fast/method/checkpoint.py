@@ -273,10 +273,7 @@ def annotate_checkpoint(directory: str | Path, kind: str, extra: Mapping[str, An
     json_path = _json_path(Path(directory), kind)
     if not json_path.exists():
         raise MissingFileError(f"no {kind} checkpoint in {directory} ({json_path.name} not found)")
-    try:
-        record = json.loads(json_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{json_path}: unreadable checkpoint record ({e})") from None
+    record = _read_record(json_path)
     have = dict(record.get("extra") or {})
     try:
         new = json.loads(json.dumps(dict(extra), allow_nan=False))  # JSON-able now, as the file will hold it
@@ -400,6 +397,30 @@ def _optimizer_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[st
     return out
 
 
+# what a record must hold, and of which JSON type (a hand-edited file gets an error naming the key)
+_RECORD_TYPES = {"tensors": str, "sha256": str, "model": dict, "epoch": int}
+
+
+def _read_record(json_path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON record, checked: CheckpointError naming the file and
+    what is wrong with it otherwise."""
+    try:
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{json_path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{json_path}: not a hipro_fast checkpoint")
+    if record.get("version") != VERSION:
+        raise CheckpointError(f"{json_path}: checkpoint version {record.get('version')!r}, expected {VERSION}")
+    for key, typ in _RECORD_TYPES.items():
+        value = record.get(key)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise CheckpointError(f"{json_path}: {key!r} must be a JSON {typ.__name__}, got {value!r}"[:300])
+    if Path(record["tensors"]).name != record["tensors"]:
+        raise CheckpointError(f"{json_path}: 'tensors' must name a file beside it, got {record['tensors']!r}")
+    return record
+
+
 def load_checkpoint(directory: str | Path, model: HiProModel | None = None, kind: str = "last",
                     load_contexts: bool = True) -> Checkpoint:
     """Read the `kind` checkpoint of `directory`.
@@ -412,14 +433,7 @@ def load_checkpoint(directory: str | Path, model: HiProModel | None = None, kind
     json_path = _json_path(directory, kind)
     if not json_path.exists():
         raise MissingFileError(f"no {kind!r} checkpoint in {directory} ({json_path.name} not found)")
-    try:
-        record = json.loads(json_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{json_path}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{json_path}: not a hipro_fast checkpoint")
-    if record.get("version") != VERSION:
-        raise CheckpointError(f"{json_path}: checkpoint version {record.get('version')!r}, expected {VERSION}")
+    record = _read_record(json_path)
     tensor_path = directory / record["tensors"]
     if not tensor_path.exists():
         raise CheckpointError(f"{json_path} names {tensor_path.name}, which is missing")

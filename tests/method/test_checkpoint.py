@@ -96,6 +96,29 @@ def test_annotating_a_checkpoint_adds_provenance_and_keeps_its_tensors(tmp_path)
     assert load_checkpoint(tmp_path, None, kind="best").extra == {"train_sizes": {"a": 2}, "spec": "tasks.toml",
                                                                   "seed": 3, "shots": None}  # refused: unchanged
 
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: b"\xff\xfe not utf-8", "not valid JSON"),
+    (lambda r: b"{", "not valid JSON"),
+    (lambda r: {**r, "format": "other"}, "not a hipro_fast checkpoint"),
+    (lambda r: [r], "not a hipro_fast checkpoint"),
+    (lambda r: {**r, "version": 99}, "checkpoint version 99, expected 1"),
+    (lambda r: {k: v for k, v in r.items() if k != "tensors"}, "'tensors' must be a JSON str, got None"),
+    (lambda r: {**r, "epoch": "3"}, "'epoch' must be a JSON int, got '3'"),
+    (lambda r: {**r, "model": []}, "'model' must be a JSON dict, got \\[\\]"),
+    (lambda r: {**r, "tensors": "../elsewhere.safetensors"}, "'tensors' must name a file beside it"),
+], ids=["utf8", "json", "format", "list", "version", "no-tensors", "epoch-str", "model-list", "tensors-path"])
+def test_a_hand_edited_record_is_refused_naming_the_file(tmp_path, edit, message):
+    save_checkpoint(tmp_path, make_model(), None, 3, [], kind="best")
+    path = tmp_path / "best.json"
+    new = edit(json.loads(path.read_text()))
+    path.write_bytes(new if isinstance(new, bytes) else json.dumps(new).encode())
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(tmp_path, None, kind="best")
+    assert str(path) in str(info.value)
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.annotate_checkpoint(tmp_path, "best", {"seed": 1})
+
 def test_mismatch_errors_name_the_item(tmp_path):
     model = make_model()
     save_checkpoint(tmp_path, model, None, 0, [])
