@@ -66,7 +66,8 @@ class ForestLayout:
 
     def to(self, device: torch.device | str) -> "ForestLayout":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return ForestLayout(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in moved.items()})
+        with torch.inference_mode(False):  # see build_forest_layout
+            return ForestLayout(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in moved.items()})
 
 
 def build_forest_layout(parents: Sequence[int], sources: Sequence[Sequence[int]],
@@ -77,6 +78,16 @@ def build_forest_layout(parents: Sequence[int], sources: Sequence[Sequence[int]]
     invalid, parents form a cycle, a segment is empty, or a path holds more than
     `max_path_tokens` tokens.
     """
+    with torch.inference_mode(False):
+        # normal tensors even under torch.inference_mode(): the fused attention
+        # caches its block plan per segment table by version counter, which an
+        # inference tensor lacks (it would be re-planned on every call, on CUDA
+        # with a device-to-host copy per layer)
+        return _build_forest_layout(parents, sources, max_path_tokens)
+
+
+def _build_forest_layout(parents: Sequence[int], sources: Sequence[Sequence[int]],
+                         max_path_tokens: int) -> ForestLayout:
     parents = _integers(parents, "its parent")
     sources = [_integers(src, "a token source", segment=i) for i, src in enumerate(sources)]
     if _C is not None and not reference_forced():

@@ -104,3 +104,22 @@ def test_python_depth_limit_is_the_kernels():
     from hipro_fast.engine.layout import MAX_DEPTH
 
     assert hipro_fast.build_info()["max_depth"] == MAX_DEPTH
+
+
+@needs_ext
+def test_a_layout_built_under_inference_mode_keeps_its_attention_plan_cached():
+    """A pipeline that scores inside torch.inference_mode() builds its layouts
+    there too: they are normal tensors, so the fused attention's block plan,
+    cached per table by version counter, is reused instead of re-planned on
+    every call (on CUDA a device-to-host copy per layer)."""
+    parents, sources = _random_forest(5, 20)
+    with torch.inference_mode():
+        lay = build_forest_layout(parents, sources, 10_000)
+        moved = lay.to("cpu")
+        T, H, D = lay.num_tokens, 2, 8
+        q, k, v = (torch.randn(T, H, D, dtype=torch.float64) for _ in range(3))
+        torch.ops.hipro_fast.tree_attention(q, k, v, moved.segment_table, moved.token_segment, 0.3)
+        misses, hits = _C.attention_plan_cache_stats()
+        torch.ops.hipro_fast.tree_attention(q, k, v, moved.segment_table, moved.token_segment, 0.3)
+        assert _C.attention_plan_cache_stats() == (misses, hits + 1)
+    assert not lay.segment_table.is_inference() and not moved.token_segment.is_inference()
