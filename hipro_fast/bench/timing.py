@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import InvalidInputError
+
 
 def _is_cuda(device) -> bool:
     return device is not None and torch.device(device).type == "cuda"
@@ -56,7 +58,7 @@ def gemm_rate(rows: int, width: int, repeats: int = 3, *, dtype: torch.dtype = t
     times mostly its launch and the events around it, so there several calls share
     one pair of events and the rate is the device's throughput at that shape."""
     if calls < 1:
-        raise ValueError(f"calls must be >= 1, got {calls}")
+        raise InvalidInputError(f"calls must be >= 1, got {calls}")
     a = torch.randn(rows, width, device=device, dtype=dtype)
     b = torch.randn(width, 4 * width, device=device, dtype=dtype)
 

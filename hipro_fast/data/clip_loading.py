@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ..errors import InvalidInputError, InvalidTypeError, MissingFileError, WeightsMismatchError
+from ..engine.text_tower import unsupported_text_cfg
+from ..errors import (InvalidInputError, InvalidTypeError, MissingFileError, UnsupportedTextTower,
+                      WeightsMismatchError)
 
 
 @dataclass
@@ -128,10 +130,12 @@ def load_clip(name: str = "hipro-tiny-clip", pretrained: str | Path | None = Non
         path = Path(pretrained)
         if not path.exists():
             raise MissingFileError(f"weights file not found: {path}")
+        _refuse_unsupported_text(name)
         model = open_clip.create_model(name, pretrained=None)
         _load_into(model, path)
         pretrained_desc = str(path)
     else:
+        _refuse_unsupported_text(name)
         model = open_clip.create_model(name, pretrained=pretrained)
         pretrained_desc = None if pretrained is None else str(pretrained)
     model = _freeze(model.float().to(device))
@@ -139,6 +143,20 @@ def load_clip(name: str = "hipro-tiny-clip", pretrained: str | Path | None = Non
     tokenizer = open_clip.get_tokenizer(name) if name != "hipro-tiny-clip" else \
         open_clip.tokenizer.SimpleTokenizer(context_length=model.positional_embedding.shape[0])
     return LoadedClip(model, tokenizer, preprocess, name, pretrained_desc)
+
+
+def _refuse_unsupported_text(name: str) -> None:
+    """UnsupportedTextTower for a built-in open_clip model whose text tower the
+    forest cannot encode, before it is built (a Hugging Face tower would need
+    `transformers` and fetch its weights; SigLIP's tokenizer needs
+    `transformers` too). Hub and local-dir names are checked once built."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(name) if ":" not in name else None
+    reason = unsupported_text_cfg((cfg or {}).get("text_cfg") or {})
+    if reason:
+        raise UnsupportedTextTower(f"model {name!r} has {reason}: the prompt-forest engine needs open_clip's "
+                                   "causal, end-token-pooled TextTransformer (CLIP's, as in ViT-B-16)")
 
 
 def eval_transform(model: torch.nn.Module):

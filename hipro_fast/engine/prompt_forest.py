@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import ForestError, ForestLayout, build_forest_layout, encode_vocab_source
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, UnsupportedTextTower
 
 Combine = Literal["concat", "mean"]
 COMBINE_MODES = ("concat", "mean")
@@ -28,10 +28,39 @@ COMBINE_MODES = ("concat", "mean")
 DEFAULT_COMBINE: Combine = "mean"
 
 
+def check_tokenizer(tokenizer) -> None:
+    """Refuse a tokenizer the forest cannot use: it needs open_clip's BPE
+    tokenizer (or one like it: `encode`, `sot_token_id`, `eot_token_id`), whose
+    end-of-text id is above its start id, since an open_clip tower pools the
+    highest token id of a prompt ('argmax' pooling) and the forest pools its
+    end token."""
+    missing = [a for a in ("encode", "sot_token_id", "eot_token_id") if not hasattr(tokenizer, a)]
+    if missing or not callable(getattr(tokenizer, "encode", None)):
+        raise UnsupportedTextTower(
+            f"tokenizer {type(tokenizer).__name__} has no {', '.join(missing) or 'callable encode'}: the prompt "
+            "forest needs open_clip's BPE tokenizer (SimpleTokenizer: encode, sot_token_id, eot_token_id); "
+            "Hugging Face tokenizers (SigLIP, multilingual towers) are not supported")
+    sot, eot = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
+    if sot >= eot:
+        raise UnsupportedTextTower(
+            f"tokenizer {type(tokenizer).__name__}: its start token id {sot} is not below its end token id {eot}; "
+            "the text tower pools the highest token id ('argmax' pooling), which must be the end token")
+
+
 def class_suffix_tokens(tokenizer, name: str) -> list[int]:
-    """BPE ids of f"{name}." (underscores as spaces) followed by EOS."""
+    """BPE ids of f"{name}." (underscores as spaces) followed by EOS. Every id must
+    be below the EOS id: the tower pools the highest id ('argmax'), which must be
+    the EOS for the forest's features to be the tower's."""
     text = name.replace("_", " ") + "."
-    return list(tokenizer.encode(text)) + [int(tokenizer.eot_token_id)]
+    ids = [int(i) for i in tokenizer.encode(text)]
+    eot = int(tokenizer.eot_token_id)
+    high = [i for i in ids if i >= eot]
+    if high:
+        raise UnsupportedTextTower(
+            f"class name {name!r} encodes to token id {high[0]}, not below the end token id {eot}: the text "
+            "tower pools the highest token id of a prompt ('argmax' pooling), which would then not be its end "
+            "(a tokenizer with special tokens above the end token?)")
+    return ids + [eot]
 
 
 @dataclass(frozen=True)

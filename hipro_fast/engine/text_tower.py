@@ -9,7 +9,7 @@ pools the EOS token: a token's state depends only on the tokens before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,25 @@ class TextTowerConfig:
     context_length: int
     embed_dim: int
     vocab_size: int
+
+
+def unsupported_text_cfg(text_cfg: Mapping[str, Any]) -> str | None:
+    """Why the tower an open_clip text config describes ("text_cfg" of
+    model_configs/<name>.json) cannot be encoded as a forest, or None. Lets
+    load_clip refuse a model before building it (and before fetching a Hugging
+    Face text tower's weights); TextTower checks the built module as well."""
+    if text_cfg.get("hf_model_name"):
+        return f"a Hugging Face text tower ({text_cfg['hf_model_name']})"
+    if text_cfg.get("no_causal_mask"):
+        return "a non-causal text tower (no_causal_mask)"
+    pool = text_cfg.get("pool_type", "argmax")
+    if pool != "argmax":
+        return f"text pooling {pool!r} (the forest pools the end token: 'argmax')"
+    if text_cfg.get("embed_cls"):
+        return "a CLS token appended to the text (CoCa-style)"
+    if text_cfg.get("proj_bias"):
+        return "a text projection with a bias"
+    return None
 
 
 def _text_modules(model: nn.Module) -> nn.Module:
@@ -151,7 +170,8 @@ class TextTower(nn.Module):
             x = x + blk.ls_1(self._attention(blk, blk.ln_1(x), layout))
             x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
         ln = text.ln_final
-        return ops.pool_eos(x, eos_index, ln.weight, ln.bias, self.projection, ln.eps)
+        bias = ln.bias if ln.bias is not None else torch.zeros_like(ln.weight)  # LayerNorm(bias=False)
+        return ops.pool_eos(x, eos_index, ln.weight, bias, self.projection, ln.eps)
 
     def encode_forest(self, forest, ctx_table: torch.Tensor,
                       path_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

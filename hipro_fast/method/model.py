@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..data.clip_loading import LoadedClip, clip_parts
 from ..engine.encoder import ForestEncoder
-from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE, class_suffix_tokens
+from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE, check_tokenizer, class_suffix_tokens
 from ..engine.text_tower import TextTower
 from ..distributed.sharding import ShardedForestEncoder
 from ..engine.fingerprint import text_side_digest, text_side_dtype
@@ -78,6 +78,7 @@ def validate_tasks(tasks: Mapping[str, Sequence[str]], tokenizer=None) -> dict[s
                 raise TaskSpecError(f"task {task!r} has duplicate class name {name!r}")
             seen.add(name)
         if tokenizer is not None:
+            check_tokenizer(tokenizer)
             _same_prompt_check(task, names, tokenizer)
         out[task] = names
     return out
@@ -145,6 +146,9 @@ class HiProModel(nn.Module):
         if not float(parent_prior) >= 0.0:
             raise InvalidInputError(f"parent_prior must be >= 0, got {parent_prior!r}")
         clip_model, tokenizer = clip_parts(clip, tokenizer)
+        # the tower and tokenizer first: an unsupported one is named before the tasks are tokenised
+        tower = TextTower(clip_model, attention=attention)
+        check_tokenizer(tokenizer)
         self.tasks = validate_tasks(tasks, tokenizer)
         self.tree = tree if isinstance(tree, TaskTree) else TaskTree.from_nested(tree)
         self.tree.check_tasks(list(self.tasks))
@@ -155,7 +159,7 @@ class HiProModel(nn.Module):
         self.tokenizer = tokenizer
         # Not registered as submodules: the state of a HiProModel is its contexts.
         object.__setattr__(self, "clip", clip_model)
-        object.__setattr__(self, "tower", TextTower(clip_model, attention=attention))
+        object.__setattr__(self, "tower", tower)
         self.attention = attention
         width = self.tower.config.width
         nodes = self.tree.dfs()

@@ -272,3 +272,89 @@ def test_unsupported_towers_are_rejected_naming_the_part(case):
     with pytest.raises(UnsupportedTextTower, match=words):
         TextTower(model)
     TextTower(_small_clip())
+
+
+def test_a_layernorm_without_bias_is_encoded_exactly(tokenizer, backend):
+    """LayerNorm(bias=False) in ln_final (open_clip's norm_kwargs={"bias": False})
+    is a LayerNorm with a zero bias (it was accepted, then failed in pool_eos)."""
+    model = _small_clip()
+    ln = model.ln_final
+    model.ln_final = torch.nn.LayerNorm(32, bias=False)
+    with torch.no_grad():
+        model.ln_final.weight.copy_(ln.weight + 0.3 * torch.randn(32))
+    model.eval()
+    check_exact(model, tokenizer, combine="concat", **HIPRO_TREE)
+
+
+class _HFLikeTokenizer:
+    """open_clip's HFTokenizer's interface: only __call__ (SigLIP, multilingual towers)."""
+
+    def __call__(self, texts):
+        raise AssertionError("not called")
+
+
+class _IdsAboveEnd:
+    """A BPE tokenizer whose extra special token sits above the end token (id 49408)."""
+
+    def __init__(self, tok, sot=None):
+        self.tok, self.sot_token_id, self.eot_token_id = tok, tok.sot_token_id if sot is None else sot, \
+            tok.eot_token_id
+
+    def encode(self, text):
+        return [49408 if w == "<obj>" else i for w in text.split() for i in ([None] if w == "<obj>" else
+                                                                               self.tok.encode(w))]
+
+
+def test_a_tokenizer_the_forest_cannot_pool_is_refused(tokenizer):
+    """The forest pools each prompt's end token, the tower its highest token id
+    ('argmax'): a class whose tokens go above the end id (an extra special token)
+    gave silently other features; a start id above the end id too; a tokenizer
+    without BPE ids (Hugging Face's) failed with a bare AttributeError."""
+    import hipro_fast as hf
+
+    model = _small_clip()
+    tasks = {"t": ["<obj> dog", "cat"]}
+    with pytest.raises(UnsupportedTextTower, match=r"class name '<obj> dog' encodes to token id 49408, not below "
+                                                   r"the end token id 49407"):
+        hf.HiProModel((model, _IdsAboveEnd(tokenizer)), tasks, ["t"], n_ctx=2)
+    with pytest.raises(UnsupportedTextTower, match="its start token id 49407 is not below its end token id 49407"):
+        hf.HiProModel((model, _IdsAboveEnd(tokenizer, sot=49407)), {"t": ["dog", "cat"]}, ["t"], n_ctx=2)
+    with pytest.raises(UnsupportedTextTower, match="tokenizer _HFLikeTokenizer has no encode, sot_token_id, "
+                                                   "eot_token_id"):
+        hf.HiProModel((model, _HFLikeTokenizer()), {"t": ["dog", "cat"]}, ["t"], n_ctx=2)
+    assert class_suffix_tokens(_IdsAboveEnd(tokenizer), "dog") == class_suffix_tokens(tokenizer, "dog")
+
+
+@pytest.mark.parametrize("name, words", [("ViT-B-16-SigLIP", "a non-causal text tower"),
+                                         ("coca_ViT-B-32", "a CLS token appended"),
+                                         ("roberta-ViT-B-32", "a Hugging Face text tower"),
+                                         ("MobileCLIP-S1", "a non-causal text tower")])
+def test_load_clip_refuses_an_unsupported_tower_before_building_it(name, words, monkeypatch):
+    """Named from its open_clip config, before the model (or a Hugging Face
+    tower's weights, or SigLIP's tokenizer, which need `transformers`) is built."""
+    from hipro_fast.data.clip_loading import load_clip
+
+    if open_clip.get_model_config(name) is None:
+        pytest.skip(f"no {name} config in this open_clip")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built")
+
+    monkeypatch.setattr(open_clip, "create_model", no_build)
+    with pytest.raises(UnsupportedTextTower, match=f"model '{name}' has {words}"):
+        load_clip(name)
+
+
+def test_the_config_check_agrees_with_the_module_check():
+    """unsupported_text_cfg (load_clip's early refusal) accepts what TextTower
+    accepts and names what it refuses."""
+    from hipro_fast.engine.text_tower import unsupported_text_cfg
+
+    assert unsupported_text_cfg(open_clip.get_model_config("ViT-B-16")["text_cfg"]) is None
+    assert unsupported_text_cfg({}) is None
+    assert unsupported_text_cfg({"pool_type": "eos"}) == "text pooling 'eos' (the forest pools the end token: 'argmax')"
+    assert unsupported_text_cfg({"proj_bias": True}) == "a text projection with a bias"
+    for kw in ({"pool_type": "last"}, {"proj_bias": True}, {"no_causal_mask": True}):
+        assert unsupported_text_cfg(kw) is not None
+        with pytest.raises(UnsupportedTextTower):
+            TextTower(_small_clip(**kw))
