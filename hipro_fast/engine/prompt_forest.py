@@ -187,6 +187,7 @@ def build_prompt_forest(
     """
     if combine not in COMBINE_MODES:
         raise InvalidInputError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    check_tokenizer(tokenizer)
     sot = int(tokenizer.sot_token_id)
     trie = _PromptTrie()
     prompt_terminal: list[int] = []

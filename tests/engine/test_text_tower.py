@@ -322,6 +322,8 @@ def test_a_tokenizer_the_forest_cannot_pool_is_refused(tokenizer):
     with pytest.raises(UnsupportedTextTower, match="tokenizer _HFLikeTokenizer has no encode, sot_token_id, "
                                                    "eot_token_id"):
         hf.HiProModel((model, _HFLikeTokenizer()), {"t": ["dog", "cat"]}, ["t"], n_ctx=2)
+    with pytest.raises(UnsupportedTextTower, match="tokenizer _HFLikeTokenizer has no encode"):
+        build_prompt_forest(_HFLikeTokenizer(), 77, {"r": (0, 2)}, {"t": ["r"]}, {"t": ["dog"]})
     assert class_suffix_tokens(_IdsAboveEnd(tokenizer), "dog") == class_suffix_tokens(tokenizer, "dog")
 
 
