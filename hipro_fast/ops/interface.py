@@ -74,6 +74,13 @@ def tree_attention(
         scale: softmax scale, usually D ** -0.5.
     Returns:
         [T, H, D] in q's dtype; softmax and accumulation in fp32 (fp64 for fp64).
+
+    The fused op plans its segment blocks once per table and caches the plan
+    (csrc/attention_blocks.h). A CPU table is compared by content; a CUDA table
+    is recognised by storage and version counter, so treat a CUDA segment table
+    as immutable: an in-place write that bypasses autograd's version counter
+    (through `.data`, DLPack or a raw kernel) would reuse the old plan. Layouts
+    from build_forest_layout are never written.
     """
     _refuse_forward_ad("tree_attention", q, k, v)
     if fused_available(q.device):
