@@ -6,6 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..errors import InvalidInputError
 from .prompt_forest import PromptForest, build_prompt_forest
 from .text_tower import TextTower
 
@@ -39,9 +40,16 @@ class ForestEncoder:
     def context_table(self, ctx: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[R, W] rows of every node's context, in node order (R = 0 when no node
         has a context: the prompts are then "[SOS] class. [EOS]" alone)."""
+        weight = self.tower.text.token_embedding.weight
         if not self.node_order:
-            weight = self.tower.text.token_embedding.weight
             return weight.new_zeros((0, weight.shape[1]))
+        for node in self.node_order:  # a wrong length would shift every later node's rows, silently
+            want = (self.node_rows[node][1], weight.shape[1])
+            if node not in ctx:
+                raise InvalidInputError(f"no context given for node {node!r} (nodes: {self.node_order})")
+            if tuple(ctx[node].shape) != want:
+                raise InvalidInputError(f"node {node!r}: context must be {list(want)} (n_ctx x width), "
+                                        f"got {list(ctx[node].shape)}")
         return torch.cat([ctx[n] for n in self.node_order])
 
     def __call__(self, ctx: Mapping[str, torch.Tensor],
@@ -51,6 +59,8 @@ class ForestEncoder:
         return self.tower.encode_forest(self.forest, self.context_table(ctx), path_weights)
 
     def to(self, device) -> "ForestEncoder":
+        """Moves the forest's index tensors to `device` (not the tower: move the
+        CLIP model itself; a dtype is refused)."""
         self.forest = self.forest.to(device)
         return self
 

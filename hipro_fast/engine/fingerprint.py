@@ -6,6 +6,7 @@ classifier of garbage, silently)."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Mapping
@@ -29,6 +30,7 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 _TEXT_DIGESTS: OrderedDict[tuple, tuple[str, list[weakref.ref]]] = OrderedDict()
 _TEXT_DIGESTS_KEPT = 8
+_TEXT_DIGESTS_LOCK = threading.Lock()  # two threads may digest models at once (eviction vs move_to_end)
 
 
 def _text_side(clip_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,18 +50,20 @@ def text_side_digest(clip_model: nn.Module) -> str:
     names = sorted(state)
     key = tuple((k, state[k].data_ptr(), state[k]._version, tuple(state[k].shape), str(state[k].dtype),
                  str(state[k].device)) for k in names)
-    hit = _TEXT_DIGESTS.get(key)
-    # the same addresses may be another, freed model's: a hit must be these very tensors
-    if hit is not None and all(ref() is state[k] for ref, k in zip(hit[1], names)):
-        _TEXT_DIGESTS.move_to_end(key)
-        return hit[0]
-    with torch.no_grad():
+    with _TEXT_DIGESTS_LOCK:
+        hit = _TEXT_DIGESTS.get(key)
+        # the same addresses may be another, freed model's: a hit must be these very tensors
+        if hit is not None and all(ref() is state[k] for ref, k in zip(hit[1], names)):
+            _TEXT_DIGESTS.move_to_end(key)
+            return hit[0]
+    with torch.no_grad():  # hashed outside the lock: a second or so for ViT-B/16
         rounded = {k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach())
                    for k, v in state.items()}
         digest = tensors_digest(rounded)[:16]
-    _TEXT_DIGESTS[key] = (digest, [weakref.ref(state[k]) for k in names])
-    while len(_TEXT_DIGESTS) > _TEXT_DIGESTS_KEPT:
-        _TEXT_DIGESTS.popitem(last=False)
+    with _TEXT_DIGESTS_LOCK:
+        _TEXT_DIGESTS[key] = (digest, [weakref.ref(state[k]) for k in names])
+        while len(_TEXT_DIGESTS) > _TEXT_DIGESTS_KEPT:
+            _TEXT_DIGESTS.popitem(last=False)
     return digest
 
 

@@ -65,6 +65,9 @@ class FlexTreeAttention:
     def __init__(self):
         self._masks: list[tuple[ForestLayout, torch.device, "BlockMask"]] = []
 
+    def __getstate__(self):  # the masks close over their layout (a local function): a cache, rebuilt on use
+        return {**self.__dict__, "_masks": []}
+
     def block_mask(self, layout: ForestLayout, device: torch.device) -> "BlockMask":
         for lay, dev, mask in self._masks:
             if lay is layout and dev == device:

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..ops.extension import _C, reference_forced
-from ..errors import ForestError
+from ..errors import ForestError, InvalidTypeError
 
 # The deepest parent chain either builder accepts: csrc/tree_index.h's kMaxDepth
 # (the kernels' per-row walk keeps one range per ancestor).
@@ -65,9 +65,17 @@ class ForestLayout:
         return int(self.segment_table.shape[0])
 
     def to(self, device: torch.device | str) -> "ForestLayout":
+        """The same layout on `device` (its tensors are int64 indices: a dtype is refused)."""
+        check_device_arg(device, "ForestLayout")
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         with torch.inference_mode(False):  # see build_forest_layout
             return ForestLayout(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in moved.items()})
+
+
+def check_device_arg(device, what: str) -> None:
+    if not isinstance(device, (str, torch.device, int)):
+        raise InvalidTypeError(f"{what}.to takes a device (its tensors are int64 indices, not cast), "
+                               f"got {device!r}")
 
 
 def build_forest_layout(parents: Sequence[int], sources: Sequence[Sequence[int]],

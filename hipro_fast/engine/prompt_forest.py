@@ -18,7 +18,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .layout import ForestError, ForestLayout, build_forest_layout, encode_vocab_source
+from .layout import ForestError, ForestLayout, check_device_arg, build_forest_layout, encode_vocab_source
 from ..errors import InvalidInputError, UnsupportedTextTower
 
 Combine = Literal["concat", "mean"]
@@ -137,9 +137,12 @@ class PromptForest:
         return int(self.eos_index.numel())
 
     def to(self, device) -> "PromptForest":
-        return PromptForest(self.layout.to(device), self.eos_index.to(device),
-                            {t: p.to(device) for t, p in self.task_prompts.items()},
-                            self.combine, self.context_length)
+        """The same forest on `device` (index tensors: a dtype is refused)."""
+        check_device_arg(device, "PromptForest")
+        with torch.inference_mode(False):  # usable for training wherever it was moved (see build_forest_layout)
+            return PromptForest(self.layout.to(device), self.eos_index.to(device),
+                                {t: p.to(device) for t, p in self.task_prompts.items()},
+                                self.combine, self.context_length)
 
     def gather(self, prompt_features: torch.Tensor,
                path_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -188,6 +191,18 @@ def build_prompt_forest(
     if combine not in COMBINE_MODES:
         raise InvalidInputError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
     check_tokenizer(tokenizer)
+    for node, (_, count) in node_ctx_rows.items():
+        if int(count) < 1:
+            raise InvalidInputError(f"node {node!r} has {count} context tokens: a node on a path needs at "
+                                    f"least one (leave a node without context off the paths, as HiProModel "
+                                    f"does with n_ctx 0)")
+    with torch.inference_mode(False):  # normal tensors, usable for training (see build_forest_layout)
+        return _build_prompt_forest(tokenizer, context_length, node_ctx_rows, task_paths, task_classes, combine)
+
+
+def _build_prompt_forest(tokenizer, context_length: int, node_ctx_rows: Mapping[str, tuple[int, int]],
+                         task_paths: Mapping[str, Sequence[str]], task_classes: Mapping[str, Sequence[str]],
+                         combine: Combine) -> PromptForest:
     sot = int(tokenizer.sot_token_id)
     trie = _PromptTrie()
     prompt_terminal: list[int] = []
