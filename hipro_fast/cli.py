@@ -42,7 +42,7 @@ from typing import Any, Sequence
 from .app import pipeline, plots, report
 from .bench import gpu as bench_gpu
 from .bench import cpu as bench
-from .data.feature_cache import default_cache_dir, model_fingerprint
+from .data.feature_cache import default_cache_dir
 from .distributed import group as dist_group
 from .distributed.launch import run_under_torchrun, without_option
 from .data.tasks_spec import load_spec
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on the bundled benchmark")
     _common(p, spec=False, shot_grid=True)
-    _train_opts(p, tree=False, n_ctx_default=None)
+    _train_opts(p, tree=False, n_ctx_default=DEMO_DEFAULTS["n_ctx"])
     _affinity_opts(p)
     p.add_argument("--data-dir", default=None,
                    help="where to export the bundled images (default: <cache-dir>/bundled-seed<seed>)")
@@ -1067,8 +1067,7 @@ def cmd_export(ctx: _Ctx) -> int:
     model = ctx.pipeline.load_model_checkpoint(a.checkpoint, clip, ctx.device)
     out = Path(a.out) if a.out else ctx.run.path("classifier.safetensors")
     # whoever loads the classifier can check that their image features come from this image tower
-    clip_info = {"name": clip.name, "pretrained": clip.pretrained,
-                 "image_tower": model_fingerprint(clip)["visual_sha256"][:16]}
+    clip_info = {"name": clip.name, "pretrained": clip.pretrained, **export.image_tower_info(clip.model)}
     res = export.export_classifier(model, out, clip_info=clip_info)
     out = Path(res) if isinstance(res, (str, Path)) else out
     ctx.run.log("export", path=str(out), checkpoint=a.checkpoint)
@@ -1112,7 +1111,6 @@ def cmd_demo(ctx: _Ctx) -> int:
         spec_path = _export_bundled_once(ctx, data_dir, split_seed)
     a.spec = str(spec_path)
     a.epochs = a.epochs if a.epochs is not None else DEMO_DEFAULTS["epochs"]
-    a.n_ctx = a.n_ctx if a.n_ctx is not None else DEMO_DEFAULTS["n_ctx"]
     if a.affinity_steps is None:
         a.affinity_steps = DEMO_DEFAULTS["affinity_steps"]
     seeds = _seeds(a.seeds, DEMO_DEFAULTS["seeds"])

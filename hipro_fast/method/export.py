@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..engine.fingerprint import tensors_digest
 from ..errors import InvalidInputError, MissingFileError
 from ..files import atomic_write_bytes
 from .model import HiProModel, TaskSpecError, image_features_of, json_tensor, tensor_json
@@ -64,6 +65,13 @@ def _checked_text_features(model: HiProModel, text_features: Mapping[str, torch.
     return out
 
 
+def image_tower_info(clip_model: torch.nn.Module) -> dict[str, str]:
+    """{"image_tower": 16-hex digest of the open_clip model's image tower weights}
+    ({} for a model without one): the same digest the feature cache keys by."""
+    visual = getattr(clip_model, "visual", None)
+    return {"image_tower": tensors_digest(visual.state_dict())[:16]} if visual is not None else {}
+
+
 def export_classifier(model: HiProModel, path: str | Path,
                       text_features: Mapping[str, torch.Tensor] | None = None,
                       clip_info: Mapping[str, Any] | None = None) -> Path:
@@ -73,7 +81,10 @@ def export_classifier(model: HiProModel, path: str | Path,
         (checked: every task, that shape, finite, L2-normalised rows).
     clip_info: JSON-able record of the CLIP whose image features the classifier
         scores (e.g. {"name": ..., "pretrained": ..., "image_tower": digest});
-        read back as Classifier.clip_info.
+        read back as Classifier.clip_info. Default: {"image_tower": a digest of
+        the model's image tower weights} (what `hipro export` records beside
+        the model's name and weights file), so a classifier always says which
+        image features it expects.
     Every rank of a process group may call it alone (the model is whole outside fit/evaluate).
     """
     from safetensors.torch import save
@@ -97,8 +108,9 @@ def export_classifier(model: HiProModel, path: str | Path,
         "embed_dim": str(model.embed_dim),
         "model_config": json.dumps(model.config()),
     }
-    if clip_info is not None:
-        metadata["clip"] = json.dumps(dict(clip_info))
+    if clip_info is None:
+        clip_info = image_tower_info(model.clip)
+    metadata["clip"] = json.dumps(dict(clip_info))
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 

@@ -65,3 +65,20 @@ def test_the_eval_transform_follows_the_models_own_preprocessing():
     assert squash[0].size == (224, 224) and squash[0].interpolation == T.InterpolationMode.BILINEAR
     assert not any(isinstance(t, T.CenterCrop) for t in squash)
     assert squash[-1].mean == (0.5, 0.5, 0.5)
+
+
+def test_loading_the_bundled_clip_does_not_claim_its_weights_are_random(caplog):
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" while
+    building it; the shipped weights are loaded right after, so that line was false."""
+    import logging
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hipro_fast.data.bundled.tiny_clip import WEIGHTS_PATH
+
+    with caplog.at_level(logging.WARNING):
+        clip = hf.load_clip("hipro-tiny-clip")
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    shipped = load_file(str(WEIGHTS_PATH))["positional_embedding"]
+    assert torch.equal(clip.model.positional_embedding, shipped.float())

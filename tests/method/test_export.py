@@ -116,7 +116,11 @@ def test_export_checks_given_text_features_and_records_the_clip(tmp_path, traine
     path = export_classifier(trained, tmp_path / "ok.safetensors", text_features=feats,
                              clip_info={"name": "tiny", "pretrained": None})
     assert Classifier.load(path).clip_info == {"name": "tiny", "pretrained": None}
-    assert Classifier.load(export_classifier(trained, tmp_path / "plain.safetensors")).clip_info == {}
+    # by default the image tower's digest (the one `hipro export` and the feature cache record)
+    from hipro_fast.data.feature_cache import model_fingerprint
+
+    plain = Classifier.load(export_classifier(trained, tmp_path / "plain.safetensors")).clip_info
+    assert plain == {"image_tower": model_fingerprint(trained.clip)["visual_sha256"][:16]}
     task = next(iter(TASKS))
     bad_cases = [({**feats, task: feats[task][:-1]}, rf"text_features\['{task}'\] is \("),
                  ({k: v for k, v in feats.items() if k != task}, f"lacks task '{task}'"),

@@ -11,6 +11,7 @@ weights (``hipro-tiny-clip.safetensors``, stored fp16) come from
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from ...errors import InvalidInputError, MissingFileError
 
@@ -38,12 +39,27 @@ def _register_config(config_path: Path) -> None:
         open_clip.add_model_config(config_path)  # registry is keyed by the file stem
 
 
+class _NoRandomWeightsWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly"
+    for this model: its callers load the shipped weights right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(f"No pretrained weights loaded for model '{TINY_CLIP_NAME}'")
+
+
 def build_tiny_clip(config_path: Path | str | None = None, device="cpu"):
-    """Randomly initialised ``hipro-tiny-clip`` built by ``open_clip.create_model``."""
+    """Randomly initialised ``hipro-tiny-clip`` built by ``open_clip.create_model``
+    (open_clip's warning that it is random is dropped: load_clip and
+    load_tiny_clip load the shipped weights into it next)."""
     import open_clip
 
     _register_config(Path(config_path or CONFIG_PATH))
-    return open_clip.create_model(TINY_CLIP_NAME, pretrained=None, device=device)
+    quiet = _NoRandomWeightsWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(TINY_CLIP_NAME, pretrained=None, device=device)
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def image_preprocess(image_size: int):
