@@ -11,7 +11,7 @@ TORCH_LIBRARY(hipro_fast, m) {
       "Tensor token_ctx_row, Tensor token_vocab_id, Tensor token_position) -> Tensor");
   // grad_ctx_table[r] = sum_{t : ctx_row[t] == r} grad_out[t]   (fp32 accumulation)
   m.def(
-      "assemble_forest_backward(Tensor grad_out, Tensor token_ctx_row, int num_ctx_rows) "
+      "assemble_forest_backward(Tensor grad_out, Tensor token_ctx_row, SymInt num_ctx_rows) "
       "-> Tensor");
   // Tree attention over packed q, k, v [T, H, D]; returns out [T, H, D] and the
   // fp32 log-sum-exp [T, H] of the scaled scores.
@@ -32,5 +32,5 @@ TORCH_LIBRARY(hipro_fast, m) {
   m.def(
       "pool_eos_backward(Tensor grad_features, Tensor features, Tensor x_hat, Tensor rstd, "
       "Tensor proj_norm, Tensor ln_weight, Tensor projection, Tensor eos_index, "
-      "int num_tokens, ScalarType x_dtype) -> Tensor");
+      "SymInt num_tokens, ScalarType x_dtype) -> Tensor");
 }
