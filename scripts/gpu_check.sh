@@ -145,7 +145,7 @@ if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
   rm -f hipro_fast/_C*.so
   start=$(date +%s)
   build_rc=0
-  timeout -k 10 "$(stage_timeout 240 300)" "$PY" setup.py build_ext --inplace >"$RESULTS/build.log" 2>&1 || build_rc=$?
+  timeout -k 10 "$(stage_timeout 240 200)" "$PY" setup.py build_ext --inplace >"$RESULTS/build.log" 2>&1 || build_rc=$?
   if [[ $build_rc -eq 124 || $build_rc -eq 137 ]]; then
     echo "build timed out (rc $build_rc): no retry"; tail -20 "$RESULTS/build.log"; exit 2
   fi
@@ -156,9 +156,9 @@ if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
     echo "build failed; retrying with HIPRO_EXTRA_CXXFLAGS=-std=c++20"
     mark=$(( $(wc -l <"$RESULTS/build.log") + 1 ))
     echo "== retry with HIPRO_EXTRA_CXXFLAGS=-std=c++20" >>"$RESULTS/build.log"
-    HIPRO_EXTRA_CXXFLAGS=-std=c++20 timeout -k 10 "$(stage_timeout 240 200)" "$PY" setup.py build_ext --inplace \
+    HIPRO_EXTRA_CXXFLAGS=-std=c++20 timeout -k 10 "$(stage_timeout 240 150)" "$PY" setup.py build_ext --inplace \
       >>"$RESULTS/build.log" 2>&1 \
-      || { tail -n +"$mark" "$RESULTS/build.log" | grep -n -m 30 -E "error|Error" || tail -60 "$RESULTS/build.log"
+      || { grep -m 30 -E "error|Error" <(tail -n +"$mark" "$RESULTS/build.log") || tail -60 "$RESULTS/build.log"
            exit 2; }
   fi
   echo "build took $(( $(date +%s) - start ))s"

@@ -63,6 +63,16 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def _is_compile_error(e: BaseException) -> bool:
+    """An error of torch.compile's stack (Dynamo, Inductor, Triton): it fails again
+    for every problem, unlike an out-of-memory or a precision-specific failure."""
+    for err in (e, e.__cause__):
+        module = type(err).__module__ if err is not None else ""
+        if module.startswith(("torch._dynamo", "torch._inductor", "triton")):
+            return True
+    return False
+
+
 def run_problem(tower, tokenizer, problem: Problem, device: torch.device, precision: str,
                 repeats: int, warmup: int, log: Callable[[str], None], profile: bool = False,
                 flex_tower=None, train_step: bool = True, graphs: bool = True) -> dict:
@@ -100,6 +110,7 @@ def run_problem(tower, tokenizer, problem: Problem, device: torch.device, precis
                                       "ctx_grad_rel_diff": fv["ctx_grad_rel_diff"]}
             except Exception as e:  # noqa: BLE001 - recorded in the results, not lost
                 res["flex_error"] = f"{type(e).__name__}: {e}"[:2000]
+                res["flex_error_kind"] = "compile" if _is_compile_error(e) else "run"
                 log(f"[{problem.name} {precision}] flex row dropped: {res['flex_error'][:300]}")
                 steps.pop("flex")
                 counts.pop("flex")
@@ -299,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     res["flex_skipped"] = flex_dropped
                 results.append(res)
                 print_gpu_table([res])
-                if flex_tower is not None and "flex_error" in res:
+                if flex_tower is not None and res.get("flex_error_kind") == "compile":
                     # a peer that failed to compile fails again: do not pay its compile on every problem
                     flex_tower = None
                     flex_dropped = f"off after it failed on {name} {precision}: {res['flex_error'][:300]}"

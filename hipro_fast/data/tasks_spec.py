@@ -158,12 +158,14 @@ def _read_csv(task: str, split: str, path: Path,
                 raise SpecError(f"{path}:{lineno}: unknown label {label!r} (task {task!r} classes: "
                                 f"{', '.join(known)})")
             img = Path(rel)
-            if not img.is_absolute():
+            listed_absolute = img.is_absolute()
+            if not listed_absolute:
                 img = path.parent / img
             if not img.is_file():
                 raise SpecError(f"{path}:{lineno}: image not found: {img}")
             items.append((str(img.resolve()), label))
-            names[items[-1][0]] = os.path.relpath(img, path.parent)
+            # a relative row as listed; an absolute one against the CSV's real folder (not where a link to it sits)
+            names[items[-1][0]] = os.path.relpath(img, path.parent.resolve() if listed_absolute else path.parent)
             if label not in seen:
                 seen.add(label)
                 labels.append(label)

@@ -193,8 +193,8 @@ def build_prompt_forest(
     check_tokenizer(tokenizer)
     for node, (_, count) in node_ctx_rows.items():
         if int(count) < 1:
-            raise InvalidInputError(f"node {node!r} has {count} context tokens: a node on a path needs at "
-                                    f"least one (leave a node without context off the paths, as HiProModel "
+            raise InvalidInputError(f"node {node!r} has {count} context tokens: a node needs at least one "
+                                    f"(leave a node without context out, and off the paths, as HiProModel "
                                     f"does with n_ctx 0)")
     with torch.inference_mode(False):  # normal tensors, usable for training (see build_forest_layout)
         return _build_prompt_forest(tokenizer, context_length, node_ctx_rows, task_paths, task_classes, combine)

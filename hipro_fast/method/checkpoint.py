@@ -416,7 +416,7 @@ def _read_record(json_path: Path) -> dict[str, Any]:
         value = record.get(key)
         if not isinstance(value, typ) or isinstance(value, bool):
             raise CheckpointError(f"{json_path}: {key!r} must be a JSON {typ.__name__}, got {value!r}"[:300])
-    if Path(record["tensors"]).name != record["tensors"]:
+    if record["tensors"] in ("", ".", "..") or Path(record["tensors"]).name != record["tensors"]:
         raise CheckpointError(f"{json_path}: 'tensors' must name a file beside it, got {record['tensors']!r}")
     return record
 

@@ -67,7 +67,8 @@ def _checked_text_features(model: HiProModel, text_features: Mapping[str, torch.
 
 def image_tower_info(clip_model: torch.nn.Module) -> dict[str, str]:
     """{"image_tower": 16-hex digest of the open_clip model's image tower weights}
-    ({} for a model without one): the same digest the feature cache keys by."""
+    ({} for a model without one): the digest the feature cache keys by, for the
+    tower in the dtype it has now (a tower cast after caching digests apart)."""
     visual = getattr(clip_model, "visual", None)
     return {"image_tower": tensors_digest(visual.state_dict())[:16]} if visual is not None else {}
 

@@ -292,9 +292,10 @@ def _resolve_config(config: TrainConfig | None, overrides: Mapping[str, Any]) ->
             raise InvalidTypeError(f"checkpoint_dir must be a path, got {type(config.checkpoint_dir).__name__}")
         strings["checkpoint_dir"] = os.fsdecode(config.checkpoint_dir)
     if config.device is not None:
-        if not isinstance(config.device, (str, torch.device)):
-            raise InvalidTypeError(f"device must be a string or torch.device, got {type(config.device).__name__}")
-        strings["device"] = str(config.device)
+        if isinstance(config.device, bool) or not isinstance(config.device, (str, torch.device, int)):
+            raise InvalidTypeError(f"device must be a string, torch.device or CUDA index, got "
+                                   f"{type(config.device).__name__}")
+        strings["device"] = str(torch.device(config.device)) if isinstance(config.device, int) else str(config.device)
     return dataclasses.replace(config, **ints, **floats, **strings)
 
 

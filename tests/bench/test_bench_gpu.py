@@ -228,13 +228,26 @@ def test_a_failing_training_step_or_profile_keeps_the_problems_timings(monkeypat
     bench_gpu.print_gpu_table([res])  # the text table prints the failure too, without a KeyError
 
 
-def test_a_flex_peer_that_failed_once_is_not_compiled_again(tmp_path, monkeypatch):
+class _InductorError(RuntimeError):
+    """Stands in for an exception of torch.compile's stack."""
+
+
+_InductorError.__module__ = "torch._inductor.exc"
+
+
+@pytest.mark.parametrize("error, retried", [(_InductorError("triton compile failed (planted)"), False),
+                                            (torch.cuda.OutOfMemoryError("planted: out of memory"), True)],
+                         ids=["compile", "out-of-memory"])
+def test_a_flex_peer_that_failed_to_compile_is_not_compiled_again(tmp_path, monkeypatch, error, retried):
+    """A compile failure fails again on every problem: flex is off for the rest.
+    Any other failure (out of memory on the big problem, one precision) is the
+    row's own: the next problem tries flex again."""
     calls = []
 
     class Broken(_BrokenFlexTower):
         def encode_layout(self, *args, **kwargs):
             calls.append(1)
-            super().encode_layout(*args, **kwargs)
+            raise error
 
         encode_forest = encode_layout
 
@@ -244,10 +257,13 @@ def test_a_flex_peer_that_failed_once_is_not_compiled_again(tmp_path, monkeypatc
                            "--repeats", "1", "--warmup", "0", "--n-ctx", "4", "--no-train-step",
                            "--json", str(path), "--markdown", str(tmp_path / "gpu.md")]) == 0
     first, second = json.loads(path.read_text())["results"]
-    assert first["flex_error"].startswith("RuntimeError: triton compile failed")
-    assert second["flex_skipped"].startswith("off after it failed on a fp32: RuntimeError: triton")
-    assert "flex_error" not in second and len(calls) == 1
-    assert "(a) bf16: flex row off after it failed on a fp32" in (tmp_path / "gpu.md").read_text()
+    assert first["flex_error"] == f"{type(error).__name__}: {error}"
+    if retried:
+        assert len(calls) == 2 and "flex_skipped" not in second and second["flex_error"] == first["flex_error"]
+    else:
+        assert second["flex_skipped"].startswith("off after it failed on a fp32: _InductorError: triton")
+        assert "flex_error" not in second and len(calls) == 1
+        assert "(a) bf16: flex row off after it failed on a fp32" in (tmp_path / "gpu.md").read_text()
 
 
 def test_a_nan_measurement_reads_nan_not_a_dash():

@@ -287,24 +287,31 @@ def test_a_split_does_not_depend_on_where_a_link_to_the_data_points(tmp_path):
     split as they do in place, wherever the link points: the rank hashes the
     path as listed, not the resolved one (else `hipro eval` on another machine
     could test a checkpoint on its training images)."""
+    def lists(folder):  # a CSV of relative rows, and one of absolute rows (into `folder`)
+        (folder / "list.csv").write_text("".join(f"{c}/{i:02d}.png,{c}\n" for c in "ab" for i in range(10)))
+        (folder / "abs.csv").write_text("".join(f"{folder / c / f'{i:02d}.png'},{c}\n" for c in "ab"
+                                                for i in range(10)))
+
     for where in ("real1/ds", "real2/much/deeper/ds"):
         _folder(tmp_path / where, {"a": 10, "b": 10})
-        (tmp_path / where / "list.csv").write_text("".join(f"{c}/{i:02d}.png,{c}\n" for c in "ab" for i in range(10)))
+        lists(tmp_path / where)
     task = ('[[task]]\nname = "f"\nimages = "data"\nsplit = {test = 0.5, seed = 0}\n'
-            '[[task]]\nname = "c"\ncsv = "data/list.csv"\nsplit = {test = 0.5, seed = 0}\n')
+            '[[task]]\nname = "c"\ncsv = "data/list.csv"\nsplit = {test = 0.5, seed = 0}\n'
+            '[[task]]\nname = "abs"\ncsv = "data/abs.csv"\nsplit = {test = 0.5, seed = 0}\n')
     tests = []
     for i, where in enumerate(("real1/ds", "real2/much/deeper/ds", None)):
         spec_dir = tmp_path / f"spec{i}"
         spec_dir.mkdir()
         if where is None:  # the data in place, no link
             shutil.copytree(tmp_path / "real1" / "ds", spec_dir / "data")
+            lists(spec_dir / "data")
         else:
             (spec_dir / "data").symlink_to(tmp_path / where, target_is_directory=True)
         (spec_dir / "tasks.toml").write_text(task)
         spec = load_spec(spec_dir / "tasks.toml")
         tests.append({t: sorted("/".join(Path(r.path).parts[-2:]) for r in spec.tasks[t].splits["test"])
-                      for t in ("f", "c")})
-        assert len(tests[-1]["f"]) == 10 and tests[-1]["f"] == tests[-1]["c"]
+                      for t in ("f", "c", "abs")})
+        assert len(tests[-1]["f"]) == 10 and tests[-1]["f"] == tests[-1]["c"] == tests[-1]["abs"]
     assert tests[0] == tests[1] == tests[2]
 
 def test_a_file_name_that_is_not_utf8_is_carved_like_any_other(tmp_path):

@@ -107,7 +107,9 @@ def test_annotating_a_checkpoint_adds_provenance_and_keeps_its_tensors(tmp_path)
     (lambda r: {**r, "epoch": "3"}, "'epoch' must be a JSON int, got '3'"),
     (lambda r: {**r, "model": []}, "'model' must be a JSON dict, got \\[\\]"),
     (lambda r: {**r, "tensors": "../elsewhere.safetensors"}, "'tensors' must name a file beside it"),
-], ids=["utf8", "json", "format", "list", "version", "no-tensors", "epoch-str", "model-list", "tensors-path"])
+    (lambda r: {**r, "tensors": ".."}, "'tensors' must name a file beside it"),
+], ids=["utf8", "json", "format", "list", "version", "no-tensors", "epoch-str", "model-list", "tensors-path",
+        "tensors-dotdot"])
 def test_a_hand_edited_record_is_refused_naming_the_file(tmp_path, edit, message):
     save_checkpoint(tmp_path, make_model(), None, 3, [], kind="best")
     path = tmp_path / "best.json"

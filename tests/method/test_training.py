@@ -507,5 +507,5 @@ def test_a_path_and_a_torch_device_are_welcome_as_options(data, tmp_path):
     assert (tmp_path / "last.json").exists()
     with pytest.raises(TypeError, match="checkpoint_dir must be a path, got int"):
         fit(make_model(), train, None, checkpoint_dir=3, **FAST)
-    with pytest.raises(TypeError, match="device must be a string or torch.device, got int"):
-        fit(make_model(), train, None, device=0, **FAST)
+    with pytest.raises(TypeError, match="device must be a string, torch.device or CUDA index, got float"):
+        fit(make_model(), train, None, device=0.0, **FAST)
