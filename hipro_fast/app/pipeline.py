@@ -560,6 +560,8 @@ def save_model(model, directory: str | Path, extra: Mapping[str, Any] | None = N
     its record. In a multi-process run only rank 0 writes. Returns the directory."""
     directory = Path(directory)
     if dist_group.is_main() and ckpt.has_checkpoint(directory, "best"):
+        # fit's own best, of this model: another run's (another tree, tasks or CLIP) is refused, not stamped
+        ckpt.load_checkpoint(directory, model, kind="best", load_contexts=False)
         if extra:
             ckpt.annotate_checkpoint(directory, "best", extra)
     elif dist_group.is_main():  # rank 0 writes, once

@@ -55,3 +55,27 @@ def test_a_named_model_without_weights_says_it_is_random(monkeypatch):
         assert pl.load_model("ViT-B-32", pretrained="openai") == ("ViT-B-32", "openai")
         pl.load_model("hipro-tiny-clip")  # ships its weights
         pl.load_model("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")  # the hub's weights (load_clip faked)
+
+
+def test_save_model_stamps_fits_best_with_the_provenance_or_refuses_another_models(tmp_path):
+    """fit writes `best`; save_model adds the caller's provenance to it. A `best`
+    left there by another model (another tree) is refused, not stamped."""
+    import json
+
+    from hipro_fast.errors import TreeError
+    from hipro_fast.method.training import fit
+    from tests.helpers_training import make_model, toy_data
+
+    train = toy_data(seed=0)
+    model = make_model()
+    fit(model, train, None, checkpoint_dir=str(tmp_path), epochs=1, optimizer="adamw", batch_size=4,
+        steps_per_epoch=1)
+    tensors = sorted(p.name for p in tmp_path.glob("best-e*.safetensors"))
+    pipeline.save_model(model, tmp_path, {"spec": "tasks.toml", "seed": 0})
+    record = json.loads((tmp_path / "best.json").read_text())
+    assert record["extra"]["spec"] == "tasks.toml" and "train_sizes" in record["extra"]
+    assert sorted(p.name for p in tmp_path.glob("best-e*.safetensors")) == tensors
+    other = make_model(tree=["animals", "vehicles", "colors"])
+    with pytest.raises(TreeError):
+        pipeline.save_model(other, tmp_path, {"spec": "other.toml"})
+    assert json.loads((tmp_path / "best.json").read_text())["extra"]["spec"] == "tasks.toml"
