@@ -95,6 +95,16 @@ class BadImageError(SpecError):
         super().__init__(f"cannot decode image {path}: {reason}")
 
 
+class ImageReadError(HiproError, OSError):
+    """An image file that could not be read (a permission or I/O error): not a bad
+    image, so never skipped by skip_bad_images (a skip would be cached, and outlive
+    the fix)."""
+
+
+class CacheWriteError(HiproError, OSError):
+    """A cache file could not be written (disk full, a name too long, ...); names the file."""
+
+
 class BundledDataError(HiproError, RuntimeError):
     """A package that ships bundled data is missing or its data is unreadable."""
 

@@ -24,7 +24,7 @@ from ..data.bundled import export_image_folders
 from ..distributed import group as dist_group
 from ..data.clip_loading import load_clip
 from ..data.feature_cache import FeatureCache, stack_views
-from ..data.tasks_spec import MultiTaskSpec, few_shot
+from ..data.tasks_spec import MultiTaskSpec, SpecError, few_shot
 from ..engine.prompt_forest import DEFAULT_COMBINE
 from ..method import affinity as aff
 from ..method import baselines, training
@@ -409,6 +409,28 @@ class TaskFeatures:
         return rows
 
 
+class SkippedClassWarning(UserWarning):
+    """skip_bad_images left a class no validation or test image."""
+
+
+def _check_classes_left(task: str, split: str, classes: Sequence[str], records, enc) -> None:
+    """After skip_bad_images: a class whose every image of a split was skipped.
+    In training it is an error (the task would be trained without it and, with one
+    class left, score 100% by construction, as the spec refuses up front); in val
+    or test a warning (its accuracy no longer counts that class)."""
+    had = {r.label for r in records}
+    left = set(enc.labels.tolist())
+    gone = [classes[c] for c in sorted(had - left)]
+    if not gone:
+        return
+    first = next(p for p in enc.skipped if any(r.path == p and classes[r.label] == gone[0] for r in records))
+    what = (f"task {task!r}: every {split} image of class {gone[0]!r} was skipped as undecodable "
+            f"(--skip-bad-images; first {first})" + (f", and of {len(gone) - 1} more classes" if len(gone) > 1 else ""))
+    if split == "train":
+        raise SpecError(what + ": it would be trained without that class; fix or replace those images")
+    warnings.warn(what + f": its {split} accuracy leaves that class out", SkippedClassWarning, stacklevel=3)
+
+
 def cache_features(clip, spec: MultiTaskSpec, *, shots: int | None = 16, seed: int = 0,
                    cache_dir: str | Path | None = None, device: str | None = None, views: int = 0,
                    skip_bad_images: bool = False, progress: bool = True, batch_size: int = 128,
@@ -434,6 +456,7 @@ def cache_features(clip, spec: MultiTaskSpec, *, shots: int | None = 16, seed: i
             status[f"{name}/{split}"] = enc.status
             if enc.skipped:
                 skipped[f"{name}/{split}"] = enc.skipped
+                _check_classes_left(name, split, task.classes, records, enc)
             {"train": train, "val": val, "test": test}[split][name] = (enc.features, enc.labels)
             if split == "train" and enc.views is not None:
                 views_out[name] = enc.views

@@ -13,13 +13,13 @@ when there is one). Each set is persisted as a safetensors file:
   share one cache folder without evicting each other; a list that gains or
   loses an image is a new set (the old file stays until the folder is
   cleaned: delete any of these files at any time, they are rebuilt);
-* its **key** (stored in the metadata) adds every image file's size and
-  modification time (``st_size``, ``st_mtime_ns``). A file whose key differs is
-  *stale* and is rebuilt, with a warning naming how many images changed and
-  the first one. The bytes are not hashed (that would read every image on
-  every run): an edit that keeps both the size and the mtime, e.g. a same-size
-  file copied in with ``cp -p`` / ``rsync -t``, serves the old features until
-  the file is touched or the cache file deleted;
+* its **key** (stored in the metadata) adds every image file's size,
+  modification time and status-change time (``st_size``, ``st_mtime_ns``,
+  ``st_ctime_ns``). A file whose key differs is *stale* and is rebuilt, with a
+  warning naming how many images changed and the first one. The bytes are not
+  hashed (that would read every image on every run); the ctime catches an
+  edit that restores the size and mtime (``cp -p``, ``rsync -t``,
+  ``os.utime``), since no user can set it;
 * the metadata also stores a SHA-256 of the tensor bytes; a file that does not
   parse or whose checksum differs is *corrupt* and is rebuilt. Neither is ever
   used silently: a warning names the file and the reason;
@@ -68,7 +68,7 @@ import torch.nn.functional as F
 
 from ..distributed import group as dist_group
 from ..engine.fingerprint import tensors_digest
-from ..errors import DistributedError, InvalidInputError, MissingFileError, SpecError
+from ..errors import CacheWriteError, DistributedError, InvalidInputError, MissingFileError, SpecError
 from ..files import atomic_write_bytes
 from .tasks_spec import BadImageError, ImageRecord, read_image
 
@@ -77,7 +77,7 @@ __all__ = [
     "train_augmentation", "sample_views", "stack_views", "default_cache_dir",
 ]
 
-FORMAT = "hipro-features-v1"
+FORMAT = "hipro-features-v2"  # v2: the key adds each image's ctime
 
 
 class CacheWarning(UserWarning):
@@ -118,7 +118,7 @@ def _image_stats(records: Sequence[ImageRecord]) -> list[list[Any]]:
     for r in records:
         try:
             st = os.stat(r.path)
-            out.append([r.path, r.label, st.st_size, st.st_mtime_ns])
+            out.append([r.path, r.label, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
         except FileNotFoundError:
             raise MissingFileError(f"image not found: {r.path}") from None
     return out
@@ -206,7 +206,8 @@ class _Images(torch.utils.data.Dataset):
             vs = []
             with torch.random.fork_rng(devices=[]):
                 for k in range(self.views):
-                    torch.manual_seed(zlib.crc32(f"aug/{self.seed}/{path}/{k}".encode()))
+                    # os.fsencode: a file name that is not UTF-8 (surrogate escapes) seeds too
+                    torch.manual_seed(zlib.crc32(f"aug/{self.seed}/".encode() + os.fsencode(path) + f"/{k}".encode()))
                     vs.append(self.aug(img))
             v = torch.stack(vs)
         return i, x, v, None
@@ -288,12 +289,13 @@ class FeatureCache:
         if records is not None:
             body["images"] = [[r.path, int(r.label)] for r in records]
         ident = _sha(json.dumps(body, sort_keys=True))[:20]
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)[:80]
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+        safe = safe.encode("utf-8")[:80].decode("utf-8", "ignore")  # 80 bytes: the name stays under 255
         return self.cache_dir / f"{safe}-{ident}.safetensors"
 
     def key(self, tag: str, records: Sequence[ImageRecord], views: int, seed: int,
             stats: list[list[Any]] | None = None) -> str:
-        """Hash of the identity and every image's (path, label, size, mtime_ns)
+        """Hash of the identity and every image's (path, label, size, mtime_ns, ctime_ns)
         (`stats`, from _image_stats, or read now). Not skip_bad_images: a file
         written with nothing skipped serves both settings, and one that skipped
         images refuses the strict setting when it is loaded (as encoding would)."""
@@ -410,7 +412,8 @@ class FeatureCache:
         loader = torch.utils.data.DataLoader(
             ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda")
-        model_device = next(self.model.parameters()).device
+        first = next(self.model.parameters())
+        model_device, model_dtype = first.device, first.dtype  # a half / bf16 tower takes its own dtype
         feats, vfeats, kept, skipped = [], [], [], []
         bar = tqdm(total=len(ds), desc=f"encode {tag}", unit="img", disable=not progress, leave=False)
         try:
@@ -426,12 +429,12 @@ class FeatureCache:
                 bar.update(len(batch))
                 if not good:
                     continue
-                x = torch.stack([g[1] for g in good]).to(model_device, non_blocking=True)
+                x = torch.stack([g[1] for g in good]).to(model_device, model_dtype, non_blocking=True)
                 feats.append(F.normalize(self.model.encode_image(x).float(), dim=-1).to(self.device))
                 if views:
                     v = torch.stack([g[2] for g in good])  # [B, K, 3, H, W]
                     b, k = v.shape[:2]
-                    f = self.model.encode_image(v.flatten(0, 1).to(model_device, non_blocking=True)).float()
+                    f = self.model.encode_image(v.flatten(0, 1).to(model_device, model_dtype, non_blocking=True)).float()
                     vfeats.append(F.normalize(f, dim=-1).reshape(b, k, -1).to(self.device))
                 kept.extend(g[0] for g in good)
         finally:
@@ -446,14 +449,18 @@ class FeatureCache:
         tensors = {"features": enc.features.detach().cpu().contiguous(),
                    "labels": enc.labels.detach().cpu().contiguous(),
                    "kept": torch.tensor([index[p] for p in enc.paths], dtype=torch.long),
-                   # [N, 2] (size, mtime_ns) of every image: lets a stale file say which image changed
+                   # [N, 3] (size, mtime_ns, ctime_ns) of every image: lets a stale file say which image changed
                    "stats": torch.tensor([s[2:] for s in stats], dtype=torch.long)}
         if enc.views is not None:
             tensors["views"] = enc.views.detach().cpu().contiguous()
         meta = {"format": FORMAT, "key": key, "checksum": tensors_digest(tensors),
                 "n_images": str(len(records)), "skipped": json.dumps(enc.skipped),
                 "skip_bad_images": json.dumps(bool(self.skip_bad_images))}
-        atomic_write_bytes(path, save(tensors, metadata=meta))
+        try:
+            atomic_write_bytes(path, save(tensors, metadata=meta))
+        except OSError as e:  # the features are lost with it: at least say which file, and why
+            raise CacheWriteError(e.errno, f"cannot write the feature cache {path}: {e.strerror or e} (free "
+                                           f"space there, or pass another --cache-dir)") from None
 
     def _load(self, path: Path, key: str, records) -> tuple[EncodedSet | None, str]:
         from safetensors import safe_open
@@ -475,14 +482,21 @@ class FeatureCache:
         if not need <= set(tensors):
             return None, f"missing tensors {sorted(need - set(tensors))}"
         kept = tensors["kept"].tolist()
+        try:  # the metadata is outside the checksum: a damaged one is corrupt, like damaged tensors
+            n_images = int(meta.get("n_images", -1))
+            skipped = json.loads(meta.get("skipped", "[]"))
+        except ValueError as e:
+            return None, f"unreadable metadata ({type(e).__name__}: {e})"
+        if not isinstance(skipped, list) or not all(isinstance(s, str) for s in skipped):
+            return None, "unreadable metadata (skipped is not a list of paths)"
         if (len(kept) != tensors["features"].shape[0] or len(kept) != tensors["labels"].shape[0]
-                or int(meta.get("n_images", -1)) != len(records) or any(i < 0 or i >= len(records) for i in kept)):
+                or n_images != len(records) or any(i < 0 or i >= len(records) for i in kept)):
             return None, "inconsistent shapes"
         views = tensors.get("views")
         return EncodedSet(tensors["features"].to(self.device), tensors["labels"].to(self.device),
                           [records[i].path for i in kept],
                           views.to(self.device) if views is not None else None,
-                          json.loads(meta.get("skipped", "[]")), "hit", path), ""
+                          skipped, "hit", path), ""
 
     def _hit(self, loaded: EncodedSet, tag: str) -> EncodedSet:
         """A loaded file, unless it skipped images and this cache is strict: then

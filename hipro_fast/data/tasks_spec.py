@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 import os
 import tomllib
@@ -61,7 +62,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from ..errors import BadImageError, InvalidInputError, SpecError
+from ..errors import BadImageError, ImageReadError, InvalidInputError, SpecError
 
 __all__ = [
     "IMG_EXTENSIONS", "SPLITS", "SpecError", "BadImageError", "FewShotWarning", "ImageRecord",
@@ -126,6 +127,11 @@ def _read_folder(task: str, split: str, root: Path) -> tuple[list[str], list[tup
         raise SpecError(f"task {task!r}: {split} directory has no class folders: {root}")
     items, names = [], {}
     for d in class_dirs:
+        broken = sorted(p for p in d.iterdir() if p.is_symlink() and not p.exists()
+                        and p.suffix.lower() in IMG_EXTENSIONS)
+        if broken:  # an unmounted or moved target: the class would shrink without a word
+            raise SpecError(f"task {task!r}: {broken[0]} is a broken symbolic link (to "
+                            f"{os.readlink(broken[0])}); mount or restore its target, or remove the link")
         files = sorted(p for p in d.iterdir() if _is_image(p))
         if not files:
             raise SpecError(f"task {task!r}: class folder has no images: {d}")
@@ -133,6 +139,12 @@ def _read_folder(task: str, split: str, root: Path) -> tuple[list[str], list[tup
             items.append((str(p.resolve()), d.name))
             names[items[-1][0]] = os.path.relpath(p, root)
     return [d.name for d in class_dirs], items, names
+
+
+def _csv_image(csv_path: Path, listed: str) -> Path:
+    """A CSV row's image path: absolute as listed, else relative to the CSV's folder."""
+    img = Path(listed.strip())
+    return img if img.is_absolute() else csv_path.parent / img
 
 
 def _read_csv(task: str, split: str, path: Path,
@@ -143,32 +155,37 @@ def _read_csv(task: str, split: str, path: Path,
         raise SpecError(f"task {task!r}: {split} CSV file not found: {path}")
     items, labels, seen, names = [], [], set(), {}
     known_set = set(known) if known is not None else None
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for lineno, row in enumerate(csv.reader(f), start=1):
-            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-                continue
-            if lineno == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
-                continue
-            if len(row) != 2:
-                raise SpecError(f"{path}:{lineno}: expected 2 columns (path,label), got {len(row)}")
-            rel, label = row[0].strip(), row[1].strip()
-            if not rel or not label:
-                raise SpecError(f"{path}:{lineno}: empty path or label")
-            if known_set is not None and label not in known_set:
-                raise SpecError(f"{path}:{lineno}: unknown label {label!r} (task {task!r} classes: "
-                                f"{', '.join(known)})")
-            img = Path(rel)
-            listed_absolute = img.is_absolute()
-            if not listed_absolute:
-                img = path.parent / img
-            if not img.is_file():
-                raise SpecError(f"{path}:{lineno}: image not found: {img}")
-            items.append((str(img.resolve()), label))
-            # a relative row as listed; an absolute one against the CSV's real folder (not where a link to it sits)
-            names[items[-1][0]] = os.path.relpath(img, path.parent.resolve() if listed_absolute else path.parent)
-            if label not in seen:
-                seen.add(label)
-                labels.append(label)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"task {task!r}: {split} CSV file {path} is not UTF-8 text ({e.reason} at byte "
+                        f"{e.start}): save it as UTF-8") from None
+    for lineno, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        # '#' starts a comment, unless the row names an image (a file called "#1.png")
+        if row[0].lstrip().startswith("#") and not (len(row) == 2 and _is_image(_csv_image(path, row[0]))):
+            continue
+        if lineno == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+            continue
+        if len(row) != 2:
+            raise SpecError(f"{path}:{lineno}: expected 2 columns (path,label), got {len(row)}")
+        rel, label = row[0].strip(), row[1].strip()
+        if not rel or not label:
+            raise SpecError(f"{path}:{lineno}: empty path or label")
+        if known_set is not None and label not in known_set:
+            raise SpecError(f"{path}:{lineno}: unknown label {label!r} (task {task!r} classes: "
+                            f"{', '.join(known)})")
+        img = _csv_image(path, rel)
+        listed_absolute = Path(rel).is_absolute()
+        if not img.is_file():
+            raise SpecError(f"{path}:{lineno}: image not found: {img}")
+        items.append((str(img.resolve()), label))
+        # a relative row as listed; an absolute one against the CSV's real folder (not where a link to it sits)
+        names[items[-1][0]] = os.path.relpath(img, path.parent.resolve() if listed_absolute else path.parent)
+        if label not in seen:
+            seen.add(label)
+            labels.append(label)
     if not items:
         raise SpecError(f"task {task!r}: {split} CSV file has no rows: {path}")
     return labels, items, names
@@ -504,7 +521,11 @@ def read_image(path: str | Path):
             im.load()
             gray = _to_8bit(im)
             return (gray if gray is not None else im).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except OSError as e:
+        if e.errno is not None:  # the system's (permission, I/O, too many open files), not the image's
+            raise ImageReadError(e.errno, f"cannot read image {path}: {e.strerror or e}") from None
+        raise BadImageError(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except (UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # DecompressionBombError (a header claiming a huge image) is no OSError: named too, so
         # skip_bad_images skips it like any other undecodable file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

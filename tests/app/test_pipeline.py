@@ -79,3 +79,37 @@ def test_save_model_stamps_fits_best_with_the_provenance_or_refuses_another_mode
     with pytest.raises(TreeError):
         pipeline.save_model(other, tmp_path, {"spec": "other.toml"})
     assert json.loads((tmp_path / "best.json").read_text())["extra"]["spec"] == "tasks.toml"
+
+
+def test_skipped_images_cannot_silently_remove_a_class(tmp_path):
+    """--skip-bad-images skips after the spec's checks: a class whose every
+    training image was undecodable left the task trained without it (one class
+    left: 100% by construction). Now an error; in a test split, a warning."""
+    import numpy as np
+    from PIL import Image
+
+    import open_clip
+
+    from hipro_fast.data.clip_loading import LoadedClip, random_clip
+    from hipro_fast.data.tasks_spec import SpecError, load_spec
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog", "cow"):
+            d = tmp_path / "t1" / split / c
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray((np.random.default_rng(i).random((16, 16, 3)) * 255).astype("uint8")).save(d / f"{i}.png")
+    (tmp_path / "tasks.toml").write_text('[[task]]\nname = "t1"\ntrain = "t1/train"\ntest = "t1/test"\n')
+    clip = LoadedClip(random_clip(width=32, heads=2, layers=1, embed_dim=16), None,
+                      open_clip.image_transform(16, is_train=False), "tiny", None)
+    for p in (tmp_path / "t1" / "test" / "cat").iterdir():
+        p.write_bytes(b"junk")
+    spec = load_spec(tmp_path / "tasks.toml")
+    with pytest.warns(pipeline.SkippedClassWarning, match="every test image of class 'cat' was skipped"):
+        feats = pipeline.cache_features(clip, spec, shots=None, skip_bad_images=True, progress=False)
+    assert set(feats.test["t1"][1].tolist()) == {1, 2}
+    for p in (tmp_path / "t1" / "train" / "cat").iterdir():
+        p.write_bytes(b"junk")
+    with pytest.raises(SpecError, match=r"task 't1': every train image of class 'cat' was skipped as undecodable "
+                                        r"\(--skip-bad-images; first .*cat/0\.png\): it would be trained without"):
+        pipeline.cache_features(clip, spec, shots=None, skip_bad_images=True, progress=False)

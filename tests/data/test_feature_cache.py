@@ -222,3 +222,102 @@ def test_features_live_on_the_gpu(tmp_path, clip):
     assert enc.features.is_cuda and enc.labels.is_cuda
     torch.testing.assert_close(enc.features.cpu(), _reference(clip, recs), atol=1e-4, rtol=0)
     assert FeatureCache(gpu, tmp_path / "cache", progress=False).encode(recs, tag="t").features.is_cuda
+
+
+def test_an_edit_that_restores_size_and_mtime_is_still_seen(tmp_path, clip):
+    """cp -p / rsync -t / os.utime can put the old size and mtime back on new
+    content; the ctime they cannot, and it is in the key."""
+    import time
+
+    recs = _records(tmp_path / "img")
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False, batch_size=4)
+    fc.encode(recs, tag="t/train")
+    st = os.stat(recs[0].path)
+    img = np.asarray(Image.open(recs[0].path))
+    time.sleep(0.01)
+    Image.fromarray(255 - img).save(recs[0].path)  # new content, same size here
+    os.utime(recs[0].path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(recs[0].path).st_size == st.st_size and os.stat(recs[0].path).st_mtime_ns == st.st_mtime_ns
+    with pytest.warns(CacheWarning, match="stale"):
+        again = fc.encode(recs, tag="t/train")
+    assert again.status == "stale"
+    torch.testing.assert_close(again.features, _reference(clip, recs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("meta", [{"skipped": "[{"}, {"n_images": "x"}, {"skipped": "5"}])
+def test_damaged_metadata_is_corrupt_and_rebuilt(tmp_path, clip, meta):
+    """The metadata is outside the tensors' checksum: damaged, it crashed every run."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    recs = _records(tmp_path / "img")
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False, batch_size=4)
+    built = fc.encode(recs, tag="t/train")
+    with safe_open(str(built.file), framework="pt") as f:
+        old = f.metadata()
+    save_file(load_file(str(built.file)), str(built.file), metadata={**old, **meta})
+    with pytest.warns(CacheWarning, match="corrupt feature cache .*unreadable metadata"):
+        again = fc.encode(recs, tag="t/train")
+    assert again.status == "corrupt" and torch.equal(again.features, built.features)
+
+
+def test_cache_write_failures_name_the_file_and_long_tags_fit_a_file_name(tmp_path, clip, monkeypatch):
+    import errno
+
+    from hipro_fast.data import feature_cache
+    from hipro_fast.errors import CacheWriteError
+
+    recs = _records(tmp_path / "img")
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False, batch_size=4)
+    tag = "漢" * 70 + "/train"  # 3 bytes a character: cut by characters, the name passed 255 bytes
+    assert len(fc.file_for(tag, records=recs).name.encode()) <= 255
+    assert fc.encode(recs, tag=tag).status == "built"
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(feature_cache, "atomic_write_bytes", full)
+    with pytest.raises(CacheWriteError, match=r"cannot write the feature cache .*other\S*\.safetensors: No space left"):
+        fc.encode(recs, tag="other/train")
+
+
+def test_a_read_error_is_not_a_bad_image_and_is_never_skipped(tmp_path, clip, monkeypatch):
+    """A permission or I/O error says nothing about the image: skipping it would
+    be cached and outlive the fix (chmod changes neither size nor mtime)."""
+    import errno
+
+    from PIL import Image as PILImage
+
+    from hipro_fast.errors import ImageReadError
+
+    recs = _records(tmp_path / "img")
+    real_open = PILImage.open
+
+    def denied(path, *args, **kwargs):
+        if str(path) == recs[1].path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage, "open", denied)
+    fc = FeatureCache(clip, tmp_path / "cache", progress=False, batch_size=4, skip_bad_images=True)
+    with pytest.raises(ImageReadError, match=f"cannot read image {recs[1].path}: Permission denied"):
+        fc.encode(recs, tag="t/train")
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
+
+
+def test_views_of_an_image_whose_name_is_not_utf8(tmp_path, clip):
+    recs = _records(tmp_path / "img", n=2)
+    odd = os.path.join(str(tmp_path / "img"), os.fsdecode(b"caf\xe9.png"))
+    os.rename(recs[0].path, odd)
+    recs[0] = ImageRecord(odd, recs[0].label)
+    fc = FeatureCache(clip, None, progress=False)
+    assert fc.encode(recs, tag="t/train", views=2, seed=0).views.shape[:2] == (2, 2)
+
+
+def test_a_bfloat16_image_tower_encodes(tmp_path, clip):
+    import copy
+
+    recs = _records(tmp_path / "img", n=2)
+    low = LoadedClip(copy.deepcopy(clip.model).to(torch.bfloat16), None, clip.preprocess, "tiny-bf16", None)
+    out = FeatureCache(low, None, progress=False).encode(recs, tag="t/train")
+    torch.testing.assert_close(out.features, _reference(clip, recs), atol=0.05, rtol=0.05)

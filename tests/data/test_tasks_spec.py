@@ -320,3 +320,27 @@ def test_a_file_name_that_is_not_utf8_is_carved_like_any_other(tmp_path):
     shutil.copy(tmp_path / "d" / "a" / "00.png", tmp_path / "d" / "a" / odd)
     spec = _spec(tmp_path, '[[task]]\nname = "t"\nimages = "d"\nsplit = {test = 0.3, seed = 0}\n')
     assert sum(len(v) for v in spec.tasks["t"].splits.values()) == 7
+
+
+def test_csv_comments_utf8_and_a_file_named_like_a_comment(tmp_path):
+    """'#' starts a comment unless the row names an image ("#1.png" was dropped
+    silently); a CSV that is not UTF-8 is named (a bare UnicodeDecodeError before)."""
+    _folder(tmp_path / "d", {"a": 3, "b": 3})
+    shutil.copy(tmp_path / "d" / "a" / "00.png", tmp_path / "d" / "#1.png")
+    rows = "# path,label\n#1.png,a\n# a/00.png,a  (commented out)\n" + "".join(
+        f"{c}/{i:02d}.png,{c}\n" for c in "ab" for i in range(3))
+    (tmp_path / "d" / "list.csv").write_text(rows)
+    spec = _spec(tmp_path, '[[task]]\nname = "t"\ncsv = "d/list.csv"\nsplit = {test = 0.3, seed = 0}\n')
+    paths = [Path(r.path).name for s in spec.tasks["t"].splits.values() for r in s]
+    assert sorted(paths) == sorted(["#1.png", "00.png", "01.png", "02.png", "00.png", "01.png", "02.png"])
+    (tmp_path / "d" / "list.csv").write_bytes("a/00.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SpecError, match=r"train CSV file .*list\.csv is not UTF-8 text"):
+        _spec(tmp_path, '[[task]]\nname = "t"\ncsv = "d/list.csv"\n')
+
+
+def test_a_broken_symbolic_link_in_a_class_folder_is_named(tmp_path):
+    """A link whose target is gone (an unmounted share) was left out silently."""
+    _folder(tmp_path / "d", {"a": 3, "b": 3})
+    (tmp_path / "d" / "a" / "gone.png").symlink_to(tmp_path / "nowhere" / "x.png")
+    with pytest.raises(SpecError, match=r"gone\.png is a broken symbolic link \(to .*nowhere/x\.png\)"):
+        _spec(tmp_path, '[[task]]\nname = "t"\nimages = "d"\nsplit = {test = 0.3, seed = 0}\n')
