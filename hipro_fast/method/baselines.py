@@ -182,7 +182,8 @@ class ComparisonTable:
         head = ["method", *self.tasks, "mean", "std", "params", "train s"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         for m, r in self.results.items():
-            cells = [m, *(f"{100 * r.task_acc[t]:.2f}" for t in self.tasks), f"{100 * r.mean:.2f}",
+            cells = [m, *(f"{100 * r.task_acc[t]:.2f}" if t in r.task_acc else "–" for t in self.tasks),
+                     f"{100 * r.mean:.2f}",
                      f"{100 * r.std:.2f}", f"{r.params:,}", f"{r.train_seconds:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append(f"\naccuracy in % on the test split, mean over seeds {list(self.seeds)}; "

@@ -180,9 +180,12 @@ class ProtocolResult:
         return m, math.sqrt(sum((a - m) ** 2 for a in v) / (len(v) - 1))
 
     def task_mean(self, method: str, shots: int) -> dict[str, float]:
-        """Per-task accuracy (fraction), mean over seeds."""
+        """Per-task accuracy (fraction), mean over seeds, of the tasks that were
+        scored (a task without test images has none: it is left out, as from the
+        mean)."""
         tables = [self.runs[(shots, s)] for s in self.seeds if (shots, s) in self.runs]
-        return {t: sum(tb[method].task_acc[t] for tb in tables) / len(tables) for t in self.tasks}
+        return {t: sum(tb[method].task_acc[t] for tb in tables) / len(tables) for t in self.tasks
+                if all(t in tb[method].task_acc for tb in tables)}
 
     def margin_over_best_baseline(self, shots: int, method: str = "hipro") -> tuple[float, str] | None:
         """(mean of `method` - mean of the best other trained method, its name): the
@@ -237,7 +240,7 @@ class ProtocolResult:
         for m in self.methods:
             acc = self.task_mean(m, shots)
             mean, std = self.mean_std(m, shots)
-            cells = [m, *(f"{100 * acc[t]:.2f}" for t in self.tasks), f"{100 * mean:.2f}"]
+            cells = [m, *(f"{100 * acc[t]:.2f}" if t in acc else "–" for t in self.tasks), f"{100 * mean:.2f}"]
             if std is not None:
                 cells.append(f"{100 * std:.2f}")
             first = next(self.runs[(shots, s)] for s in self.seeds if (shots, s) in self.runs)

@@ -97,3 +97,24 @@ def test_protocol_selects_per_task_by_default_and_select_none_keeps_the_tree():
     for task, method in picks.items():
         source = own["hipro"] if method == "hipro" else own[method]
         assert table["hipro"].task_acc[task] == pytest.approx(source.task_acc[task])
+
+
+def test_a_task_without_test_images_is_left_out_of_every_table():
+    """A spec's split can leave a task no test image: the CLI warns that it is
+    not in the mean, and then the per-task tables raised a KeyError, losing the
+    whole grid's results."""
+    clip, tok = tiny_clip()
+    pool, test = _pool(per_class=10), toy_data(seed=5)
+    missing = next(iter(TASKS))
+    test = {t: d for t, d in test.items() if t != missing}
+    cfg = TrainConfig(epochs=2, steps_per_epoch=1, optimizer="adamw", batch_size=4, lr=0.05)
+    res = run_protocol((clip, tok), TASKS, pool, test, shots=(1,), seeds=(0,),
+                       methods=["zero-shot", "coop-per-task"], n_ctx=2, train_config=cfg)
+    acc = res.task_mean("coop-per-task", 1)
+    assert set(acc) == set(TASKS) - {missing}
+    assert res.seed_means("coop-per-task", 1) == [pytest.approx(sum(acc.values()) / len(acc))]
+    row = next(line for line in res.shot_table_markdown(1).splitlines() if line.startswith("| coop-per-task"))
+    assert row.split(" | ")[1 + list(TASKS).index(missing)] == "–"
+    assert res.to_dict()["results"]["1"]["coop-per-task"]["task_acc"] == acc
+    assert "coop-per-task" in res.summary_markdown()
+    assert "–" in res.runs[(1, 0)].to_markdown() or missing not in res.runs[(1, 0)].tasks
