@@ -1253,6 +1253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = old_show
+        if ctx is not None and getattr(ctx, "run", None) is not None:
+            ctx.run.close()  # its directory's lock: main() may be called again in this process
         dist_group.shutdown()
 
 

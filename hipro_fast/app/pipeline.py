@@ -94,9 +94,43 @@ def _read_run_config(directory: Path) -> dict[str, Any] | None:
     return cfg if isinstance(cfg, dict) and isinstance(cfg.get("command"), str) else None
 
 
+RUN_LOCK = ".hipro.lock"  # in a run directory: held (flock) by the process that writes the run
+
+
+def _entries(directory: Path) -> list[Path]:
+    """The directory's contents but its lock file."""
+    return [c for c in directory.iterdir() if c.name != RUN_LOCK]
+
+
+def _lock_run_dir(directory: Path, wait_s: float = 5.0) -> int:
+    """Take the run directory's lock for this process's lifetime (the fd is kept
+    open; the OS releases it when the process ends, killed or not). A holder that
+    is only being refused lets go within milliseconds, so this waits up to
+    `wait_s`; then RunDirError naming the holder (another hipro process writes
+    there)."""
+    import fcntl
+    import time
+
+    fd = os.open(directory / RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, new_file_mode())
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(f"run directory {directory} is in use by another hipro process (pid {holder}): "
+                              f"wait for it to finish, or choose another --run-dir") from None
+    return fd
+
+
 def _clear_directory(directory: Path) -> None:
-    """Remove everything inside `directory` (symlinks are removed, not followed)."""
-    for child in directory.iterdir():
+    """Remove everything inside `directory` but its lock (symlinks are removed, not followed)."""
+    for child in _entries(directory):
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -180,31 +214,60 @@ class Run:
             self.metrics_path = self._scratch / "metrics.jsonl"
             self.report = Report(self._scratch, title=f"hipro {command}")
             return
-        if run_dir is None:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            run_dir = Path("runs") / f"{stamp}-{command}"
-            i = 1
-            while run_dir.exists():
-                run_dir = Path("runs") / f"{stamp}-{command}-{i}"
-                i += 1
-        self.dir = Path(run_dir)
         self.command = command
-        self.resumed = self._prepare(mode, config, resumable, before_writing or (lambda: None))
-        self.dir.mkdir(parents=True, exist_ok=True)
+        before_writing = before_writing or (lambda: None)
+        if run_dir is not None:
+            self.dir = Path(run_dir)
+            # the refusals first, touching nothing (a foreign or finished folder stays as it was)
+            self._prepare(mode, config, resumable, before_writing, dry=True)
+            created = not self.dir.exists()
+            if created:
+                self.dir.mkdir(parents=True)
+        else:
+            # made here, exclusively: two runs started in the same second get two directories
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            Path("runs").mkdir(exist_ok=True)
+            for i in range(10_000):
+                self.dir = Path("runs") / (f"{stamp}-{command}" + (f"-{i}" if i else ""))
+                try:
+                    self.dir.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            created = True
+        # held from here to the end of the command: a second process (a double start, a --resume
+        # while the run still trains) is refused instead of interleaving its files with this one's
+        self._lock_fd = _lock_run_dir(self.dir)
+        try:
+            self.resumed = self._prepare(mode, config, resumable, before_writing)  # again, under the lock
+        except BaseException:  # a refused run leaves nothing behind
+            self.close()
+            if created:
+                (self.dir / RUN_LOCK).unlink(missing_ok=True)
+                try:
+                    self.dir.rmdir()
+                except OSError:
+                    pass
+            raise
+        os.ftruncate(self._lock_fd, 0)  # the writer's pid, for a refused process's message
+        os.write(self._lock_fd, str(os.getpid()).encode())
         self.metrics_path = self.dir / "metrics.jsonl"
         self.report = Report(self.dir, title=f"hipro {command}")
         if config is not None:
             self.write_config(config)
 
     def _prepare(self, mode: str, config: Mapping[str, Any] | None, resumable: bool,
-                 before_writing: Callable[[], None]) -> bool:
+                 before_writing: Callable[[], None], dry: bool = False) -> bool:
         """The directory's checks, then `before_writing` (the caller's last checks:
         after the run directory's own refusals, before anything is deleted or
-        created), then --overwrite's clearing. Returns whether a run is resumed."""
+        created), then --overwrite's clearing. Returns whether a run is resumed.
+        dry: the refusals alone (nothing called, nothing deleted)."""
         d = self.dir
         if d.exists() and not d.is_dir():
             raise RunDirError(f"run directory {d} exists and is not a directory")
-        if not d.exists() or not any(d.iterdir()):
+        if dry:
+            before_writing = lambda: None  # noqa: E731
+        if not d.exists() or not _entries(d):
             before_writing()
             return False
         if mode == "new":
@@ -218,7 +281,8 @@ class Run:
                               f"it is not empty and holds no config.json written by hipro")
         if mode == "overwrite":
             before_writing()
-            _clear_directory(d)
+            if not dry:
+                _clear_directory(d)
             return False
         if saved["command"] != self.command:
             raise RunDirError(f"cannot resume {d}: it is a `hipro {saved['command']}` run, not `hipro "
@@ -227,6 +291,12 @@ class Run:
             check_resume_config(saved, config, d)
         before_writing()
         return True
+
+    def close(self) -> None:
+        """Release the run directory's lock (the command is over; the process may go on)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def path(self, name: str) -> Path:
         """run_dir/name (parents created); RunDirError if it is a symlink. On a

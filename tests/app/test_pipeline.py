@@ -113,3 +113,33 @@ def test_skipped_images_cannot_silently_remove_a_class(tmp_path):
     with pytest.raises(SpecError, match=r"task 't1': every train image of class 'cat' was skipped as undecodable "
                                         r"\(--skip-bad-images; first .*cat/0\.png\): it would be trained without"):
         pipeline.cache_features(clip, spec, shots=None, skip_bad_images=True, progress=False)
+
+
+def test_a_run_directory_is_written_by_one_process_at_a_time(tmp_path, monkeypatch):
+    """A --resume started while the run still trains (or a second start) is
+    refused, naming the writer, instead of interleaving the two runs' files;
+    the lock goes with the command (Run.close) or the process."""
+    from hipro_fast.errors import RunDirError
+
+    real = pipeline._lock_run_dir
+    monkeypatch.setattr(pipeline, "_lock_run_dir", lambda d: real(d, wait_s=0.2))
+    d = tmp_path / "run"
+    first = pipeline.Run(d, "train", {"command": "train", "seed": 0}, mode="new", resumable=True)
+    with pytest.raises(RunDirError, match=rf"run directory {d} is in use by another hipro process "
+                                          rf"\(pid {os.getpid()}\)"):
+        pipeline.Run(d, "train", {"command": "train", "seed": 0}, mode="resume", resumable=True)
+    first.close()
+    assert pipeline.Run(d, "train", {"command": "train", "seed": 0}, mode="resume", resumable=True).resumed
+    # a refused run in a folder it made leaves nothing behind, its lock neither
+    with pytest.raises(RunDirError, match="refused here"):
+        pipeline.Run(tmp_path / "new", "train", {"seed": 0}, before_writing=lambda: (_ for _ in ()).throw(
+            RunDirError("refused here")))
+    assert not (tmp_path / "new").exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = [pipeline.Run(None, "train", {"seed": s}) for s in range(3)]
+    assert len({r.dir for r in runs}) == 3 and all(r.dir.parent == pipeline.Path("runs") for r in runs)
+    for r in runs:
+        r.close()
