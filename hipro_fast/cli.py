@@ -529,8 +529,28 @@ class _Ctx:
                                "choose a path outside it")
         if self._spec is not None:
             self._check_draws_fit(command)
+            self._check_outputs_outside_the_data()
         if mode == "overwrite" and a.run_dir:
             self._check_overwrite_spares_inputs(Path(a.run_dir))
+
+    def _check_outputs_outside_the_data(self) -> None:
+        """--run-dir and --cache-dir may not lie inside an image folder of the spec:
+        their files (figures, caches) would be read back as a class of images."""
+        a = self.args
+        outputs = [("--run-dir", a.run_dir or "runs"),
+                   ("--cache-dir", str(self.cache_dir) if hasattr(a, "cache_dir") else None)]
+        for name, task in self._spec.tasks.items():
+            for split, source in task.sources.items():
+                if Path(source).suffix.lower() == ".csv":
+                    continue  # a CSV lists its images: other files beside them are not read
+                folder = Path(source).resolve()
+                for flag, value in outputs:
+                    if not value:
+                        continue
+                    out = Path(value).resolve()
+                    if out == folder or folder in out.parents:
+                        raise CliError(f"{flag} {value} lies inside the image folder {source} of task {name!r} "
+                                       f"({split}): its files would be read as images; choose a folder outside it")
 
     def _check_draws_fit(self, command: str) -> None:
         """From the spec's image counts: the grid's largest K (+ its validation

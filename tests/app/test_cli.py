@@ -1046,3 +1046,20 @@ def test_ctx_init_reaches_every_trained_method_and_a_typed_n_ctx_it_overrides_is
     assert _run(world, *base, "--shots", "0", "--n-ctx", "4", run_dir=tmp_path / "same") == 0
     assert _run(world, *base, "--shots", "0", run_dir=tmp_path / "untyped") == 0
     assert "--ctx-init" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--run-dir", "--cache-dir"])
+def test_outputs_inside_an_image_folder_of_the_spec_are_refused(world, tmp_path, flag, capsys):
+    """A run or cache folder inside a task's image folder became a class of
+    images ("myrun") on the next run, its figures training images."""
+    inside = world["root"] / "data" / "shapes" / "red" / "myrun"
+    argv = ["cache", "--shots", "1"]
+    if flag == "--cache-dir":
+        argv += ["--cache-dir", str(inside)]
+        run_dir = tmp_path / "run"
+    else:
+        run_dir = inside
+    assert _run(world, *argv, run_dir=run_dir) == 1
+    err = capsys.readouterr().err
+    assert f"{flag} {inside} lies inside the image folder" in err and "of task 'shapes' (train)" in err
+    assert not inside.exists() and not (tmp_path / "run").exists()
