@@ -438,6 +438,8 @@ class _Ctx:
         self._spec = None
         self._given_tree = self._given_affinity = None
         self._check_inputs_on_every_rank(command, mode)
+        if self._spec is not None and command in ("train", "compare"):
+            cfg["data"] = pipeline.spec_data_digest(self._spec)  # a --resume must see the same images
         self._warn_ignored_options()
         # Checked before anything is written or loaded: a refused run directory is left untouched.
         self.run = self._open_run(args.run_dir, command, cfg, mode)

@@ -153,6 +153,28 @@ def resolved_recipe(config: Any) -> dict[str, Any]:
             if not (field == "lr" and config.optimizer == "lbfgs")}
 
 
+def spec_data_digest(spec: MultiTaskSpec) -> str:
+    """A digest of the data a spec names: per task its classes and, per split,
+    every image's class, file name, size and mtime (not its folder: a moved
+    dataset is the same data). config.json records it, so a --resume on edited,
+    added or removed images is refused instead of mixing two datasets' training."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(spec.tasks):
+        task = spec.tasks[name]
+        h.update(json.dumps([name, list(task.classes)]).encode())
+        for split in sorted(task.splits):
+            for r in task.splits[split]:
+                try:
+                    st = os.stat(r.path)
+                    stamp = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    stamp = (-1, -1)
+                h.update(json.dumps([split, int(r.label), os.path.basename(r.path), *stamp]).encode())
+    return h.hexdigest()[:16]
+
+
 def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], directory: Path) -> None:
     """Raise RunDirError naming the first option (other than RESUME_FREE_KEYS) whose
     value differs between the run's config.json and this command: a resumed run
@@ -165,6 +187,10 @@ def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], dir
             continue
         if recorded and key in RECIPE_OPTIONS:
             continue  # compared below, as resolved
+        if key == "data":
+            raise RunDirError(f"cannot resume {directory}: the spec's images differ from that run's (added, "
+                              f"removed, relabelled or edited since it started, or another spec): resuming would "
+                              f"train on two datasets; restore them, or pass --overwrite to start over")
         if key == "train_recipe":
             for option, field in RECIPE_OPTIONS.items():
                 was, new = saved[key].get(field), now[key].get(field)

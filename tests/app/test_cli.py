@@ -1063,3 +1063,20 @@ def test_outputs_inside_an_image_folder_of_the_spec_are_refused(world, tmp_path,
     err = capsys.readouterr().err
     assert f"{flag} {inside} lies inside the image folder" in err and "of task 'shapes' (train)" in err
     assert not inside.exists() and not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_changed_images(world, tmp_path, capsys):
+    """A --resume on edited images trained the rest of the run on another
+    dataset (the feature cache only said "stale ... rebuilding")."""
+    data = tmp_path / "copy"
+    shutil.copytree(world["root"] / "data", data / "data", copy_function=shutil.copy2)
+    spec = data / "tasks.toml"
+    spec.write_text(world["spec"].read_text())
+    run_dir = tmp_path / "run"
+    common = ["--spec", str(spec), "--tree", "flat", "--shots", "1", "--epochs", "1", "--n-ctx", "2"]
+    assert _run(world, "train", *common, spec=False, run_dir=run_dir) == 0
+    assert _run(world, "train", *common, "--resume", spec=False, run_dir=run_dir) == 0  # the same images
+    _png(data / "data" / "shapes" / "red" / "0.png", seed=999, size=20)  # an image edited
+    capsys.readouterr()
+    assert _run(world, "train", *common, "--resume", spec=False, run_dir=run_dir) == 1
+    assert "the spec's images differ from that run's" in _one_error_line(capsys)
