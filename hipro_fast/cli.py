@@ -440,6 +440,8 @@ class _Ctx:
         self._check_inputs_on_every_rank(command, mode)
         if self._spec is not None and command in ("train", "compare"):
             cfg["data"] = pipeline.spec_data_digest(self._spec)  # a --resume must see the same images
+        if self._given_tree is not None:  # a --tree file's content, not only its name
+            cfg["tree_content"] = self._given_tree.to_nested()
         self._warn_ignored_options()
         # Checked before anything is written or loaded: a refused run directory is left untouched.
         self.run = self._open_run(args.run_dir, command, cfg, mode)

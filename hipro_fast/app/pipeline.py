@@ -187,6 +187,10 @@ def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], dir
             continue
         if recorded and key in RECIPE_OPTIONS:
             continue  # compared below, as resolved
+        if key == "tree_content":
+            raise RunDirError(f"cannot resume {directory}: the --tree file now holds another tree "
+                              f"({now[key]!r}, that run's: {saved[key]!r}); restore it, or pass --overwrite to "
+                              f"start over")
         if key == "data":
             raise RunDirError(f"cannot resume {directory}: the spec's images differ from that run's (added, "
                               f"removed, relabelled or edited since it started, or another spec): resuming would "

@@ -1080,3 +1080,20 @@ def test_resume_refuses_changed_images(world, tmp_path, capsys):
     capsys.readouterr()
     assert _run(world, "train", *common, "--resume", spec=False, run_dir=run_dir) == 1
     assert "the spec's images differ from that run's" in _one_error_line(capsys)
+
+
+def test_resume_refuses_a_tree_file_that_now_holds_another_tree(world, tmp_path, capsys):
+    """The --tree option records the file's name; its content changed under the
+    same name was refused only at the checkpoint, after the run's tree.json and
+    figures had been rewritten."""
+    tree = tmp_path / "tree.json"
+    tree.write_text(json.dumps([["shapes", "texture"], "scenes"]))
+    run_dir = tmp_path / "run"
+    common = ["--tree", str(tree), "--shots", "1", "--epochs", "1", "--n-ctx", "2"]
+    assert _run(world, "train", *common, run_dir=run_dir) == 0
+    before = _snapshot(run_dir)
+    tree.write_text(json.dumps([["shapes", "scenes"], "texture"]))
+    capsys.readouterr()
+    assert _run(world, "train", *common, "--resume", run_dir=run_dir) == 1
+    assert "the --tree file now holds another tree" in _one_error_line(capsys)
+    assert _snapshot(run_dir) == before
