@@ -103,11 +103,11 @@ def _entries(directory: Path) -> list[Path]:
 
 
 def _lock_run_dir(directory: Path, wait_s: float = 5.0) -> int:
-    """Take the run directory's lock for this process's lifetime (the fd is kept
-    open; the OS releases it when the process ends, killed or not). A holder that
-    is only being refused lets go within milliseconds, so this waits up to
-    `wait_s`; then RunDirError naming the holder (another hipro process writes
-    there)."""
+    """Take the run directory's lock: held until Run.close() or the end of the
+    process, however it ends (the OS releases a flock with its last fd). A
+    holder that is only being refused lets go within milliseconds, so this
+    waits up to `wait_s`; then RunDirError naming the holder (another hipro
+    process writes there). Returns the fd."""
     import fcntl
     import time
 
@@ -117,7 +117,11 @@ def _lock_run_dir(directory: Path, wait_s: float = 5.0) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
-        except BlockingIOError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # a file system without locks (some network mounts)
+                warnings.warn(f"run directory {directory}: cannot lock it ({e.strerror or e}); two commands "
+                              f"writing it at once would not be stopped", stacklevel=3)
+                break
             if time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
@@ -256,6 +260,7 @@ class Run:
         else:
             # made here, exclusively: two runs started in the same second get two directories
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            made_runs = not Path("runs").exists()
             Path("runs").mkdir(exist_ok=True)
             for i in range(10_000):
                 self.dir = Path("runs") / (f"{stamp}-{command}" + (f"-{i}" if i else ""))
@@ -274,10 +279,11 @@ class Run:
             self.close()
             if created:
                 (self.dir / RUN_LOCK).unlink(missing_ok=True)
-                try:
-                    self.dir.rmdir()
-                except OSError:
-                    pass
+                for made in [self.dir] + ([Path("runs")] if run_dir is None and made_runs else []):
+                    try:
+                        made.rmdir()
+                    except OSError:
+                        pass
             raise
         os.ftruncate(self._lock_fd, 0)  # the writer's pid, for a refused process's message
         os.write(self._lock_fd, str(os.getpid()).encode())

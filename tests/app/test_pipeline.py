@@ -143,3 +143,16 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     assert len({r.dir for r in runs}) == 3 and all(r.dir.parent == pipeline.Path("runs") for r in runs)
     for r in runs:
         r.close()
+
+
+def test_a_refused_default_run_leaves_no_runs_folder(tmp_path, monkeypatch):
+    from hipro_fast.errors import RunDirError
+
+    monkeypatch.chdir(tmp_path)
+
+    def refuse():
+        raise RunDirError("refused here")
+
+    with pytest.raises(RunDirError, match="refused here"):
+        pipeline.Run(None, "train", {"command": "train"}, before_writing=refuse)
+    assert not (tmp_path / "runs").exists()
