@@ -33,7 +33,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -1222,6 +1224,28 @@ def _bench(argv: list[str]) -> int:
         return 1
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM delivered as an interrupt (args: the signal number). A
+    KeyboardInterrupt, not an Exception: no `except Exception` may swallow a stop."""
+
+
+def _term_as_interrupt():
+    """SIGTERM (a scheduler's or `kill`'s stop) ends the command as Ctrl-C does:
+    one line naming the run and how to go on, instead of dying silently. Not in
+    a launched worker (torchrun stops its workers with SIGTERM, and reports
+    them itself) nor off the main thread. Returns the handler it replaced, or None."""
+    if dist_group.launched() or threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise _Terminated(signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except (ValueError, OSError):
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # the benchmark has its own parser
@@ -1233,6 +1257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     debug = bool(getattr(args, "debug", False))
     old_show = warnings.showwarning
+    old_term = _term_as_interrupt()
     ctx = None
     try:
         with warnings.catch_warnings():
@@ -1253,11 +1278,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist_group.init_from_env(args.device, args.dist_timeout)
             ctx = _Ctx(args, args.command)
             return int(COMMANDS[args.command](ctx) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print("hipro: interrupted", file=sys.stderr)
-        return 130
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        name = signal.Signals(signum).name
+        where = ""
+        if ctx is not None and ctx.main and getattr(ctx, "run", None) is not None:
+            try:
+                ctx.run.log("interrupted", signal=name)
+            except OSError:
+                pass
+            how = (f"rerun with --resume --run-dir {ctx.run.dir} to continue it" if args.command in ("train", "compare")
+                   else f"its run directory is {ctx.run.dir}")
+            where = f"; {how}"
+        print(f"hipro: interrupted ({name}){where}", file=sys.stderr)
+        return 128 + int(signum)
     except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line
         if ctx is not None:
             try:
@@ -1277,6 +1313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = old_show
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         if ctx is not None and getattr(ctx, "run", None) is not None:
             ctx.run.close()  # its directory's lock: main() may be called again in this process
         dist_group.shutdown()

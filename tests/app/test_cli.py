@@ -1097,3 +1097,22 @@ def test_resume_refuses_a_tree_file_that_now_holds_another_tree(world, tmp_path,
     assert _run(world, "train", *common, "--resume", run_dir=run_dir) == 1
     assert "the --tree file now holds another tree" in _one_error_line(capsys)
     assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_run_says_where_it_is_and_how_to_go_on(world, tmp_path, sig):
+    """SIGTERM (a scheduler's stop) killed the command silently; Ctrl-C said only
+    "interrupted". Both now end with one line naming the signal, the run
+    directory and --resume, with status 128 + the signal, and log the event."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "--tree", TREE, "--shots", "2", "--epochs", "400", "--n-ctx", "2", "--optimizer", "adamw"]
+    proc = _start(world, *argv, run_dir=run_dir)
+    _wait_for(run_dir / "checkpoints" / "last.json", proc)
+    proc.send_signal(sig)
+    done = _finish(proc)
+    assert done.returncode == 128 + sig, done.stderr
+    assert "Traceback" not in done.stderr
+    name = signal.Signals(sig).name
+    assert done.stderr.strip().splitlines()[-1] == (f"hipro: interrupted ({name}); rerun with --resume "
+                                                    f"--run-dir {run_dir} to continue it")
+    assert [e["signal"] for e in _events(run_dir, "interrupted")] == [name]
