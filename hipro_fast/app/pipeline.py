@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -162,8 +163,6 @@ def spec_data_digest(spec: MultiTaskSpec) -> str:
     every image's class, file name, size and mtime (not its folder: a moved
     dataset is the same data). config.json records it, so a --resume on edited,
     added or removed images is refused instead of mixing two datasets' training."""
-    import hashlib
-
     h = hashlib.sha256()
     for name in sorted(spec.tasks):
         task = spec.tasks[name]

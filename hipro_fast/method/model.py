@@ -61,6 +61,8 @@ def image_features_of(task: str, features: Any, embed_dim: int) -> torch.Tensor:
 def validate_tasks(tasks: Mapping[str, Sequence[str]], tokenizer=None) -> dict[str, list[str]]:
     """{task: class names} checked: non-empty names, no duplicate class names and,
     with a `tokenizer`, no two classes of a task whose prompts tokenise identically."""
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
     if not tasks:
         raise TaskSpecError("no tasks given")
     out = {}
@@ -78,7 +80,6 @@ def validate_tasks(tasks: Mapping[str, Sequence[str]], tokenizer=None) -> dict[s
                 raise TaskSpecError(f"task {task!r} has duplicate class name {name!r}")
             seen.add(name)
         if tokenizer is not None:
-            check_tokenizer(tokenizer)
             _same_prompt_check(task, names, tokenizer)
         out[task] = names
     return out
@@ -146,9 +147,8 @@ class HiProModel(nn.Module):
         if not float(parent_prior) >= 0.0:
             raise InvalidInputError(f"parent_prior must be >= 0, got {parent_prior!r}")
         clip_model, tokenizer = clip_parts(clip, tokenizer)
-        # the tower and tokenizer first: an unsupported one is named before the tasks are tokenised
+        # the tower first, and the tokenizer (validate_tasks): an unsupported one is named before any task
         tower = TextTower(clip_model, attention=attention)
-        check_tokenizer(tokenizer)
         self.tasks = validate_tasks(tasks, tokenizer)
         self.tree = tree if isinstance(tree, TaskTree) else TaskTree.from_nested(tree)
         self.tree.check_tasks(list(self.tasks))
