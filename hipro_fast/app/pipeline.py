@@ -222,8 +222,9 @@ class Run:
       "resume": continue the run of the same `command` in it (its config.json must
         agree with `config` except RESUME_FREE_KEYS); `resumed` says whether there
         was one (an absent or empty directory starts a new run);
-      "overwrite": delete the contents of a previous run first (a non-empty
-        directory without a hipro config.json is refused, never deleted).
+      "overwrite": delete the contents of a previous run of the same `command`
+        first (a non-empty directory without a hipro config.json, or with
+        another command's run, is refused, never deleted).
     `resumable`: whether the command offers --resume (only for the message).
 
     Files are written with the umask's permissions and never through a symlink:
@@ -315,6 +316,12 @@ class Run:
             raise RunDirError(f"refusing to {'resume' if mode == 'resume' else 'delete the contents of'} {d}: "
                               f"it is not empty and holds no config.json written by hipro")
         if mode == "overwrite":
+            if saved["command"] != self.command:
+                # e.g. `hipro export --run-dir <a compare run> --overwrite`, meant for --out: another
+                # command's run (its trained checkpoints) is never emptied as a side effect
+                raise RunDirError(f"refusing to delete the contents of {d}: it holds a `hipro {saved['command']}` "
+                                  f"run, and --overwrite replaces only a `hipro {self.command}` run; delete it "
+                                  f"yourself or choose another --run-dir")
             before_writing()
             if not dry:
                 _clear_directory(d)

@@ -956,6 +956,16 @@ def test_overwrite_spares_a_csv_split_and_export_spares_its_checkpoint(world, tm
     assert "lies inside the checkpoint folder" in _one_error_line(capsys)
     assert target.read_bytes() == before
 
+    # --overwrite meant for --out, with --run-dir naming another command's run: that run is kept
+    # (before: export emptied the cache run to write its own log there)
+    kept = _snapshot(run_dir)
+    assert _run(world, "export", "--checkpoint", str(ckpt_dir), "--out", str(tmp_path / "new.safetensors"),
+                "--overwrite", spec=False, run_dir=run_dir) == 1
+    line = _one_error_line(capsys)
+    assert f"refusing to delete the contents of {run_dir}: it holds a `hipro cache` run" in line, line
+    assert "replaces only a `hipro export` run" in line, line
+    assert _snapshot(run_dir) == kept and not (tmp_path / "new.safetensors").exists()
+
 
 def test_model_options_are_checked_before_an_overwrite(world, tmp_path, capsys):
     """A typo in --model / --pretrained / --model-config must not cost a finished
