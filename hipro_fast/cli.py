@@ -520,6 +520,8 @@ class _Ctx:
             raise CliError(f"--split {a.split}: no task of the spec {a.spec} has a {a.split} split")
         if getattr(a, "checkpoint", None):
             self.pipeline.checkpoint_location(a.checkpoint)
+            if command == "eval":  # a checkpoint of other tasks or classes leaves no failed run behind
+                self.pipeline.check_checkpoint_matches(a.checkpoint, self._spec.class_names(), where=f"spec {a.spec}")
         if command == "tree" and a.affinity:
             self._given_affinity = _load_affinity(a.affinity)  # checked here, used by cmd_tree
             names = self._given_affinity[1]

@@ -33,7 +33,7 @@ from ..method import checkpoint as ckpt
 from ..method import protocol
 from ..method.model import HiProModel
 from ..method.tree import TaskTree
-from ..errors import ForestError, InvalidInputError, MissingFileError, RunDirError, TreeError
+from ..errors import CheckpointError, ForestError, InvalidInputError, MissingFileError, RunDirError, TreeError
 from ..files import atomic_write_text, new_dir_mode, new_file_mode
 from .report import Report
 
@@ -742,13 +742,28 @@ def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
 
 
 def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = "the spec") -> None:
-    """Raise ValueError naming the first task / class where `tasks` (from a spec)
-    differs from what `model` was trained on."""
+    """Raise InvalidInputError naming the first task / class where `tasks` (from a
+    spec) differs from what `model` was trained on."""
+    _check_trained_tasks(model.tasks, tasks, where)
+
+
+def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]], where: str = "the spec") -> None:
+    """check_model_matches from the checkpoint's record alone, before any model is
+    loaded (a command can refuse before it opens its run directory)."""
+    directory, kind = checkpoint_location(path)
+    trained = ckpt.load_checkpoint(directory, None, kind=kind).model_config.get("tasks")
+    if not isinstance(trained, Mapping):
+        raise CheckpointError(f"checkpoint {directory}: its record names no tasks")
+    _check_trained_tasks(trained, tasks, where)
+
+
+def _check_trained_tasks(trained: Mapping[str, Sequence[str]], tasks: Mapping[str, Sequence[str]],
+                         where: str) -> None:
     for task, classes in tasks.items():
-        if task not in model.tasks:
+        if task not in trained:
             raise InvalidInputError(f"task {task!r} of {where} is not in the checkpoint (checkpoint tasks: "
-                             f"{', '.join(model.tasks)})")
-        theirs = list(model.tasks[task])
+                                    f"{', '.join(trained)})")
+        theirs = list(trained[task])
         if list(classes) != theirs:
             raise InvalidInputError(f"task {task!r}: {where} has classes {list(classes)}, the checkpoint {theirs}")
 

@@ -913,6 +913,34 @@ def test_eval_and_export_checkpoint_and_out_errors(world, tmp_path, capsys):
     assert mine.read_bytes() != b"precious"
 
 
+def test_eval_of_a_checkpoint_of_other_classes_is_refused_before_the_run_directory(world, tmp_path, capsys):
+    """A spec whose tasks or classes differ from the checkpoint's is refused from
+    the checkpoint's record (before: after the model loaded, leaving a failed run)."""
+    train_dir = tmp_path / "train"
+    assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--min-steps", "2",
+                "--n-ctx", "2", run_dir=train_dir) == 0
+    def csv_of(task, classes):
+        rows = [f"{p},{c}" for c in classes for p in sorted((world["root"] / "data" / task / c).glob("*.png"))]
+        path = tmp_path / f"{task}-{len(classes)}.csv"
+        path.write_text("\n".join(rows) + "\n")
+        return path
+
+    for task, csv, says in (("texture", csv_of("texture", ["dots", "stripes"]),
+                             "task 'texture': spec {} has classes ['dots', 'stripes'], the checkpoint "
+                             f"{sorted(TASKS['texture'])}"),  # a folder spec's classes are sorted
+                            ("renamed", csv_of("shapes", TASKS["shapes"]),
+                             "task 'renamed' of spec {} is not in the checkpoint (checkpoint tasks: "
+                             f"{', '.join(TASKS)})")):
+        spec = tmp_path / f"{task}.toml"
+        spec.write_text(f'[[task]]\nname = "{task}"\ntrain = "{csv}"\nsplit = {{test = 0.5, seed = 0}}\n')
+        capsys.readouterr()
+        assert _run(world, "eval", "--checkpoint", str(train_dir / "checkpoints"), "--spec", str(spec), spec=False,
+                    run_dir=tmp_path / "e") == 1
+        line = _one_error_line(capsys)
+        assert says.format(spec) in line, line
+        assert not (tmp_path / "e").exists()
+
+
 def test_repeated_seeds_or_methods_are_refused(world, tmp_path, capsys):
     for flag, value in (("--seeds", "0,0"), ("--methods", "hipro,hipro")):
         assert _run(world, "compare", flag, value, run_dir=tmp_path / "r") == 2
