@@ -35,6 +35,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -897,7 +898,9 @@ def _load_affinity(path: str) -> tuple[Any, list[str]]:
 def _check_folder_path(flag: str, path: Path, what: str = "folder") -> None:
     """A folder the command will create or use (or the folder of a file it will
     write): refuse when it, or a folder above it, exists as something other than
-    a folder, or is a broken link (the OS error would not say which option)."""
+    a folder, or is a broken link, or when it must be made in a folder that takes
+    no new folders (the OS error would not say which option, and would come
+    after the run directory is made)."""
     try:
         for p in (path, *path.parents):
             if p.is_symlink() and not p.exists():
@@ -906,9 +909,21 @@ def _check_folder_path(flag: str, path: Path, what: str = "folder") -> None:
                 if not p.is_dir():
                     where = "is a file" if p == path else f"lies under {p}, which is a file"
                     raise CliError(f"{flag} {path}: {where}, not a {what}")
+                if p != path:
+                    _probe_new_folder(flag, path, p)
                 return
     except OSError as e:  # e.g. a name too long for the file system
         raise CliError(f"{flag} {path}: {e.strerror or e}") from None
+
+
+def _probe_new_folder(flag: str, path: Path, parent: Path) -> None:
+    """Make and remove a folder in `parent`, the nearest existing folder above
+    `path`: os.access says yes to root on a read-only mount, a real mkdir does not.
+    An existing folder is not probed: a read-only feature cache serves its hits."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hipro-probe-", dir=parent))
+    except OSError as e:
+        raise CliError(f"{flag} {path}: cannot be made, {parent} takes no new folder ({e.strerror or e})") from None
 
 
 def _check_export_out(out: Path, overwrite: bool) -> None:

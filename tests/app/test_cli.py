@@ -861,6 +861,12 @@ def test_bad_inputs_leave_no_run_directory(world, tmp_path, capsys):
     assert _run(world, "cache", *NO_MODEL, run_dir=tmp_path / "notes" / "run") == 1
     line = _one_error_line(capsys)
     assert "--run-dir" in line and f"lies under {tmp_path / 'notes'}, which is a file" in line, line
+    # a cache folder the file system will not make (/proc takes no new folder, even from root, for whom
+    # os.access says yes): refused before the run directory is made (before: after it, at the first write)
+    assert _run(world, "cache", "--cache-dir", "/proc/hipro-test/cache", *NO_MODEL, run_dir=tmp_path / "r") == 1
+    line = _one_error_line(capsys)
+    assert "--cache-dir /proc/hipro-test/cache: cannot be made, /proc takes no new folder" in line, line
+    assert not (tmp_path / "r").exists()
 
 
 def test_overwrite_never_deletes_the_commands_own_inputs(world, tmp_path, capsys):
