@@ -61,8 +61,8 @@ def tree_attention(
     Computes in the inputs' precision promoted to fp32, as the kernels do, also
     inside an autocast region (which would otherwise run the attention in bf16)."""
     T = q.shape[0]
-    if T == 0:
-        return q.new_empty(q.shape)
+    if T == 0:  # still a node of q's, k's and v's graph: their gradients are empty tensors, not None
+        return q.clone() + 0 * (k.sum() + v.sum())
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, D]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     outs = []

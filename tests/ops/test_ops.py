@@ -721,6 +721,11 @@ def test_references_handle_empty_forests_and_vocabulary_only_forests():
     empty = torch.zeros(0, 2, 4)
     table = torch.tensor([[0, 0, -1, 0]])
     assert reference.tree_attention(empty, empty, empty, table, torch.zeros(0, dtype=torch.long), 0.5).shape == (0, 2, 4)
+    # ... and stays in the graph, as the op does (before: a detached tensor, so backward raised)
+    q, k, v = (torch.zeros(0, 2, 4, requires_grad=True) for _ in range(3))
+    out = reference.tree_attention(q, k, v, table, torch.zeros(0, dtype=torch.long), 0.5)
+    out.sum().backward()
+    assert [t.grad.shape for t in (q, k, v)] == [(0, 2, 4)] * 3
     emb, pos = torch.randn(5, 3), torch.randn(4, 3)
     ids = torch.tensor([1, 4, 0])
     out = reference.assemble_forest(torch.zeros(0, 3), emb, pos, torch.full((3,), -1), ids, torch.tensor([0, 1, 2]))
