@@ -22,7 +22,9 @@ Rules:
 
 * a split source is a folder (ImageFolder: sub-folder name = class label,
   images directly inside, sorted by name) or a ``.csv`` of ``path,label`` rows
-  (paths relative to the CSV's folder). ``images`` / ``csv`` name one source
+  (paths relative to the CSV's folder; a field is stripped of surrounding
+  spaces unless it is quoted: ``" a.jpg"`` names a file whose name starts with
+  a space). ``images`` / ``csv`` name one source
   that ``split`` divides; ``train`` / ``val`` / ``test`` name given splits, and
   ``split`` fractions then carve missing ``val`` / ``test`` out of ``train``.
   Without ``split`` a lone ``images`` source is split ``{val = 0, test = 0.3,
@@ -54,6 +56,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import tomllib
 import warnings
 import zlib
@@ -143,8 +146,60 @@ def _read_folder(task: str, split: str, root: Path) -> tuple[list[str], list[tup
 
 def _csv_image(csv_path: Path, listed: str) -> Path:
     """A CSV row's image path: absolute as listed, else relative to the CSV's folder."""
-    img = Path(listed.strip())
+    img = Path(listed)
     return img if img.is_absolute() else csv_path.parent / img
+
+
+_FIELD_END = re.compile(r"[,\r\n]")
+
+
+def _quote_tails(record: str) -> list[str | None]:
+    """For each field of one raw CSV record, as csv.reader reads it (excel dialect,
+    skipinitialspace): None when the field is not quoted, else the text after its
+    closing quote, which the lenient reader appends to the field ('"a.jpg" ,'
+    reads as 'a.jpg ')."""
+    tails: list[str | None] = []
+    i = 0
+    while True:
+        while record.startswith(" ", i):
+            i += 1
+        if record.startswith('"', i):
+            close = record.find('"', i + 1)
+            while close >= 0 and record.startswith('"', close + 1):  # "" is a quote inside the field
+                close = record.find('"', close + 2)
+            if close < 0:  # never closed: the reader reads the rest of the file into the field
+                return tails + [""]
+            end = _FIELD_END.search(record, close + 1)
+            tails.append(record[close + 1:end.start() if end else len(record)])
+        else:
+            end = _FIELD_END.search(record, i)
+            tails.append(None)
+        if not end or record[end.start()] != ",":
+            return tails
+        i = end.end()
+
+
+def _csv_rows(text: str) -> Iterable[tuple[int, list[str]]]:
+    """(line number, fields) for each record of a CSV text: text in quotes exactly
+    as it is (a file named " a.jpg" can be listed), text outside quotes stripped.
+
+    csv.reader does the parsing (commas and newlines inside quotes); it does not
+    say which fields were quoted, so each record's raw lines are kept to tell."""
+    raw: list[str] = []
+
+    def lines():
+        for line in io.StringIO(text, newline=""):
+            raw.append(line)
+            yield line
+
+    reader = csv.reader(lines(), skipinitialspace=True)
+    start = 1
+    for row in reader:
+        tails = _quote_tails("".join(raw))
+        raw.clear()
+        # quoted: what the quotes hold, exactly, then what the reader appended after them, stripped
+        yield start, [v.strip() if t is None else v[:len(v) - len(t)] + t.strip() for v, t in zip(row, tails)]
+        start = reader.line_num + 1
 
 
 def _read_csv(task: str, split: str, path: Path,
@@ -160,7 +215,7 @@ def _read_csv(task: str, split: str, path: Path,
     except UnicodeDecodeError as e:
         raise SpecError(f"task {task!r}: {split} CSV file {path} is not UTF-8 text ({e.reason} at byte "
                         f"{e.start}): save it as UTF-8") from None
-    for lineno, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+    for lineno, row in _csv_rows(text):
         if not row or all(not c.strip() for c in row):
             continue
         # '#' starts a comment, unless the row names an image (a file called "#1.png")
@@ -170,7 +225,7 @@ def _read_csv(task: str, split: str, path: Path,
             continue
         if len(row) != 2:
             raise SpecError(f"{path}:{lineno}: expected 2 columns (path,label), got {len(row)}")
-        rel, label = row[0].strip(), row[1].strip()
+        rel, label = row
         if not rel or not label:
             raise SpecError(f"{path}:{lineno}: empty path or label")
         if known_set is not None and label not in known_set:

@@ -338,6 +338,36 @@ def test_csv_comments_utf8_and_a_file_named_like_a_comment(tmp_path):
         _spec(tmp_path, '[[task]]\nname = "t"\ncsv = "d/list.csv"\n')
 
 
+def test_a_quoted_csv_path_keeps_its_spaces(tmp_path):
+    """Quotes keep a field exactly: '" odd.png "' names the file with those spaces
+    (it was stripped to 'odd.png', another image, taken without a word)."""
+    _folder(tmp_path / "d", {"a": 3, "b": 3})
+    for name in (" odd.png ", "odd.png"):
+        shutil.copy(tmp_path / "d" / "a" / "00.png", tmp_path / "d" / name)
+    rows = '" odd.png ",a\n' + "".join(f"{c}/{i:02d}.png,{c}\n" for c in "ab" for i in range(1, 3))
+    (tmp_path / "d" / "list.csv").write_text(rows)
+    spec = _spec(tmp_path, '[[task]]\nname = "t"\ncsv = "d/list.csv"\nsplit = {test = 0.5, seed = 0}\n')
+    names = sorted(Path(r.path).name for s in spec.tasks["t"].splits.values() for r in s)
+    assert names == sorted([" odd.png ", "01.png", "02.png", "01.png", "02.png"])
+
+
+def test_unquoted_csv_fields_are_stripped_and_quoted_commas_kept(tmp_path):
+    """Spaces around an unquoted field, or outside the quotes of a quoted one, are
+    not part of it; a comma inside quotes is."""
+    _folder(tmp_path / "d", {"a": 3, "b": 3})
+    shutil.copy(tmp_path / "d" / "b" / "02.png", tmp_path / "d" / "b" / "x,y.png")
+    rows = ("  a/00.png  ,  a  \n" ' "a/01.png" , "a"\n' "a/02.png,a\n"
+            "b/00.png,b\n" "b/01.png,b\n" '"b/x,y.png",b\n')
+    (tmp_path / "d" / "list.csv").write_text(rows)
+    spec = _spec(tmp_path, '[[task]]\nname = "t"\ncsv = "d/list.csv"\nsplit = {test = 0.5, seed = 0}\n')
+    t = spec.tasks["t"]
+    assert t.labels == ["a", "b"]
+    listed = {(Path(r.path).relative_to((tmp_path / "d").resolve()).as_posix(), t.labels[r.label])
+              for s in t.splits.values() for r in s}
+    assert listed == {("a/00.png", "a"), ("a/01.png", "a"), ("a/02.png", "a"),
+                      ("b/00.png", "b"), ("b/01.png", "b"), ("b/x,y.png", "b")}
+
+
 def test_a_broken_symbolic_link_in_a_class_folder_is_named(tmp_path):
     """A link whose target is gone (an unmounted share) was left out silently."""
     _folder(tmp_path / "d", {"a": 3, "b": 3})
