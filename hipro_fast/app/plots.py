@@ -221,26 +221,42 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: str | Path, keys: 
 
 
 
+def _dodged(k: float, i: int, n: int) -> float:
+    """Where the i-th of n methods is drawn at shot count k alone: spread over half an
+    octave, so that the error bars of close means do not hide one another."""
+    return k * 2 ** ((i - (n - 1) / 2) * min(0.12, 0.5 / n))
+
+
 def plot_accuracy_vs_shots(result, path: str | Path, title: str = "accuracy vs shots") -> Path:
     """CoOp's main figure: mean test accuracy (%) over tasks against the number of
     shots, one line per method, with a ±std band over seeds when there are
-    several. `result` is a hipro_fast.method.protocol.ProtocolResult."""
+    several. With one shot count, a line and a band have no width: each method
+    is a marker with ±std error bars instead. `result` is a
+    hipro_fast.method.protocol.ProtocolResult."""
     plt = _plt()
     shots = sorted(result.shots)  # as given they may be out of order: a line would zigzag back
+    single = len(shots) == 1
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method in result.methods:
+    for i, method in enumerate(result.methods):
         stats = [result.mean_std(method, k) for k in shots]
         mean = np.array([100 * m for m, _ in stats])
+        std = np.array([100 * s for _, s in stats]) if all(s is not None for _, s in stats) else None
         style = dict(lw=2.4, marker="o") if method == "hipro" else dict(lw=1.4, marker=".")
+        if single:  # a lone "." marker is hard to find: every method gets an "o"
+            x = [_dodged(shots[0], i, len(result.methods))]
+            ax.errorbar(x, mean, yerr=std, label=_label(method), ls="none", capsize=4, **style | {"marker": "o"})
+            continue
         (line,) = ax.plot(shots, mean, label=_label(method), **style)
-        if all(s is not None for _, s in stats):
-            std = np.array([100 * s for _, s in stats])
+        if std is not None:
             ax.fill_between(shots, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots, [str(k) for k in shots])
+    if single:  # else the limits hug the dodged markers, or are arbitrary around one
+        ax.set_xlim(shots[0] / 2, shots[0] * 2)
     ax.set_xlabel("shots per class")
     ax.set_ylabel("mean test accuracy over tasks (%)")
-    seeds = f"{len(result.seeds)} seeds, ±std band" if len(result.seeds) > 1 else "one seed"
+    spread = "±std bars" if single else "±std band"
+    seeds = f"{len(result.seeds)} seeds, {spread}" if len(result.seeds) > 1 else "one seed"
     ax.set_title(f"{title} ({seeds})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -2,14 +2,17 @@
 (NaN, missing tasks, names with '|' or '$', shots out of order, numpy numbers)."""
 from __future__ import annotations
 
+import statistics
 import types
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.container import ErrorbarContainer
 
 from hipro_fast.app import plots
 from hipro_fast.app.report import accuracy_table, percent_scale
+from hipro_fast.method.protocol import ProtocolResult
 
 
 def test_accuracy_table_keeps_its_unit_and_means_only_whole_rows():
@@ -59,3 +62,48 @@ def test_a_dendrogram_of_a_tree_cut_by_levels_draws_no_automatic_cut(tmp_path, m
     assert len(lines) == 1 and "auto cut" in lines[0]["label"]
     plots.dendrogram_plot(blocks, names, tmp_path / "levels.png", auto_cut=False)
     assert len(lines) == 1
+
+
+def _protocol_result(shots, accuracy):
+    """A ProtocolResult of given accuracies: accuracy = {method: [mean task accuracy of each seed]}."""
+    seeds = list(range(len(next(iter(accuracy.values())))))
+    runs = {(k, s): {m: types.SimpleNamespace(mean=acc[s]) for m, acc in accuracy.items()}
+            for k in shots for s in seeds}
+    return ProtocolResult(tasks=["t"], shots=list(shots), seeds=seeds, methods=list(accuracy), runs=runs)
+
+
+def _figure(monkeypatch, result, path):
+    """plot_accuracy_vs_shots's figure (closed, but its artists are all there)."""
+    figures = []
+    real = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, p: figures.append(fig) or real(fig, p))
+    plots.plot_accuracy_vs_shots(result, path)
+    return figures[0]
+
+
+def test_accuracy_at_one_shot_count_has_error_bars_of_one_std(tmp_path, monkeypatch):
+    """A line and a band over one shot count have no width: the spread over seeds
+    was invisible. Each method is an error bar of its mean ± std (%) instead."""
+    accuracy = {"hipro": [0.71, 0.74, 0.69], "coop": [0.66, 0.70, 0.67], "zero-shot": [0.6, 0.6, 0.6]}
+    ax = _figure(monkeypatch, _protocol_result([16], accuracy), tmp_path / "one.png").axes[0]
+    bars = {c.get_label(): c for c in ax.containers if isinstance(c, ErrorbarContainer)}
+    assert list(bars) == list(accuracy)
+    for method, acc in accuracy.items():
+        mean, std = 100 * statistics.mean(acc), 100 * statistics.stdev(acc)
+        line, _, (bar,) = bars[method].lines
+        assert line.get_ydata() == pytest.approx([mean])
+        ((x0, low), (x1, high)), = bar.get_segments()
+        assert x0 == x1 and (low, high) == pytest.approx((mean - std, mean + std))
+        assert ax.get_xlim()[0] < x0 < ax.get_xlim()[1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["16"]
+    bar_lines = [c.lines[2][0] for c in bars.values()]
+    assert all(any(c is b for b in bar_lines) for c in ax.collections)  # no zero-width band
+
+
+def test_accuracy_at_several_shot_counts_keeps_its_lines_and_bands(tmp_path, monkeypatch):
+    accuracy = {"hipro": [0.71, 0.74, 0.69], "coop": [0.66, 0.70, 0.67]}
+    ax = _figure(monkeypatch, _protocol_result([4, 1, 16], accuracy), tmp_path / "many.png").axes[0]
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert [(line.get_label(), list(line.get_xdata())) for line in ax.lines] == [(m, [1, 4, 16]) for m in accuracy]
+    assert len(ax.collections) == len(accuracy)  # one ±std band each
+    assert "±std band" in ax.get_title()
