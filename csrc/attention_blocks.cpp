@@ -168,9 +168,8 @@ struct CacheEntry {
 };
 
 // Entries whose table nobody else holds go first (least recently used
-// first); entries of live tables are kept up to kMaxCacheEntries, because a
-// CUDA graph captured over the op reads the plan's device tensors (flags,
-// group indices) on every replay.
+// first); entries of live tables are kept up to kMaxCacheEntries. A plan used
+// in a CUDA graph capture outlives its entry (retain_plan_for_graph_replay).
 constexpr size_t kCacheEntries = 16;
 constexpr size_t kMaxCacheEntries = 256;
 
@@ -194,7 +193,26 @@ std::shared_ptr<const AttentionBlockPlan> plan_from_host(const std::vector<int64
       plan_attention_blocks(host.data(), rows, min_pairs, device, group));
 }
 
+struct GraphReplayPlans {
+  std::mutex mutex;
+  std::vector<std::shared_ptr<const AttentionBlockPlan>> plans;
+};
+
+GraphReplayPlans& graph_replay_plans() {
+  static GraphReplayPlans* kept = new GraphReplayPlans();  // leaked on purpose, as the cache
+  return *kept;
+}
+
 }  // namespace
+
+size_t retain_plan_for_graph_replay(std::shared_ptr<const AttentionBlockPlan> plan) {
+  GraphReplayPlans& kept = graph_replay_plans();
+  std::lock_guard<std::mutex> lock(kept.mutex);
+  if (std::find(kept.plans.begin(), kept.plans.end(), plan) == kept.plans.end()) {
+    kept.plans.push_back(std::move(plan));
+  }
+  return kept.plans.size();
+}
 
 int64_t attention_block_min_pairs() { return g_block_min_pairs.load(); }
 

@@ -95,6 +95,14 @@ std::shared_ptr<const AttentionBlockPlan> attention_block_plan(const at::Tensor&
                                                                int64_t num_tokens,
                                                                int64_t min_pairs);
 
+// A CUDA graph captured over the op reads the plan's device tensors (flags,
+// group indices) on every replay, long after the op returned, and no graph
+// says when it is done: the CUDA ops pass every plan they use during a capture
+// here, and it is kept for the life of the process whatever the cache evicts
+// (a captured graph is replayed over a handful of forests, so this stays
+// small). Returns how many plans are kept so.
+size_t retain_plan_for_graph_replay(std::shared_ptr<const AttentionBlockPlan> plan);
+
 // Cache counters (for tests): plans computed and plans reused.
 struct AttentionPlanCacheStats {
   int64_t misses = 0, hits = 0;

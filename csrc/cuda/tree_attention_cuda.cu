@@ -51,6 +51,7 @@
 // row layouts are checked on the host by the checks the CPU op runs too
 // (check_attention_args in ../checks.h), plus this backend's launch limits.
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include "../attention_blocks.h"
 #include "common.cuh"
@@ -438,6 +439,18 @@ void check_cuda_limits(const at::Tensor& q) {
   check_at_most(q.size(2), kMaxHeadDim, "hipro_fast.tree_attention (CUDA): head dim");
 }
 
+// The cached plan, kept for the process's life when a CUDA graph is being
+// captured on this stream: every replay reads its device tensors, even after
+// the cache has evicted its entry and dropped its own reference.
+std::shared_ptr<const AttentionBlockPlan> graph_safe_plan(const at::Tensor& segment_table,
+                                                          int64_t num_tokens) {
+  auto plan = attention_block_plan(segment_table, num_tokens, attention_block_min_pairs());
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    retain_plan_for_graph_replay(plan);
+  }
+  return plan;
+}
+
 std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                        const at::Tensor& v,
                                                        const at::Tensor& segment_table,
@@ -454,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
   if (T == 0 || H == 0) {
     return {at::empty({T, H, D}, q.options()), at::empty({T, H}, q.options().dtype(acc_type))};
   }
-  const auto plan = attention_block_plan(segment_table, T, attention_block_min_pairs());
+  const auto plan = graph_safe_plan(segment_table, T);
   // Residual kernel first (it writes every row), then the blocks merge in.
   auto o = at::empty({T, H, D}, q.options().dtype(acc_type));
   auto m = at::empty({T, H}, q.options().dtype(acc_type));
@@ -495,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
     return {at::empty({T, H, D}, q.options()), at::empty({T, H, D}, q.options()),
             at::empty({T, H, D}, q.options())};
   }
-  const auto plan = attention_block_plan(segment_table, T, attention_block_min_pairs());
+  const auto plan = graph_safe_plan(segment_table, T);
   // Same conversions as the CPU op: dO and O in q's dtype, lse in acc type.
   const auto go = grad_out.contiguous().to(q.scalar_type());
   const auto o = out.contiguous().to(q.scalar_type());

@@ -17,6 +17,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <string>
 #include <tuple>
@@ -245,6 +246,30 @@ void check_block_groups() {
   check_attention(c, 2, 3, "padded block group");
 }
 
+void check_plans_kept_for_graph_replay() {
+  // Two plans of tables nobody else holds, one retained as a capture would:
+  // after enough new tables for the cache to evict both entries, only the
+  // retained plan (whose device tensors a replayed graph reads) is alive.
+  std::weak_ptr<const AttentionBlockPlan> retained, dropped;
+  size_t kept = 0;
+  {
+    const Case a = make_case({-1, 0, 0}, {3, 2, 2});
+    const Case b = make_case({-1, 0}, {4, 1});
+    auto plan_a = attention_block_plan(a.table, a.T, 0);
+    auto plan_b = attention_block_plan(b.table, b.T, 0);
+    kept = retain_plan_for_graph_replay(plan_a);
+    EXPECT(retain_plan_for_graph_replay(plan_a) == kept);  // once, however often captured
+    retained = plan_a;
+    dropped = plan_b;
+  }
+  for (int i = 0; i < 40; ++i) {  // more than the cache keeps of tables nobody holds
+    const Case c = make_case({-1, 0}, {2 + i % 5, 1 + i % 3});
+    attention_block_plan(c.table, c.T, 0);
+  }
+  EXPECT(dropped.expired());
+  EXPECT(!retained.expired());
+}
+
 void check_assembly() {
   // root(3) -> a(2) -> c(1); root -> b(4), every token a context row.
   const Case c = make_case({-1, 0, 0, 1}, {3, 2, 4, 1});
@@ -284,6 +309,7 @@ int main() {
                     "random forest " + std::to_string(trial));
   }
   check_block_groups();
+  check_plans_kept_for_graph_replay();
   check_rejects_malformed_forests();
   check_assembly();
   TEST_MAIN_END();
