@@ -351,6 +351,35 @@ def test_tree_attention_cuda_graph_capture(dtype):
             assert_close_dtype(a, b, dtype, name)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_captured_graph_survives_the_plan_cache_evicting_its_plan():
+    """A graph replays the plan's device tensors (block flags, group indices)
+    after the plan cache has evicted its entry (more live tables than it keeps),
+    and after the freed memory could be handed out again: the replay still
+    equals the eager call (the plan is retained for graph replay)."""
+    lay, q, k, v, go, scale = attention_case(2, "wide", 60, 4, 4, 64, torch.float32)
+    st, ts = dev(lay.segment_table), dev(lay.token_segment)
+    q, k, v = (dev(t) for t in (q, k, v))
+    eager = torch.ops.hipro_fast.tree_attention(q, k, v, st, ts, scale)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.hipro_fast.tree_attention(q, k, v, st, ts, scale)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = torch.ops.hipro_fast.tree_attention(q, k, v, st, ts, scale)
+    live = [st.clone() for _ in range(300)]  # more live tables than the cache keeps (256)
+    for table in live:
+        torch.ops.hipro_fast.tree_attention(q, k, v, table, ts, scale)
+    scribble = [torch.full((4096,), 255, dtype=torch.uint8, device="cuda") for _ in range(64)]
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, b in zip(("out", "lse"), static, eager):
+        assert_close_dtype(a, b, torch.float32, name)
+    del scribble
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="FlexAttention has no CPU backward (tests/engine/test_flex.py: CPU forward)")
 @pytest.mark.parametrize("dtype", [torch.float32])  # one compile; bf16 flex is checked by the benchmark
 def test_flex_backend_matches_fused_op(dtype):
