@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DistributedError, PeerTimeoutError, RankMismatchError
+from .launch import die_with_parent
 
 __all__ = ["DistInfo", "DEFAULT_TIMEOUT_S", "launched", "local_only", "backend_for", "init_from_env", "current",
            "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_gather_object", "unbounded_wait_group",
@@ -158,6 +159,10 @@ def init_from_env(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOU
     global _INFO
     if not launched():
         return None
+    # A worker of `hipro --nproc` dies with torchrun, by SIGTERM's default action (the CLI leaves it in
+    # workers): at once, even blocked in a collective, where a Python handler would wait for the
+    # collective's timeout; every file is written atomically, so none is left half written.
+    die_with_parent()
     if _INFO is not None and dist.is_initialized():
         return _INFO
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")

@@ -5,10 +5,13 @@ launcher adds no traceback or failure table below them, only one line when a
 worker died without a word (a signal, e.g. the out-of-memory killer), and exits
 with the first failed worker's status. Stopped by SIGINT or SIGTERM, torchrun
 stops its workers, and this ends in `hipro: interrupted` (status 128 + N).
+Started by `hipro ... --nproc N`, it gets SIGTERM when that process dies (even
+SIGKILLed), and its workers get SIGTERM when it dies (launch.die_with_parent).
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from typing import Sequence
@@ -16,6 +19,8 @@ from typing import Sequence
 from torch.distributed import run as torch_run
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from .launch import PARENT_PID_ENV, die_with_parent
 
 # The launcher's own "failed (exitcode: N) local_rank: ..." record says what
 # main() below says, or less.
@@ -39,6 +44,8 @@ def exit_status(error: ChildFailedError) -> tuple[int, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    launcher = die_with_parent()
+    os.environ[PARENT_PID_ENV] = str(os.getpid())  # for the workers (group.init_from_env)
     logging.getLogger(_LAUNCHER_LOGGER).setLevel(logging.CRITICAL)
     try:
         torch_run.main(list(sys.argv[1:] if argv is None else argv))
@@ -48,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return code
     except SignalException as e:  # torchrun has stopped the workers before raising it
+        if launcher is not None and os.getppid() != launcher:  # its SIGTERM came from the kernel
+            print(f"hipro: the launcher (pid {launcher}) died; the workers were stopped", file=sys.stderr)
+            return 128 + int(e.sigval)
         print(f"hipro: interrupted ({signal.Signals(e.sigval).name}); the workers were stopped", file=sys.stderr)
         return 128 + int(e.sigval)
     return 0

@@ -228,19 +228,38 @@ def test_commands_that_run_in_one_process_refuse_nproc(world, tmp_path, capsys):
     assert len(err) == 1 and "hipro export runs in one process" in err[0], err
 
 
-def _workers_of(run_dir: Path) -> list[int]:
-    """pids of the `hipro ... --run-dir run_dir` workers torchrun started (not the launcher, not torchrun)."""
-    pids = []
+def _processes_of(run_dir: Path) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of the processes whose command line names `run_dir` (a zombie's is empty)."""
+    found = []
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         args = [c.decode(errors="replace") for c in cmd]
-        launchers = ("--nproc" in args or "hipro_fast.distributed.torchrun" in args)
-        if str(run_dir) in args and "hipro_fast.cli" in args and not launchers:
-            pids.append(int(proc.name))
-    return pids
+        if str(run_dir) in args:
+            found.append((int(proc.name), args))
+    return found
+
+
+def _workers_of(run_dir: Path) -> list[int]:
+    """pids of the `hipro ... --run-dir run_dir` workers torchrun started (not the launcher, not torchrun)."""
+    return [pid for pid, args in _processes_of(run_dir) if "hipro_fast.cli" in args
+            and not ("--nproc" in args or "hipro_fast.distributed.torchrun" in args)]
+
+
+def _torchrun_of(run_dir: Path) -> list[int]:
+    """pids of the torchrun that `hipro ... --nproc N --run-dir run_dir` started."""
+    return [pid for pid, args in _processes_of(run_dir) if "hipro_fast.distributed.torchrun" in args]
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (dead, not yet reaped by its new parent) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the workers through /proc")
@@ -274,6 +293,43 @@ def test_interrupting_the_nproc_launcher_stops_every_worker(world, tmp_path, sig
             proc.kill()
         for pid in _workers_of(run_dir):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("victim", ["launcher", "torchrun"])
+def test_workers_die_with_a_sigkilled_launcher(world, tmp_path, victim):
+    """SIGKILL, which no handler sees, to `hipro train --nproc 2` (torchrun gets
+    SIGTERM from the kernel and stops the workers) or to its torchrun (the
+    workers get SIGTERM from the kernel): no worker trains on."""
+    run_dir, log = tmp_path / "run", tmp_path / "output.txt"
+    argv = ["train", "--tree", TREE, "--shots", "2", "--epochs", "1000", "--min-steps", "1000000", "--n-ctx", "2",
+            "--optimizer", "adamw"]
+    with open(log, "w") as out:  # not a pipe: torchrun and the workers outlive the launcher and write to it
+        proc = subprocess.Popen([sys.executable, "-m", "hipro_fast.cli", *_args(world, argv, run_dir), "--nproc", "2"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (len(_workers_of(run_dir)) == 2 and (run_dir / "metrics.jsonl").exists()):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)
+        (torchrun,), workers = _torchrun_of(run_dir), _workers_of(run_dir)
+        os.kill(proc.pid if victim == "launcher" else torchrun, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in (torchrun, *workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in (torchrun, *workers) if _running(pid)], "a process outlived the SIGKILL"
+        if victim == "launcher":
+            assert f"hipro: the launcher (pid {proc.pid}) died; the workers were stopped" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pid, _ in _processes_of(run_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_nproc_inside_a_launched_process_is_said_not_wrapped(world, tmp_path):

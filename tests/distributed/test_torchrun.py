@@ -11,7 +11,9 @@ import threading
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
+from hipro_fast.distributed.launch import PARENT_PID_ENV
 from hipro_fast.distributed.torchrun import exit_status
+from tests.distributed.launch import REPO, env
 
 
 def _failed(**codes: int) -> ChildFailedError:
@@ -73,3 +75,31 @@ def test_an_ignored_signal_stays_ignored():
         assert _run_forwarding_signals(_sleeper(1.5), dict(os.environ)) == 0
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+# die_with_parent in a fresh process; then its parent-death signal (PR_GET_PDEATHSIG) and whether
+# the variable is still there for its own children.
+_CHILD = """
+import ctypes, os
+from hipro_fast.distributed.launch import PARENT_PID_ENV, die_with_parent
+die_with_parent()
+sig = ctypes.c_int()
+ctypes.CDLL(None).prctl(2, ctypes.byref(sig))
+print(sig.value, PARENT_PID_ENV in os.environ)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_process_whose_parent_is_already_gone_stops_at_once():
+    """The parent died before the child's prctl (the kernel will send nothing):
+    the child stops itself. With its parent alive it carries on, with SIGTERM as
+    its parent-death signal, and does not pass the parent's pid on."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: no process has its pid now
+    orphan, child = (subprocess.Popen([sys.executable, "-c", _CHILD], env=env(**{PARENT_PID_ENV: str(pid)}),
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for pid in (gone.pid, os.getpid()))
+    out, err = orphan.communicate(timeout=120)
+    assert orphan.returncode == -signal.SIGTERM and not out, err[-3000:]
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0 and out.split() == [str(int(signal.SIGTERM)), "False"], err[-3000:]
