@@ -29,7 +29,9 @@ when there is one). Each set is persisted as a safetensors file:
 
 Writes go to a temporary file in the same folder and are moved in place with
 ``os.replace``, so an interrupted run (Ctrl-C) leaves the previous cache as it
-was.
+was. A writer killed outright (SIGKILL, the out-of-memory killer, a power
+cut) leaves its temporary file behind; opening the folder removes those whose
+writer is gone (hipro_fast.files.remove_orphaned_temp_files).
 
 Under torchrun (a process group of more than one rank,
 hipro_fast.distributed.group) rank 0 decides hit or rebuild for every set;
@@ -69,7 +71,7 @@ import torch.nn.functional as F
 from ..distributed import group as dist_group
 from ..engine.fingerprint import tensors_digest
 from ..errors import CacheWriteError, DistributedError, InvalidInputError, MissingFileError, SpecError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, remove_orphaned_temp_files
 from .tasks_spec import BadImageError, ImageRecord, read_image
 
 __all__ = [
@@ -257,6 +259,8 @@ class FeatureCache:
         self.preprocess = clip.preprocess
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:  # what writers killed mid-write left (never a live writer's file)
+            remove_orphaned_temp_files(self.cache_dir, ".safetensors")
         self.batch_size = batch_size
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0

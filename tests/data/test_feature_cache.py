@@ -1,5 +1,8 @@
 """Feature cache: encode once, reuse, detect stale and corrupt files, atomic writes, views."""
 import os
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -157,6 +160,49 @@ def test_interrupted_rebuild_keeps_the_previous_cache(tmp_path, clip, monkeypatc
             fc.encode(recs, tag="t")
     assert first.file.read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.file.name]
+
+
+# atomic_write_bytes(argv[2]) in a process SIGKILLed between the write and the rename; hipro_fast.files
+# loaded alone (it imports nothing of the package), so the process starts in a blink.
+_KILLED_MID_WRITE = """
+import importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("files", sys.argv[1])
+files = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(files)
+os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+files.atomic_write_bytes(sys.argv[2], b"half a feature cache")
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a SIGKILLed writer")
+def test_a_writer_killed_mid_write_leaves_a_temp_file_that_the_next_open_removes(tmp_path, clip, monkeypatch):
+    """A SIGKILLed writer's temp file is removed when the folder is next opened,
+    while another writer (this process) is writing the same cache file; its temp
+    file is kept, and so is every file that is not a cache file's temp file."""
+    import hipro_fast.files as files
+
+    recs, cache = _records(tmp_path / "img"), tmp_path / "cache"
+    target = FeatureCache(clip, cache, progress=False).file_for("t", records=recs)
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_MID_WRITE, files.__file__, str(target)])
+    assert killed.wait(timeout=60) == -signal.SIGKILL  # and reaped: no process has its pid now
+    (orphan,) = cache.glob(".*.tmp")
+    writer = orphan.name.split(".")[-3]  # "<pid space>-<pid>" of the dead writer
+    assert writer.endswith(f"-{killed.pid}")
+    others = [cache / "notes.txt", cache / f".notes.txt.{writer}.abcd1234.tmp", cache / f".{target.name}.tmp",
+              cache / f".{target.name}.{writer}.abcd1234.tmp.keep"]
+    for other in others:
+        other.write_text("not a cache file's temp file")
+    real_replace, seen = os.replace, {}
+
+    def opened_mid_write(tmp, path):  # another process opens the folder while this one writes
+        FeatureCache(clip, cache, progress=False)
+        seen.update(live=Path(tmp).exists(), orphan=orphan.exists())
+        real_replace(tmp, path)
+
+    monkeypatch.setattr(files.os, "replace", opened_mid_write)
+    assert FeatureCache(clip, cache, progress=False).encode(recs, tag="t").status == "built"
+    assert seen == {"live": True, "orphan": False}
+    assert sorted(p.name for p in cache.iterdir()) == sorted([target.name, *(p.name for p in others)])
 
 
 def test_bad_image_raises_naming_the_file_or_is_skipped(tmp_path, clip):
