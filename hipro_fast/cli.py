@@ -6,7 +6,7 @@
     hipro train    --spec tasks.toml          train HiPro, evaluate, checkpoint
     hipro eval     --spec tasks.toml --checkpoint ckpt
     hipro compare  --spec tasks.toml          HiPro vs. baselines table
-    hipro export   --checkpoint ckpt --out classifier
+    hipro export   --checkpoint ckpt --out classifier.safetensors
     hipro bench    [bench options]            text-engine benchmark (hipro_fast.bench.cpu;
                                               with --device cuda: hipro_fast.bench.gpu)
     hipro demo                                all of the above on the bundled benchmark

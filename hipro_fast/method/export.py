@@ -5,9 +5,11 @@
     "weight/<i>"    [C_i, E] fp32 L2-normalised class text features of task i
     "logit_scale"   [] fp32, the CLIP logit scale (exp of the stored log-scale)
 
-with the task names, class names, model config and (when given) the CLIP it
-was trained on as JSON in the metadata. `Classifier.load(path)` computes the
-same logits as `HiProModel.logits`: logit_scale * features @ weight.T.
+with the task names, class names, model config, a checksum of the tensors and
+(when given) the CLIP it was trained on as JSON in the metadata.
+`Classifier.load(path)` checks all of them (a corrupt or hand-edited file is
+refused, naming it) and computes the same logits as `HiProModel.logits`:
+logit_scale * features @ weight.T.
 
 A Classifier is an nn.Module (its weights are buffers), so it embeds in a
 larger model: a parent's .to() / .eval() / state_dict() reach it,
@@ -27,7 +29,7 @@ from torch import nn
 from ..engine.fingerprint import tensors_digest
 from ..errors import InvalidInputError, MissingFileError
 from ..files import atomic_write_bytes
-from .model import HiProModel, TaskSpecError, image_features_of, json_tensor, tensor_json
+from .model import HiProModel, TaskSpecError, image_features_of, json_tensor, tensor_json, validate_tasks
 
 FORMAT = "hipro_fast.classifier"
 VERSION = "1"
@@ -108,6 +110,8 @@ def export_classifier(model: HiProModel, path: str | Path,
         "classes": json.dumps({t: list(model.tasks[t]) for t in tasks}),
         "embed_dim": str(model.embed_dim),
         "model_config": json.dumps(model.config()),
+        # what Classifier.load checks the tensors against: a flipped bit or an edited weight is refused
+        "checksum": tensors_digest(tensors),
     }
     if clip_info is None:
         clip_info = image_tower_info(model.clip)
@@ -118,6 +122,55 @@ def export_classifier(model: HiProModel, path: str | Path,
 def _scaled_cosine(logit_scale: torch.Tensor, weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """logit_scale * features @ weight.T in the weight's dtype and on its device."""
     return logit_scale * features.to(device=weight.device, dtype=weight.dtype) @ weight.t()
+
+
+def _read_metadata(path: Path, meta: Mapping[str, str]) -> tuple[list[str], dict[str, list[str]], dict, dict]:
+    """(tasks, {task: classes} in task order, model config, clip info) from a
+    classifier file's metadata, each checked: InvalidInputError naming the file
+    and the field otherwise (a hand-edited file must not load as something else,
+    e.g. a repeated task name taking another task's weights)."""
+    def field(key: str, default: str | None = None) -> Any:
+        raw = meta.get(key, default)
+        if raw is None:
+            raise InvalidInputError(f"{path}: the classifier metadata lacks {key!r}")
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InvalidInputError(f"{path}: the classifier metadata's {key!r} is not valid JSON ({e})") from None
+
+    tasks, classes = field("tasks"), field("classes")
+    config, clip_info = field("model_config", "{}"), field("clip", "{}")
+    for key, value, typ in (("tasks", tasks, list), ("classes", classes, dict), ("model_config", config, dict),
+                            ("clip", clip_info, dict)):
+        if not isinstance(value, typ):
+            raise InvalidInputError(f"{path}: the classifier metadata's {key!r} must be a JSON {typ.__name__}, got "
+                                    f"{type(value).__name__}")
+    if sorted(map(str, tasks)) != sorted(map(str, classes)) or len(set(map(str, tasks))) != len(tasks):
+        raise InvalidInputError(f"{path}: the classifier metadata's tasks {tasks} and the tasks of its classes "
+                                f"{list(classes)} differ, or repeat one"[:400])
+    try:
+        checked = validate_tasks({t: classes[t] for t in tasks})
+    except (TaskSpecError, TypeError) as e:
+        raise InvalidInputError(f"{path}: the classifier metadata's classes: {e}") from None
+    return list(tasks), checked, config, clip_info
+
+
+def _check_loaded_tensors(path: Path, weights: Mapping[str, torch.Tensor], scale: torch.Tensor,
+                          embed_dim: str | None) -> None:
+    """The file's weights and scale as export_classifier writes them: floating
+    point, finite, a positive scale, the metadata's embed dim."""
+    try:
+        embed = int(embed_dim) if embed_dim is not None else None
+    except ValueError:
+        raise InvalidInputError(f"{path}: the classifier metadata's 'embed_dim' is {embed_dim!r}, not a whole "
+                                "number") from None
+    for name, t in [*((f"the weight of task {k!r}", w) for k, w in weights.items()), ("logit_scale", scale)]:
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise InvalidInputError(f"{path}: {name} must be finite floating-point numbers ({t.dtype})")
+        if embed is not None and t is not scale and int(t.shape[-1]) != embed:
+            raise InvalidInputError(f"{path}: {name} has embed dim {int(t.shape[-1])}, the metadata {embed}")
+    if scale.numel() == 1 and not float(scale) > 0:
+        raise InvalidInputError(f"{path}: logit_scale is {float(scale):g}, not a positive number")
 
 
 class Classifier(nn.Module):
@@ -180,41 +233,38 @@ class Classifier(nn.Module):
             raise InvalidInputError(f"Classifier.load: device {device!r} is not a device (e.g. 'cpu', "
                                     "'cuda:0'); move it to another dtype with .to(dtype) after loading") from None
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            # read on the CPU, then moved: safetensors knows fewer devices than torch ("cpu:0", "meta")
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
                     raise InvalidInputError(f"{path}: not a hipro_fast classifier (format {meta.get('format')!r})")
                 if meta.get("version") != VERSION:
                     raise InvalidInputError(f"{path}: classifier format version {meta.get('version')!r}, this "
                                             f"hipro_fast reads version {VERSION!r}")
-                try:
-                    tasks = json.loads(meta["tasks"])
-                    classes = json.loads(meta["classes"])
-                    config = json.loads(meta.get("model_config", "{}"))
-                    clip_info = json.loads(meta.get("clip", "{}"))
-                except KeyError as e:
-                    raise InvalidInputError(f"{path}: the classifier metadata lacks {e.args[0]!r}") from None
-                except json.JSONDecodeError as e:
-                    raise InvalidInputError(f"{path}: the classifier metadata is not valid JSON ({e})") from None
+                tasks, classes, config, clip_info = _read_metadata(path, meta)
                 names = set(f.keys())
                 needed = [f"weight/{i}" for i in range(len(tasks))] + ["logit_scale"]
                 absent = [k for k in needed if k not in names]
                 if absent:
                     raise InvalidInputError(f"{path}: the classifier lacks tensor {absent[0]!r}")
-                weights = {t: f.get_tensor(f"weight/{i}") for i, t in enumerate(tasks)}
-                scale = f.get_tensor("logit_scale")
+                tensors = {k: f.get_tensor(k) for k in names}
         except SafetensorError as e:
             raise InvalidInputError(f"{path}: not a readable safetensors file ({e})") from None
-        if set(tasks) - set(classes):
-            raise InvalidInputError(f"{path}: the metadata has no classes for task "
-                                    f"{sorted(set(tasks) - set(classes))[0]!r}")
-        embed = meta.get("embed_dim")
-        if embed is not None and any(int(w.shape[-1]) != int(embed) for w in weights.values()):
-            raise InvalidInputError(f"{path}: a weight's embed dim differs from the metadata's {embed}")
+        if "checksum" in meta and tensors_digest(tensors) != meta["checksum"]:  # files before it have none
+            raise InvalidInputError(f"{path}: the tensors do not match the checksum written with them (a corrupt "
+                                    "or edited file): export it again")
+        weights = {t: tensors[f"weight/{i}"] for i, t in enumerate(tasks)}
+        scale = tensors["logit_scale"]
+        _check_loaded_tensors(path, weights, scale, meta.get("embed_dim"))
         try:
-            return cls(weights, scale, {t: classes[t] for t in tasks}, config, clip_info)
+            clf = cls(weights, scale, classes, config, clip_info)
         except TaskSpecError as e:
             raise InvalidInputError(f"{path}: {e}") from None
+        try:
+            return clf.to(device)
+        except (RuntimeError, AssertionError) as e:  # e.g. CUDA without a driver
+            raise InvalidInputError(f"Classifier.load: cannot move the classifier to {device}: "
+                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
     @property
     def tasks(self) -> list[str]:
@@ -235,6 +285,9 @@ class Classifier(nn.Module):
         return list(self._classes[task])
 
     def _check_task(self, task: str) -> None:
+        if not isinstance(task, str):  # e.g. logits(features, task): features are not a task name
+            raise InvalidInputError(f"task must be a task name (one of {self.tasks}), got a "
+                                    f"{type(task).__name__}: logits(task, features), forward(features, task)")
         if task not in self._classes:
             raise TaskSpecError(f"unknown task {task!r} (classifier tasks: {self.tasks})")
 

@@ -167,3 +167,66 @@ def test_inference_checks_the_features_and_loading_names_the_file(tmp_path, trai
     save_file({k: v for k, v in tensors.items() if k != "weight/1"}, str(tmp_path / "now1.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="lacks tensor 'weight/1'"):
         Classifier.load(tmp_path / "now1.safetensors")
+
+
+def test_a_hand_edited_or_corrupt_classifier_file_is_refused_naming_the_file(tmp_path, trained):
+    """Every field of the file is checked at load: a repeated task name took
+    another task's weights, bad JSON types raised builtin errors without the
+    file, and flipped weight bits or a NaN scale loaded silently."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from hipro_fast.engine.fingerprint import tensors_digest
+    from hipro_fast.errors import HiproError
+
+    path = export_classifier(trained, tmp_path / "clf.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    tasks = list(TASKS)
+
+    def edited(name, tensors=tensors, checksum=True, **fields):
+        t = dict(tensors)
+        m = {**meta, **fields}
+        if checksum:  # an edit that also rewrote the checksum: the field checks must catch it
+            m["checksum"] = tensors_digest(t)
+        save_file(t, str(tmp_path / name), metadata=m)
+        return tmp_path / name
+
+    import json
+    cases = [
+        (edited("dup.safetensors", tasks=json.dumps([tasks[0], *tasks[:-1]])), "differ, or repeat one"),
+        (edited("dim.safetensors", embed_dim="abc"), "'embed_dim' is 'abc', not a whole number"),
+        (edited("clip.safetensors", clip="[1, 2]"), "'clip' must be a JSON dict, got list"),
+        (edited("cfg.safetensors", model_config='"x"'), "'model_config' must be a JSON dict, got str"),
+        (edited("cls.safetensors", classes=json.dumps({t: ["a", "a"] for t in tasks})), "classes"),
+        (edited("nan.safetensors", tensors={**tensors, "logit_scale": torch.tensor(float("nan"))}),
+         "logit_scale must be finite"),
+        (edited("neg.safetensors", tensors={**tensors, "logit_scale": torch.tensor(-1.0)}),
+         "logit_scale is -1, not a positive number"),
+        (edited("int.safetensors", tensors={**tensors, "weight/0": tensors["weight/0"].long()}),
+         f"the weight of task '{tasks[0]}' must be finite floating-point"),
+    ]
+    flipped = dict(tensors)
+    flipped["weight/1"] = flipped["weight/1"].clone()
+    flipped["weight/1"][0, 0] += 0.5
+    cases.append((edited("flip.safetensors", tensors=flipped, checksum=False), "do not match the checksum"))
+    for bad, says in cases:
+        with pytest.raises(HiproError) as err:
+            Classifier.load(bad)
+        assert str(bad) in str(err.value) and says in str(err.value), (bad.name, str(err.value))
+    # a file from before the checksum (none in its metadata) still loads
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={k: v for k, v in meta.items() if k != "checksum"})
+    assert torch.equal(Classifier.load(tmp_path / "old.safetensors").weights[tasks[0]], tensors["weight/0"])
+
+
+def test_load_takes_any_torch_device_and_swapped_arguments_are_named(tmp_path, trained):
+    path = export_classifier(trained, tmp_path / "clf.safetensors")
+    want = Classifier.load(path).weights["colors"]
+    for device in ("cpu:0", torch.device("cpu", 0)):  # before: "device cpu:0 is invalid", blamed on the file
+        assert torch.equal(Classifier.load(path, device=device).weights["colors"], want)
+    assert Classifier.load(path, device="meta").weights["colors"].is_meta
+    clf = Classifier.load(path)
+    x = toy_data(seed=3)["colors"][0]
+    with pytest.raises(ValueError, match=r"task must be a task name .*got a Tensor"):
+        clf.logits(x, "colors")
