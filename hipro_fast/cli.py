@@ -958,8 +958,9 @@ def _train_and_eval(ctx: _Ctx, tree):
     png = plots.plot_curves(hist, ctx.run.path("training.png"), keys=("loss", "val_mean"))
     if png:
         ctx.run.report.add_figure("Training", png)
-    ckpt = ctx.pipeline.save_model(model, _ckpt_path(ctx), {"spec": str(a.spec), "model": ctx.clip().name,
-                                                            "seed": a.seed, "shots": a.shots}, result)
+    provenance = {"spec": str(a.spec), "model": ctx.clip().name, "seed": a.seed, "shots": a.shots,
+                  **export.image_tower_info(ctx.clip().model)}  # eval / export say if theirs differs
+    ckpt = ctx.pipeline.save_model(model, _ckpt_path(ctx), provenance, result)
     ctx.run.log("checkpoint", path=str(ckpt))
     _report_missing(ctx, feats, "test")
     acc = ctx.pipeline.evaluate_model(model, feats.test)

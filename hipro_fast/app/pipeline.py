@@ -31,6 +31,7 @@ from ..method import affinity as aff
 from ..method import baselines, training
 from ..method import checkpoint as ckpt
 from ..method import protocol
+from ..method.export import image_tower_info
 from ..method.model import HiProModel
 from ..method.tree import TaskTree
 from ..errors import CheckpointError, ForestError, InvalidInputError, MissingFileError, RunDirError, TreeError
@@ -738,7 +739,19 @@ def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
                          f"model {clip.name!r} has width {int(width.shape[1])} (pass the same --model)")
     model = HiProModel.from_config(clip, cfg).to(device)
     ckpt.load_checkpoint(directory, model, kind=kind)  # checks tasks/tree/contexts, loads the contexts
+    _warn_if_other_image_tower(directory, record.extra.get("image_tower"), clip)
     return model
+
+
+def _warn_if_other_image_tower(directory: Path, trained_on: Any, clip) -> None:
+    """The text tower is checked with the contexts; the image tower, whose
+    features the contexts were fit to, is only recorded (by `hipro train`) and
+    may differ in dtype alone, so a difference is said, not refused."""
+    now = image_tower_info(clip.model).get("image_tower")
+    if isinstance(trained_on, str) and now is not None and now != trained_on:
+        warnings.warn(f"checkpoint {directory} was trained on image features of tower {trained_on}; model "
+                      f"{clip.name!r} has image tower {now} (other weights, or another dtype): its image features "
+                      "are not those the contexts were fit to")
 
 
 def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = "the spec") -> None:

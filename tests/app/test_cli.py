@@ -947,6 +947,36 @@ def test_eval_of_a_checkpoint_of_other_classes_is_refused_before_the_run_directo
         assert not (tmp_path / "e").exists()
 
 
+def test_train_records_its_image_tower_and_eval_and_export_say_when_theirs_differs(world, tmp_path, capsys):
+    """The contexts were fit to one image tower's features: `hipro train`
+    records its digest, and eval / export warn when their model's differs (the
+    text tower is checked with the contexts; the image tower was not at all)."""
+    import json
+
+    from safetensors import safe_open
+
+    from hipro_fast.method import checkpoint as ckpt
+
+    train_dir = tmp_path / "train"
+    assert _run(world, "train", "--tree", "flat", "--shots", "1", "--epochs", "1", "--min-steps", "2",
+                "--n-ctx", "2", run_dir=train_dir) == 0
+    ckpt_dir = train_dir / "checkpoints"
+    recorded = json.loads((ckpt_dir / "best.json").read_text())["extra"]["image_tower"]
+    capsys.readouterr()
+    assert _run(world, "export", "--checkpoint", str(ckpt_dir), "--out", str(tmp_path / "a.safetensors"),
+                spec=False, run_dir=tmp_path / "x1") == 0
+    assert "image tower" not in capsys.readouterr().err
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["clip"])["image_tower"] == recorded
+    ckpt.annotate_checkpoint(ckpt_dir, "best", {"image_tower": "0" * 16})  # as if trained on another tower
+    for argv in (["export", "--checkpoint", str(ckpt_dir), "--out", str(tmp_path / "b.safetensors")],
+                 ["eval", "--checkpoint", str(ckpt_dir)]):
+        assert _run(world, *argv, spec=argv[0] == "eval", run_dir=tmp_path / f"x-{argv[0]}") == 0
+        err = capsys.readouterr().err
+        assert (f"was trained on image features of tower {'0' * 16}; model" in err
+                and f"has image tower {recorded}" in err), err
+
+
 def test_repeated_seeds_or_methods_are_refused(world, tmp_path, capsys):
     for flag, value in (("--seeds", "0,0"), ("--methods", "hipro,hipro")):
         assert _run(world, "compare", flag, value, run_dir=tmp_path / "r") == 2
