@@ -330,6 +330,9 @@ class TaskHead(nn.Module):
         self.classes = list(classes)
         self.register_buffer("weight", weight)
         self.register_buffer("logit_scale", logit_scale.reshape(()))
+        # its task and classes in the state_dict: another task's head of as many classes is refused
+        self.register_buffer("layout", json_tensor({"task": task, "classes": self.classes}))
+        self.register_load_state_dict_pre_hook(_check_head_state)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return _scaled_cosine(self.logit_scale, self.weight,
@@ -363,3 +366,24 @@ def _check_classifier_state(clf: Classifier, state_dict, prefix, local_metadata,
     for t in tasks:
         if list(classes.get(t, [])) != clf._classes[t]:
             raise InvalidInputError(f"load_state_dict: task {t!r} has other classes in the state")
+
+
+def _check_head_state(head: TaskHead, state_dict, prefix, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    """load_state_dict's pre-hook: a head's state must be of the same task and
+    classes (else it would score with another task's weights under this task's
+    class names). A state without a layout (saved before heads had one) loads
+    as before, keeping this head's."""
+    key = prefix + "layout"
+    if key not in state_dict:
+        if prefix + "weight" in state_dict:
+            state_dict[key] = head.layout
+        return
+    try:
+        theirs = tensor_json(state_dict[key])
+        task, classes = theirs["task"], list(theirs["classes"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise InvalidInputError(f"load_state_dict: {key!r} is not a TaskHead's") from None
+    if task != head.task or classes != head.classes:
+        raise InvalidInputError(f"load_state_dict: the state is of task {task!r}'s head with classes {classes}, this "
+                                f"head is task {head.task!r}'s with classes {head.classes}")

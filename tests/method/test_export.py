@@ -230,3 +230,20 @@ def test_load_takes_any_torch_device_and_swapped_arguments_are_named(tmp_path, t
     x = toy_data(seed=3)["colors"][0]
     with pytest.raises(ValueError, match=r"task must be a task name .*got a Tensor"):
         clf.logits(x, "colors")
+
+
+def test_a_heads_state_is_refused_by_a_head_of_another_task():
+    """Two tasks of as many classes: one head's state loaded into the other's
+    head scored with the wrong weights under its own class names."""
+    clip_free = make_model(tasks={"a": ["x", "y"], "b": ["u", "v"]}, tree=["a", "b"])
+    with torch.no_grad():
+        feats = clip_free.text_features()
+    clf = Classifier(feats, clip_free.logit_scale.detach(), {"a": ["x", "y"], "b": ["u", "v"]})
+    a, b = clf.head("a"), clf.head("b")
+    with pytest.raises(ValueError, match=r"state is of task 'b'.*this head is task 'a'"):
+        a.load_state_dict(b.state_dict())
+    assert torch.equal(a.weight, feats["a"])  # untouched
+    a.load_state_dict(clf.head("a").state_dict())  # its own task's: loads
+    old = {k: v for k, v in b.state_dict().items() if k != "layout"}  # saved before heads had a layout
+    b.load_state_dict(old)
+    assert torch.equal(b.weight, feats["b"])
