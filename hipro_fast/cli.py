@@ -522,7 +522,10 @@ class _Ctx:
         if getattr(a, "checkpoint", None):
             self.pipeline.checkpoint_location(a.checkpoint)
             if command == "eval":  # a checkpoint of other tasks or classes leaves no failed run behind
-                self.pipeline.check_checkpoint_matches(a.checkpoint, self._spec.class_names(), where=f"spec {a.spec}")
+                trained = self.pipeline.check_checkpoint_matches(a.checkpoint, self._spec.class_names(),
+                                                                 where=f"spec {a.spec}")
+                if a.split == "train" and self.main:
+                    _warn_other_training_draw(a, trained)
         if command == "tree" and a.affinity:
             self._given_affinity = _load_affinity(a.affinity)  # checked here, used by cmd_tree
             names = self._given_affinity[1]
@@ -924,6 +927,21 @@ def _probe_new_folder(flag: str, path: Path, parent: Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".hipro-probe-", dir=parent))
     except OSError as e:
         raise CliError(f"{flag} {path}: cannot be made, {parent} takes no new folder ({e.strerror or e})") from None
+
+
+def _warn_other_training_draw(a: argparse.Namespace, trained: dict) -> None:
+    """`eval --split train` scores the --shots / --seed draw: say so when the
+    checkpoint recorded (hipro train) that it was trained on another one."""
+    theirs = {"shots": trained.get("shots"), "seed": trained.get("seed")}
+    if any(v is None for v in theirs.values()) or theirs == {"shots": a.shots, "seed": a.seed}:
+        return
+    if theirs["shots"] == 0 and a.shots == 0:  # the whole split: no draw, whatever the seed
+        return
+    def draw(shots, seed):
+        return "the whole training split" if not shots else f"the {shots}-shot draw of seed {seed}"
+    warnings.warn(f"--split train scores {draw(a.shots, a.seed)}; the checkpoint was trained on "
+                  f"{draw(theirs['shots'], theirs['seed'])} (pass --shots {theirs['shots']} --seed {theirs['seed']} "
+                  "to score that)")
 
 
 def _check_export_out(out: Path, overwrite: bool) -> None:

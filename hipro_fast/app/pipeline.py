@@ -760,14 +760,17 @@ def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = 
     _check_trained_tasks(model.tasks, tasks, where)
 
 
-def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]], where: str = "the spec") -> None:
+def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]], where: str = "the spec") -> dict:
     """check_model_matches from the checkpoint's record alone, before any model is
-    loaded (a command can refuse before it opens its run directory)."""
+    loaded (a command can refuse before it opens its run directory). Returns the
+    record's provenance (`extra`: what `hipro train` recorded, e.g. shots, seed)."""
     directory, kind = checkpoint_location(path)
-    trained = ckpt.load_checkpoint(directory, None, kind=kind).model_config.get("tasks")
+    record = ckpt.load_checkpoint(directory, None, kind=kind)
+    trained = record.model_config.get("tasks")
     if not isinstance(trained, Mapping):
         raise CheckpointError(f"checkpoint {directory}: its record names no tasks")
     _check_trained_tasks(trained, tasks, where)
+    return dict(record.extra or {})
 
 
 def _check_trained_tasks(trained: Mapping[str, Sequence[str]], tasks: Mapping[str, Sequence[str]],

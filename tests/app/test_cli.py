@@ -947,7 +947,7 @@ def test_eval_of_a_checkpoint_of_other_classes_is_refused_before_the_run_directo
         assert not (tmp_path / "e").exists()
 
 
-def test_train_records_its_image_tower_and_eval_and_export_say_when_theirs_differs(world, tmp_path, capsys):
+def test_train_records_its_draw_and_image_tower_and_eval_and_export_say_when_theirs_differ(world, tmp_path, capsys):
     """The contexts were fit to one image tower's features: `hipro train`
     records its digest, and eval / export warn when their model's differs (the
     text tower is checked with the contexts; the image tower was not at all)."""
@@ -968,6 +968,13 @@ def test_train_records_its_image_tower_and_eval_and_export_say_when_theirs_diffe
     assert "image tower" not in capsys.readouterr().err
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["clip"])["image_tower"] == recorded
+    # eval --split train scores the --shots / --seed draw: another than the checkpoint's is said
+    for shots, says in ((1, False), (2, True)):  # (--seed would also change this test's randomly made CLIP)
+        assert _run(world, "eval", "--checkpoint", str(ckpt_dir), "--split", "train", "--shots", str(shots),
+                    run_dir=tmp_path / f"t{shots}") == 0
+        err = capsys.readouterr().err
+        assert ("--split train scores the 2-shot draw of seed 0; the checkpoint was trained on the 1-shot draw of "
+                "seed 0 (pass --shots 1 --seed 0 to score that)" in err) == says, err
     ckpt.annotate_checkpoint(ckpt_dir, "best", {"image_tower": "0" * 16})  # as if trained on another tower
     for argv in (["export", "--checkpoint", str(ckpt_dir), "--out", str(tmp_path / "b.safetensors")],
                  ["eval", "--checkpoint", str(ckpt_dir)]):
