@@ -42,7 +42,8 @@ batch is the one a single process would encode).
 
 Augmented views: with ``views=K`` every image is also encoded K times through
 CoOp's training augmentation (random resized crop, scale 0.08-1, + horizontal
-flip, then the model's normalisation), seeded per (seed, image, view), giving
+flip, then the model's normalisation), seeded per (seed, image, view) with
+the image's pixels standing for the image (view_seed: not its path), giving
 ``[N, K, D]`` (``EncodedSet.views``; ``features`` stay the plain eval-transform
 features). :func:`sample_views` picks one view per image for an epoch, for a
 loop that trains epoch by epoch. ``hipro_fast.method.training.fit`` takes plain
@@ -189,6 +190,17 @@ def stack_views(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
 
 # ------------------------------------------------------------------ dataset
+VIEWS_SEEDED_BY = "pixels"  # in a views cache's identity: views seeded by path (before session 11) are not reused
+
+
+def view_seed(img, seed: int, view: int) -> int:
+    """The 64-bit seed of augmented view `view` of a decoded (RGB PIL) image:
+    from its pixels, not its path, so a moved or copied dataset, or one reached
+    through another path, trains on the same views."""
+    pixels = hashlib.sha256(f"{img.mode}/{img.size}/".encode() + img.tobytes()).digest()
+    return int.from_bytes(hashlib.sha256(f"aug/{int(seed)}/{int(view)}/".encode() + pixels).digest()[:8], "little")
+
+
 class _Images(torch.utils.data.Dataset):
     def __init__(self, records, transform, aug=None, views: int = 0, seed: int = 0):
         self.records, self.transform, self.aug, self.views, self.seed = records, transform, aug, views, seed
@@ -208,8 +220,7 @@ class _Images(torch.utils.data.Dataset):
             vs = []
             with torch.random.fork_rng(devices=[]):
                 for k in range(self.views):
-                    # os.fsencode: a file name that is not UTF-8 (surrogate escapes) seeds too
-                    torch.manual_seed(zlib.crc32(f"aug/{self.seed}/".encode() + os.fsencode(path) + f"/{k}".encode()))
+                    torch.manual_seed(view_seed(img, self.seed, k))
                     vs.append(self.aug(img))
             v = torch.stack(vs)
         return i, x, v, None
@@ -280,7 +291,8 @@ class FeatureCache:
     def identity(self, tag: str, views: int, seed: int) -> dict:
         return {"format": FORMAT, "model": self.fingerprint, "preprocess": preprocess_repr(self.preprocess),
                 "tag": tag, "views": int(views), "aug_seed": int(seed) if views else None,
-                "augmentation": preprocess_repr(train_augmentation(self.preprocess, clip=self.clip)) if views else None}
+                "augmentation": preprocess_repr(train_augmentation(self.preprocess, clip=self.clip)) if views else None,
+                **({"views_seeded_by": VIEWS_SEEDED_BY} if views else {})}
 
     def file_for(self, tag: str, views: int = 0, seed: int = 0,
                  records: Sequence[ImageRecord] | None = None) -> Path:

@@ -245,6 +245,30 @@ def test_augmented_views_and_sampling(tmp_path, clip):
     assert f.shape == (15, 16) and y.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0]
 
 
+def test_augmented_views_do_not_depend_on_where_the_images_are(tmp_path, clip):
+    """Views are seeded by the image's pixels: a moved or renamed dataset trains
+    on the same views (before: seeded by the absolute path, so it did not);
+    other images get other views; a views cache of the path seeding is not reused."""
+    import shutil
+
+    recs = _records(tmp_path / "img", n=4)
+    moved = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(tmp_path / "img", moved)
+    order = [3, 1, 2, 0]  # renamed and listed in another order
+    for i in order:
+        (moved / f"{i}.png").rename(moved / f"x{i}.png")
+    moved_recs = [ImageRecord(str(moved / f"x{i}.png"), recs[i].label) for i in order]
+    fc = FeatureCache(clip, None, progress=False)
+    here = fc.encode(recs, tag="t", views=2, seed=3)
+    there = fc.encode(moved_recs, tag="t", views=2, seed=3)
+    assert torch.equal(there.views, here.views[order])
+    assert not torch.allclose(here.views[0], here.views[1])  # other pixels, other views
+    assert not torch.allclose(fc.encode(recs, tag="t", views=2, seed=4).views, here.views)  # the seed counts
+    cached = FeatureCache(clip, tmp_path / "cache", progress=False)
+    assert cached.identity("t", 2, 3)["views_seeded_by"] == "pixels"
+    assert "views_seeded_by" not in cached.identity("t", 0, 3)  # plain features keep their cache files
+
+
 def test_cache_key_depends_on_weights(tmp_path, clip):
     recs = _records(tmp_path / "img", n=2)
     fc = FeatureCache(clip, tmp_path / "cache", progress=False)
