@@ -143,7 +143,7 @@ def remove_orphaned_temp_files(directory: str | Path, suffix: str, max_age_s: fl
     name). A live writer's file is kept: its pid exists, or it is being written.
     Nothing else is touched. Best effort (a read-only or vanished folder removes
     nothing); returns the removed paths."""
-    pattern = re.compile(rf"\..*{re.escape(suffix)}\.(?:(?P<space>[0-9a-f]{{8}})-(?P<pid>[0-9]+)\.)?[^.]+\.tmp",
+    pattern = re.compile(rf"\..*?{re.escape(suffix)}\.(?:(?P<space>[0-9a-f]{{8}})-(?P<pid>[0-9]+)\.)?[^.]+\.tmp",
                          re.DOTALL)
     removed = []
     try:

@@ -35,7 +35,7 @@ from ..method.export import image_tower_info
 from ..method.model import HiProModel
 from ..method.tree import TaskTree
 from ..errors import CheckpointError, ForestError, InvalidInputError, MissingFileError, RunDirError, TreeError
-from ..files import atomic_write_text, new_dir_mode, new_file_mode
+from ..files import atomic_write_text, new_dir_mode, new_file_mode, remove_orphaned_temp_files
 from .report import Report
 
 __all__ = [
@@ -286,6 +286,8 @@ class Run:
                     except OSError:
                         pass
             raise
+        # a resumed run's files written when a SIGKILL stopped it (held by the lock: no live writer here)
+        remove_orphaned_temp_files(self.dir, "")
         os.ftruncate(self._lock_fd, 0)  # the writer's pid, for a refused process's message
         os.write(self._lock_fd, str(os.getpid()).encode())
         self.metrics_path = self.dir / "metrics.jsonl"

@@ -156,3 +156,25 @@ def test_a_refused_default_run_leaves_no_runs_folder(tmp_path, monkeypatch):
     with pytest.raises(RunDirError, match="refused here"):
         pipeline.Run(None, "train", {"command": "train"}, before_writing=refuse)
     assert not (tmp_path / "runs").exists()
+
+
+def test_resuming_a_run_removes_what_a_killed_writer_left(tmp_path):
+    """A SIGKILL between a run file's temp write and its rename left the temp
+    file in the run directory for good; the next open of the run removes it
+    (and nothing else)."""
+    import subprocess
+    import sys
+
+    from hipro_fast import files
+
+    run = pipeline.Run(tmp_path / "r", "train", {"command": "train", "epochs": 1})
+    run.close()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    stale = tmp_path / "r" / f".config.json.{files._pid_space()}-{gone.pid}.k3j9x_q1.tmp"
+    stale.write_text("{half")
+    mine = tmp_path / "r" / "notes.tmp"
+    mine.write_text("kept")
+    again = pipeline.Run(tmp_path / "r", "train", {"command": "train", "epochs": 1}, mode="resume", resumable=True)
+    again.close()
+    assert again.resumed and not stale.exists() and mine.read_text() == "kept"
