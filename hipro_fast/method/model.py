@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import operator
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -69,6 +70,8 @@ def validate_tasks(tasks: Mapping[str, Sequence[str]], tokenizer=None) -> dict[s
     for task, classes in tasks.items():
         if not isinstance(task, str) or not task:
             raise TaskSpecError(f"task names must be non-empty strings, got {task!r}")
+        if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):  # "cat" is not ['c', 'a', 't']
+            raise TaskSpecError(f"task {task!r}: classes must be a list of class names, got {classes!r}"[:300])
         names = list(classes)
         if not names:
             raise TaskSpecError(f"task {task!r} has no classes")
@@ -83,6 +86,13 @@ def validate_tasks(tasks: Mapping[str, Sequence[str]], tokenizer=None) -> dict[s
             _same_prompt_check(task, names, tokenizer)
         out[task] = names
     return out
+
+
+def _context_count(node: str, value: Any) -> int:
+    """A node's n_ctx: a whole number (2.9, True or "4" would be silently truncated or converted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInputError(f"node {node!r}: n_ctx must be a whole number, got {value!r}")
+    return int(value)
 
 
 class HiProModel(nn.Module):
@@ -144,8 +154,8 @@ class HiProModel(nn.Module):
             raise InvalidInputError("path_weights='learned' weighs the path nodes' features: it needs combine='mean'")
         if not 0.0 < float(leaf_weight) < 1.0:
             raise InvalidInputError(f"leaf_weight must be in (0, 1), got {leaf_weight!r}")
-        if not float(parent_prior) >= 0.0:
-            raise InvalidInputError(f"parent_prior must be >= 0, got {parent_prior!r}")
+        if not 0.0 <= float(parent_prior) < math.inf:  # inf made the objective inf, blamed on the tasks
+            raise InvalidInputError(f"parent_prior must be a finite number >= 0, got {parent_prior!r}")
         clip_model, tokenizer = clip_parts(clip, tokenizer)
         # the tower first, and the tokenizer (validate_tasks): an unsupported one is named before any task
         tower = TextTower(clip_model, attention=attention)
@@ -167,9 +177,9 @@ class HiProModel(nn.Module):
             unknown = [n for n in n_ctx if n not in self.tree.nodes]
             if unknown:
                 raise TreeError(f"n_ctx names unknown node {unknown[0]!r}")
-            counts = {n: int(n_ctx.get(n, 16)) for n in nodes}
+            counts = {n: _context_count(n, n_ctx.get(n, 16)) for n in nodes}
         else:
-            counts = {n: int(n_ctx) for n in nodes}
+            counts = {n: _context_count(n, n_ctx) for n in nodes}
         for node, c in counts.items():
             if c < 0:
                 raise InvalidInputError(f"node {node!r}: n_ctx must be >= 0, got {c}")

@@ -124,8 +124,12 @@ def test_options_survive_checkpoint_and_from_config(tiny, tokenizer, tmp_path):
     (dict(path_weights="softmax"), "path_weights must be one of"),
     (dict(path_weights="learned", combine="concat"), "needs combine='mean'"),
     (dict(leaf_weight=1.0, path_weights="learned"), r"leaf_weight must be in \(0, 1\)"),
-    (dict(parent_prior=-1.0), "parent_prior must be >= 0"),
-    (dict(parent_prior=math.nan), "parent_prior must be >= 0"),
+    (dict(parent_prior=-1.0), "parent_prior must be a finite number >= 0"),
+    (dict(parent_prior=math.nan), "parent_prior must be a finite number >= 0"),
+    (dict(parent_prior=math.inf), "parent_prior must be a finite number >= 0"),  # the objective was inf
+    (dict(n_ctx=2.9), "node 'root': n_ctx must be a whole number, got 2.9"),  # silently 2
+    (dict(n_ctx=True), "n_ctx must be a whole number, got True"),
+    (dict(n_ctx={"root": "4"}), "node 'root': n_ctx must be a whole number, got '4'"),
     (dict(parent_prior=1.0, combine="concat"), "only compares like with like"),
 ])
 def test_bad_options_are_named(tiny, tokenizer, kw, match):
@@ -133,6 +137,12 @@ def test_bad_options_are_named(tiny, tokenizer, kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         hf.HiProModel(tiny, TASKS, TREE, **args)
+
+
+def test_a_class_list_given_as_a_string_is_refused(tiny, tokenizer):
+    """{"a": "cat"} made the classes ['c', 'a', 't']."""
+    with pytest.raises(ValueError, match=r"task 'a': classes must be a list of class names, got 'cat'"):
+        hf.HiProModel(tiny, {**TASKS, "a": "cat"}, TREE, n_ctx=3, tokenizer=tokenizer)
 
 
 def test_no_context_anywhere_gives_the_bare_class_prompts(tiny, tokenizer):
