@@ -135,10 +135,15 @@ class CheckpointError(HiproError, ValueError):
 
 
 class NonFiniteLossError(HiproError, RuntimeError):
-    """The training loss became NaN/inf; `epoch`, `step` and `tasks` name where."""
+    """The training loss became NaN/inf; `epoch`, `step` and `tasks` (or `prior`,
+    the hierarchy prior's value, when every task's loss was finite) name where."""
 
-    def __init__(self, epoch: int, step: int, tasks: dict[str, float]):
-        self.epoch, self.step, self.tasks = epoch, step, dict(tasks)
+    def __init__(self, epoch: int, step: int, tasks: dict[str, float], prior: float | None = None):
+        self.epoch, self.step, self.tasks, self.prior = epoch, step, dict(tasks), prior
+        if not tasks and prior is not None:  # the tasks' losses were finite
+            super().__init__(f"non-finite loss at epoch {epoch}, step {step}: the hierarchy prior is {prior} "
+                             "(lower parent_prior, or the lr)")
+            return
         detail = ", ".join(f"{t!r} (loss {v})" for t, v in tasks.items())
         super().__init__(f"non-finite loss at epoch {epoch}, step {step}: task(s) {detail}; "
                          "lower the lr, disable amp, or check the features")

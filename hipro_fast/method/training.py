@@ -437,8 +437,20 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
         warnings.warn(f"fit: warmup_epochs {config.warmup_epochs} >= epochs {config.epochs}: every step runs at "
                       f"warmup_lr {config.warmup_lr:g}, never at lr {config.lr:g} (train for more epochs than the "
                       f"warm-up: --epochs {config.warmup_epochs + 1} or more)", stacklevel=3)
+    if callback is not None and not callable(callback):
+        raise InvalidTypeError(f"fit: callback must be callable (called with a dict after every step), got "
+                               f"{type(callback).__name__}")
+    if config.checkpoint_dir is not None and Path(config.checkpoint_dir).exists() \
+            and not Path(config.checkpoint_dir).is_dir():
+        raise InvalidInputError(f"fit: checkpoint_dir {config.checkpoint_dir} is a file, not a folder")
+    if config.resume and config.checkpoint_dir is None:
+        warnings.warn("fit: resume=True without checkpoint_dir has nothing to resume from: training from the "
+                      "start", stacklevel=3)
     train_data = validate_data(model, train, role="train", require_all=True)
     val_data = validate_data(model, val, role="val", require_all=False) if val is not None else None
+    # the validation set chooses the best epoch: a resume must choose on the same one. Its tasks, sizes
+    # and labels (not its features: features encoded again may differ in their last bits)
+    val_key = None if val_data is None else tensors_digest({t: y for t, (_, y) in val_data.items()})
     params = [(n, p) for n, p in model.learnable().items() if p.requires_grad]
     if not params:
         raise InvalidInputError("the model has no trainable contexts (every node has n_ctx 0 or is frozen)")
@@ -493,6 +505,12 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
             t = diff[0] if diff else next(iter(sizes))
             raise TaskSpecError(f"cannot resume: task {t!r} has {sizes[t]} train samples, the checkpoint "
                                 f"was trained on {saved_sizes.get(t)}")
+        if "val_key" in (state.extra or {}) and state.extra["val_key"] != val_key:  # recorded since session 11
+            def which(key):
+                return "no validation set" if key is None else "a validation set"
+            other = "another one" if state.extra["val_key"] is not None and val_key is not None else which(val_key)
+            raise TaskSpecError(f"cannot resume: the checkpoint's run chose its best epoch on "
+                                f"{which(state.extra['val_key'])}, this call passes {other} (pass the same val)")
         ckpt.restore_optimizer_state(optimizer, model, state.optimizer_state)  # may still refuse: contexts last
         model.load_context_state(state.contexts)
         if scaler is not None and (state.extra or {}).get("scaler"):
@@ -555,10 +573,10 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
             reduced = dist_group.all_reduce_sum(torch.cat([stacked.detach(), prior_part])).cpu()
             values, prior_value = reduced[:-1].tolist(), float(reduced[-1])
             bad = {t: v for t, v in zip(tasks, values) if not math.isfinite(v)}
-            if bad:
+            if bad or not math.isfinite(prior_value):
                 if bar is not None:
                     bar.close()
-                raise NonFiniteLossError(epoch, step, bad)
+                raise NonFiniteLossError(epoch, step, bad, prior=prior_value)
             loss = stacked.mean()
             if prior is not None:
                 loss = loss + prior.to(_loss_dtype(prior))
@@ -628,7 +646,8 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
         if ckdir is not None and main:  # written once, by rank 0; every rank reads it on resume
-            extra = {"train_sizes": sizes, "scaler": scaler.state_dict() if scaler is not None else None}
+            extra = {"train_sizes": sizes, "val_key": val_key,
+                     "scaler": scaler.state_dict() if scaler is not None else None}
             if new_best:
                 ckpt.save_checkpoint(ckdir, model, None, epoch, history, kind="best", best_epoch=best_epoch,
                                      best_val=best_val, train_config=config, extra=extra)

@@ -234,6 +234,44 @@ def test_non_finite_loss_from_divergence(data):
         fit(model, train, None, epochs=3, optimizer="adamw", batch_size=4, steps_per_epoch=4, warmup_epochs=0, lr=1e30)
 
 
+def test_a_non_finite_hierarchy_prior_is_named_as_such(data):
+    """A parent_prior overflowing fp32: the tasks' losses are finite, the prior
+    is not (before: the next step's NaN task losses were blamed)."""
+    train, _ = data
+    model = make_model(combine="mean", parent_prior=1e39)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 0: the hierarchy prior is inf \(lower parent_prior"):
+        fit(model, train, None, epochs=1, optimizer="adamw", batch_size=4, steps_per_epoch=2)
+
+
+def test_resume_must_choose_on_the_same_validation_set(data, tmp_path):
+    """The checkpoint's best epoch was chosen on a validation set: a resume
+    without it (before: every later epoch became "best", labelled with the old
+    best_val) or with another one is refused; the same one resumes."""
+    train, val = data
+    opts = dict(FAST, checkpoint_dir=str(tmp_path))
+    fit(make_model(), train, val, **opts)  # finished: a resume only re-reads it
+    for other, says in ((None, "chose its best epoch on a validation set, this call passes no validation set"),
+                        ({"colors": val["colors"]}, "this call passes another one")):
+        with pytest.raises(TaskSpecError, match=says):
+            fit(make_model(), train, other, **opts, resume=True)
+    assert len(fit(make_model(), train, val, **opts, resume=True).history) == FAST["epochs"]
+    fit(make_model(), train, None, **opts)  # a run without val: one with val cannot resume it
+    with pytest.raises(TaskSpecError, match="on no validation set, this call passes a validation set"):
+        fit(make_model(), train, val, **opts, resume=True)
+
+
+def test_bad_fit_arguments_are_named_before_training(data, tmp_path):
+    train, _ = data
+    (tmp_path / "file").write_text("x")
+    from hipro_fast.errors import InvalidInputError, InvalidTypeError
+    with pytest.raises(InvalidTypeError, match="callback must be callable"):
+        fit(make_model(), train, None, **FAST, callback=5)
+    with pytest.raises(InvalidInputError, match=r"checkpoint_dir .*file is a file, not a folder"):
+        fit(make_model(), train, None, **FAST, checkpoint_dir=str(tmp_path / "file"))
+    with pytest.warns(UserWarning, match="resume=True without checkpoint_dir has nothing to resume from"):
+        fit(make_model(), train, None, **{**FAST, "epochs": 1}, resume=True)
+
+
 def _bad(data, task, x=None, y=None):
     out = dict(data)
     ox, oy = out[task]
