@@ -24,9 +24,9 @@ from ..data.clip_loading import LoadedClip
 from .affinity import task_affinity
 from .model import HiProModel, validate_tasks
 from ..engine.prompt_forest import DEFAULT_COMBINE
-from .training import Data, TrainConfig, evaluate, fit
+from .training import Data, TrainConfig, evaluate, fit, validate_data
 from .tree import ROOT, TaskTree, leaf_id
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, InvalidTypeError
 
 METHODS = ("zero-shot", "coop-per-task", "coop-shared", "two-level", "hipro")
 # The options of method "hipro" unless the caller sets them: in combine="mean"
@@ -119,13 +119,30 @@ def build_method(method: str, clip: LoadedClip | torch.nn.Module, tasks: Mapping
     raise InvalidInputError(f"unknown method {method!r} (methods: {METHODS})")
 
 
+def checked_seeds(seeds: Any, where: str) -> list[int]:
+    """`seeds` as plain ints (numpy integers welcome: JSON, manual_seed), at least
+    one, none repeated (a repeated seed fakes a spread: its std is over copies)."""
+    try:
+        out = [operator.index(s) for s in seeds]
+    except TypeError:
+        raise InvalidTypeError(f"{where}: seeds must be a list of whole numbers, got {seeds!r}"[:300]) from None
+    if not out:
+        raise InvalidInputError(f"{where} needs at least one seed")
+    repeated = sorted({s for s in out if out.count(s) > 1})
+    if repeated:
+        raise InvalidInputError(f"{where}: seed {repeated[0]} is repeated in seeds {out} (a repeated seed fakes a "
+                                "spread over seeds)")
+    return out
+
+
 def affinity_tree(clip, tasks: Mapping[str, Sequence[str]], train: Data,
-                  affinity_config: Mapping[str, Any] | None = None) -> TaskTree:
+                  affinity_config: Mapping[str, Any] | None = None, tokenizer=None) -> TaskTree:
     """A tree from task affinity (hipro_fast.method.affinity.task_affinity + TaskTree.from_affinity).
 
     affinity_config: keyword arguments; "levels", "threshold" and "linkage" go to
     TaskTree.from_affinity, the rest to task_affinity (or give them explicitly
     as {"affinity": {...}, "tree": {...}}).
+    tokenizer: for a bare open_clip model (unless affinity_config names one).
     """
     cfg = dict(affinity_config or {})
     if "affinity" in cfg or "tree" in cfg:
@@ -134,6 +151,8 @@ def affinity_tree(clip, tasks: Mapping[str, Sequence[str]], train: Data,
         tree_keys = ("levels", "threshold", "linkage")
         tree_kw = {k: v for k, v in cfg.items() if k in tree_keys}
         aff_kw = {k: v for k, v in cfg.items() if k not in tree_keys}
+    if tokenizer is not None:
+        aff_kw.setdefault("tokenizer", tokenizer)
     result = task_affinity(clip, tasks, train, **aff_kw)
     if isinstance(result, TaskTree):
         return result
@@ -224,14 +243,12 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
     for m in methods:
         if m not in METHODS:
             raise InvalidInputError(f"unknown method {m!r} (methods: {METHODS})")
-    seeds = [operator.index(s) for s in seeds]  # numpy integers welcome, as plain ints (JSON, manual_seed)
-    if len(seeds) == 0:
-        raise InvalidInputError("compare needs at least one seed")
+    seeds = checked_seeds(seeds, "compare")
     names = list(validate_tasks(tasks))
     base = train_config or TrainConfig()
     hipro_tree = None
     if "hipro" in methods:
-        hipro_tree = tree if tree is not None else affinity_tree(clip, tasks, train, affinity_config)
+        hipro_tree = tree if tree is not None else affinity_tree(clip, tasks, train, affinity_config, tokenizer)
         hipro_tree = hipro_tree if isinstance(hipro_tree, TaskTree) else TaskTree.from_nested(hipro_tree)
     if select not in SELECT_MODES:
         raise InvalidInputError(f"select must be one of {SELECT_MODES}, got {select!r}")
@@ -250,6 +267,10 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         for seed in run_seeds:
             model = build_method(method, clip, tasks, hipro_tree, n_ctx, combine, seed=seed, tokenizer=tokenizer,
                                  ctx_init=ctx_init, **hipro_options)
+            if not runs:  # the test (and val) data against the first model, before anything is trained
+                validate_data(model, test, role="test", require_all=False)
+                if val is not None:
+                    validate_data(model, val, role="val", require_all=False)
             run: dict[str, Any] = {"params": model.num_trainable_parameters(), "seconds": 0.0, "best_epoch": None}
             t0 = time.perf_counter()
             if method != "zero-shot":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ import torch
 from ..data.feature_cache import stack_views
 from ..distributed import group as dist_group
 from ..errors import DistributedError, FewShotError, InvalidInputError
-from .baselines import DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, METHODS, ComparisonTable, compare
+from .baselines import DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, METHODS, ComparisonTable, checked_seeds, compare
 from .task_data import validate_task_data
 from .training import Data, TrainConfig
 
@@ -283,13 +284,21 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
     if parallel not in PARALLEL_MODES:
         raise InvalidInputError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     method_options.setdefault("select", DEFAULT_PROTOCOL_SELECT)
-    shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
-    if not shots or not seeds:
+    seeds = checked_seeds(seeds, "run_protocol")
+    if isinstance(shots, (int, str)) or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool)
+                                                for k in shots):  # 2.5 ran 2 shots
+        raise FewShotError(f"run_protocol: shots must be a list of whole numbers, got {shots!r}"[:300])
+    shots = [int(k) for k in shots]
+    if not shots:
         raise FewShotError("the protocol needs at least one shot count and one seed")
+    if len(set(shots)) != len(shots):
+        raise FewShotError(f"run_protocol: a shot count is repeated in shots {shots}")
     # Validate every draw before training anything: a class too small for the
     # largest K fails now, not after an hour of training the smaller ones.
     draws = {(k, s): draw_few_shot(tasks, pool, k, s, pool_views=pool_views, val_pool=val_pool)
              for k in shots for s in seeds}
+    dim = next(iter(pool.values()))[0].shape[1]
+    validate_task_data(tasks, test, dim, role="test", require_all=False)  # found now, not after the training
     result = ProtocolResult(list(tasks), shots, seeds, list(methods), select=method_options["select"],
                             select_by=method_options.get("select_by", DEFAULT_SELECT_BY))
     kw = dict(methods=methods, tree=tree, n_ctx=n_ctx, train_config=train_config,

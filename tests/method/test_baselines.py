@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hipro_fast.method.baselines import (DEFAULT_SELECT_BY, METHODS, SELECT_CRITERIA, ComparisonTable, build_method,
                                          choose_per_task, compare)
 from hipro_fast.method.training import TrainConfig, evaluate, fit
-from tests.helpers_training import N_CTX, TASKS, TREE, tiny_clip, toy_data
+from tests.helpers_training import N_CTX, TASKS, TREE, few_shot_pool, tiny_clip, toy_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny towers run fastest on 1 thread
 
@@ -158,7 +158,8 @@ def test_compare_builds_hipro_tree_from_affinity(monkeypatch):
     cfg = TrainConfig(epochs=1, optimizer="adamw", batch_size=4, steps_per_epoch=1)
     table = compare(clip, TASKS, train, test, methods=["hipro"], seeds=(1,), n_ctx=N_CTX, train_config=cfg,
                     affinity_config={"method": "text", "levels": 2}, tokenizer=tok)
-    assert seen["affinity"] == (list(TASKS), sorted(TASKS), {"method": "text"})
+    # the tokenizer reaches the affinity too (before: "pass tokenizer=" for the bare model it was passed with)
+    assert seen["affinity"] == (list(TASKS), sorted(TASKS), {"method": "text", "tokenizer": tok})
     assert seen["tree"] == ((T, T), list(TASKS), {"levels": 2})
     assert table.tree == TREE and table["hipro"].params == 5 * N_CTX * WIDTH + 8  # + path weights
 
@@ -231,3 +232,34 @@ def test_compare_select_by_loss_takes_the_lowest_validation_loss():
     with pytest.raises(ValueError, match="select_by must be one of"):
         compare(clip, TASKS, train, test, val=val, methods=["hipro"], tree=TREE, tokenizer=tok,
                 select="per-task", select_by="f1")
+
+
+def test_bad_compare_and_protocol_arguments_are_found_before_training(monkeypatch):
+    """A bad test set was found after every model of the first method trained;
+    repeated seeds (or shots) faked a spread; 2.5 shots ran 2."""
+    from hipro_fast.method import baselines
+    from hipro_fast.method.protocol import run_protocol
+    from hipro_fast.errors import FewShotError, InvalidInputError, TaskSpecError
+
+    clip, tok = tiny_clip()
+    trained = []
+    monkeypatch.setattr(baselines, "fit", lambda *a, **k: trained.append(1))
+    train, test = toy_data(seed=1), toy_data(seed=3)
+    bad = {**test, "colors": (test["colors"][0], test["colors"][1] + 5)}
+    cfg = TrainConfig(epochs=1, optimizer="adamw", batch_size=4, steps_per_epoch=1)
+    with pytest.raises(TaskSpecError, match=r"task 'colors': test label 7"):
+        compare(clip, TASKS, train, bad, methods=["coop-per-task", "hipro"], tree=TREE, seeds=(1,), n_ctx=N_CTX,
+                train_config=cfg, tokenizer=tok)
+    assert not trained
+    with pytest.raises(InvalidInputError, match=r"seed 1 is repeated in seeds \[1, 1\]"):
+        compare(clip, TASKS, train, test, methods=["coop-per-task"], seeds=(1, 1), tokenizer=tok)
+    with pytest.raises(TypeError, match="seeds must be a list of whole numbers, got 3"):
+        compare(clip, TASKS, train, test, methods=["coop-per-task"], seeds=3, tokenizer=tok)
+    pool = few_shot_pool()
+    for kw, says in ((dict(seeds=(0, 0)), "seed 0 is repeated"), (dict(shots=(2.5,)), "whole numbers, got \\(2.5,\\)"),
+                     (dict(shots=(1, 1)), "a shot count is repeated")):
+        with pytest.raises((InvalidInputError, FewShotError), match=says):
+            run_protocol(clip, TASKS, pool, test, methods=["coop-per-task"], tokenizer=tok, **{"shots": (1,), **kw})
+    with pytest.raises(TaskSpecError, match=r"task 'colors': test label 7"):
+        run_protocol(clip, TASKS, pool, bad, shots=(1,), seeds=(0,), methods=["coop-per-task"], tokenizer=tok)
+    assert not trained
