@@ -13,6 +13,16 @@ from ..errors import TaskSpecError
 __all__ = ["validate_task_data"]
 
 
+def _as_tensor(task: str, role: str, what: str, value: Any) -> torch.Tensor:
+    """A task's features or labels as a tensor (detached: data, not a graph), or
+    a TaskSpecError naming them (strings, ragged lists)."""
+    try:
+        return torch.as_tensor(value).detach()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TaskSpecError(f"task {task!r}: {role} {what} must be a tensor, an array or a list of numbers "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:400]) from None
+
+
 def validate_task_data(tasks: Mapping[str, Sequence[str]], data: Any, embed_dim: int, role: str = "train",
                        require_all: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Check per-task (features, labels) against the tasks' classes.
@@ -50,7 +60,7 @@ def validate_task_data(tasks: Mapping[str, Sequence[str]], data: Any, embed_dim:
         item = data[task]
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise TaskSpecError(f"{role} data of task {task!r} must be a (features, labels) pair")
-        x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+        x, y = (_as_tensor(task, role, what, value) for what, value in (("features", item[0]), ("labels", item[1])))
         if x.dim() != 2:
             raise TaskSpecError(f"task {task!r}: {role} features must be 2-D [N, {E}], got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
@@ -65,7 +75,7 @@ def validate_task_data(tasks: Mapping[str, Sequence[str]], data: Any, embed_dim:
         if not x.is_floating_point():
             raise TaskSpecError(f"task {task!r}: {role} features must be floating point, got {x.dtype}")
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            if y.dtype == torch.bool or not torch.equal(y, y.round()):
+            if y.dtype == torch.bool or not bool(torch.isfinite(y).all()) or not torch.equal(y, y.round()):
                 raise TaskSpecError(f"task {task!r}: {role} labels must be integers, got {y.dtype}")
         y = y.long()
         n_classes = len(tasks[task])

@@ -280,7 +280,8 @@ def _bad(data, task, x=None, y=None):
 
 
 @pytest.mark.parametrize("case", ["extra_task", "missing_task", "empty", "label_high", "label_negative",
-                                  "dim", "length", "nan", "float_labels", "not_pair"])
+                                  "dim", "length", "nan", "float_labels", "not_pair", "inf_labels",
+                                  "string_labels", "ragged_features"])
 def test_bad_inputs_name_the_culprit(data, case):
     train, _ = data
     x, y = train["colors"]
@@ -298,6 +299,13 @@ def test_bad_inputs_name_the_culprit(data, case):
                 r"'colors'.*non-finite.*sample 3"),
         "float_labels": (_bad(train, "colors", y=y.float() + 0.5), r"'colors'.*labels must be integers"),
         "not_pair": ({**train, "colors": x}, r"'colors'.*\(features, labels\) pair"),
+        # before: "label -9223372036854775808", and raw ValueErrors naming no task
+        "inf_labels": (_bad(train, "colors", y=torch.where(y == 1, float("inf"), y.float())),
+                       r"'colors'.*labels must be integers"),
+        "string_labels": (_bad(train, "colors", y=[str(int(v)) for v in y]),
+                          r"task 'colors': train labels must be a tensor, an array or a list of numbers"),
+        "ragged_features": (_bad(train, "colors", x=[[0.0] * 24, [0.0] * 23]),
+                            r"task 'colors': train features must be a tensor"),
     }
     bad, pattern = cases[case]
     with pytest.raises(TaskSpecError, match=pattern):
