@@ -454,6 +454,12 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
     params = [(n, p) for n, p in model.learnable().items() if p.requires_grad]
     if not params:
         raise InvalidInputError("the model has no trainable contexts (every node has n_ctx 0 or is frozen)")
+    low = sorted({str(p.dtype) for _, p in params if p.dtype in (torch.float16, torch.bfloat16)})
+    if low:  # model.half(): AdamW's eps and moments underflow there, the loss turns NaN a step later
+        raise InvalidInputError(f"fit trains fp32 (or fp64) contexts; this model's are {low[0]} (after "
+                                "model.half() or .to(dtype)?): build the HiProModel on the half-precision CLIP "
+                                "instead (its contexts stay fp32), and pass amp='fp16' or 'bf16' for a "
+                                "half-precision forward")
     if config.device is not None:
         model.to(config.device)
     device = _model_device(model)

@@ -270,6 +270,10 @@ def test_bad_fit_arguments_are_named_before_training(data, tmp_path):
         fit(make_model(), train, None, **FAST, checkpoint_dir=str(tmp_path / "file"))
     with pytest.warns(UserWarning, match="resume=True without checkpoint_dir has nothing to resume from"):
         fit(make_model(), train, None, **{**FAST, "epochs": 1}, resume=True)
+    half = private_model().half()  # before: AdamW's first step turned the loss NaN, blamed on the lr
+    with pytest.raises(InvalidInputError, match=r"fit trains fp32 \(or fp64\) contexts; this model's are "
+                                                r"torch.float16 \(after model.half\(\)"):
+        fit(half, train, None, **FAST)
 
 
 def _bad(data, task, x=None, y=None):
