@@ -422,10 +422,16 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
     Returns:
         FitResult; the model is left holding the BEST state.
     Raises:
-        TaskSpecError for bad data, NonFiniteLossError when a loss goes NaN/inf.
+        TaskSpecError for bad data, NonFiniteLossError when a loss goes NaN/inf
+        (the model is then left holding the best state so far, else the state
+        it came with, not the NaN contexts of the failed step).
     """
+    before = model.context_state()
     try:
         return _fit(model, train, val, config, callback, **overrides)
+    except NonFiniteLossError as e:
+        model.load_context_state(getattr(e, "best_state", None) or before)
+        raise
     finally:
         model.shard_text(0, 1)  # a one-process model again (see HiProModel.shard_text)
 
@@ -582,7 +588,9 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
             if bad or not math.isfinite(prior_value):
                 if bar is not None:
                     bar.close()
-                raise NonFiniteLossError(epoch, step, bad, prior=prior_value)
+                error = NonFiniteLossError(epoch, step, bad, prior=prior_value)
+                error.best_state = best_state  # what fit() leaves the model holding
+                raise error
             loss = stacked.mean()
             if prior is not None:
                 loss = loss + prior.to(_loss_dtype(prior))

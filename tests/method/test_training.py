@@ -230,8 +230,14 @@ def test_non_finite_loss_names_epoch_step_task(data):
 def test_non_finite_loss_from_divergence(data):
     train, _ = data
     model = make_model()
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch \d+, step \d+"):
+    before = model.context_state()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch \d+, step \d+") as info:
         fit(model, train, None, epochs=3, optimizer="adamw", batch_size=4, steps_per_epoch=4, warmup_epochs=0, lr=1e30)
+    # diverged in the first epoch, before any best: the model is back at its initial contexts
+    # (before: it kept the NaN contexts of the failed step)
+    assert info.value.epoch == 0
+    after = model.context_state()
+    assert all(torch.equal(after[n], before[n]) for n in before)
 
 
 def test_a_non_finite_hierarchy_prior_is_named_as_such(data):
