@@ -112,11 +112,26 @@ def test_measured_baselines_agree_split_graphs(name):
                           max_graph_gb=0.02, profile=False, verbose=False)
     res = cpu.run_problem(tower, tok, main_problems(tok, 16)[name], cfg, lambda s: None)
     for m in ("naive", "padded", "truncated"):
-        assert res["methods"][m]["micro_batches"] > 1, m
+        e = res["methods"][m]
+        assert e["micro_batches"] > 1, m
+        # the cold collect step (features, memory peak) is kept apart from the timed warm repetitions
+        assert not e["cold_only"] and e["reps"] == len(e["times"]) == 1 and e["time_s"] == e["times"][0], (m, e)
+        assert e["collect_s"] > 0
         v = res["verify"][m]
         assert v["prompts_compared"] == res["prompts"]
         assert v["prompt_max_abs_diff"] < 1e-5 and v["task_max_abs_diff"] < 1e-5, (m, v)
         assert v["ctx_grad_rel_diff"] < 1e-4, (m, v)
+
+
+def test_a_baseline_the_budget_allows_once_is_timed_by_its_collect_step():
+    tok = load_tokenizer()
+    tower = TextTower(load_model("tiny"))
+    cfg = cpu.BenchConfig(model="tiny", baseline_repeats=3, baseline_budget_s=0.0, forest_repeats=1,
+                          forest_warmup=1, profile=False, verbose=False)
+    res = cpu.run_problem(tower, tok, main_problems(tok, 16)["a"], cfg, lambda s: None,
+                          methods=("naive", "forest"))
+    e = res["methods"]["naive"]
+    assert e["cold_only"] and e["times"] == [e["collect_s"]] and e["reps"] == 1
 
 
 def _tensors(obj, path="step"):
