@@ -226,6 +226,7 @@ def gpu_markdown(results: list[dict], targets: list[dict], device: str = "",
     the (problem, precision) runs that failed and the flex rows that were dropped,
     with their errors, and a note when the run was cut short."""
     lines = [f"GPU text step{' on ' + device if device else ''} (`hipro bench --device cuda`):", "",
+             "Ideal: the token ratio (baseline tokens / forest tokens), as in the CPU benchmark.", "",
              "| problem | precision | forest ms | naive ms | speedup (ideal) | truncated ms | speedup (ideal) "
              "| flex ms | forest vs flex | forest vs same-run GEMM | train step eager / graph ms |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
