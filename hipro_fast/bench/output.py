@@ -141,6 +141,11 @@ def print_table(result: dict, file=None) -> None:
               f"({k['tree_attention_fwd_gflops']:.1f} GFLOP/s), bwd {k['tree_attention_bwd_ms']:.1f} ms "
               f"({k['tree_attention_bwd_gflops']:.1f} GFLOP/s); 4 linears fwd {k['linears_fwd_ms']:.1f} ms "
               f"({k['linears_fwd_gflops']:.1f} GFLOP/s) -> attention ~{k['attention_share_of_layer_est']:.0%} of a layer")
+            paths = k.get("tree_attention_paths")
+            if paths:
+                p("  tree attention fwd+bwd by decomposition (median, in turns): " + ", ".join(
+                    f"{name} {paths['fwd_bwd_ms'][name]:.1f} ms ({paths['vs_default'][name]:.2f}x)"
+                    for name in paths["fwd_bwd_ms"]))
         prof = res.get("profile")
         if prof:
             cats = ", ".join(f"{k} {v['frac']:.0%}" for k, v in list(prof["categories"].items())[:6])

@@ -93,9 +93,47 @@ def kernel_table(step: Callable[[], object], device: torch.device, top: int = 15
             for key, us, count in raw if us > 0][:top]
 
 
+# The tree attention's decompositions (csrc/attention_blocks.h), each as
+# (GEMM-block threshold, grouping): the default split, the per-row kernels alone
+# (what the GEMM path replaced), and the default split with grouped blocks.
+ATTENTION_PATHS = {"default": (None, "auto"), "per-row kernels only": (10 ** 15, "auto"),
+                   "grouped blocks": (None, "always")}
+
+
+def attention_paths(q, k, v, go, o, lse, table, token_segment, scale, repeats: int) -> dict:
+    """Tree attention forward + backward in each ATTENTION_PATHS decomposition, timed
+    in turns (round-robin: a noisy machine slows them alike): {path: median ms},
+    and each one's time over the default's."""
+    from ..ops import (attention_block_grouping, attention_block_min_pairs, set_attention_block_grouping,
+                       set_attention_block_min_pairs)
+
+    saved = attention_block_min_pairs(), attention_block_grouping()
+
+    def step():
+        torch.ops.hipro_fast.tree_attention(q, k, v, table, token_segment, scale)
+        torch.ops.hipro_fast.tree_attention_backward(go, q, k, v, o, lse, table, token_segment, scale)
+
+    times: dict[str, list[float]] = {name: [] for name in ATTENTION_PATHS}
+    try:
+        for rep in range(repeats + 1):  # the first round warms each path up (and plans its blocks)
+            for name, (min_pairs, grouping) in ATTENTION_PATHS.items():
+                set_attention_block_min_pairs(saved[0] if min_pairs is None else min_pairs)
+                set_attention_block_grouping(grouping)
+                dt = timed(step)[0]
+                if rep:
+                    times[name].append(dt)
+    finally:
+        set_attention_block_min_pairs(saved[0])
+        set_attention_block_grouping(saved[1])
+    ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    return {"fwd_bwd_ms": ms, "vs_default": {name: t / ms["default"] for name, t in ms.items()},
+            "repeats": repeats}
+
+
 def kernel_breakdown(r: StepRunner, repeats: int = 5) -> dict:
     """Per-layer times at the forest's shapes: tree attention fwd / bwd alone vs the
-    block's four linear layers (forward), with their model GFLOP/s (CPU)."""
+    block's four linear layers (forward), with their model GFLOP/s (CPU); and the
+    tree attention fwd + bwd in each of its decompositions (attention_paths)."""
     lay = r.forest.layout
     cfg = r.tower.config
     T, H, W = lay.num_tokens, cfg.heads, cfg.width
@@ -119,6 +157,7 @@ def kernel_breakdown(r: StepRunner, repeats: int = 5) -> dict:
         out["tree_attention_bwd_ms"] = 1e3 * t_b
         out["tree_attention_fwd_gflops"] = 4 * W * keys / t_f / 1e9
         out["tree_attention_bwd_gflops"] = 8 * W * keys / t_b / 1e9
+        out["tree_attention_paths"] = attention_paths(q, k, v, go, o, lse, tab, tseg, D ** -0.5, repeats)
     blk = r.tower.blocks[0]
     weights = [blk.attn.in_proj_weight, blk.attn.out_proj.weight] + \
         [m.weight for m in blk.mlp.modules() if isinstance(m, nn.Linear)]
