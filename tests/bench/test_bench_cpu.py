@@ -179,3 +179,24 @@ def test_a_sweep_point_beyond_the_distinct_class_names_is_refused():
     assert len(names) == len(set(names)) == 130
     with pytest.raises(InvalidInputError, match=r"distinct class names .* not 100000"):
         sweep_classnames(tok, 100000)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.hipro_fast, "tree_attention"), reason="needs the compiled extension")
+def test_kernel_breakdown_times_each_attention_decomposition_and_restores_the_knobs():
+    """The README's "GEMM path N x faster" comes from this record: each
+    decomposition timed in turns, relative to the default; the process-wide
+    knobs are back as they were afterwards."""
+    from hipro_fast import ops
+    from hipro_fast.bench.profile import ATTENTION_PATHS, kernel_breakdown
+
+    tok = load_tokenizer()
+    tower = TextTower(load_model("tiny"))
+    cfg = cpu.BenchConfig(model="tiny", profile=False, verbose=False)
+    r = cpu.make_runner(tower, tok, main_problems(tok, 16)["a"], cfg)
+    before = ops.attention_block_min_pairs(), ops.attention_block_grouping()
+    paths = kernel_breakdown(r, repeats=2)["tree_attention_paths"]
+    assert (ops.attention_block_min_pairs(), ops.attention_block_grouping()) == before
+    assert set(paths["fwd_bwd_ms"]) == set(ATTENTION_PATHS) and paths["repeats"] == 2
+    assert paths["vs_default"]["default"] == 1.0
+    for name, ms in paths["fwd_bwd_ms"].items():
+        assert ms > 0 and abs(paths["vs_default"][name] - ms / paths["fwd_bwd_ms"]["default"]) < 1e-12
