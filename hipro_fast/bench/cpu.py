@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,9 +27,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..engine.prompt_forest import build_prompt_forest
 from ..engine.text_tower import TextTower
+from ..errors import ForestError, InvalidInputError
 from ..ops.extension import build_info, fused_available
-from ..usage import OneLineUsageParser
+from ..usage import OneLineUsageParser, file_stem, float_above, int_at_least, int_list
 from .counting import CONVENTIONS, linear_flops_per_token
 from .machine import PeakRSS, cpu_name, graph_budget_bytes, loadavg
 from .model import load_model, load_tokenizer
@@ -347,14 +350,23 @@ def evaluate_targets(result: dict) -> list[dict]:
     return out
 
 
+def _precision(tower) -> str:
+    """The dtype the tower computes in, as the GPU benchmark names it (no autocast here)."""
+    param = next(tower.parameters(), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
 def _meta(cfg: BenchConfig, tower) -> dict:
+    """How the results were made: the command as run, versions, machine, configuration."""
     try:
         import open_clip  # only for its version string
 
         oc = open_clip.__version__
     except Exception:  # pragma: no cover
         oc = None
-    return {"model": cfg.model, "text_config": asdict(tower.config), "quick": cfg.quick,
+    return {"command": list(sys.argv), "model": cfg.model, "text_config": asdict(tower.config),
+            "quick": cfg.quick, "precision": _precision(tower),
             "torch": torch.__version__, "open_clip": oc, "threads": torch.get_num_threads(),
             "cpu": cpu_name(), "nproc": os.cpu_count(), "python": sys.version.split()[0],
             "fused_cpu_ops": fused_available("cpu"), "build_info": build_info(),
@@ -371,10 +383,31 @@ def _write_partial(cfg: BenchConfig, result: dict, t_start: float) -> None:
                                       "elapsed_s": time.perf_counter() - t_start}}
         partial["targets"] = evaluate_targets(partial)
         write_json(cfg.json_path, partial)
+        _remove_stale_png(cfg)  # an earlier run's sweep plot must not pass for this run's
+
+
+def _remove_stale_png(cfg: BenchConfig) -> None:
+    """Remove the PNG at cfg.png_path: it is an earlier run's, beside this run's JSON."""
+    if cfg.png_path:
+        Path(cfg.png_path).unlink(missing_ok=True)
+
+
+def check_sweep_points(tower, tokenizer, cfg: BenchConfig) -> None:
+    """Build every sweep point's prompt forest, so that a point that cannot run (more
+    classes than there are distinct names, a tree too deep for the context) fails
+    before anything is measured, not after the configurations' hours."""
+    L = tower.config.context_length
+    for axis, _, _, prob in sweep_points(tokenizer, cfg.sweep_classes, cfg.sweep_depths, cfg.n_ctx):
+        try:
+            build_prompt_forest(tokenizer, L, prob.node_ctx_rows, prob.task_paths, prob.task_classes, prob.combine)
+        except ForestError as e:
+            flag = "--sweep-classes" if axis == "classes" else "--sweep-depths"
+            raise InvalidInputError(f"sweep point {prob.name} ({flag}) cannot run: {e}") from e
 
 
 def run_bench(config: BenchConfig | dict | None = None, *, tower=None, tokenizer=None) -> dict:
-    """Run the benchmark; write JSON (config.json_path) and PNG (config.png_path) if given."""
+    """Run the benchmark; write JSON (config.json_path) and PNG (config.png_path) if given
+    (a run without a sweep removes an earlier PNG there: it would not be this run's)."""
     cfg = config if isinstance(config, BenchConfig) else BenchConfig(**(config or {}))
     log: Callable[[str], None] = (lambda s: print(s, flush=True)) if cfg.verbose else (lambda s: None)
 
@@ -383,6 +416,8 @@ def run_bench(config: BenchConfig | dict | None = None, *, tower=None, tokenizer
     if tower is None:
         tower = TextTower(load_model(cfg.model, cfg.seed))
     tokenizer = tokenizer or load_tokenizer()
+    if cfg.sweep:
+        check_sweep_points(tower, tokenizer, cfg)
     result: dict = {"meta": _meta(cfg, tower), "configs": {}}
     t_start = time.perf_counter()
     problems = main_problems(tokenizer, cfg.n_ctx)
@@ -401,37 +436,79 @@ def run_bench(config: BenchConfig | dict | None = None, *, tower=None, tokenizer
         write_json(cfg.json_path, result)
     if cfg.png_path and result.get("sweep"):
         plot_sweep(result["sweep"], cfg.png_path, title=f"{cfg.model} text step, {torch.get_num_threads()} threads")
+    else:
+        _remove_stale_png(cfg)
     return result
 
 
-def _int_list(flag: str, text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{flag} takes a comma list of integers, got {text!r}") from None
+RECORD_MODEL = "ViT-B-16"   # the model of the tracked records (benchmarks/results/text_step.json)
+ALL_CONFIGS = ("a", "b", "c")
+QUICK_SWEEP_CLASSES = (65, 130)
+_POSITIVE = int_at_least(1)
+
+
+def _slug(text: str) -> str:
+    """`text` as a file-name part: runs of anything but letters, digits, '.', '+', '-' become '-'."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip(".-") or "model"
+
+
+def default_stem(base: str, *, model: str = RECORD_MODEL, configs: Sequence[str] = ALL_CONFIGS,
+                 quick: bool = False, sweep: bool | None = None, sweep_classes: Sequence[int] | None = None,
+                 sweep_depths: Sequence[int] | None = None) -> str:
+    """The results' default file stem: `base` alone only for the record run (the record
+    model, configurations a,b,c and, with `sweep` given, the default sweep points), else
+    `base` and what differs, so that a partial run never overwrites the tracked record:
+    e.g. text_step_tiny, text_step_a_nosweep, text_step_depths1-4, text_step_a_quick.
+    `sweep_classes`/`sweep_depths`: the points asked for (None: the mode's default)."""
+    parts = [base]
+    if model != RECORD_MODEL:
+        parts.append(_slug(model))
+    if sorted(configs) != list(ALL_CONFIGS):
+        parts.append("".join(sorted(configs)) or "noconfigs")
+    if sweep is False:
+        parts.append("nosweep")
+    elif sweep:
+        default_classes = QUICK_SWEEP_CLASSES if quick else BenchConfig.sweep_classes
+        for axis, given, default in (("classes", sweep_classes, default_classes),
+                                     ("depths", sweep_depths, BenchConfig.sweep_depths)):
+            if given is not None and list(given) != list(default):
+                parts.append(axis + "-".join(map(str, given)))
+    if quick:
+        parts.append("quick")  # last: benchmarks/results/.gitignore ignores *_quick.*
+    return "_".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = OneLineUsageParser(prog="hipro bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="ViT-B-16", help="open_clip model name (random weights) or 'tiny'")
+    ap.add_argument("--model", default=RECORD_MODEL, help="open_clip model name (random weights) or 'tiny'")
     ap.add_argument("--quick", action="store_true", help="few repeats; extrapolate the big baselines")
     ap.add_argument("--configs", default="a,b,c", help="comma list of a,b,c (empty: none)")
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--sweep-classes", default=None, help="e.g. 65,130,260,520")
-    ap.add_argument("--sweep-depths", default=None, help="e.g. 1,2,3,4")
-    ap.add_argument("--forest-repeats", type=int, default=None)
-    ap.add_argument("--baseline-repeats", type=int, default=None)
-    ap.add_argument("--baseline-budget", type=float, default=None, help="seconds per baseline method")
-    ap.add_argument("--max-graph-gb", type=float, default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sweep-classes", type=int_list(1, "65,130,260,520"), default=None,
+                    help="classes per task of the sweep points, e.g. 65,130,260,520")
+    ap.add_argument("--sweep-depths", type=int_list(1, "1,2,3,4"), default=None,
+                    help="tree depths of the sweep points, e.g. 1,2,3,4")
+    ap.add_argument("--forest-repeats", type=_POSITIVE, default=None)
+    ap.add_argument("--baseline-repeats", type=_POSITIVE, default=None)
+    ap.add_argument("--baseline-budget", type=float_above(0, inclusive=True), default=None,
+                    help="seconds per baseline method (0: one repeat)")
+    ap.add_argument("--max-graph-gb", type=float_above(0), default=None)
+    ap.add_argument("--threads", type=_POSITIVE, default=None)
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.profiler breakdown of one forest step (default: on in full mode)")
     ap.add_argument("--profile-only", action="store_true",
                     help="only the forest step: timing, torch.profiler breakdown and per-layer kernel times")
     ap.add_argument("--out-dir", default=None,
-                    help=f"folder for the JSON and PNG (default: {default_out_dir()})")
-    ap.add_argument("--tag", default=None, help="file name stem (default text_step[_quick])")
-    ap.add_argument("--seed", type=int, default=0)
+                    help=f"folder for <tag>.json and <tag>.png (default: {default_out_dir()}, where the full "
+                         "default run's files are tracked records)")
+    ap.add_argument("--tag", type=file_stem, default=None,
+                    help="file name stem, without a folder part (default: text_step, or forest_profile with "
+                         "--profile-only, for the full default run only; any other run adds what differs, "
+                         f"so it never overwrites the record: _MODEL unless {RECORD_MODEL}, the configurations "
+                         "unless a,b,c (e.g. _ab), _nosweep or _classesN-N / _depthsN-N for other sweep points, "
+                         "then _quick). A run without a sweep removes an earlier <tag>.png: the PNG beside the "
+                         "JSON is always the same run's")
+    ap.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0)
     return ap
 
 
@@ -439,34 +516,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     configs = [c for c in a.configs.split(",") if c]
-    unknown = sorted(set(configs) - {"a", "b", "c"})
+    unknown = sorted(set(configs) - set(ALL_CONFIGS))
     if unknown:
         ap.error(f"--configs: unknown configuration(s) {','.join(unknown)} (choose from a,b,c)")
-    try:
-        sweep_classes = _int_list("--sweep-classes", a.sweep_classes) if a.sweep_classes else None
-        sweep_depths = _int_list("--sweep-depths", a.sweep_depths) if a.sweep_depths else None
-    except argparse.ArgumentTypeError as e:
-        ap.error(str(e))
+    if len(set(configs)) != len(configs):  # it would run twice and keep one
+        ap.error(f"--configs: a configuration is repeated in {a.configs!r}")
     if a.threads:
         torch.set_num_threads(a.threads)
     out_dir = Path(a.out_dir) if a.out_dir else default_out_dir()
-    stem = a.tag or ("text_step_quick" if a.quick else "text_step")
+    stem = a.tag or default_stem("text_step", model=a.model, configs=configs, quick=a.quick, sweep=not a.no_sweep,
+                                 sweep_classes=a.sweep_classes, sweep_depths=a.sweep_depths)
     kw = dict(model=a.model, quick=a.quick, configs=configs,
               sweep=not a.no_sweep, forest_repeats=a.forest_repeats, baseline_repeats=a.baseline_repeats,
               baseline_budget_s=a.baseline_budget, max_graph_gb=a.max_graph_gb, profile=a.profile,
               seed=a.seed, json_path=str(out_dir / f"{stem}.json"),
               png_path=str(out_dir / f"{stem}.png"))
-    if sweep_classes:
-        kw["sweep_classes"] = sweep_classes
+    if a.sweep_classes:
+        kw["sweep_classes"] = a.sweep_classes
     elif a.quick:
-        kw["sweep_classes"] = (65, 130)
-    if sweep_depths:
-        kw["sweep_depths"] = sweep_depths
+        kw["sweep_classes"] = QUICK_SWEEP_CLASSES
+    if a.sweep_depths:
+        kw["sweep_depths"] = a.sweep_depths
     if a.profile_only:
         cfg = BenchConfig(**kw)
         tower = TextTower(load_model(cfg.model, cfg.seed))
         out = {"meta": _meta(cfg, tower), "configs": profile_only(tower, load_tokenizer(), cfg, print)}
-        path = write_json(out_dir / f"{a.tag or 'forest_profile'}.json", out)
+        stem = a.tag or default_stem("forest_profile", model=a.model, configs=configs, quick=a.quick)
+        path = write_json(out_dir / f"{stem}.json", out)
         print(f"wrote {path}")
         return 0
     result = run_bench(BenchConfig(**kw))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from contextlib import nullcontext
 from typing import Callable, Sequence
@@ -40,7 +41,7 @@ from ..engine.text_tower import TextTower
 from ..errors import InvalidInputError
 from ..files import atomic_write_text
 from ..ops.extension import build_info, fused_available
-from ..usage import OneLineUsageParser
+from ..usage import OneLineUsageParser, int_at_least
 from .model import load_model, load_tokenizer
 from .output import (README_BEGIN, README_END, gpu_markdown, print_gpu_table, print_targets,
                      replace_readme_block, write_json)
@@ -223,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="ViT-B-16")
     ap.add_argument("--problems", default="a,b,c,L")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
-    ap.add_argument("--n-ctx", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--n-ctx", type=int_at_least(1), default=16)
+    ap.add_argument("--repeats", type=int_at_least(1), default=10)
+    ap.add_argument("--warmup", type=int_at_least(0), default=3)
     ap.add_argument("--profile", action="store_true", help="kernel table of the forest step")
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention row")
     ap.add_argument("--no-train-step", action="store_true", help="skip the whole-training-step timing")
@@ -265,8 +266,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         ap.error(f"--precisions: unknown {','.join(bad)} (choose from {','.join(PRECISIONS)})")
-    if args.repeats < 1:
-        ap.error(f"--repeats must be at least 1, got {args.repeats}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -294,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     flex_dropped: str | None = None  # why the flex row stopped, once it has
     results: list[dict] = []
     failed: list[dict] = []
-    out = {"device": str(device), "model": args.model, "results": results, "failed": failed,
+    # provenance, as the CPU benchmark's meta: the command as run and when it started
+    out = {"command": list(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "device": str(device), "model": args.model, "results": results, "failed": failed,
            "build_info": build_info(), "torch": torch.__version__,
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     for name in names:

@@ -2,6 +2,7 @@
 JSON file, the sweep plot, and the console tables of the CPU and GPU runs."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_text
 from ..errors import InvalidInputError
 
 CPU_METHODS = ("naive", "padded", "truncated", "forest")
@@ -38,7 +39,8 @@ def write_json(path: str | Path, obj) -> Path:
 
 
 def plot_sweep(sweep: dict, path: str | Path, title: str = "") -> None:
-    """PNG of the sweep: step time (top) and tokens per step (bottom) over classes and depth.
+    """PNG of the sweep: step time (top) and tokens per step (bottom) over classes and depth,
+    written atomically.
 
     Here rather than in app/plots.py because bench sits beside app and may not import it.
     """
@@ -83,9 +85,12 @@ def plot_sweep(sweep: dict, path: str | Path, title: str = "") -> None:
             ax.minorticks_off() if axis == "classes" else None
     fig.suptitle(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    buf = io.BytesIO()  # rendered whole first: a failed or interrupted plot leaves the old PNG, never a torn one
+    try:
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _fmt(v, spec=".2f", none="-"):

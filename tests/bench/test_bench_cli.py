@@ -1,6 +1,7 @@
 """How `hipro bench` reaches the benchmarks (nothing is benchmarked here): the
 --device dispatch, the flags -> BenchConfig mapping, the default results
 folder and `python -m hipro_fast.bench`."""
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,9 @@ def test_quick_results_do_not_show_in_git_status():
 
     assert ignored("text_step_quick.json") and ignored("text_step_quick.png")
     assert not ignored("text_step.json") and not ignored("forest_profile.json")
+    # nor are the partial runs' default names (test_the_default_name_says_what_ran)
+    assert ignored("text_step_a_nosweep.json") and ignored("text_step_tiny.png")
+    assert ignored("forest_profile_tiny_a.json") and not ignored("text_step.png")
 
 
 def test_python_m_hipro_fast_bench_help():
@@ -137,3 +141,104 @@ def test_python_m_hipro_fast_bench_help():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: hipro bench") and "--out-dir" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["--forest-repeats", "-3"], ["--forest-repeats", "0"], ["--baseline-repeats", "0"],
+    ["--baseline-budget", "-5"], ["--baseline-budget", "nan"], ["--max-graph-gb", "0"], ["--max-graph-gb", "inf"],
+    ["--threads", "0"], ["--threads", "-1"], ["--seed", "-1"],
+    ["--sweep-classes", "0"], ["--sweep-depths", "0,-2"], ["--sweep-depths", "1,,2"], ["--sweep-classes", "65,65"],
+    ["--sweep-classes", ""],
+])
+def test_bad_numbers_are_usage_errors_before_anything_runs(configs, capsys, argv):
+    """README: every numeric option is checked before any model is loaded. `--threads 0`
+    was ignored, `--threads -1` a bare RuntimeError, `--sweep-classes 0` failed after the
+    model loaded, `--sweep-depths 0,-2` ran depth 1 twice labelled 0 and -2."""
+    threads = torch.get_num_threads()
+    assert cli.main(["bench", *argv]) == 2
+    assert f"argument {argv[0]}:" in _usage_error_line(capsys)
+    assert configs == [] and torch.get_num_threads() == threads  # nothing ran, nothing was set
+
+
+@pytest.mark.parametrize("argv", [["--warmup", "-1"], ["--repeats", "0"], ["--n-ctx", "0"]])
+def test_bad_numbers_of_the_gpu_benchmark_are_usage_errors(monkeypatch, capsys, argv):
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(gpu, "load_tokenizer", stop)
+    monkeypatch.setattr(gpu, "load_model", stop)
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["--device", "cpu", "--model", "tiny", *argv])
+    assert e.value.code == 2
+    assert f"argument {argv[0]}:" in _usage_error_line(capsys)
+
+
+@pytest.mark.parametrize("tag", ["../../escaped", "sub/t", "/tmp/t", "..", ".", "", "sub\\t"])
+def test_a_tag_with_a_folder_part_is_refused(configs, capsys, monkeypatch, tmp_path, tag):
+    """--tag ../../escaped wrote outside --out-dir."""
+    monkeypatch.setattr(cpu, "load_model", lambda *args: (_ for _ in ()).throw(_Stop()))  # --profile-only's
+    for extra in ([], ["--profile-only"]):
+        assert cli.main(["bench", "--out-dir", str(tmp_path), "--tag", tag, *extra]) == 2
+        assert "argument --tag: expected a plain file name stem" in _usage_error_line(capsys)
+    assert configs == []
+    with pytest.raises(_Stop):
+        cpu.main(["--out-dir", str(tmp_path), "--tag", "run.2-b"])
+    assert configs[-1].json_path == str(tmp_path / "run.2-b.json")
+
+
+@pytest.mark.parametrize("argv, stem", [
+    ([], "text_step"),  # the record: all configurations, the default sweep, ViT-B-16
+    (["--sweep-classes", "65,130,260,520", "--sweep-depths", "1,2,3,4"], "text_step"),
+    (["--quick"], "text_step_quick"),
+    (["--quick", "--sweep-classes", "65,130"], "text_step_quick"),
+    (["--configs", "a", "--no-sweep"], "text_step_a_nosweep"),
+    (["--model", "tiny"], "text_step_tiny"),
+    (["--configs", "c,a"], "text_step_ac"),
+    (["--configs", ""], "text_step_noconfigs"),
+    (["--sweep-depths", "1,4"], "text_step_depths1-4"),
+    (["--quick", "--sweep-classes", "65"], "text_step_classes65_quick"),
+    (["--quick", "--configs", "a", "--model", "hf-hub:org/m"], "text_step_hf-hub-org-m_a_quick"),
+])
+def test_the_default_name_says_what_ran(configs, tmp_path, argv, stem):
+    """Only the full default run may rewrite the tracked text_step.{json,png}: any
+    other run's default name says how it differs (`--configs a --no-sweep` and
+    `--model tiny` overwrote the record)."""
+    with pytest.raises(_Stop):
+        cpu.main(["--out-dir", str(tmp_path), *argv])
+    cfg = configs[-1]
+    assert (cfg.json_path, cfg.png_path) == (str(tmp_path / f"{stem}.json"), str(tmp_path / f"{stem}.png"))
+
+
+def test_the_default_profile_name_says_what_ran(monkeypatch, tmp_path):
+    """--profile-only's forest_profile.json is a record too."""
+    monkeypatch.setattr(cpu, "profile_only", lambda tower, tok, cfg, log: {"configs_run": list(cfg.configs)})
+    assert cpu.main(["--profile-only", "--model", "tiny", "--configs", "a", "--out-dir", str(tmp_path)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["forest_profile_tiny_a.json"]
+
+
+def test_a_run_without_a_sweep_leaves_no_earlier_png_beside_its_json(tmp_path):
+    """`--no-sweep` left the previous run's PNG under the new JSON's name; an interrupted
+    run's partial JSON did the same."""
+    png, js = tmp_path / "t.png", tmp_path / "t.json"
+    cfg = cpu.BenchConfig(model="tiny", configs=(), sweep=False, verbose=False,
+                          json_path=str(js), png_path=str(png))
+    png.write_bytes(b"an earlier run's plot")
+    cpu._write_partial(cfg, {"meta": {}, "configs": {}}, 0.0)
+    assert js.is_file() and not png.exists()
+    png.write_bytes(b"an earlier run's plot")
+    result = cpu.run_bench(cfg)
+    assert js.is_file() and not png.exists()
+    # provenance: the command as run and the precision
+    assert result["meta"]["command"] == sys.argv and result["meta"]["precision"] == "fp32"
+
+
+def test_the_pytest_benchmarks_warm_up_before_timing():
+    """A median over rounds with no warm-up round times the cold first step."""
+    path = REPO / "benchmarks" / "test_bench_text_step.py"
+    calls = [node for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "pedantic"]
+    assert len(calls) == 2
+    for call in calls:
+        kw = {k.arg: k.value for k in call.keywords}
+        assert isinstance(kw.get("warmup_rounds"), ast.Constant) and kw["warmup_rounds"].value >= 1, \
+            f"line {call.lineno}: benchmark.pedantic without a warm-up round"

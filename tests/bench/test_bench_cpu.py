@@ -200,3 +200,55 @@ def test_kernel_breakdown_times_each_attention_decomposition_and_restores_the_kn
     assert paths["vs_default"]["default"] == 1.0
     for name, ms in paths["fwd_bwd_ms"].items():
         assert ms > 0 and abs(paths["vs_default"][name] - ms / paths["fwd_bwd_ms"]["default"]) < 1e-12
+
+
+def _sweep_rows() -> dict:
+    row = {"truncated_time_s": 2.0, "forest_time_s": 0.5, "truncated_est": False,
+           "naive_tokens": 1000, "truncated_tokens": 400, "forest_tokens": 100}
+    return {"classes": [dict(row, classes=n, depth=3) for n in (65, 130)],
+            "depth": [dict(row, classes=65, depth=d) for d in (1, 2)]}
+
+
+def test_the_sweep_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """savefig wrote straight to the PNG: a failure or an interruption mid-write left a
+    torn file under the record's name."""
+    import matplotlib.figure
+
+    from hipro_fast.bench.output import plot_sweep
+
+    path = tmp_path / "sweep.png"
+    path.write_bytes(b"the previous run's plot")
+    real = matplotlib.figure.Figure.savefig
+
+    def torn(self, fname, **kwargs):
+        if hasattr(fname, "write"):
+            fname.write(b"\x89PNG half")
+        else:
+            with open(fname, "wb") as f:
+                f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    with pytest.raises(KeyboardInterrupt):
+        plot_sweep(_sweep_rows(), path)
+    assert path.read_bytes() == b"the previous run's plot"
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real)
+    plot_sweep(_sweep_rows(), path, title="t")
+    assert path.read_bytes().startswith(b"\x89PNG\r\n") and [p.name for p in tmp_path.iterdir()] == ["sweep.png"]
+
+
+@pytest.mark.parametrize("points, flag", [({"sweep_depths": (1, 5)}, "--sweep-depths"),
+                                          ({"sweep_classes": (65, 100000)}, "--sweep-classes")])
+def test_a_sweep_point_that_cannot_run_fails_before_anything_is_measured(monkeypatch, tmp_path, points, flag):
+    """A depth-5 tree (85 tokens > 77) or more classes than distinct names failed in the
+    sweep, after the configurations' measurements."""
+    from hipro_fast.errors import InvalidInputError
+
+    def measured(*args, **kwargs):
+        raise AssertionError("a configuration was measured before the sweep points were checked")
+
+    monkeypatch.setattr(cpu, "run_problem", measured)
+    cfg = cpu.BenchConfig(model="tiny", configs=("a",), verbose=False, json_path=str(tmp_path / "t.json"), **points)
+    with pytest.raises(InvalidInputError, match=flag):
+        cpu.run_bench(cfg)
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,8 @@ whole-training-step timer runs (eagerly: CUDA graphs are CUDA only); the
 target list and the README table come out of a results JSON."""
 import copy
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -24,6 +26,8 @@ def test_bench_gpu_harness_on_cpu(tmp_path, capsys):
     finally:
         torch.set_num_threads(n)
     out = json.loads(path.read_text())
+    # provenance: the command as run and when it started
+    assert out["command"] == sys.argv and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", out["time"])
     (res,) = out["results"]
     assert res["verify_naive"]["feature_max_abs_diff"] < 1e-5
     assert res["verify_naive"]["ctx_grad_rel_diff"] < 1e-4
