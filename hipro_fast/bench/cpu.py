@@ -272,6 +272,10 @@ def profile_only(tower, tokenizer, cfg: BenchConfig, log) -> dict:
             f"({k['linears_fwd_gflops']:.1f} GFLOP/s); attention ~{k.get('attention_share_of_layer_est', 0):.0%} of a layer")
         cats = ", ".join(f"{kk} {v['frac']:.0%}" for kk, v in out[name]["profile"]["categories"].items())
         log(f"    profile: {cats}")
+        paths = k.get("tree_attention_paths")
+        if paths:
+            log("    tree attention fwd+bwd: " + ", ".join(
+                f"{p} {paths['fwd_bwd_ms'][p]:.1f} ms ({paths['vs_default'][p]:.2f}x)" for p in paths["fwd_bwd_ms"]))
     return out
 
 
