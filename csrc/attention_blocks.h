@@ -118,8 +118,9 @@ void set_attention_block_min_pairs(int64_t min_pairs);
 // Whether blocks are grouped (AttentionBlockGroup), process-wide. Auto (the
 // default) groups on CUDA, where launches would dominate (expected; not yet
 // measured), and not on the CPU, where an op call costs little and the
-// gathers' copies cost more (measured at bench (a)/(b) shapes, one thread:
-// grouped 1.1-1.5x slower); tests force both ways on the CPU.
+// gathers' copies cost more (bench (a)/(b)/(c) shapes, one thread: grouped
+// 1.6/1.5/1.1x slower, benchmarks/results/forest_profile_1thread.json); tests
+// force both ways on the CPU.
 enum class BlockGrouping : int64_t { kNever = 0, kAuto = 1, kAlways = 2 };
 BlockGrouping attention_block_grouping();
 void set_attention_block_grouping(BlockGrouping mode);
