@@ -104,8 +104,9 @@ def attention_paths(q, k, v, go, o, lse, table, token_segment, scale, repeats: i
     """Tree attention forward + backward in each ATTENTION_PATHS decomposition, timed
     in turns (round-robin: a noisy machine slows them alike): {path: median ms},
     and each one's time over the default's."""
-    from ..ops import (attention_block_grouping, attention_block_min_pairs, set_attention_block_grouping,
-                       set_attention_block_min_pairs)
+    from ..ops import (  # here: the knobs need the compiled extension, the module's other timings do not
+        attention_block_grouping, attention_block_min_pairs, set_attention_block_grouping,
+        set_attention_block_min_pairs)
 
     saved = attention_block_min_pairs(), attention_block_grouping()
 
