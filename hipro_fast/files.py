@@ -140,11 +140,13 @@ def remove_orphaned_temp_files(directory: str | Path, suffix: str, max_age_s: fl
     `*<suffix>` whose writer was killed before its os.replace: those of a pid of
     this pid space that no process has now, and any not modified for
     `max_age_s` (another machine's, or one named before the pid was part of the
-    name). A live writer's file is kept: its pid exists, or it is being written.
-    Nothing else is touched. Best effort (a read-only or vanished folder removes
-    nothing); returns the removed paths."""
-    pattern = re.compile(rf"\..*?{re.escape(suffix)}\.(?:(?P<space>[0-9a-f]{{8}})-(?P<pid>[0-9]+)\.)?[^.]+\.tmp",
-                         re.DOTALL)
+    name: no writer stalls mid-write for that long). A file a live writer is
+    writing is kept. With suffix "" (any file name) only names with the writer
+    part count as ours. Nothing else is touched. Best effort (a read-only or
+    vanished folder removes nothing); returns the removed paths."""
+    # with a suffix the name is ours whoever wrote it; without one only the writer part says so
+    writer = r"(?P<space>[0-9a-f]{8})-(?P<pid>[0-9]+)\."
+    pattern = re.compile(rf"\..*?{re.escape(suffix)}\.{f'(?:{writer})?' if suffix else writer}[^.]+\.tmp", re.DOTALL)
     removed = []
     try:
         entries = list(os.scandir(directory))

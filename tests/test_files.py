@@ -65,3 +65,28 @@ def test_an_orphaned_temp_file_is_one_of_a_gone_writer_or_untouched_for_a_day(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [n for n, (_, gone) in cases.items() if not gone] + [f".i.safetensors.{here}-{me}.r8.tmp"])
     assert files.remove_orphaned_temp_files(tmp_path / "missing", ".safetensors") == []
+
+
+def test_any_suffix_removes_only_named_writers_files(tmp_path):
+    """With suffix "" (a run directory: files of every kind) a temp file counts as
+    ours only with its writer part: a user's hidden `.my.draft.tmp` stays, however old
+    (before: deleted after a day); a dead writer of this pid space is removed at once."""
+    import subprocess
+    import sys
+
+    here = files._pid_space()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    day_old = time.time() - files.ORPHAN_AGE_S - 60
+    cases = {
+        ".my.draft.tmp": (day_old, False),
+        ".report.md.old_version.tmp": (day_old, False),
+        f".config.json.{here}-{gone.pid}.k3j9x_q1.tmp": (None, True),  # its writer is gone
+        f".config.json.{here}-{os.getpid()}.k3j9x_q2.tmp": (None, False),  # this process: alive
+    }
+    for name, (mtime, _) in cases.items():
+        (tmp_path / name).write_text("x")
+        if mtime is not None:
+            os.utime(tmp_path / name, (mtime, mtime))
+    removed = files.remove_orphaned_temp_files(tmp_path, "")
+    assert sorted(p.name for p in removed) == sorted(n for n, (_, out) in cases.items() if out)
