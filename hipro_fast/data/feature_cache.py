@@ -193,11 +193,16 @@ def stack_views(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 VIEWS_SEEDED_BY = "pixels"  # in a views cache's identity: views seeded by path (before session 11) are not reused
 
 
-def view_seed(img, seed: int, view: int) -> int:
-    """The 64-bit seed of augmented view `view` of a decoded (RGB PIL) image:
-    from its pixels, not its path, so a moved or copied dataset, or one reached
-    through another path, trains on the same views."""
-    pixels = hashlib.sha256(f"{img.mode}/{img.size}/".encode() + img.tobytes()).digest()
+def pixel_digest(img) -> bytes:
+    """sha256 of a decoded (PIL) image's mode, size and pixels: what stands for the
+    image in view_seed (computed once per image: hashing a photo costs more than a view)."""
+    return hashlib.sha256(f"{img.mode}/{img.size}/".encode() + img.tobytes()).digest()
+
+
+def view_seed(pixels: bytes, seed: int, view: int) -> int:
+    """The 64-bit seed of augmented view `view` of the image whose pixel_digest is
+    `pixels`: from its pixels, not its path, so a moved or copied dataset, or one
+    reached through another path, trains on the same views."""
     return int.from_bytes(hashlib.sha256(f"aug/{int(seed)}/{int(view)}/".encode() + pixels).digest()[:8], "little")
 
 
@@ -218,9 +223,10 @@ class _Images(torch.utils.data.Dataset):
         v = None
         if self.views:
             vs = []
+            pixels = pixel_digest(img)
             with torch.random.fork_rng(devices=[]):
                 for k in range(self.views):
-                    torch.manual_seed(view_seed(img, self.seed, k))
+                    torch.manual_seed(view_seed(pixels, self.seed, k))
                     vs.append(self.aug(img))
             v = torch.stack(vs)
         return i, x, v, None
