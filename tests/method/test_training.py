@@ -282,6 +282,28 @@ def test_bad_fit_arguments_are_named_before_training(data, tmp_path):
         fit(half, train, None, **FAST)
 
 
+def test_a_loss_that_turns_non_finite_later_leaves_the_best_state_so_far(data):
+    """Diverging in epoch 1 (contexts poisoned after its first step): without val
+    every finished epoch is the best so far, so the model ends at epoch 0's state."""
+    train, _ = data
+    model = make_model()
+    seen = {}
+
+    def callback(info):
+        if (info["epoch"], info["step"]) == (0, 1):  # the last step of epoch 0 (2 per epoch)
+            seen["epoch0"] = model.context_state()
+        if (info["epoch"], info["step"]) == (1, 0):
+            with torch.no_grad():
+                model.ctx["task/colors"].fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1") as info:
+        fit(model, train, None, epochs=3, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05,
+            callback=callback)
+    assert info.value.epoch == 1
+    after = model.context_state()
+    assert set(after) == set(seen["epoch0"]) and all(torch.equal(after[n], seen["epoch0"][n]) for n in after)
+
+
 def _bad(data, task, x=None, y=None):
     out = dict(data)
     ox, oy = out[task]
