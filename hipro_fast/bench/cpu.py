@@ -451,6 +451,11 @@ QUICK_SWEEP_CLASSES = (65, 130)
 _POSITIVE = int_at_least(1)
 
 
+def _cores() -> int:
+    """The CPUs this process may run on (the record runs use them all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _slug(text: str) -> str:
     """`text` as a file-name part: runs of anything but letters, digits, '.', '+', '-' become '-'."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip(".-") or "model"
@@ -458,15 +463,21 @@ def _slug(text: str) -> str:
 
 def default_stem(base: str, *, model: str = RECORD_MODEL, configs: Sequence[str] = ALL_CONFIGS,
                  quick: bool = False, sweep: bool | None = None, sweep_classes: Sequence[int] | None = None,
-                 sweep_depths: Sequence[int] | None = None) -> str:
+                 sweep_depths: Sequence[int] | None = None, threads: int | None = None,
+                 custom: bool = False) -> str:
     """The results' default file stem: `base` alone only for the record run (the record
     model, configurations a,b,c and, with `sweep` given, the default sweep points), else
     `base` and what differs, so that a partial run never overwrites the tracked record:
     e.g. text_step_tiny, text_step_a_nosweep, text_step_depths1-4, text_step_a_quick.
-    `sweep_classes`/`sweep_depths`: the points asked for (None: the mode's default)."""
+    `sweep_classes`/`sweep_depths`: the points asked for (None: the mode's default).
+    `threads`: asked for (None, or every core of this machine: the record's setting;
+    else _threadsN). `custom`: a timing option off its default (repeats, budget,
+    graph budget, seed, profile): _custom."""
     parts = [base]
     if model != RECORD_MODEL:
         parts.append(_slug(model))
+    if threads is not None and threads != _cores():
+        parts.append(f"threads{threads}")
     if sorted(configs) != list(ALL_CONFIGS):
         parts.append("".join(sorted(configs)) or "noconfigs")
     if sweep is False:
@@ -477,6 +488,8 @@ def default_stem(base: str, *, model: str = RECORD_MODEL, configs: Sequence[str]
                                      ("depths", sweep_depths, BenchConfig.sweep_depths)):
             if given is not None and list(given) != list(default):
                 parts.append(axis + "-".join(map(str, given)))
+    if custom:
+        parts.append("custom")
     if quick:
         parts.append("quick")  # last: benchmarks/results/.gitignore ignores *_quick.*
     return "_".join(parts)
@@ -528,7 +541,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     out_dir = Path(a.out_dir) if a.out_dir else default_out_dir()
+    custom = any(v is not None for v in (a.forest_repeats, a.baseline_repeats, a.baseline_budget, a.max_graph_gb,
+                                         a.profile)) or a.seed != 0
     stem = a.tag or default_stem("text_step", model=a.model, configs=configs, quick=a.quick, sweep=not a.no_sweep,
+                                 threads=a.threads, custom=custom,
                                  sweep_classes=a.sweep_classes, sweep_depths=a.sweep_depths)
     kw = dict(model=a.model, quick=a.quick, configs=configs,
               sweep=not a.no_sweep, forest_repeats=a.forest_repeats, baseline_repeats=a.baseline_repeats,
@@ -545,7 +561,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = BenchConfig(**kw)
         tower = TextTower(load_model(cfg.model, cfg.seed))
         out = {"meta": _meta(cfg, tower), "configs": profile_only(tower, load_tokenizer(), cfg, print)}
-        stem = a.tag or default_stem("forest_profile", model=a.model, configs=configs, quick=a.quick)
+        stem = a.tag or default_stem("forest_profile", model=a.model, configs=configs, quick=a.quick,
+                                     threads=a.threads, custom=custom)
         path = write_json(out_dir / f"{stem}.json", out)
         print(f"wrote {path}")
         return 0

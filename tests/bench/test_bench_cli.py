@@ -2,6 +2,7 @@
 --device dispatch, the flags -> BenchConfig mapping, the default results
 folder and `python -m hipro_fast.bench`."""
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,13 +199,23 @@ def test_a_tag_with_a_folder_part_is_refused(configs, capsys, monkeypatch, tmp_p
     (["--sweep-depths", "1,4"], "text_step_depths1-4"),
     (["--quick", "--sweep-classes", "65"], "text_step_classes65_quick"),
     (["--quick", "--configs", "a", "--model", "hf-hub:org/m"], "text_step_hf-hub-org-m_a_quick"),
+    # timing options off their defaults are not the record either (they wrote text_step.json)
+    (["--threads", str(len(os.sched_getaffinity(0)))], "text_step"),  # every core: the record's setting
+    (["--threads", str(len(os.sched_getaffinity(0)) + 1)], f"text_step_threads{len(os.sched_getaffinity(0)) + 1}"),
+    (["--baseline-budget", "0"], "text_step_custom"), (["--forest-repeats", "1"], "text_step_custom"),
+    (["--no-profile"], "text_step_custom"), (["--seed", "7"], "text_step_custom"),
+    (["--max-graph-gb", "1"], "text_step_custom"),
 ])
 def test_the_default_name_says_what_ran(configs, tmp_path, argv, stem):
     """Only the full default run may rewrite the tracked text_step.{json,png}: any
     other run's default name says how it differs (`--configs a --no-sweep` and
     `--model tiny` overwrote the record)."""
-    with pytest.raises(_Stop):
-        cpu.main(["--out-dir", str(tmp_path), *argv])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(_Stop):
+            cpu.main(["--out-dir", str(tmp_path), *argv])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets them process-wide
     cfg = configs[-1]
     assert (cfg.json_path, cfg.png_path) == (str(tmp_path / f"{stem}.json"), str(tmp_path / f"{stem}.png"))
 
@@ -214,6 +225,13 @@ def test_the_default_profile_name_says_what_ran(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "profile_only", lambda tower, tok, cfg, log: {"configs_run": list(cfg.configs)})
     assert cpu.main(["--profile-only", "--model", "tiny", "--configs", "a", "--out-dir", str(tmp_path)]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["forest_profile_tiny_a.json"]
+    threads, before = len(os.sched_getaffinity(0)) + 1, torch.get_num_threads()
+    try:
+        assert cpu.main(["--profile-only", "--model", "tiny", "--configs", "a", "--threads", str(threads),
+                         "--out-dir", str(tmp_path / "t")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert [p.name for p in (tmp_path / "t").iterdir()] == [f"forest_profile_tiny_threads{threads}_a.json"]
 
 
 def test_a_run_without_a_sweep_leaves_no_earlier_png_beside_its_json(tmp_path):
