@@ -188,7 +188,7 @@ def print_gpu_table(results: list[dict], file=None) -> None:
             sp = e.get("speedup")
             print(f"{res['problem']:4s} {res['precision']:4s} {m:9s} {e['tokens']:8d} {e['time_ms']:9.2f} "
                   f"{e['gflops'] / 1e3:8.2f} "
-                  + (f"{sp:8.2f} {e['ideal_speedup']:7.2f} {100 * sp / e['ideal_speedup']:6.0f}%" if sp else
+                  + (f"{sp:8.2f} {ideal_ratio(e):7.2f} {100 * sp / ideal_ratio(e):6.0f}%" if sp else
                      f"{'':8s} {'':7s} {'':7s}"), file=file)
         v = res["verify_naive"]
         print(f"{'':4s} {'':4s} GEMM [{res['counts']['forest']['tokens']}, W]x[W, 4W] "
@@ -228,6 +228,12 @@ def print_targets(targets: list[dict], file=None) -> None:
         print(f"  {status:10s} [{t['where']}] {t['target']}{val}{note}", file=file)
 
 
+def ideal_ratio(entry: dict) -> float:
+    """A GPU result row's ideal speedup, the token ratio: records written before
+    session 11 hold the FLOP ratio as `ideal_speedup` and the token ratio as `token_ratio`."""
+    return entry.get("token_ratio", entry["ideal_speedup"])
+
+
 def gpu_markdown(results: list[dict], targets: list[dict], device: str = "",
                  failed: list[dict] | None = None, complete: bool = True) -> str:
     """The GPU results as the README's markdown tables: per (problem, precision) the
@@ -242,7 +248,7 @@ def gpu_markdown(results: list[dict], targets: list[dict], device: str = "",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def cell(e):
-        return (f"{e['time_ms']:.1f}", f"{e['speedup']:.1f}× ({e['ideal_speedup']:.1f}×)") if e else ("–", "–")
+        return (f"{e['time_ms']:.1f}", f"{e['speedup']:.1f}× ({ideal_ratio(e):.1f}×)") if e else ("–", "–")
 
     for r in results:
         m = r["methods"]

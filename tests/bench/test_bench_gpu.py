@@ -288,3 +288,25 @@ def test_the_gpu_gemm_reference_times_several_back_to_back_calls(monkeypatch):
     assert len(seen) == (1 + 2) * 5
     with pytest.raises(ValueError, match="calls must be >= 1, got 0"):
         timing.gemm_rate(8, 4, calls=0)
+
+
+def test_a_record_from_before_the_token_ratio_renders_its_token_ratio():
+    """The H200 record of session 5 holds the FLOP ratio as ideal_speedup (21.34 on
+    (a)) and the token ratio apart (21.10): rendered under the token-ratio header,
+    the table shows the token ratio, and the target is computed against it."""
+    import json
+    from pathlib import Path
+
+    from hipro_fast.bench.gpu import targets
+    from hipro_fast.bench.output import gpu_markdown, ideal_ratio
+
+    record = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+                         "gpu_h200_text_step.json").read_text())
+    row = next(r for r in record["results"] if (r["problem"], r["precision"]) == ("a", "fp32"))
+    naive = row["methods"]["naive"]
+    assert naive["ideal_speedup"] != naive["token_ratio"] and ideal_ratio(naive) == naive["token_ratio"]
+    md = gpu_markdown(record["results"], targets(record["results"]))
+    assert f"({naive['token_ratio']:.1f}×)" in md and f"({naive['ideal_speedup']:.1f}×)" not in md
+    value = next(t["value"] for t in targets(record["results"])
+                 if t["where"] == "a fp32" and "ideal" in t["target"])
+    assert value == naive["speedup"] / naive["token_ratio"]
