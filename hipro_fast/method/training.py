@@ -261,6 +261,18 @@ def default_steps_per_epoch(train: Data, batch_size: int | str, epochs: int = 1,
 
 
 # ---------------------------------------------------------------- validation
+def _warn_classes_without_samples(model: HiProModel, train: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """A class no training sample has is never a target: its prompts only learn to
+    lose (the CLI refuses such a spec; from Python it may be meant, so it is said)."""
+    for task, (_, y) in train.items():
+        classes = model.tasks[task]
+        counts = torch.bincount(y.cpu(), minlength=len(classes))
+        empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
+        if empty:
+            warnings.warn(f"task {task!r}: class(es) {empty[:5]}{' ...' if len(empty) > 5 else ''} have no training "
+                          f"samples ({len(empty)} of {len(classes)}): they are never a target", stacklevel=4)
+
+
 def validate_data(model: HiProModel, data: Data, role: str = "train",
                   require_all: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """validate_task_data against the model's tasks and embed_dim."""
@@ -453,6 +465,7 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
         warnings.warn("fit: resume=True without checkpoint_dir has nothing to resume from: training from the "
                       "start", stacklevel=3)
     train_data = validate_data(model, train, role="train", require_all=True)
+    _warn_classes_without_samples(model, train_data)
     val_data = validate_data(model, val, role="val", require_all=False) if val is not None else None
     # the validation set chooses the best epoch: a resume must choose on the same one. Its tasks, sizes
     # and labels (not its features: features encoded again may differ in their last bits)

@@ -304,6 +304,15 @@ def test_a_loss_that_turns_non_finite_later_leaves_the_best_state_so_far(data):
     assert set(after) == set(seen["epoch0"]) and all(torch.equal(after[n], seen["epoch0"][n]) for n in after)
 
 
+def test_a_class_without_training_samples_is_said(data):
+    train, _ = data
+    x, y = train["colors"]
+    keep = y != 1
+    with pytest.warns(UserWarning, match=rf"task 'colors': class\(es\) \['{TASKS['colors'][1]}'\] have no training "
+                                         r"samples \(1 of 3\)"):
+        fit(make_model(), {**train, "colors": (x[keep], y[keep])}, None, **{**FAST, "epochs": 1})
+
+
 def _bad(data, task, x=None, y=None):
     out = dict(data)
     ox, oy = out[task]
