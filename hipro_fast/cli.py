@@ -59,7 +59,8 @@ from .method.training import FULL_BATCH, OPTIMIZERS, TrainConfig
 from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, SELECT_CRITERIA
 from .method.model import PATH_WEIGHTS, validate_tasks
 from .method.protocol import PARALLEL_MODES, check_shot_counts
-from .usage import OneLineUsageParser
+from .usage import OneLineUsageParser, float_above
+from .usage import int_at_least as _int_at_least
 
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
 
@@ -75,19 +76,6 @@ MAX_SEED = 2**32 - 1
 # ------------------------------------------------------------------ option values
 # Every numeric option is checked by the parser, before any model is loaded:
 # a bad value is a usage error (exit 2) that names the option.
-def _int_at_least(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bound = f">= {low}" if high is None else f"in {low}..{high}"
-            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
-        return value
-    return parse
-
-
 def _float(text: str) -> float:
     try:
         value = float(text)
@@ -98,11 +86,7 @@ def _float(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+_positive_float = float_above(0)
 
 
 def _comma_items(text: str, what: str) -> list[str]:

@@ -23,9 +23,9 @@ class OneLineUsageParser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------ option values
-# argparse `type=`s for the benchmark entry points: a bad value is a one-line
-# usage error naming the option, before any model is loaded. (hipro_fast.cli
-# keeps its own copies: the benchmarks cannot import it, it imports them.)
+# argparse `type=`s for `hipro` and the benchmark entry points: a bad value is
+# a one-line usage error naming the option, before any model is loaded (here,
+# not in hipro_fast.cli: the benchmarks cannot import the CLI, it imports them).
 def int_at_least(low: int, high: int | None = None):
     """An integer in low.. (or low..high)."""
     def parse(text: str) -> int:
