@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import signal
@@ -60,6 +59,7 @@ from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT, DE
 from .method.model import PATH_WEIGHTS, validate_tasks
 from .method.protocol import PARALLEL_MODES, check_shot_counts
 from .usage import OneLineUsageParser, float_above
+from .usage import finite_float as _float
 from .usage import int_at_least as _int_at_least
 
 __all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
@@ -76,16 +76,6 @@ MAX_SEED = 2**32 - 1
 # ------------------------------------------------------------------ option values
 # Every numeric option is checked by the parser, before any model is loaded:
 # a bad value is a usage error (exit 2) that names the option.
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
 _positive_float = float_above(0)
 
 
