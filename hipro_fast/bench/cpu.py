@@ -496,7 +496,8 @@ def default_stem(base: str, *, model: str = RECORD_MODEL, configs: Sequence[str]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineUsageParser(prog="hipro bench", description=__doc__.split("\n\n")[0])
+    ap = OneLineUsageParser(prog="hipro bench", description=__doc__.split("\n\n")[0],
+                            epilog="On a GPU: `hipro bench --device cuda --help` (hipro_fast.bench.gpu).")
     ap.add_argument("--model", default=RECORD_MODEL, help="open_clip model name (random weights) or 'tiny'")
     ap.add_argument("--quick", action="store_true", help="few repeats; extrapolate the big baselines")
     ap.add_argument("--configs", default="a,b,c", help="comma list of a,b,c (empty: none)")
