@@ -33,7 +33,7 @@ from ..errors import ForestError, InvalidInputError
 from ..ops.extension import build_info, fused_available
 from ..usage import OneLineUsageParser, file_stem, float_above, int_at_least, int_list
 from .counting import CONVENTIONS, linear_flops_per_token
-from .machine import PeakRSS, cpu_name, graph_budget_bytes, loadavg
+from .machine import PeakRSS, available_cpus, cpu_name, graph_budget_bytes, loadavg
 from .model import load_model, load_tokenizer
 from .naive import enumerate_prompts
 from .output import CPU_METHODS, default_out_dir, plot_sweep, print_table, write_json
@@ -451,11 +451,6 @@ QUICK_SWEEP_CLASSES = (65, 130)
 _POSITIVE = int_at_least(1)
 
 
-def _cores() -> int:
-    """The CPUs this process may run on (the record runs use them all)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _slug(text: str) -> str:
     """`text` as a file-name part: runs of anything but letters, digits, '.', '+', '-' become '-'."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip(".-") or "model"
@@ -476,7 +471,7 @@ def default_stem(base: str, *, model: str = RECORD_MODEL, configs: Sequence[str]
     parts = [base]
     if model != RECORD_MODEL:
         parts.append(_slug(model))
-    if threads is not None and threads != _cores():
+    if threads is not None and threads != available_cpus():  # the record runs use them all
         parts.append(f"threads{threads}")
     if sorted(configs) != list(ALL_CONFIGS):
         parts.append("".join(sorted(configs)) or "noconfigs")

@@ -82,6 +82,11 @@ def loadavg() -> float | None:
         return None
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo, else what `platform` says."""
     cpu = platform.processor() or platform.machine()

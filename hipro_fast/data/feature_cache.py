@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import group as dist_group
-from ..engine.fingerprint import tensors_digest
+from ..engine.fingerprint import image_side_digest, tensors_digest
 from ..errors import CacheWriteError, DistributedError, InvalidInputError, MissingFileError, SpecError
 from ..files import atomic_write_bytes, remove_orphaned_temp_files
 from .tasks_spec import BadImageError, ImageRecord, read_image
@@ -107,9 +107,9 @@ def model_fingerprint(clip) -> dict[str, Any]:
     (cp -p, rsync -t, tar -x) would serve the old weights' features."""
     name = getattr(clip, "name", type(clip).__name__)
     model = getattr(clip, "model", clip)
-    visual = getattr(model, "visual", model)
-    state = {k: v for k, v in visual.state_dict().items()}
-    return {"name": name, "visual_sha256": tensors_digest(state)}  # not the file's path: a moved file still hits
+    # hashed anew (a write through .data must not serve old features), and cached for image_tower_info;
+    # not the file's path: a moved file still hits
+    return {"name": name, "visual_sha256": image_side_digest(model, refresh=True)}
 
 
 def preprocess_repr(preprocess) -> str:

@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-__all__ = ["tensors_digest", "text_side_digest", "text_side_dtype"]
+__all__ = ["tensors_digest", "text_side_digest", "text_side_dtype", "image_side_digest"]
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -28,9 +28,33 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-_TEXT_DIGESTS: OrderedDict[tuple, tuple[str, list[weakref.ref]]] = OrderedDict()
-_TEXT_DIGESTS_KEPT = 8
-_TEXT_DIGESTS_LOCK = threading.Lock()  # two threads may digest models at once (eviction vs move_to_end)
+_DIGESTS: OrderedDict[tuple, tuple[str, list[weakref.ref]]] = OrderedDict()
+_DIGESTS_KEPT = 8
+_DIGESTS_LOCK = threading.Lock()  # two threads may digest models at once (eviction vs move_to_end)
+
+
+def _cached_digest(kind: str, state: Mapping[str, torch.Tensor], compute, refresh: bool = False) -> str:
+    """compute(state), cached per weight tensor under `kind` (the same objects,
+    unmodified since by in-place torch ops: writes through `.data` or a numpy
+    view go unseen by the version counter): a tower is hashed once however many
+    steps of a command ask (about a second for ViT-B/16). refresh: compute it
+    anew (and cache that), whatever is cached."""
+    names = sorted(state)
+    key = (kind,) + tuple((k, state[k].data_ptr(), state[k]._version, tuple(state[k].shape), str(state[k].dtype),
+                           str(state[k].device)) for k in names)
+    with _DIGESTS_LOCK:
+        hit = None if refresh else _DIGESTS.get(key)
+        # the same addresses may be another, freed model's: a hit must be these very tensors
+        if hit is not None and all(ref() is state[k] for ref, k in zip(hit[1], names)):
+            _DIGESTS.move_to_end(key)
+            return hit[0]
+    with torch.no_grad():  # hashed outside the lock
+        digest = compute(state)
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = (digest, [weakref.ref(state[k]) for k in names])
+        while len(_DIGESTS) > _DIGESTS_KEPT:
+            _DIGESTS.popitem(last=False)
+    return digest
 
 
 def _text_side(clip_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -42,29 +66,22 @@ def text_side_digest(clip_model: nn.Module) -> str:
     tower (`visual.*`): the text tower and the logit scale, what text features
     and logits come from. Rounded to bfloat16 first, so the same weights in
     fp32, bf16 or fp64 (a tower cast for training) digest alike (fp16 rounds
-    differently: see text_side_dtype). Cached per weight tensor (the same
-    objects, unmodified since by in-place torch ops: writes through `.data`
-    or a numpy view go unseen by the version counter): about a second for
-    ViT-B/16, once."""
-    state = _text_side(clip_model)
-    names = sorted(state)
-    key = tuple((k, state[k].data_ptr(), state[k]._version, tuple(state[k].shape), str(state[k].dtype),
-                 str(state[k].device)) for k in names)
-    with _TEXT_DIGESTS_LOCK:
-        hit = _TEXT_DIGESTS.get(key)
-        # the same addresses may be another, freed model's: a hit must be these very tensors
-        if hit is not None and all(ref() is state[k] for ref, k in zip(hit[1], names)):
-            _TEXT_DIGESTS.move_to_end(key)
-            return hit[0]
-    with torch.no_grad():  # hashed outside the lock: a second or so for ViT-B/16
+    differently: see text_side_dtype). Cached (_cached_digest)."""
+    def compute(state: Mapping[str, torch.Tensor]) -> str:
         rounded = {k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach())
                    for k, v in state.items()}
-        digest = tensors_digest(rounded)[:16]
-    with _TEXT_DIGESTS_LOCK:
-        _TEXT_DIGESTS[key] = (digest, [weakref.ref(state[k]) for k in names])
-        while len(_TEXT_DIGESTS) > _TEXT_DIGESTS_KEPT:
-            _TEXT_DIGESTS.popitem(last=False)
-    return digest
+        return tensors_digest(rounded)[:16]
+    return _cached_digest("text", _text_side(clip_model), compute)
+
+
+def image_side_digest(clip_model: nn.Module, refresh: bool = False) -> str:
+    """tensors_digest (sha256 hex) of the image tower's weights (`clip_model.visual`,
+    or the module itself when it has none) in the dtype they have now: what the
+    feature cache keys by and exported classifiers record. Cached
+    (_cached_digest); refresh=True (the feature cache, whose key must see every
+    write) hashes the weights anew."""
+    visual = getattr(clip_model, "visual", clip_model)
+    return _cached_digest("image", visual.state_dict(keep_vars=True), tensors_digest, refresh)
 
 
 def text_side_dtype(clip_model: nn.Module) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..engine.fingerprint import tensors_digest
+from ..engine.fingerprint import image_side_digest, tensors_digest
 from ..errors import InvalidInputError, MissingFileError
 from ..files import atomic_write_bytes
 from .model import HiProModel, TaskSpecError, image_features_of, json_tensor, tensor_json, validate_tasks
@@ -71,8 +71,7 @@ def image_tower_info(clip_model: torch.nn.Module) -> dict[str, str]:
     """{"image_tower": 16-hex digest of the open_clip model's image tower weights}
     ({} for a model without one): the digest the feature cache keys by, for the
     tower in the dtype it has now (a tower cast after caching digests apart)."""
-    visual = getattr(clip_model, "visual", None)
-    return {"image_tower": tensors_digest(visual.state_dict())[:16]} if visual is not None else {}
+    return {"image_tower": image_side_digest(clip_model)[:16]} if getattr(clip_model, "visual", None) is not None else {}
 
 
 def export_classifier(model: HiProModel, path: str | Path,

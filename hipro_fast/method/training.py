@@ -469,7 +469,9 @@ def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig |
     val_data = validate_data(model, val, role="val", require_all=False) if val is not None else None
     # the validation set chooses the best epoch: a resume must choose on the same one. Its tasks, sizes
     # and labels (not its features: features encoded again may differ in their last bits)
-    val_key = None if val_data is None else tensors_digest({t: y for t, (_, y) in val_data.items()})
+    # (only a checkpointed run records it)
+    val_key = None if val_data is None or config.checkpoint_dir is None else tensors_digest(
+        {t: y for t, (_, y) in val_data.items()})
     params = [(n, p) for n, p in model.learnable().items() if p.requires_grad]
     if not params:
         raise InvalidInputError("the model has no trainable contexts (every node has n_ctx 0 or is frozen)")
