@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from ..data.clip_loading import clip_parts
 from ..engine.encoder import ForestEncoder
 from .model import CTX_INIT_STD, validate_tasks
+from .seeding import keyed_generator
 from .task_data import validate_task_data
 from ..engine.text_tower import TextTower
 from ..files import atomic_write_text
@@ -86,7 +87,8 @@ class _Sampler:
 
     def __init__(self, data, batch_size: int, seed: int):
         self.data, self.bs = data, int(batch_size)
-        self.gen = torch.Generator().manual_seed(int(seed))
+        # each task its own stream: the affinity must not depend on the order of the tasks
+        self.gens = {t: keyed_generator(seed, f"affinity/{t}") for t in data}
         self.queue = {t: torch.empty(0, dtype=torch.long) for t in data}
 
     def __call__(self):
@@ -97,7 +99,7 @@ class _Sampler:
                 out[t] = (x, y)
                 continue
             while self.queue[t].numel() < self.bs:
-                self.queue[t] = torch.cat([self.queue[t], torch.randperm(n, generator=self.gen)])
+                self.queue[t] = torch.cat([self.queue[t], torch.randperm(n, generator=self.gens[t])])
             idx, self.queue[t] = self.queue[t][:self.bs], self.queue[t][self.bs:]
             idx = idx.to(x.device)
             out[t] = (x[idx], y[idx])

@@ -17,6 +17,7 @@ from ..engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE, check_tokeniz
 from ..engine.text_tower import TextTower
 from ..distributed.sharding import ShardedForestEncoder
 from ..engine.fingerprint import text_side_digest, text_side_dtype
+from .seeding import keyed_generator
 from .tree import TaskTree, TreeError, leaf_id
 from ..errors import InvalidInputError, TaskSpecError
 
@@ -86,6 +87,17 @@ def validate_tasks(tasks: Mapping[str, Sequence[str]], tokenizer=None) -> dict[s
             _same_prompt_check(task, names, tokenizer)
         out[task] = names
     return out
+
+
+def node_generator(seed: int, tree: TaskTree, node: str) -> torch.Generator:
+    """The random stream of a node's initial context: a function of the seed and of
+    what the node stands for (a leaf: its task; a group or the root: the set of
+    tasks below it), not of its position. So the same tasks listed or grouped in
+    another order start from the same contexts, and a task's leaf starts alike in
+    every method (CoOp per task, two-level, HiPro). One generator drawn node by
+    node made every init depend on the order of the nodes (before session 12)."""
+    kind = "leaf" if tree.nodes[node].task is not None else "group"
+    return keyed_generator(seed, json.dumps(["context", kind, sorted(tree.tasks_under(node))]))
 
 
 def _context_count(node: str, value: Any) -> int:
@@ -184,7 +196,7 @@ class HiProModel(nn.Module):
             if c < 0:
                 raise InvalidInputError(f"node {node!r}: n_ctx must be >= 0, got {c}")
         init = self._phrase_embedding(ctx_init) if ctx_init else None
-        gen = torch.Generator().manual_seed(operator.index(seed))  # a numpy integer too
+        seed = operator.index(seed)  # a numpy integer too
         # Registered by name (state_dict keys "contexts.<node>", "path_weight_logits.path/<task>");
         # `ctx` and `path_logits` are the same tensors by node and task, what the forward reads.
         self.contexts = nn.ParameterDict()
@@ -202,9 +214,8 @@ class HiProModel(nn.Module):
             if from_phrase:
                 value = init.clone()
             else:
-                # Drawn even when replaced below, so that the other nodes' inits do
-                # not depend on init_from_parent.
-                value = torch.randn(counts[node], width, generator=gen) * CTX_INIT_STD
+                value = torch.randn(counts[node], width, generator=node_generator(seed, self.tree, node)) \
+                    * CTX_INIT_STD
                 # compared with the parent's actual length: a phrase may have set it
                 if init_from_parent and parent is not None and self.ctx[parent].shape[0] == counts[node]:
                     value = self.ctx[parent].detach().cpu().clone()

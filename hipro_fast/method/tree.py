@@ -130,6 +130,18 @@ class TaskTree:
             out.setdefault(p[min(depth, len(p) - 1)], []).append(task)
         return out
 
+    def tasks_under(self, node: str) -> list[str]:
+        """Task names of the leaves below `node` (itself, for a leaf), depth-first."""
+        if node not in self.nodes:
+            raise TreeError(f"the tree has no node {node!r}")
+        out, stack = [], [node]
+        while stack:
+            n = self.nodes[stack.pop()]
+            if n.task is not None:
+                out.append(n.task)
+            stack.extend(reversed(n.children))
+        return out
+
     def depth(self) -> int:
         return max(len(self.path(t)) for t in self.tasks)
 

@@ -4,8 +4,11 @@ transfer affinity, tree, compare) through hipro_fast.app.pipeline, with 4 shots,
 10 epochs (1-2 steps each: the step floor TrainConfig.min_steps is switched
 off), 10 affinity steps, and the numbers checked:
 
-* the affinity tree pairs the related tasks as the README's demo tree does
-  (the two digit domains, the two relabelled digit tasks, the two animal tasks);
+* the affinity ranks the related tasks together: its one-level cut
+  (`--levels 1`) pairs the two digit domains, the two relabelled digit tasks
+  and the two animal tasks (the automatic rule may keep the tree flat at low
+  shots, as the README's ablation says; HiPro trains on the automatic tree, as
+  the demo does);
 * zero-shot's row is evaluate() of the "a photo of a {}." model, and its mean
   is the zero-shot number of the README's demo table, read from the README
   (same shipped model, same test images: the README's claim is checked);
@@ -55,10 +58,11 @@ def test_reduced_demo_numbers(tmp_path):
     feats = pipeline.cache_features(clip, load_spec(spec_path), shots=SHOTS, seed=SEED, cache_dir=tmp_path / "cache",
                                     device="cpu", progress=False)
     matrix, names = pipeline.compute_affinity(clip, feats, progress=False, steps=AFFINITY_STEPS)
-    tree = pipeline.build_tree(matrix, names)
-    groups = [set(g) for g in tree.groups(1).values()]
+    cut = pipeline.build_tree(matrix, names, levels=1)
+    groups = [set(g) for g in cut.groups(1).values()]
     for pair in README_PAIRS:
-        assert pair in groups, tree.render()
+        assert pair in groups, cut.render()
+    tree = pipeline.build_tree(matrix, names)
 
     config = TrainConfig(epochs=EPOCHS, min_steps=0)
     table = compare(clip, feats.tasks, feats.train_for_fit(), feats.test, feats.val or None,

@@ -230,3 +230,22 @@ def test_save_load_and_plot(tmp_path):
     assert not (tmp_path / "bad.json").exists()
     png = plot_affinity(m, names, tmp_path / "aff.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("method", ["transfer", "lookahead"])
+def test_task_order_permutes_the_affinity(tiny, method):
+    """Listing the tasks in another order permutes the matrix and changes nothing
+    else, also when every task is sampled in mini-batches: each task draws its
+    batches from its own (seed, task) stream."""
+    model, tok = tiny
+    data = toy_data(TASKS, n_per_class=4)
+    kw = dict(steps=4, n_ctx=2, batch_size=5, seed=3) | (dict(every=1) if method == "lookahead" else {})
+    assert all(y.numel() > kw["batch_size"] for _, y in data.values())  # every task is mini-batched
+    a = task_affinity((model, tok), TASKS, data, method=method, **kw)
+    order = ["food", "pets", "cars"]
+    b = task_affinity((model, tok), {t: TASKS[t] for t in order}, {t: data[t] for t in order}, method=method, **kw)
+    idx = [list(TASKS).index(t) for t in order]
+    np.testing.assert_allclose(b, a[np.ix_(idx, idx)], rtol=0, atol=1e-5)
+    # The seed still matters: another seed draws other batches.
+    c = task_affinity((model, tok), TASKS, data, method=method, **{**kw, "seed": 4})
+    assert not np.allclose(a, c, rtol=0, atol=1e-5)

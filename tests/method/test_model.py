@@ -245,3 +245,34 @@ def test_a_float64_model_scores_in_float64(tiny, tokenizer):
     torch.testing.assert_close(logits, model.logit_scale.double() * img @ feats.t(), rtol=1e-6, atol=0)
     acc = hf.evaluate(model, {"b": (img, torch.tensor([0, 1, 2]))})
     assert 0.0 <= acc["b"] <= 1.0
+
+
+def _context_by_content(model):
+    """node context keyed by what the node stands for: (leaf?, its tasks)."""
+    return {(model.tree.nodes[n].task is not None, tuple(sorted(model.tree.tasks_under(n)))): p.detach()
+            for n, p in model.ctx.items()}
+
+
+def test_the_order_of_tasks_and_groups_does_not_change_the_model(tiny, tokenizer):
+    """The same tasks, listed and grouped in another order, start from the same
+    contexts node by node and give the same features task by task."""
+    a = hf.HiProModel(tiny, TASKS, [["a", "b"], "c"], n_ctx=3, tokenizer=tokenizer, seed=5)
+    swapped = {t: TASKS[t] for t in ["c", "b", "a"]}
+    b = hf.HiProModel(tiny, swapped, ["c", ["b", "a"]], n_ctx=3, tokenizer=tokenizer, seed=5)
+    assert a.tree.tasks != b.tree.tasks  # really another order
+    ctx_a, ctx_b = _context_by_content(a), _context_by_content(b)
+    assert ctx_a.keys() == ctx_b.keys()
+    for key in ctx_a:
+        torch.testing.assert_close(ctx_b[key], ctx_a[key], atol=0, rtol=0)
+    fa, fb = a.text_features(), b.text_features()
+    for t in TASKS:
+        torch.testing.assert_close(fb[t], fa[t], atol=1e-6, rtol=0)
+    # a task's leaf starts alike in another tree (CoOp per task's flat one) ...
+    flat = hf.HiProModel(tiny, TASKS, list(TASKS), n_ctx=3, tokenizer=tokenizer, seed=5)
+    for t in TASKS:
+        torch.testing.assert_close(flat.ctx[f"task/{t}"].detach(), a.ctx[f"task/{t}"].detach(), atol=0, rtol=0)
+    # ... while nodes, and seeds, differ from each other
+    c = hf.HiProModel(tiny, TASKS, [["a", "b"], "c"], n_ctx=3, tokenizer=tokenizer, seed=6)
+    assert not torch.equal(c.ctx["task/a"], a.ctx["task/a"])
+    values = list(ctx_a.values())
+    assert all(not torch.equal(x, y) for i, x in enumerate(values) for y in values[i + 1:])

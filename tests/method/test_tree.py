@@ -63,3 +63,13 @@ def test_check_tasks_names_culprit():
         tree.check_tasks(["a"])
     with pytest.raises(TreeError, match="task 'zzz' is not in the tree"):
         tree.path("zzz")
+
+
+def test_tasks_under_a_node():
+    tree = TaskTree.from_nested([["a", ["b", "c"]], "d"])
+    assert tree.tasks_under("root") == ["a", "b", "c", "d"]
+    assert tree.tasks_under("root/0") == ["a", "b", "c"]
+    assert tree.tasks_under("root/0/1") == ["b", "c"]
+    assert tree.tasks_under("task/d") == ["d"]
+    with pytest.raises(TreeError, match="no node 'root/7'"):
+        tree.tasks_under("root/7")
