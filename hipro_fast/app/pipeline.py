@@ -440,8 +440,14 @@ def check_model_args(name: str | None, pretrained: str | None, model_config: str
     if name != "hipro-tiny-clip" and schema is None and name not in open_clip.list_models():
         raise InvalidInputError(f"unknown model {name!r} (an open_clip model name, hipro-tiny-clip, "
                                 f"or pass --model-config)")
-    if pretrained is not None and not Path(pretrained).exists() and Path(pretrained).suffix:
-        raise MissingFileError(f"weights file not found: {pretrained}")
+    if pretrained is not None and not Path(pretrained).exists():
+        if Path(pretrained).suffix or "/" in pretrained or "\\" in pretrained:
+            raise MissingFileError(f"weights file not found: {pretrained}")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if schema is None and pretrained not in tags:  # a tag: open_clip's own list says which exist
+            known = f"its tags: {', '.join(tags)}" if tags else "it has no open_clip tags"
+            raise InvalidInputError(f"--pretrained {pretrained!r} is neither a weights file nor an open_clip tag "
+                                    f"of model {name!r} ({known})")
     return name
 
 

@@ -43,7 +43,8 @@ from ..files import atomic_write_text
 from ..ops.extension import build_info, fused_available
 from ..usage import OneLineUsageParser, int_at_least
 from .model import load_model, load_tokenizer
-from .output import (README_BEGIN, README_END, gpu_markdown, ideal_ratio, print_gpu_table, print_targets,
+from .output import (README_BEGIN, README_END, STATUS_BEGIN, STATUS_END, gpu_markdown, gpu_status_markdown,
+                     ideal_ratio, print_gpu_table, print_targets,
                      replace_readme_block, write_json)
 from .problems import Problem, gpu_problems
 from .profile import kernel_table
@@ -241,15 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def publish(out: dict, markdown: str | None, readme: str | None) -> None:
-    """Write the markdown tables of a results dict and/or put them into a README."""
-    text = gpu_markdown(out["results"], out.get("targets") or targets(out["results"]),
-                        out.get("device_name", out.get("device", "")), failed=out.get("failed"),
-                        complete=out.get("complete", True))
+def publish(out: dict, markdown: str | None, readme: str | None, source: str | None = None) -> None:
+    """Write the markdown tables of a results dict and/or put them into a README:
+    the table block, and the status block when the README has one (the sentence
+    that says whether and where the targets were measured). `source`: the
+    results file, named in the status."""
+    out = {**out, "targets": out.get("targets") or targets(out["results"])}
+    text = gpu_markdown(out["results"], out["targets"], out.get("device_name", out.get("device", "")),
+                        failed=out.get("failed"), complete=out.get("complete", True))
     if markdown:
         atomic_write_text(markdown, text)
     if readme:
         replace_readme_block(readme, text)
+        if STATUS_BEGIN in Path(readme).read_text():
+            replace_readme_block(readme, gpu_status_markdown(out, source), STATUS_BEGIN, STATUS_END)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = json.loads(Path(args.render).read_text())
         if not (args.markdown or args.readme):
             ap.error("--render needs --markdown and/or --readme")
-        publish(out, args.markdown, args.readme)
+        publish(out, args.markdown, args.readme, source=args.render)
         return 0
     names = args.problems.split(",")
     precisions = args.precisions.split(",")
@@ -327,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.update(targets=tgt, complete=True)
     if args.json:
         write_json(args.json, out)
-    publish(out, args.markdown, args.readme)
+    publish(out, args.markdown, args.readme, source=args.json)
     return 1 if failed else 0
 
 

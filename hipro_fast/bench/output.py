@@ -289,14 +289,37 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 README_BEGIN = "<!-- gpu-table:begin (python -m hipro_fast.bench.gpu --render JSON --readme README.md) -->"
 README_END = "<!-- gpu-table:end -->"
+STATUS_BEGIN = "<!-- gpu-status:begin (python -m hipro_fast.bench.gpu --render JSON --readme README.md) -->"
+STATUS_END = "<!-- gpu-status:end -->"
 
 
-def replace_readme_block(readme: str | Path, text: str) -> None:
-    """Replace the lines between README_BEGIN and README_END of `readme` with `text`."""
+def gpu_status_markdown(out: dict, source: str | None = None) -> str:
+    """The README's one-paragraph status of the GPU targets, from a results dict:
+    where and when they were measured and how many are met, missed or unmeasured
+    (the prose around the table, so that a render leaves no stale claim)."""
+    results = out.get("results") or []
+    if not results:
+        return ("**The GPU targets are unmeasured: the results hold no measured problem.** None of them "
+                "is claimed.\n")
+    tg = out.get("targets") or []
+    met = sum(t["pass"] is True for t in tg)
+    missed = sum(t["pass"] is False for t in tg)
+    unmeasured = sum(t["pass"] is None for t in tg)
+    device = out.get("device_name", out.get("device", "a GPU"))
+    when = f" on {out['time']}" if out.get("time") else ""
+    cut = " The run was cut short: only the rows of the table were measured." if out.get("complete") is False else ""
+    src = f" (`{source}`)" if source else ""
+    return (f"**The GPU targets were measured on {device}{when}{src}: {met} of {len(tg)} met, {missed} "
+            f"missed, {unmeasured} unmeasured.** The table below says which, with every time it is "
+            f"computed from.{cut}\n")
+
+
+def replace_readme_block(readme: str | Path, text: str, begin: str = README_BEGIN, end: str = README_END) -> None:
+    """Replace the lines between `begin` and `end` (the GPU table's markers by default) of `readme` with `text`."""
     path = Path(readme)
     src = path.read_text()
-    if src.count(README_BEGIN) != 1 or src.count(README_END) != 1:
-        raise InvalidInputError(f"{path}: needs exactly one '{README_BEGIN}' and one '{README_END}' line")
-    head, rest = src.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    atomic_write_text(path, f"{head}{README_BEGIN}\n{text}{README_END}{tail}")
+    if src.count(begin) != 1 or src.count(end) != 1:
+        raise InvalidInputError(f"{path}: needs exactly one '{begin}' and one '{end}' line")
+    head, rest = src.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(path, f"{head}{begin}\n{text}{end}{tail}")

@@ -208,6 +208,9 @@ class ProtocolResult:
                 for m in self.methods}
             out["results"][str(k)]["trees"] = {str(s): self.runs[(k, s)].tree for s in self.seeds
                                                if (k, s) in self.runs}
+            if self.select is not None and "hipro" in self.methods:  # each task's pick on each draw
+                out["results"][str(k)]["choices"] = {str(s): self.runs[(k, s)]["hipro"].choices[0]
+                                                     for s in self.seeds if (k, s) in self.runs}
         return out
 
     def summary_markdown(self) -> str:

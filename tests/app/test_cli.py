@@ -1049,6 +1049,11 @@ def test_model_options_are_checked_before_an_overwrite(world, tmp_path, capsys):
     for argv, says in ((["--model", "ViT-Nope-99"], "unknown model 'ViT-Nope-99'"),
                        (["--model", "hipro-tiny-clip", "--pretrained", str(tmp_path / "nope.pt")],
                         "weights file not found"),
+                       # a misspelt tag failed inside open_clip, after the run directory was made
+                       (["--model", "ViT-B-16", "--pretrained", "opanai"],
+                        "--pretrained 'opanai' is neither a weights file nor an open_clip tag of model 'ViT-B-16' "
+                        "(its tags: openai, "),
+                       (["--pretrained", "openai"], "(it has no open_clip tags)"),
                        (["--model-config", str(notcfg)], "not an open_clip model config")):
         args = _cli_args(world, ["cache", "--shots", "1", "--overwrite", *argv], run_dir)
         if "--model-config" in argv:  # the last --model-config wins in argparse; drop the world's

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hipro_fast.bench import gpu as bench_gpu
-from hipro_fast.bench.output import README_BEGIN, README_END
+from hipro_fast.bench.output import README_BEGIN, README_END, STATUS_BEGIN, STATUS_END
 
 
 def test_bench_gpu_harness_on_cpu(tmp_path, capsys):
@@ -113,6 +113,31 @@ def test_render_puts_the_tables_into_the_readme(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs exactly one"):
         bench_gpu.main(["--render", str(js), "--readme", str(readme)])
+
+
+def test_render_rewrites_the_readmes_status_sentence_too(tmp_path):
+    """The sentence saying whether the targets were measured is rewritten with the
+    table, so a render leaves no stale "unmeasured" claim beside measured numbers."""
+    results = [_result("a", "bf16", 10, 70, 10, flex_ms=12), _result("a", "fp32", 10, 95, 10, flex_ms=12)]
+    js = tmp_path / "r.json"
+    js.write_text(json.dumps({"device_name": "NVIDIA H200", "time": "2026-12-02 05:00:00", "results": results}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{STATUS_BEGIN}\n**unmeasured**\n{STATUS_END}\nb\n{README_BEGIN}\nold\n{README_END}\n")
+    assert bench_gpu.main(["--render", str(js), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "**unmeasured**" not in text and "old" not in text
+    tg = bench_gpu.targets(results)
+    counts = [sum(t["pass"] is v for t in tg) for v in (True, False, None)]
+    assert counts[0] and counts[1] and counts[2]  # the sample has every kind
+    assert (f"measured on NVIDIA H200 on 2026-12-02 05:00:00 (`{js}`): {counts[0]} of {len(tg)} met, "
+            f"{counts[1]} missed, {counts[2]} unmeasured.") in text
+    # a run cut short says so; a README without the status markers gets the table only
+    js.write_text(json.dumps({"device_name": "NVIDIA H200", "results": results, "complete": False}))
+    assert bench_gpu.main(["--render", str(js), "--readme", str(readme)]) == 0
+    assert "The run was cut short" in readme.read_text()
+    readme.write_text(f"{README_BEGIN}\nold\n{README_END}\n")
+    assert bench_gpu.main(["--render", str(js), "--readme", str(readme)]) == 0
+    assert "old" not in readme.read_text() and STATUS_BEGIN not in readme.read_text()
 
 
 class _BrokenFlexTower:

@@ -97,6 +97,9 @@ def test_protocol_selects_per_task_by_default_and_select_none_keeps_the_tree():
     for task, method in picks.items():
         source = own["hipro"] if method == "hipro" else own[method]
         assert table["hipro"].task_acc[task] == pytest.approx(source.task_acc[task])
+    # comparison.json (ProtocolResult.to_dict) names each task's choice per draw
+    assert chosen.to_dict()["results"]["2"]["choices"] == {"0": picks}
+    assert "choices" not in plain.to_dict()["results"]["2"]
 
 
 def test_a_task_without_test_images_is_left_out_of_every_table():
