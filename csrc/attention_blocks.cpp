@@ -146,7 +146,7 @@ void add_rows(at::Tensor& dst, const at::Tensor& index, const at::Tensor& y, int
 // a @ b (batched) with a, b in the inputs' dtype and the product in `acc`
 // (see "Precision" in attention_blocks.h).
 at::Tensor block_gemm(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
-  if (a.scalar_type() == acc) return at::bmm(a, b);
+  if (a.scalar_type() == acc) return at::bmm(a, b.to(acc));  // b may be a half operand (fp16 dS)
   if (a.is_cuda()) return at::bmm(a, b, acc);  // half operands on tensor cores, fp32 result
   return at::bmm(a.to(acc), b.to(acc));        // the same products, exact in fp32
 }
@@ -396,6 +396,12 @@ void attention_blocks_backward(const AttentionBlockPlan& plan, const at::Tensor&
                                at::Tensor& dk, at::Tensor& dv) {
   const auto acc = dq.scalar_type();
   const auto operand = q.scalar_type();
+  // dS = P * (dP - delta) * scale stays in the accumulation dtype for fp16:
+  // it can exceed fp16's range (65504) where dQ = dS K and dK = dS^T Q do not,
+  // and an inf dS times a zero key gives NaN. The per-row path and the
+  // reference keep it in fp32 too. bf16 has fp32's exponent range, so there
+  // dS goes to the tensor cores in bf16.
+  const auto ds_dtype = operand == at::kHalf ? acc : operand;
   const int64_t H = q.size(1);
   // P and dS of one block or group ([B, n, L]), from its gathered rows / keys.
   auto probs = [&](const at::Tensor& qr, const at::Tensor& ks, const at::Tensor& lse_r) {
@@ -407,7 +413,7 @@ void attention_blocks_backward(const AttentionBlockPlan& plan, const at::Tensor&
         .sub_(delta_r.unsqueeze(2))
         .mul_(p)
         .mul_(scale)
-        .to(operand);
+        .to(ds_dtype);
   };
   for (const AttentionBlockGroup& g : plan.groups) {
     if (g.members.size() == 1) {  // views, no gathers

@@ -57,6 +57,7 @@ void check_segment_table(const at::Tensor& table) {
 
 void check_inner_contiguous(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 3, cat(name, " must be [T, H, D], got ", shape_of(x)));
+  TORCH_CHECK(x.size(2) > 0, cat(name, " must have a head dim D >= 1, got ", shape_of(x)));
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2),
               cat(name, " must be contiguous within a row ([H, D] block), got strides ",
                   strides_of(x)));
@@ -98,10 +99,14 @@ std::string segment_row_problem(const int64_t* table, int64_t s, int64_t num_tok
                ") is not nested in its parent ", parent, " (its subtree ends at ",
                seg_subtree_end(table, parent), ")");
   }
-  return cat("segment ", s, " (offset ", seg_offset(table, s), ", parent ", parent,
-             ") does not follow segment ", s - 1, " in packed DFS preorder (its tokens must start "
-             "where the previous segment's end, under that segment or one of its ancestors, whose "
-             "subtrees close there)");
+  if (!segment_row_follows(table, s)) {
+    return cat("segment ", s, " (offset ", seg_offset(table, s), ", parent ", parent,
+               ") does not follow segment ", s - 1, " in packed DFS preorder (its tokens must start "
+               "where the previous segment's end, under that segment or one of its ancestors, whose "
+               "subtrees close there)");
+  }
+  return cat("segment ", s, " lies more than ", kMaxDepth,
+             " segments deep (itself and its ancestors), deeper than the attention kernels support");
 }
 
 }  // namespace
@@ -205,7 +210,9 @@ void check_pool_backward_args(const at::Tensor& grad_features, const at::Tensor&
                               const at::Tensor& x_hat, const at::Tensor& rstd,
                               const at::Tensor& proj_norm, const at::Tensor& ln_weight,
                               const at::Tensor& projection, const at::Tensor& eos_index,
-                              int64_t num_tokens) {
+                              int64_t num_tokens, at::ScalarType x_dtype) {
+  TORCH_CHECK(at::isFloatingType(x_dtype),
+              cat("x_dtype (the gradient's dtype) must be a floating type, got ", x_dtype));
   TORCH_CHECK(x_hat.dim() == 2, cat("x_hat must be [P, W], got ", shape_of(x_hat)));
   const int64_t P = x_hat.size(0), W = x_hat.size(1);
   const auto acc = x_hat.scalar_type();

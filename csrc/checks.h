@@ -93,7 +93,7 @@ void check_pool_backward_args(const at::Tensor& grad_features, const at::Tensor&
                               const at::Tensor& x_hat, const at::Tensor& rstd,
                               const at::Tensor& proj_norm, const at::Tensor& ln_weight,
                               const at::Tensor& projection, const at::Tensor& eos_index,
-                              int64_t num_tokens);
+                              int64_t num_tokens, at::ScalarType x_dtype);
 
 // ---------------------------------------------------------------------------
 // Value checks (CPU backend; the arguments already passed the checks above

@@ -172,7 +172,9 @@ HIPRO_HD bool token_reads_context(int64_t ctx_row) { return ctx_row >= 0; }
 HIPRO_HD bool segment_row_in_range(const int64_t* table, int64_t s, int64_t num_tokens) {
   const int64_t off = seg_offset(table, s);
   const int64_t len = seg_length(table, s);
-  return off >= 0 && len >= 0 && off + len <= num_tokens &&
+  // len <= num_tokens - off, not off + len <= num_tokens: a huge length must
+  // not wrap around past the check.
+  return off >= 0 && len >= 0 && len <= num_tokens - off &&
          seg_subtree_end(table, s) <= num_tokens && seg_parent(table, s) < s;
 }
 
@@ -209,9 +211,22 @@ HIPRO_HD bool segment_row_follows(const int64_t* table, int64_t s) {
   return true;
 }
 
+// Row s lies at most kMaxDepth segments deep (itself and its ancestors), the
+// depth the attention kernels' per-row ancestor walk holds; checked up front
+// so that a deeper table is refused whichever path (blocks or rows) its
+// segments would take. Walks parents that must be earlier rows (else false),
+// so it ends within kMaxDepth steps.
+HIPRO_HD bool segment_row_shallow(const int64_t* table, int64_t s) {
+  int depth = 1;
+  for (int64_t a = s; seg_parent(table, a) >= 0; a = seg_parent(table, a)) {
+    if (seg_parent(table, a) >= a || ++depth > kMaxDepth) return false;
+  }
+  return true;
+}
+
 HIPRO_HD bool segment_row_valid(const int64_t* table, int64_t s, int64_t num_tokens) {
   return segment_row_in_range(table, s, num_tokens) && segment_row_nested(table, s) &&
-         segment_row_follows(table, s);
+         segment_row_follows(table, s) && segment_row_shallow(table, s);
 }
 
 // Token t names a segment inside [0, num_segments) that contains it.

@@ -77,7 +77,8 @@ at::Tensor pool_eos_backward_cpu(const at::Tensor& grad_features, const at::Tens
   // autocast region: its at::mm must not be autocast to bf16 / fp16.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_pool_backward_args(grad_features, features, x_hat, rstd, proj_norm, ln_weight, projection,
-                           eos_index, num_tokens);
+                           eos_index, num_tokens, x_dtype);
+  check_eos_values(eos_index.contiguous(), num_tokens);
   const int64_t P = x_hat.size(0), W = x_hat.size(1);
   // x_hat is in the forward's accumulation dtype; the loop below reads it and
   // rstd densely in that dtype.

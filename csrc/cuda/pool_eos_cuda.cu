@@ -183,7 +183,7 @@ at::Tensor pool_eos_backward_cuda(const at::Tensor& grad_features, const at::Ten
   // autocast region: its at::mm must not be autocast to bf16 / fp16.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_pool_backward_args(grad_features, features, x_hat, rstd, proj_norm, ln_weight, projection,
-                           eos_index, num_tokens);
+                           eos_index, num_tokens, x_dtype);
   const int64_t P = x_hat.size(0), W = x_hat.size(1), E = projection.size(1);
   const auto acc = x_hat.scalar_type();
   check_prompt_count(P);

@@ -48,9 +48,8 @@ def assemble_forest(
     token_embedding = token_embedding.to(dtype)
     positional_embedding = positional_embedding.to(dtype)
     if fused_available(ctx_table.device):
-        return torch.ops.hipro_fast.assemble_forest(
-            ctx_table, token_embedding, positional_embedding, token_ctx_row, token_vocab_id,
-            token_position)
+        return _call_op("assemble_forest", ctx_table, token_embedding, positional_embedding,
+                        token_ctx_row, token_vocab_id, token_position)
     warn_fallback(ctx_table.device.type)
     return reference.assemble_forest(ctx_table, token_embedding, positional_embedding,
                                      token_ctx_row, token_vocab_id, token_position)
@@ -84,9 +83,8 @@ def tree_attention(
     """
     _refuse_forward_ad("tree_attention", q, k, v)
     if fused_available(q.device):
-        out, _ = torch.ops.hipro_fast.tree_attention(
-            _row_strided(q), _row_strided(k), _row_strided(v), segment_table, token_segment,
-            float(scale))
+        out, _ = _call_op("tree_attention", _row_strided(q), _row_strided(k), _row_strided(v),
+                          segment_table, token_segment, float(scale))
         return out
     warn_fallback(q.device.type)
     return reference.tree_attention(q, k, v, segment_table, token_segment, scale)
@@ -113,8 +111,7 @@ def pool_eos(
     """
     _refuse_forward_ad("pool_eos", x, ln_weight, ln_bias, projection)
     if fused_available(x.device):
-        features, _, _, _ = torch.ops.hipro_fast.pool_eos(
-            x, eos_index, ln_weight, ln_bias, projection, float(eps))
+        features, _, _, _ = _call_op("pool_eos", x, eos_index, ln_weight, ln_bias, projection, float(eps))
         return features
     warn_fallback(x.device.type)
     return reference.pool_eos(x, eos_index, ln_weight, ln_bias, projection, eps)
@@ -178,6 +175,33 @@ def _refuse_forward_ad(op: str, *tensors: torch.Tensor) -> None:
                                   "is not supported; use reverse mode (loss.backward() or torch.autograd.grad)")
 
 
+def _call_op(op: str, *args):
+    """torch.ops.hipro_fast.<op>(*args), with torch.func's gradient transforms
+    (grad, jacrev, hessian) refused by name: register_autograd's formulas run
+    under loss.backward() / torch.autograd.grad and torch.vmap, but functorch
+    cannot transform them and says so only in its own terms."""
+    try:
+        return getattr(torch.ops.hipro_fast, op)(*args)
+    except RuntimeError as err:
+        if "functorch" in str(err) and "setup_context" in str(err):
+            raise UnsupportedAutogradError(
+                f"hipro_fast.{op}: torch.func.grad / jacrev / hessian are not supported; use reverse "
+                "mode (loss.backward() or torch.autograd.grad; torch.vmap works)") from err
+        raise
+
+
+def _fake_same_device(op: str, **tensors: torch.Tensor) -> None:
+    """The fake kernel runs for every call with a meta argument, also when the others
+    are real tensors, and would return uninitialised memory on their device: the
+    real kernels' device check, for the fakes (under torch.compile every fake
+    argument sits on the one device, and this passes)."""
+    (first, ref), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != ref.device:
+            raise InvalidInputError(f"hipro_fast.{op}: {name} is on {t.device}, {first} on {ref.device}; "
+                                    "all arguments must be on one device")
+
+
 def _refuse_double_backward(op: str) -> None:
     """Called first in each backward: with create_graph=True grad mode is on there,
     and the *_backward ops have no derivative of their own, so a second-order
@@ -199,10 +223,14 @@ def _register() -> None:
     @torch.library.register_fake("hipro_fast::assemble_forest")
     def _(ctx_table, token_embedding, positional_embedding, token_ctx_row, token_vocab_id,
           token_position):
+        _fake_same_device("assemble_forest", ctx_table=ctx_table, token_embedding=token_embedding,
+                          positional_embedding=positional_embedding, token_ctx_row=token_ctx_row,
+                          token_vocab_id=token_vocab_id, token_position=token_position)
         return ctx_table.new_empty((token_ctx_row.shape[0], ctx_table.shape[1]))
 
     @torch.library.register_fake("hipro_fast::assemble_forest_backward")
     def _(grad_out, token_ctx_row, num_ctx_rows):
+        _fake_same_device("assemble_forest_backward", grad_out=grad_out, token_ctx_row=token_ctx_row)
         return grad_out.new_empty((num_ctx_rows, grad_out.shape[1]))
 
     def assemble_setup(ctx, inputs, output):
@@ -233,10 +261,14 @@ def _register() -> None:
 
     @torch.library.register_fake("hipro_fast::tree_attention")
     def _(q, k, v, segment_table, token_segment, scale):
+        _fake_same_device("tree_attention", q=q, k=k, v=v, segment_table=segment_table,
+                          token_segment=token_segment)
         return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=_acc_dtype(q.dtype))
 
     @torch.library.register_fake("hipro_fast::tree_attention_backward")
     def _(grad_out, q, k, v, out, lse, segment_table, token_segment, scale):
+        _fake_same_device("tree_attention_backward", grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse,
+                          segment_table=segment_table, token_segment=token_segment)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def attention_setup(ctx, inputs, output):
@@ -258,6 +290,8 @@ def _register() -> None:
 
     @torch.library.register_fake("hipro_fast::pool_eos")
     def _(x, eos_index, ln_weight, ln_bias, projection, eps):
+        _fake_same_device("pool_eos", x=x, eos_index=eos_index, ln_weight=ln_weight, ln_bias=ln_bias,
+                          projection=projection)
         acc = _acc_dtype(x.dtype)
         P, W, E = eos_index.shape[0], x.shape[1], projection.shape[1]
         return (x.new_empty((P, E), dtype=acc), x.new_empty((P, W), dtype=acc),
@@ -266,6 +300,9 @@ def _register() -> None:
     @torch.library.register_fake("hipro_fast::pool_eos_backward")
     def _(grad_features, features, x_hat, rstd, proj_norm, ln_weight, projection, eos_index,
           num_tokens, x_dtype):
+        _fake_same_device("pool_eos_backward", x_hat=x_hat, grad_features=grad_features, features=features,
+                          rstd=rstd, proj_norm=proj_norm, ln_weight=ln_weight, projection=projection,
+                          eos_index=eos_index)
         return x_hat.new_empty((num_tokens, x_hat.shape[1]), dtype=x_dtype)
 
     def pool_setup(ctx, inputs, output):

@@ -521,6 +521,10 @@ MALFORMED_FORESTS = {
                           r"segment 3 \(offset 6, parent 0\) does not follow segment 2 in packed DFS preorder"),
     "gap_between_segments": ({(3, 0): 7, (3, 1): 3}, {},
                              r"segment 3 \(offset 7, parent 0\) does not follow segment 2"),
+    # offset + length wrapped around past int64's end passed the range check
+    "length_overflows_int64": ({(3, 1): 2**63 - 1}, {},
+                               r"segment 3 \(offset 6, length 9223372036854775807\) does not lie inside"),
+    "negative_subtree_end": ({(3, 1): 2**63 - 1, (3, 3): -40}, {}, r"segment 3 \(offset 6, length 9223"),
 }
 
 
@@ -552,6 +556,27 @@ def test_tree_attention_rejects_strided_token_segment():
 
 
 @needs_ext
+@pytest.mark.parametrize("mode", ["default", "all_gemm", "scalar_only"])
+def test_a_forest_deeper_than_the_kernels_hold_is_refused_up_front(mode):
+    """A chain of 129 one-token segments is refused, naming the segment, whichever
+    path its segments would take (the depth limit used to trip inside the per-row
+    kernel only, for the ancestors not already blocked); 128 levels work."""
+    def chain(n):
+        table = torch.tensor([[s, 1, s - 1, n] for s in range(n)])
+        return table, torch.arange(n)
+
+    with attention_knobs(*BLOCK_MODES[mode]):
+        table, tseg = chain(128)
+        q = torch.randn(128, 1, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        torch.testing.assert_close(ops.tree_attention(q, q, q, table, tseg, 0.5),
+                                   reference.tree_attention(q, q, q, table, tseg, 0.5))
+        table, tseg = chain(129)
+        q = torch.randn(129, 1, 4, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match="segment 128 lies more than 128 segments deep"):
+            ops.tree_attention(q, q, q, table, tseg, 0.5)
+
+
+@needs_ext
 def test_pool_backward_checks_its_arguments_on_cpu():
     """pool_eos_backward runs the same argument checks on the CPU as on CUDA."""
     x, eos, weight, bias, proj = pool_inputs(5, 12, 4, 8, 6, torch.float32)
@@ -573,6 +598,9 @@ def test_pool_backward_checks_its_arguments_on_cpu():
         (dict(projection=proj[:-1]), r"projection must be \[8, E\], got \[7, 6\]"),
         (dict(ln_weight=weight[:-1]), r"ln_weight must be \[8\], got \[7\]"),
         (dict(num_tokens=-1), "num_tokens must be >= 0, got -1"),
+        (dict(eos_index=torch.tensor([0, 1, 2, 99])), r"eos_index\[3\] = 99 outside \[0, 12\)"),
+        (dict(num_tokens=0), r"eos_index\[0\] = \d+ outside \[0, 0\)"),
+        (dict(x_dtype=torch.int64), "x_dtype .* must be a floating type, got Long"),
     ]:
         with pytest.raises(RuntimeError, match=message):
             call(**change)
@@ -609,6 +637,57 @@ def test_cpu_ops_name_a_non_floating_dtype():
     q = torch.zeros(lay.num_tokens, 1, 4, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="q must be float32, float64, float16 or bfloat16, got Int"):
         torch.ops.hipro_fast.tree_attention(q, q, q, lay.segment_table, lay.token_segment, 0.5)
+
+
+@needs_ext
+def test_a_meta_argument_among_real_ones_is_refused():
+    """With any meta argument the dispatcher runs the fake kernel, which returned
+    uninitialised memory on the other arguments' device; it now names the culprit."""
+    lay = _fixed_forest()
+    q = torch.randn(lay.num_tokens, 1, 4)
+    with pytest.raises(ValueError, match="hipro_fast.tree_attention: segment_table is on meta, q on cpu"):
+        ops.tree_attention(q, q, q, lay.segment_table.to("meta"), lay.token_segment, 0.5)
+    x, eos, weight, bias, proj = pool_inputs(5, 12, 4, 8, 6, torch.float32)
+    with pytest.raises(ValueError, match="hipro_fast.pool_eos: eos_index is on meta, x on cpu"):
+        ops.pool_eos(x, eos.to("meta"), weight, bias, proj, 1e-5)
+    alay, ctx, emb, pos = assembly_inputs(7, 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="hipro_fast.assemble_forest: token_position is on meta"):
+        ops.assemble_forest(ctx, emb, pos, alay.token_ctx_row, alay.token_vocab_id, alay.token_position.to("meta"))
+    # all-meta calls of the op (shape inference) still work
+    out, lse = torch.ops.hipro_fast.tree_attention(*(q.to("meta"),) * 3, lay.segment_table.to("meta"),
+                                                   lay.token_segment.to("meta"), 0.5)
+    assert out.device.type == "meta" and out.shape == q.shape and lse.shape == q.shape[:2]
+
+
+@needs_ext
+def test_a_head_dim_of_zero_is_named():
+    lay = _fixed_forest()
+    x = torch.zeros(lay.num_tokens, 2, 0)
+    with pytest.raises(RuntimeError, match=r"q must have a head dim D >= 1, got \[10, 2, 0\]"):
+        ops.tree_attention(x, x, x, lay.segment_table, lay.token_segment, 1.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["all_gemm", "all_gemm_grouped", "scalar_only"])
+def test_fp16_backward_keeps_a_large_score_gradient_finite(mode):
+    """dS = P (dP - delta) scale can pass fp16's 65504 where dQ = dS K does not: the
+    GEMM blocks rounded dS to fp16 first (inf, then inf x 0 = NaN); every path
+    now agrees with the fp32-math reference."""
+    table, tseg = torch.tensor([[0, 2, -1, 3], [2, 1, 0, 3]]), torch.tensor([0, 0, 1])
+    D = 64
+    q = torch.zeros(3, 1, D, dtype=torch.half)           # uniform attention
+    k = torch.zeros(3, 1, D, dtype=torch.half)
+    k[0] = 1e-3
+    v = torch.zeros(3, 1, D, dtype=torch.half)
+    v[0], v[1] = 1, -1
+    grad = torch.full((3, 1, D), 30000.0, dtype=torch.half)  # a finite fp16 upstream gradient
+    qr = q.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.tree_attention(qr, k, v, table, tseg, 1.0), qr, grad)
+    assert expected.isfinite().all()
+    with attention_knobs(*BLOCK_MODES[mode]):
+        qq = q.clone().requires_grad_()
+        (got,) = torch.autograd.grad(ops.tree_attention(qq, k, v, table, tseg, 1.0), qq, grad)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=0)
 
 
 # ---------------------------------------------------------------- autograd modes the ops do not support
@@ -684,6 +763,17 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(which):
         torch.func.jvp(f, (a,), (torch.ones_like(a),))
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"hipro_fast.{name}: forward-mode AD"):
         f(fwAD.make_dual(a, torch.ones_like(a)))
+
+
+@needs_ext
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["tree_attention", "pool_eos", "assemble_forest"])
+def test_func_gradient_transforms_are_refused_by_name(which):
+    """torch.func.grad cannot transform register_autograd's formulas: it is refused
+    naming the op; torch.vmap works."""
+    name, f, a = _op_calls()[which]
+    a = a.detach()
+    with pytest.raises(NotImplementedError, match=f"hipro_fast.{name}: torch.func.grad"):
+        torch.func.grad(lambda t: f(t).square().sum())(a)
 
 
 @needs_ext
