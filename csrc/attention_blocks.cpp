@@ -143,8 +143,8 @@ void add_rows(at::Tensor& dst, const at::Tensor& index, const at::Tensor& y, int
   dst.index_copy_(0, index, dst.index_select(0, index).add_(rows_first(y, G, H)));
 }
 
-// a @ b (batched) with a, b in the inputs' dtype and the product in `acc`
-// (see "Precision" in attention_blocks.h).
+// a @ b (batched) with the product in `acc`: a, b in the inputs' dtype, or a
+// already in `acc` (fp16's dS; see "Precision" in attention_blocks.h).
 at::Tensor block_gemm(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
   if (a.scalar_type() == acc) return at::bmm(a, b.to(acc));  // b may be a half operand (fp16 dS)
   if (a.is_cuda()) return at::bmm(a, b, acc);  // half operands on tensor cores, fp32 result

@@ -24,9 +24,12 @@
 //
 // Precision (flash-attention's model): GEMM operands in the inputs' dtype,
 // products accumulated and scores, softmax and gradients kept in the
-// accumulation dtype (fp32; fp64 for fp64); the probabilities P and the score
-// gradients dS are rounded to the inputs' dtype before they become GEMM
-// operands. On CUDA half types use bmm with an fp32 result (tensor cores);
+// accumulation dtype (fp32; fp64 for fp64); the probabilities P and, for
+// bf16, the score gradients dS are rounded to the inputs' dtype before they
+// become GEMM operands. An fp16 dS stays in fp32 (it can pass fp16's 65504
+// where dQ and dK do not), so fp16's dQ / dK block GEMMs run in fp32, off the
+// tensor cores: fp16 trades that speed for the reference's result; bf16, the
+// training default, keeps them. On CUDA half types use bmm with an fp32 result (tensor cores);
 // on the CPU the same operands are multiplied in fp32, which is the same
 // arithmetic (a product of two bf16/fp16 values is exact in fp32), so the CPU
 // tests check the numerics the GPU runs, up to summation order.

@@ -495,11 +495,15 @@ class _Ctx:
             raise CliError(f"--split {a.split}: no task of the spec {a.spec} has a {a.split} split")
         if getattr(a, "checkpoint", None):
             self.pipeline.checkpoint_location(a.checkpoint)
-            if command == "eval":  # a checkpoint of other tasks or classes leaves no failed run behind
+            # a checkpoint of other tasks, classes or tower width leaves no failed run behind
+            model = self.pipeline.check_model_args(a.model, a.pretrained, a.model_config)
+            if command == "eval":
                 trained = self.pipeline.check_checkpoint_matches(a.checkpoint, self._spec.class_names(),
-                                                                 where=f"spec {a.spec}")
+                                                                 where=f"spec {a.spec}", model=model)
                 if a.split == "train" and self.main:
                     _warn_other_training_draw(a, trained)
+            else:
+                self.pipeline.check_checkpoint_matches(a.checkpoint, model=model)
         if command == "tree" and a.affinity:
             self._given_affinity = _load_affinity(a.affinity)  # checked here, used by cmd_tree
             names = self._given_affinity[1]

@@ -38,6 +38,11 @@ class ExtensionUnavailableError(HiproError, RuntimeError):
 
 
 # ----------------------------------------------------------------- engine
+class DeviceMismatchError(HiproError, RuntimeError):
+    """A fused op's arguments on different devices, named by the fake (meta)
+    kernels; a RuntimeError like the compiled ops' own argument checks."""
+
+
 class ForestError(HiproError, ValueError):
     """A malformed prompt forest; the message names the culprit."""
 

@@ -286,8 +286,10 @@ class Run:
                     except OSError:
                         pass
             raise
-        # a resumed run's files written when a SIGKILL stopped it (held by the lock: no live writer here)
-        remove_orphaned_temp_files(self.dir, "")
+        # a resumed run's files written when a SIGKILL stopped it (held by the lock: no live writer here),
+        # its checkpoint folders' too (they were only cleaned at the next save of the same checkpoint)
+        for folder, _, _ in os.walk(self.dir):
+            remove_orphaned_temp_files(folder, "")
         os.ftruncate(self._lock_fd, 0)  # the writer's pid, for a refused process's message
         os.write(self._lock_fd, str(os.getpid()).encode())
         self.metrics_path = self.dir / "metrics.jsonl"
@@ -444,7 +446,8 @@ def check_model_args(name: str | None, pretrained: str | None, model_config: str
         if Path(pretrained).suffix or "/" in pretrained or "\\" in pretrained:
             raise MissingFileError(f"weights file not found: {pretrained}")
         tags = open_clip.list_pretrained_tags_by_model(name)
-        if schema is None and pretrained not in tags:  # a tag: open_clip's own list says which exist
+        # a tag: open_clip's own list says which exist (is_pretrained_cfg matches as it loads: "OpenAI", "a-b")
+        if schema is None and not open_clip.pretrained.is_pretrained_cfg(name, pretrained):
             known = f"its tags: {', '.join(tags)}" if tags else "it has no open_clip tags"
             raise InvalidInputError(f"--pretrained {pretrained!r} is neither a weights file nor an open_clip tag "
                                     f"of model {name!r} ({known})")
@@ -768,16 +771,41 @@ def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = 
     _check_trained_tasks(model.tasks, tasks, where)
 
 
-def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]], where: str = "the spec") -> dict:
-    """check_model_matches from the checkpoint's record alone, before any model is
-    loaded (a command can refuse before it opens its run directory). Returns the
-    record's provenance (`extra`: what `hipro train` recorded, e.g. shots, seed)."""
+def configured_text_width(name: str) -> int | None:
+    """The text tower width open_clip's config of model `name` gives (None when
+    the config is only known once the model is built, e.g. hf-hub: models)."""
+    import open_clip
+
+    if name == "hipro-tiny-clip":
+        from ..data.bundled.tiny_clip import tiny_clip_config  # lazy: only this model needs it
+
+        cfg = tiny_clip_config()
+    elif open_clip.factory.parse_model_name(name)[0] is not None:
+        return None  # hf-hub: / local-dir: configs are read (or fetched) when the model is built
+    else:
+        cfg = open_clip.get_model_config(name)
+    width = ((cfg or {}).get("text_cfg") or {}).get("width")
+    return int(width) if isinstance(width, int) else None
+
+
+def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]] | None = None,
+                             where: str = "the spec", model: str | None = None) -> dict:
+    """check_model_matches, and load_model_checkpoint's width check against the
+    config of model `model`, from the checkpoint's record alone, before any model
+    is loaded (a command can refuse before it opens its run directory). Returns
+    the record's provenance (`extra`: what `hipro train` recorded, e.g. shots, seed)."""
     directory, kind = checkpoint_location(path)
     record = ckpt.load_checkpoint(directory, None, kind=kind)
-    trained = record.model_config.get("tasks")
-    if not isinstance(trained, Mapping):
-        raise CheckpointError(f"checkpoint {directory}: its record names no tasks")
-    _check_trained_tasks(trained, tasks, where)
+    if tasks is not None:
+        trained = record.model_config.get("tasks")
+        if not isinstance(trained, Mapping):
+            raise CheckpointError(f"checkpoint {directory}: its record names no tasks")
+        _check_trained_tasks(trained, tasks, where)
+    width = configured_text_width(model) if model is not None else None
+    trained_width = record.model_config.get("width")
+    if width is not None and trained_width is not None and int(trained_width) != width:
+        raise InvalidInputError(f"checkpoint {directory} was trained on a text tower of width {trained_width}, "
+                                f"model {model!r} has width {width} (pass the same --model)")
     return dict(record.extra or {})
 
 

@@ -253,8 +253,12 @@ def publish(out: dict, markdown: str | None, readme: str | None, source: str | N
     if markdown:
         atomic_write_text(markdown, text)
     if readme:
+        src = Path(readme).read_text()
+        with_status = STATUS_BEGIN in src or STATUS_END in src
+        if with_status and (src.count(STATUS_BEGIN) != 1 or src.count(STATUS_END) != 1):  # before any write
+            raise InvalidInputError(f"{readme}: needs exactly one '{STATUS_BEGIN}' and one '{STATUS_END}' line")
         replace_readme_block(readme, text)
-        if STATUS_BEGIN in Path(readme).read_text():
+        if with_status:
             replace_readme_block(readme, gpu_status_markdown(out, source), STATUS_BEGIN, STATUS_END)
 
 

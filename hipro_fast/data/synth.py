@@ -47,9 +47,9 @@ planted shape trains almost as well as the planted one (the gain of the
 extra level is mostly path depth). With more tasks per group and few shots
 (``n_groups=4, tasks_per_group=4, shots=1``) a group node pools the shots of
 four tasks that share a label space, and the planted tree beats a wrong tree
-of the same shape (9 of 10 seeds, +3.4 accuracy points on average, with
-HiProModel's defaults as of its learned path weights; +6.3 and 10 of 10 with
-fixed equal path weights)
+of the same shape (9 of 10 seeds, +1.70 accuracy points on average, with
+HiProModel's defaults as of its learned path weights; +2.93 and 9 of 10 with
+fixed equal path weights; session 12's initialisation)
 (tests/method/test_planted.py::test_hipro_needs_the_right_tree_not_only_its_shape).
 """
 from __future__ import annotations

@@ -94,10 +94,21 @@ def node_generator(seed: int, tree: TaskTree, node: str) -> torch.Generator:
     what the node stands for (a leaf: its task; a group or the root: the set of
     tasks below it), not of its position. So the same tasks listed or grouped in
     another order start from the same contexts, and a task's leaf starts alike in
-    every method (CoOp per task, two-level, HiPro). One generator drawn node by
-    node made every init depend on the order of the nodes (before session 12)."""
+    every method (CoOp per task, two-level, HiPro). A group holding the same
+    tasks as its parent (the root's one child, in a user's tree) adds its depth:
+    it would otherwise start, and with `mean` stay, a copy of its parent. One
+    generator drawn node by node made every init depend on the order of the
+    nodes (before session 12)."""
     kind = "leaf" if tree.nodes[node].task is not None else "group"
-    return keyed_generator(seed, json.dumps(["context", kind, sorted(tree.tasks_under(node))]))
+    tasks = sorted(tree.tasks_under(node))
+    key: list = ["context", kind, tasks]
+    parent = tree.nodes[node].parent
+    if kind == "group" and parent is not None and len(tree.tasks_under(parent)) == len(tasks):
+        depth, up = 0, parent
+        while up is not None:
+            depth, up = depth + 1, tree.nodes[up].parent
+        key.append(depth)
+    return keyed_generator(seed, json.dumps(key))
 
 
 def _context_count(node: str, value: Any) -> int:

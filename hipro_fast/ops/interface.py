@@ -15,7 +15,7 @@ import torch.autograd.forward_ad as fwAD
 
 from . import reference
 from .extension import _C, fused_available, warn_fallback
-from ..errors import ExtensionUnavailableError, InvalidInputError, UnsupportedAutogradError
+from ..errors import DeviceMismatchError, ExtensionUnavailableError, InvalidInputError, UnsupportedAutogradError
 
 __all__ = ["assemble_forest", "tree_attention", "pool_eos", "attention_block_min_pairs",
            "set_attention_block_min_pairs", "attention_block_grouping", "set_attention_block_grouping"]
@@ -198,8 +198,8 @@ def _fake_same_device(op: str, **tensors: torch.Tensor) -> None:
     (first, ref), *rest = tensors.items()
     for name, t in rest:
         if t.device != ref.device:
-            raise InvalidInputError(f"hipro_fast.{op}: {name} is on {t.device}, {first} on {ref.device}; "
-                                    "all arguments must be on one device")
+            raise DeviceMismatchError(f"hipro_fast.{op}: {name} is on {t.device}, {first} on {ref.device}; "
+                                      "all arguments must be on one device")
 
 
 def _refuse_double_backward(op: str) -> None:

@@ -945,6 +945,18 @@ def test_eval_of_a_checkpoint_of_other_classes_is_refused_before_the_run_directo
         line = _one_error_line(capsys)
         assert says.format(spec) in line, line
         assert not (tmp_path / "e").exists()
+    # a model of another text width, from its config alone (before: after the model loaded)
+    wide = tmp_path / "hipro-cli-wide.json"
+    wide.write_text(json.dumps({**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "width": 64}}))
+    for argv in (["eval", "--checkpoint", str(train_dir / "checkpoints")],
+                 ["export", "--checkpoint", str(train_dir / "checkpoints"), "--out", str(tmp_path / "c.safetensors")]):
+        args = _cli_args(world, argv, tmp_path / "w", spec=argv[0] == "eval")
+        args[args.index(str(world["config"]))] = str(wide)
+        capsys.readouterr()
+        assert main(args) == 1, argv
+        line = _one_error_line(capsys)
+        assert "was trained on a text tower of width 32, model 'hipro-cli-wide' has width 64" in line, line
+        assert not (tmp_path / "w").exists() and not (tmp_path / "c.safetensors").exists()
 
 
 def test_train_records_its_draw_and_image_tower_and_eval_and_export_say_when_theirs_differ(world, tmp_path, capsys):

@@ -175,6 +175,26 @@ def test_resuming_a_run_removes_what_a_killed_writer_left(tmp_path):
     stale.write_text("{half")
     mine = tmp_path / "r" / "notes.tmp"
     mine.write_text("kept")
+    deep = tmp_path / "r" / "checkpoints" / "shots1-seed0" / "hipro-seed0"
+    deep.mkdir(parents=True)
+    stale_ckpt = deep / f".last-e3.safetensors.{files._pid_space()}-{gone.pid}.a8f2k1zz.tmp"
+    stale_ckpt.write_bytes(b"half")
     again = pipeline.Run(tmp_path / "r", "train", {"command": "train", "epochs": 1}, mode="resume", resumable=True)
     again.close()
     assert again.resumed and not stale.exists() and mine.read_text() == "kept"
+    assert not stale_ckpt.exists() and deep.is_dir()
+
+
+def test_pretrained_tags_are_checked_as_open_clip_reads_them():
+    """A tag is accepted in every spelling open_clip loads ("OpenAI", dashes for
+    underscores) and a misspelt one is refused, all before any weights are read;
+    hf-hub: models are not asked for a local config (that would fetch it)."""
+    assert pipeline.check_model_args("ViT-B-32", "OpenAI", None) == "ViT-B-32"
+    assert pipeline.check_model_args("ViT-B-32", "laion2b-s34b-b79k", None) == "ViT-B-32"
+    with pytest.raises(ValueError, match="'opanai' is neither a weights file nor an open_clip tag"):
+        pipeline.check_model_args("ViT-B-32", "opanai", None)
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        pipeline.check_model_args("ViT-B-32", "weights/none", None)
+    assert pipeline.configured_text_width("ViT-B-32") == 512
+    assert pipeline.configured_text_width("hipro-tiny-clip") == 128
+    assert pipeline.configured_text_width("hf-hub:someone/some-clip") is None

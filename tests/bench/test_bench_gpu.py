@@ -138,6 +138,12 @@ def test_render_rewrites_the_readmes_status_sentence_too(tmp_path):
     readme.write_text(f"{README_BEGIN}\nold\n{README_END}\n")
     assert bench_gpu.main(["--render", str(js), "--readme", str(readme)]) == 0
     assert "old" not in readme.read_text() and STATUS_BEGIN not in readme.read_text()
+    # a broken status block is refused before the table is rewritten (no half-updated README)
+    broken = f"{STATUS_BEGIN}\nx\n{README_BEGIN}\nold\n{README_END}\n"
+    readme.write_text(broken)
+    with pytest.raises(ValueError, match="needs exactly one"):
+        bench_gpu.main(["--render", str(js), "--readme", str(readme)])
+    assert readme.read_text() == broken
 
 
 class _BrokenFlexTower:

@@ -271,6 +271,11 @@ def test_the_order_of_tasks_and_groups_does_not_change_the_model(tiny, tokenizer
     flat = hf.HiProModel(tiny, TASKS, list(TASKS), n_ctx=3, tokenizer=tokenizer, seed=5)
     for t in TASKS:
         torch.testing.assert_close(flat.ctx[f"task/{t}"].detach(), a.ctx[f"task/{t}"].detach(), atol=0, rtol=0)
+    # a group holding every task (a user's tree) does not start as a copy of the root
+    nested = hf.HiProModel(tiny, TASKS, [list(TASKS)], n_ctx=3, tokenizer=tokenizer, seed=5)
+    assert set(nested.ctx) == {"root", "root/0", *(f"task/{t}" for t in TASKS)}
+    assert not torch.equal(nested.ctx["root"], nested.ctx["root/0"])
+    torch.testing.assert_close(nested.ctx["root"].detach(), a.ctx["root"].detach(), atol=0, rtol=0)
     # ... while nodes, and seeds, differ from each other
     c = hf.HiProModel(tiny, TASKS, [["a", "b"], "c"], n_ctx=3, tokenizer=tokenizer, seed=6)
     assert not torch.equal(c.ctx["task/a"], a.ctx["task/a"])

@@ -645,13 +645,13 @@ def test_a_meta_argument_among_real_ones_is_refused():
     uninitialised memory on the other arguments' device; it now names the culprit."""
     lay = _fixed_forest()
     q = torch.randn(lay.num_tokens, 1, 4)
-    with pytest.raises(ValueError, match="hipro_fast.tree_attention: segment_table is on meta, q on cpu"):
+    with pytest.raises(RuntimeError, match="hipro_fast.tree_attention: segment_table is on meta, q on cpu"):
         ops.tree_attention(q, q, q, lay.segment_table.to("meta"), lay.token_segment, 0.5)
     x, eos, weight, bias, proj = pool_inputs(5, 12, 4, 8, 6, torch.float32)
-    with pytest.raises(ValueError, match="hipro_fast.pool_eos: eos_index is on meta, x on cpu"):
+    with pytest.raises(RuntimeError, match="hipro_fast.pool_eos: eos_index is on meta, x on cpu"):
         ops.pool_eos(x, eos.to("meta"), weight, bias, proj, 1e-5)
     alay, ctx, emb, pos = assembly_inputs(7, 4, 8, torch.float32)
-    with pytest.raises(ValueError, match="hipro_fast.assemble_forest: token_position is on meta"):
+    with pytest.raises(RuntimeError, match="hipro_fast.assemble_forest: token_position is on meta"):
         ops.assemble_forest(ctx, emb, pos, alay.token_ctx_row, alay.token_vocab_id, alay.token_position.to("meta"))
     # all-meta calls of the op (shape inference) still work
     out, lse = torch.ops.hipro_fast.tree_attention(*(q.to("meta"),) * 3, lay.segment_table.to("meta"),
