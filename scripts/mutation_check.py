@@ -112,7 +112,7 @@ MUTATIONS = [
              (("tests/data/test_cache_keys.py",),)),
     Mutation("weights-fingerprint-name-only", "the image tower's fingerprint ignores its weights (name only)",
              "hipro_fast/data/feature_cache.py",
-             'return {"name": name, "visual_sha256": tensors_digest(state)}',
+             'return {"name": name, "visual_sha256": image_side_digest(model, refresh=True)}',
              'return {"name": name}',
              (("tests/data/test_cache_keys.py",),)),
     Mutation("draws-not-split", "parallel=\"draws\" silently runs every draw on every rank (class-sharded)",
