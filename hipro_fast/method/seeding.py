@@ -15,6 +15,7 @@ import torch
 
 def keyed_generator(seed: int, key: str) -> torch.Generator:
     """A CPU torch.Generator seeded by (seed, key); any int seed (negative ones too)."""
-    entropy = np.frombuffer(hashlib.sha256(key.encode("utf-8")).digest(), dtype="<u4")  # the same on any byte order.tolist()
+    # "<u4": the same words on any byte order
+    entropy = np.frombuffer(hashlib.sha256(key.encode("utf-8")).digest(), dtype="<u4").tolist()
     words = np.random.SeedSequence([int(seed) % 2**64, *entropy]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))

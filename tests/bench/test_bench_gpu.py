@@ -7,6 +7,7 @@ import copy
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,13 +99,20 @@ def test_targets_judge_each_measurement():
     assert got[(flex, "L bf16")] is None
 
 
+def _render(tmp_path, record: dict, readme_text: str) -> tuple[Path, Path]:
+    """Write `record` as a results JSON and `readme_text` as a README, render the
+    one into the other; returns (json path, README path)."""
+    js, readme = tmp_path / "r.json", tmp_path / "README.md"
+    js.write_text(json.dumps(record))
+    readme.write_text(readme_text)
+    assert bench_gpu.main(["--render", str(js), "--readme", str(readme)]) == 0
+    return js, readme
+
+
 def test_render_puts_the_tables_into_the_readme(tmp_path):
     results = [_result("a", "bf16", 10, 70, 10, flex_ms=12, train={"eager_ms": 9.0, "graph_error": "boom"})]
-    js = tmp_path / "r.json"
-    js.write_text(json.dumps({"device": "cuda", "device_name": "NVIDIA H200", "results": results}))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n")
-    assert bench_gpu.main(["--render", str(js), "--readme", str(readme)]) == 0
+    js, readme = _render(tmp_path, {"device": "cuda", "device_name": "NVIDIA H200", "results": results},
+                         f"intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n")
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{README_END}\nrest\n") and "old table" not in text
     assert "on NVIDIA H200" in text and "| (a) | bf16 | 10.0 | 70.0 | 7.0× (10.0×) |" in text
@@ -119,11 +127,8 @@ def test_render_rewrites_the_readmes_status_sentence_too(tmp_path):
     """The sentence saying whether the targets were measured is rewritten with the
     table, so a render leaves no stale "unmeasured" claim beside measured numbers."""
     results = [_result("a", "bf16", 10, 70, 10, flex_ms=12), _result("a", "fp32", 10, 95, 10, flex_ms=12)]
-    js = tmp_path / "r.json"
-    js.write_text(json.dumps({"device_name": "NVIDIA H200", "time": "2026-12-02 05:00:00", "results": results}))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"a\n{STATUS_BEGIN}\n**unmeasured**\n{STATUS_END}\nb\n{README_BEGIN}\nold\n{README_END}\n")
-    assert bench_gpu.main(["--render", str(js), "--readme", str(readme)]) == 0
+    js, readme = _render(tmp_path, {"device_name": "NVIDIA H200", "time": "2026-12-02 05:00:00", "results": results},
+                         f"a\n{STATUS_BEGIN}\n**unmeasured**\n{STATUS_END}\nb\n{README_BEGIN}\nold\n{README_END}\n")
     text = readme.read_text()
     assert "**unmeasured**" not in text and "old" not in text
     tg = bench_gpu.targets(results)
