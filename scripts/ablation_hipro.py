@@ -132,7 +132,11 @@ def load_bundled(work: str):
     """(clip, cached bundled features, training pool without the dev split, dev split)."""
     clip = hf.load_clip("hipro-tiny-clip")
     root = Path(work) / "bundled"
-    spec_path = root / "tasks.toml" if (root / "tasks.toml").exists() else pipeline.export_bundled(root, seed=0)
+    # rank 0 alone exports (under torchrun every rank ran it into the same folder at once, and a rank
+    # could list a half-written export: its image indices then overran rank 0's)
+    spec_path = dist_group.main_first(
+        lambda: root / "tasks.toml" if (root / "tasks.toml").exists() else pipeline.export_bundled(root, seed=0),
+        " exporting the bundled images")
     feats = pipeline.cache_features(clip, load_spec(spec_path), shots=None, seed=0, cache_dir=Path(work) / "cache",
                                     progress=False, splits=("train", "test"))
     pool, dev = dev_split(feats.train)
