@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..ops import attention_knobs
 from .counting import forest_visible_keys
 from .runner import StepRunner
 from .timing import timed
@@ -104,28 +105,17 @@ def attention_paths(q, k, v, go, o, lse, table, token_segment, scale, repeats: i
     """Tree attention forward + backward in each ATTENTION_PATHS decomposition, timed
     in turns (round-robin: a noisy machine slows them alike): {path: median ms},
     and each one's time over the default's."""
-    from ..ops import (  # here: the knobs need the compiled extension, the module's other timings do not
-        attention_block_grouping, attention_block_min_pairs, set_attention_block_grouping,
-        set_attention_block_min_pairs)
-
-    saved = attention_block_min_pairs(), attention_block_grouping()
-
     def step():
         torch.ops.hipro_fast.tree_attention(q, k, v, table, token_segment, scale)
         torch.ops.hipro_fast.tree_attention_backward(go, q, k, v, o, lse, table, token_segment, scale)
 
     times: dict[str, list[float]] = {name: [] for name in ATTENTION_PATHS}
-    try:
-        for rep in range(repeats + 1):  # the first round warms each path up (and plans its blocks)
-            for name, (min_pairs, grouping) in ATTENTION_PATHS.items():
-                set_attention_block_min_pairs(saved[0] if min_pairs is None else min_pairs)
-                set_attention_block_grouping(grouping)
+    for rep in range(repeats + 1):  # the first round warms each path up (and plans its blocks)
+        for name, knobs in ATTENTION_PATHS.items():
+            with attention_knobs(*knobs):
                 dt = timed(step)[0]
-                if rep:
-                    times[name].append(dt)
-    finally:
-        set_attention_block_min_pairs(saved[0])
-        set_attention_block_grouping(saved[1])
+            if rep:
+                times[name].append(dt)
     ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
     return {"fwd_bwd_ms": ms, "vs_default": {name: t / ms["default"] for name, t in ms.items()},
             "repeats": repeats}

@@ -5,9 +5,9 @@ autograd and fake registrations, ``reference`` holds the plain-PyTorch
 definitions used as test oracle and CPU/GPU fallback.
 """
 from .extension import build_info, fused_available
-from .interface import (assemble_forest, attention_block_grouping, attention_block_min_pairs, pool_eos,
-                        set_attention_block_grouping, set_attention_block_min_pairs, tree_attention)
+from .interface import (assemble_forest, attention_block_grouping, attention_block_min_pairs, attention_knobs,
+                        pool_eos, set_attention_block_grouping, set_attention_block_min_pairs, tree_attention)
 
 __all__ = ["assemble_forest", "tree_attention", "pool_eos", "attention_block_min_pairs",
            "set_attention_block_min_pairs", "attention_block_grouping", "set_attention_block_grouping",
-           "build_info", "fused_available"]
+           "attention_knobs", "build_info", "fused_available"]

@@ -10,6 +10,9 @@ Packed-forest conventions (see csrc/tree_index.h):
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -18,7 +21,8 @@ from .extension import _C, fused_available, warn_fallback
 from ..errors import DeviceMismatchError, ExtensionUnavailableError, InvalidInputError, UnsupportedAutogradError
 
 __all__ = ["assemble_forest", "tree_attention", "pool_eos", "attention_block_min_pairs",
-           "set_attention_block_min_pairs", "attention_block_grouping", "set_attention_block_grouping"]
+           "set_attention_block_min_pairs", "attention_block_grouping", "set_attention_block_grouping",
+           "attention_knobs"]
 
 _GROUPING = ("never", "auto", "always")
 
@@ -154,6 +158,23 @@ def set_attention_block_grouping(mode: str) -> None:
     if mode not in _GROUPING:
         raise InvalidInputError(f"grouping must be one of {_GROUPING}, got {mode!r}")
     _C.set_attention_block_grouping(_GROUPING.index(mode))
+
+
+@contextlib.contextmanager
+def attention_knobs(min_pairs: int | None = None, grouping: str | None = None) -> Iterator[None]:
+    """The block threshold and grouping above, set for the duration of a `with`
+    (None: left as is) and restored after: how the tests and the benchmark's
+    profile run one decomposition."""
+    before = attention_block_min_pairs(), attention_block_grouping()
+    if min_pairs is not None:
+        set_attention_block_min_pairs(min_pairs)
+    if grouping is not None:
+        set_attention_block_grouping(grouping)
+    try:
+        yield
+    finally:
+        set_attention_block_min_pairs(before[0])
+        set_attention_block_grouping(before[1])
 
 
 def _row_strided(x: torch.Tensor) -> torch.Tensor:
