@@ -23,7 +23,8 @@ import torch
 from ..data.feature_cache import stack_views
 from ..distributed import group as dist_group
 from ..errors import DistributedError, FewShotError, InvalidInputError
-from .baselines import DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, METHODS, ComparisonTable, checked_seeds, compare
+from .baselines import (BEST_OF, COOP_BEST_OF, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, METHODS, ComparisonTable,
+                        checked_seeds, compare)
 from .task_data import validate_task_data
 from .training import Data, TrainConfig
 
@@ -211,6 +212,9 @@ class ProtocolResult:
             if self.select is not None and "hipro" in self.methods:  # each task's pick on each draw
                 out["results"][str(k)]["choices"] = {str(s): self.runs[(k, s)]["hipro"].choices[0]
                                                      for s in self.seeds if (k, s) in self.runs}
+            if COOP_BEST_OF in self.methods:  # which initialisation each task kept on each draw
+                out["results"][str(k)][f"{COOP_BEST_OF} choices"] = {
+                    str(s): self.runs[(k, s)][COOP_BEST_OF].choices[0] for s in self.seeds if (k, s) in self.runs}
         return out
 
     def summary_markdown(self) -> str:
@@ -233,7 +237,10 @@ class ProtocolResult:
         lines.append(f"\ntest accuracy in %, mean over tasks, then over {seeds}; each seed draws its own "
                      "few-shot split; best epoch and tree chosen on the few-shot validation split"
                      + ("; hipro takes, task by task, the best of its tree, the flat two-level tree and CoOp "
-                        f"per task on that split (by {self.select_by})" if self.select == "per-task" else ""))
+                        f"per task on that split (by {self.select_by})" if self.select == "per-task" else "")
+                     + (f"; {COOP_BEST_OF} takes, task by task, the best of {BEST_OF} CoOp per task "
+                        f"initialisations on that split (by {self.select_by})" if COOP_BEST_OF in self.methods
+                        else ""))
         return "\n".join(lines)
 
     def shot_table_markdown(self, shots: int) -> str:

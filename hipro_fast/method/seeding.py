@@ -19,3 +19,9 @@ def keyed_generator(seed: int, key: str) -> torch.Generator:
     entropy = np.frombuffer(hashlib.sha256(key.encode("utf-8")).digest(), dtype="<u4").tolist()
     words = np.random.SeedSequence([int(seed) % 2**64, *entropy]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def keyed_seed(seed: int, key: str) -> int:
+    """A non-negative 62-bit seed that is a function of (seed, key) only: a new
+    seed for a repeat of a run (a restart) that collides with no small seed."""
+    return int(torch.randint(0, 2**62, (), generator=keyed_generator(seed, key)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hipro_fast.method.baselines import (DEFAULT_SELECT_BY, METHODS, SELECT_CRITERIA, ComparisonTable, build_method,
+from hipro_fast.method.baselines import (COOP_BEST_OF, DEFAULT_SELECT_BY, METHODS, MODEL_METHODS, SELECT_CRITERIA, ComparisonTable, build_method,
                                          choose_per_task, compare)
 from hipro_fast.method.training import TrainConfig, evaluate, fit
 from tests.helpers_training import N_CTX, TASKS, TREE, few_shot_pool, tiny_clip, toy_data
@@ -36,7 +36,7 @@ def test_ctx_init_starts_every_trained_method_from_the_phrase(combine):
     clip, tok = tiny_clip()
     phrase = "a photo of a"
     embedding = clip.token_embedding.weight[torch.tensor(tok.encode(phrase))].detach()
-    for method in METHODS:
+    for method in MODEL_METHODS:
         model = build_method(method, clip, TASKS, TREE, N_CTX, combine, tokenizer=tok, ctx_init=phrase)
         # the first context of every path (concat), or every context (mean)
         starts = {n for t in TASKS for n in model.context_path(t)[:1 if combine == "concat" else None]}
@@ -96,7 +96,8 @@ def test_compare_table(monkeypatch):
     assert list(table.results) == list(METHODS)
     params = {m: r.params for m, r in table.results.items()}
     assert params == {"zero-shot": 0, "coop-per-task": T * N_CTX * WIDTH, "coop-shared": N_CTX * WIDTH,
-                      "two-level": (T + 1) * N_CTX * WIDTH, "hipro": 5 * N_CTX * WIDTH + 8}  # + path weights
+                      "two-level": (T + 1) * N_CTX * WIDTH, "hipro": 5 * N_CTX * WIDTH + 8,  # + path weights
+                      COOP_BEST_OF: 3 * T * N_CTX * WIDTH}  # its 3 trained models
     for m, r in table.results.items():
         assert set(r.task_acc) == set(TASKS)
         assert r.mean == pytest.approx(sum(r.seed_means) / len(r.seed_means))
@@ -108,7 +109,8 @@ def test_compare_table(monkeypatch):
     assert table["zero-shot"].task_acc == pytest.approx(zs)
     # zero-shot is not trained; every trained run is timed once around its fit (fake clock: 1.5 s)
     assert table["zero-shot"].train_seconds == 0
-    assert all(r.train_seconds == 1.5 for m, r in table.results.items() if m != "zero-shot")
+    assert all(r.train_seconds == 1.5 for m, r in table.results.items() if m not in ("zero-shot", COOP_BEST_OF))
+    assert table[COOP_BEST_OF].train_seconds == 4.5  # the three runs it chose among
     # the table's numbers are evaluate()'s numbers for the model compare trained (same seed, same config)
     model = build_method("hipro", clip, TASKS, TREE, N_CTX, seed=2, tokenizer=tok)
     fit(model, train, val, cfg, seed=2)
@@ -134,6 +136,43 @@ def test_compare_seed_reproducible_and_errors():
     assert a["coop-shared"].task_acc == b["coop-shared"].task_acc
     with pytest.raises(ValueError, match="unknown method 'zeroshot'"):
         compare(clip, TASKS, train, test, methods=["zeroshot"], tokenizer=tok)
+
+
+def test_coop_best_of_chooses_per_task_among_coop_restarts():
+    """coop-best-of-3: restart 0 is the coop-per-task run itself, restarts 1 and 2
+    start from other initialisations (functions of the seed alone), and each
+    task takes the restart of lowest validation loss, recomputed here from
+    models trained outside compare()."""
+    from hipro_fast.method.baselines import restart_seed
+
+    clip, tok = tiny_clip()
+    train, val, test = toy_data(seed=1), toy_data(seed=2, noise=1.0), toy_data(seed=3, noise=1.0)
+    cfg = TrainConfig(epochs=2, optimizer="adamw", batch_size=4, steps_per_epoch=2, lr=0.05)
+    table = compare(clip, TASKS, train, test, val=val, methods=["coop-per-task", COOP_BEST_OF], seeds=(4,),
+                    n_ctx=N_CTX, train_config=cfg, tokenizer=tok)
+    seeds = [restart_seed(4, r) for r in range(3)]
+    assert seeds[0] == 4 and len(set(seeds)) == 3 and restart_seed(5, 1) != seeds[1]
+    want_test, want_choice = {}, {}
+    runs = []
+    for r, seed in enumerate(seeds):
+        model = build_method("coop-per-task", clip, TASKS, n_ctx=N_CTX, seed=seed, tokenizer=tok)
+        fit(model, train, val, cfg, seed=seed)
+        runs.append((evaluate(model, val, metric="loss"), evaluate(model, test)))
+    assert table["coop-per-task"].task_acc == pytest.approx(runs[0][1])  # restart 0 is the plain run
+    names = ["coop-per-task", "coop-per-task-restart1", "coop-per-task-restart2"]
+    for t in TASKS:
+        best = min(range(3), key=lambda r: (runs[r][0][t], r))
+        want_choice[t], want_test[t] = names[best], runs[best][1][t]
+    assert table[COOP_BEST_OF].choices == [want_choice]
+    assert table[COOP_BEST_OF].task_acc == pytest.approx(want_test)
+    assert len({tuple(sorted(r[0].items())) for r in runs}) == 3  # three different models
+    with pytest.raises(ValueError, match=f"{COOP_BEST_OF}' chooses on the validation split: pass val="):
+        compare(clip, TASKS, train, test, methods=[COOP_BEST_OF], seeds=(4,), tokenizer=tok)
+    with pytest.raises(ValueError, match="a choice among coop-per-task models, not one model"):
+        build_method(COOP_BEST_OF, clip, TASKS, tokenizer=tok)
+    # without a validation split the default methods leave it out (and still run)
+    no_val = compare(clip, TASKS, train, test, seeds=(4,), tree=TREE, n_ctx=N_CTX, train_config=cfg, tokenizer=tok)
+    assert list(no_val.results) == list(MODEL_METHODS)
 
 
 def test_compare_builds_hipro_tree_from_affinity(monkeypatch):
