@@ -554,11 +554,17 @@ class _Ctx:
                     return counts
                 check_shot_counts(name, task.classes, per_class("train"),
                                   per_class("val") if task.splits.get("val") else None, max(self.shot_grid))
-        elif command == "compare" and self.args.select == "per-task":
-            # a task without a val split keeps HiPro's tree (compare's fallback); none at all cannot select
-            if not any(task.splits.get("val") for task in self._spec.tasks.values()):
+        elif command == "compare":
+            # a task without a val split keeps the first candidate (compare's fallback); none at all cannot choose
+            has_val = any(task.splits.get("val") for task in self._spec.tasks.values())
+            if self.args.select == "per-task" and not has_val:
                 raise CliError("--select per-task chooses on a validation split, and with --shots 0 that is the "
                                "spec's own: no task has one (add a val split to the spec, or pass --select none)")
+            named = (self.args.methods or "").split(",")
+            if baselines.COOP_BEST_OF in named and not has_val:
+                raise CliError(f"--methods {baselines.COOP_BEST_OF} chooses on a validation split, and with --shots "
+                               f"0 that is the spec's own: no task has one (add a val split to the spec, or leave "
+                               f"{baselines.COOP_BEST_OF} out)")
 
     def _check_overwrite_spares_inputs(self, run_dir: Path) -> None:
         """--overwrite empties --run-dir: refuse when an input of this command lies inside it."""

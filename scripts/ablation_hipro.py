@@ -26,6 +26,7 @@ planted: hipro_fast.data.synth problems (3 groups x 2 tasks, 1/2/4 shots and
     python scripts/ablation_hipro.py planted --budget default --planted-variants pw75prior,pw75sel
     python scripts/ablation_hipro.py planted --budget adamw-full --min-steps 800 --planted-variants pw75,pw75sel
     python scripts/ablation_hipro.py planted --budget lbfgs --min-steps 800 --planted-variants pw75,pw75sel  # session 7
+    (since session 13 every planted run also scores coop-best-of-3, the control for per-task selection)
 
 budget: the training-budget check on the bundled DEV split: every trained
   method (default HiPro options) at learning rate --lr and --scale times the
@@ -67,7 +68,8 @@ from hipro_fast.distributed import group as dist_group  # noqa: E402
 from hipro_fast.data.synth import make_planted_problem, planted_clip  # noqa: E402
 from hipro_fast.data.tasks_spec import load_spec  # noqa: E402
 from hipro_fast.method.affinity import task_affinity  # noqa: E402
-from hipro_fast.method.baselines import DEFAULT_SELECT_BY, SELECT_CRITERIA, choose_per_task, compare  # noqa: E402
+from hipro_fast.method.baselines import (COOP_BEST_OF, DEFAULT_SELECT_BY, SELECT_CRITERIA, choose_per_task,  # noqa: E402
+                                        compare)
 from hipro_fast.method.protocol import run_protocol  # noqa: E402
 from hipro_fast.method.training import TrainConfig  # noqa: E402
 from hipro_fast.method.tree import tree_from_affinity  # noqa: E402
@@ -234,9 +236,10 @@ def planted(a) -> dict:
         for seed in a.seeds:
             p = make_planted_problem(clip, shots=shots, seed=seed, conflict=conflict)
             tree = tree_from_affinity(task_affinity(clip, p.tasks, p.train), list(p.tasks))
-            t = compare(clip, p.tasks, p.train, p.test, val=p.val, methods=["coop-per-task", "coop-shared"],
+            baselines = ["coop-per-task", "coop-shared", COOP_BEST_OF]  # the control: best of 3 CoOp (session 13)
+            t = compare(clip, p.tasks, p.train, p.test, val=p.val, methods=baselines,
                         seeds=(seed,), n_ctx=4, combine="mean", train_config=train)
-            row = {m: t[m].mean for m in ("coop-per-task", "coop-shared")}
+            row = {m: t[m].mean for m in baselines}
             for name in a.planted_variants:
                 options = PLANTED_VARIANTS[name]
                 # per-task selection picks among hipro, the flat two-level tree and CoOp per task

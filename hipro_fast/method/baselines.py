@@ -272,7 +272,9 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
     select_by: the validation score of select and of COOP_BEST_OF's choice, one
         of SELECT_CRITERIA.
     ctx_init: None (random contexts), or a phrase every trained method's
-        contexts start from (see build_method).
+        contexts start from (see build_method); COOP_BEST_OF's restarts then
+        start alike and differ only by the training's sampling order (not at
+        all under full-batch training).
     """
     methods = default_methods(val is not None) if methods is None else list(methods)
     for m in methods:
@@ -295,7 +297,7 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
         if m in NEEDS_VAL and val is None:
             raise InvalidInputError(f"method {m!r} chooses on the validation split: pass val= (or leave {m!r} out)")
     # Every (method, seed) is trained once; "hipro" with select="per-task" then
-    # takes, task by task, the candidate with the best validation accuracy, so
+    # takes, task by task, the candidate with the best validation score, so
     # the hierarchy is used only where the validation data says it helps.
     # COOP_BEST_OF trains no model of its own: it chooses among coop-per-task and its restarts.
     needed = [m for m in methods if m != COOP_BEST_OF]

@@ -1092,6 +1092,11 @@ def test_compare_without_a_shot_grid_selects_where_a_val_split_exists(world, tmp
     capsys.readouterr()
     assert _run(world, *base, "--spec", str(none), run_dir=tmp_path / "n") == 1
     assert "no task has one" in _one_error_line(capsys) and not (tmp_path / "n").exists()
+    # the best-of-3 control chooses on the validation split too, named or not
+    control = [*base[:4], "coop-best-of-3", *base[5:], "--select", "none"]
+    assert _run(world, *control, "--spec", str(none), run_dir=tmp_path / "c") == 1
+    line = _one_error_line(capsys)
+    assert "--methods coop-best-of-3 chooses on a validation split" in line and not (tmp_path / "c").exists()
     assert _run(world, "eval", "--spec", str(none), "--split", "val", "--checkpoint", str(tmp_path),
                 run_dir=tmp_path / "e") == 1
     assert "--split val: no task of the spec" in _one_error_line(capsys) and not (tmp_path / "e").exists()

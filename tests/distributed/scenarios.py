@@ -79,7 +79,7 @@ def scenario_lbfgs() -> dict[str, torch.Tensor]:
 
 
 def scenario_baselines() -> dict[str, torch.Tensor]:
-    """compare(): zero-shot (evaluation only), CoOp per task / shared, two-level, hipro."""
+    """compare(): zero-shot (evaluation only), CoOp per task / shared, two-level, hipro, coop-best-of-3."""
     from hipro_fast.method.baselines import compare
     from hipro_fast.method.training import TrainConfig
 

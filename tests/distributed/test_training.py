@@ -81,7 +81,7 @@ def test_evaluate_given_each_ranks_own_data_is_refused_on_every_rank(two_ranks):
 def test_baselines_compare_equal_accuracies(two_ranks):
     two, _ = two_ranks
     one = S.scenario_baselines()
-    assert set(one) == {k for k in two if k.startswith("compare/")} and len(one) == 5
+    assert set(one) == {k for k in two if k.startswith("compare/")} and len(one) == 6  # METHODS (with the control)
     for k in one:
         assert torch.equal(one[k], two[k]), k
 

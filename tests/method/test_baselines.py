@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hipro_fast.method.baselines import (COOP_BEST_OF, DEFAULT_SELECT_BY, METHODS, MODEL_METHODS, SELECT_CRITERIA, ComparisonTable, build_method,
-                                         choose_per_task, compare)
+from hipro_fast.method.baselines import (COOP_BEST_OF, DEFAULT_SELECT_BY, METHODS, MODEL_METHODS, SELECT_CRITERIA,
+                                         ComparisonTable, build_method, choose_per_task, compare)
 from hipro_fast.method.training import TrainConfig, evaluate, fit
 from tests.helpers_training import N_CTX, TASKS, TREE, few_shot_pool, tiny_clip, toy_data
 
