@@ -102,6 +102,26 @@ def test_protocol_selects_per_task_by_default_and_select_none_keeps_the_tree():
     assert "choices" not in plain.to_dict()["results"]["2"]
 
 
+def test_protocol_reports_the_best_of_3_control_as_a_baseline():
+    """coop-best-of-3 is a baseline of the "hipro − best baseline" row, its
+    per-task picks are in comparison.json, and the summary says what it is."""
+    from hipro_fast.method.baselines import COOP_BEST_OF
+
+    clip, tok = tiny_clip()
+    pool, test = _pool(per_class=10), toy_data(seed=5)
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, optimizer="adamw", batch_size=4, lr=0.05)
+    res = run_protocol((clip, tok), TASKS, pool, test, shots=(2,), seeds=(0,),
+                       methods=["coop-per-task", "hipro", COOP_BEST_OF], tree=list(TASKS), n_ctx=2, train_config=cfg)
+    picks = res.runs[(2, 0)][COOP_BEST_OF].choices[0]
+    assert set(picks) == set(TASKS) and set(picks.values()) <= {
+        "coop-per-task", "coop-per-task-restart1", "coop-per-task-restart2"}
+    assert res.to_dict()["results"]["2"][f"{COOP_BEST_OF} choices"] == {"0": picks}
+    margin, best = res.margin_over_best_baseline(2)
+    means = {m: res.mean_std(m, 2)[0] for m in ("coop-per-task", COOP_BEST_OF)}
+    assert best == max(means, key=means.get) and margin == pytest.approx(res.mean_std("hipro", 2)[0] - means[best])
+    assert f"{COOP_BEST_OF} takes, task by task, the best of 3" in res.summary_markdown()
+
+
 def test_a_task_without_test_images_is_left_out_of_every_table():
     """A spec's split can leave a task no test image: the CLI warns that it is
     not in the mean, and then the per-task tables raised a KeyError, losing the
