@@ -7,7 +7,8 @@ per (draw, variant); a finished file is not trained again.
 
     python scripts/lowshot_probe.py train --shots 1 --seeds 0,2,4,6,8,10 --out DIR &   # one process per core
     python scripts/lowshot_probe.py train --shots 1 --seeds 1,3,5,7,9,11 --out DIR
-    python scripts/lowshot_probe.py train --shots 2,4 --seeds 0,...,7 --variants coop,coop_b,coop_c,two,hipro --out DIR
+    python scripts/lowshot_probe.py train --shots 2,4 --seeds 0,2,4,6 --variants coop,coop_b,coop_c,two,hipro --out DIR &
+    python scripts/lowshot_probe.py train --shots 2,4 --seeds 1,3,5,7 --variants coop,coop_b,coop_c,two,hipro --out DIR
     python scripts/lowshot_probe.py rules --out DIR --json benchmarks/results/lowshot_probe_dev.json
 
 Session 13's numbers: benchmarks/results/ablation_hipro.md, "Session 13".
@@ -28,10 +29,10 @@ import numpy as np
 import torch
 from scipy.special import log_softmax, softmax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # hipro_fast
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ablation_hipro, for its dev split
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_hipro import load_bundled  # noqa: E402
 from hipro_fast.method.affinity import task_affinity  # noqa: E402
 from hipro_fast.method.baselines import build_method  # noqa: E402
@@ -43,10 +44,10 @@ from hipro_fast.method.training import TrainConfig, fit  # noqa: E402
 VARIANTS = {
     "coop": ("coop-per-task", 0, {}),
     "coop_b": ("coop-per-task", 1000, {}),
+    "coop_c": ("coop-per-task", 2000, {}),
     "two": ("two-level", 0, {}),
     "hipro": ("hipro", 0, {}),
     "hipro_b": ("hipro", 1000, {}),
-    "coop_c": ("coop-per-task", 2000, {}),
     "hipro_l1": ("hipro", 0, {"levels": 1}),  # on the affinity's forced one-level cut
     "hipro_l1_pw50": ("hipro", 0, {"levels": 1, "leaf_weight": 0.5}),
     "hipro_l1_pw90": ("hipro", 0, {"levels": 1, "leaf_weight": 0.9}),
@@ -56,6 +57,8 @@ VARIANTS = {
     "hipro_leaf2": ("hipro", 0, {"leaf_ctx": 2}),  # 2 context tokens per leaf, 4 per shared node
     "hipro_l1_leaf2": ("hipro", 0, {"levels": 1, "leaf_ctx": 2}),
     "coop2": ("coop-per-task", 0, {"n_ctx": 2}),  # CoOp per task with 2 context tokens
+    "hipro_shared8": ("hipro", 0, {"n_ctx": 8, "leaf_ctx": 4}),  # 8 tokens per shared node, 4 per leaf
+    "hipro_l1_shared8": ("hipro", 0, {"levels": 1, "n_ctx": 8, "leaf_ctx": 4}),
 }
 
 
