@@ -560,11 +560,11 @@ class _Ctx:
             if self.args.select == "per-task" and not has_val:
                 raise CliError("--select per-task chooses on a validation split, and with --shots 0 that is the "
                                "spec's own: no task has one (add a val split to the spec, or pass --select none)")
-            named = (self.args.methods or "").split(",")
-            if baselines.COOP_BEST_OF in named and not has_val:
-                raise CliError(f"--methods {baselines.COOP_BEST_OF} chooses on a validation split, and with --shots "
-                               f"0 that is the spec's own: no task has one (add a val split to the spec, or leave "
-                               f"{baselines.COOP_BEST_OF} out)")
+            choosing = [m for m in (self.args.methods or "").split(",") if m in baselines.NEEDS_VAL]
+            if choosing and not has_val:
+                raise CliError(f"--methods {choosing[0]} chooses on a validation split, and with --shots 0 that is "
+                               f"the spec's own: no task has one (add a val split to the spec, or leave "
+                               f"{choosing[0]} out)")
 
     def _check_overwrite_spares_inputs(self, run_dir: Path) -> None:
         """--overwrite empties --run-dir: refuse when an input of this command lies inside it."""

@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ablation_hipro import load_bundled  # noqa: E402
 from hipro_fast.method.affinity import task_affinity  # noqa: E402
-from hipro_fast.method.baselines import build_method  # noqa: E402
+from hipro_fast.method.baselines import build_method, choose_per_task  # noqa: E402
 from hipro_fast.method.tree import TaskTree  # noqa: E402
 from hipro_fast.method.protocol import draw_few_shot  # noqa: E402
 from hipro_fast.method.training import TrainConfig, fit  # noqa: E402
@@ -140,18 +140,25 @@ def rule_score(arrays: dict[str, np.ndarray], kind: str, variants: list[str]) ->
     tasks = sorted(k.split("/")[2] for k in arrays if k.startswith("label/dev/"))
     if any(f"{v}/dev/{tasks[0]}" not in arrays for v in variants):
         return None
+    chosen = {t: variants[0] for t in tasks}  # "alone"
+    if kind == "select":  # the protocol's own rule (choose_per_task), on each task's validation cross-entropy
+        scores = {v: {"val": dict.fromkeys(tasks, 0.0), "val_loss": {t: _val_loss(arrays, v, t) for t in tasks}}
+                  for v in variants}  # choose_per_task reads the task list from "val"
+        chosen = choose_per_task(scores, "loss")
     accs = []
     for t in tasks:
-        y = arrays[f"label/dev/{t}"]
         if kind == "ensemble":
             p = sum(softmax(arrays[f"{v}/dev/{t}"], axis=1) for v in variants)
         else:
-            def val_loss(v: str) -> float:
-                lp, yv = log_softmax(arrays[f"{v}/val/{t}"], axis=1), arrays[f"label/val/{t}"]
-                return float(-lp[np.arange(len(yv)), yv].mean())
-            p = arrays[f"{min(variants, key=lambda v: (val_loss(v), variants.index(v)))}/dev/{t}"]
-        accs.append(float((p.argmax(1) == y).mean()))
+            p = arrays[f"{chosen[t]}/dev/{t}"]
+        accs.append(float((p.argmax(1) == arrays[f"label/dev/{t}"]).mean()))
     return float(np.mean(accs))
+
+
+def _val_loss(arrays: dict[str, np.ndarray], variant: str, task: str) -> float:
+    """Mean cross-entropy of `variant` on `task`'s validation images."""
+    lp, y = log_softmax(arrays[f"{variant}/val/{task}"], axis=1), arrays[f"label/val/{task}"]
+    return float(-lp[np.arange(len(y)), y].mean())
 
 
 def rules(a) -> None:

@@ -300,7 +300,7 @@ def compare(clip: LoadedClip | torch.nn.Module, tasks: Mapping[str, Sequence[str
     # takes, task by task, the candidate with the best validation score, so
     # the hierarchy is used only where the validation data says it helps.
     # COOP_BEST_OF trains no model of its own: it chooses among coop-per-task and its restarts.
-    needed = [m for m in methods if m != COOP_BEST_OF]
+    needed = [m for m in methods if m in MODEL_METHODS]
     needed += [m for m in (SELECT_CANDIDATES if select and "hipro" in methods else ()) if m not in needed]
     restarts = [_restart_name(r) for r in range(BEST_OF)] if COOP_BEST_OF in methods else []
     needed += [r for r in restarts if r not in needed]
