@@ -52,7 +52,7 @@ from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
 from .engine.text_tower import ATTENTION_BACKENDS
 from .errors import CliError, ForestError, HiproError, InvalidInputError, MissingFileError
 from .method import affinity as aff
-from .method import baselines, export
+from .method import baselines, export, selection
 from .method.grouping import LINKAGES
 from .method.training import FULL_BATCH, OPTIMIZERS, TrainConfig
 from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, SELECT_CRITERIA
@@ -327,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, resumable=True)
     _train_opts(p)
     _affinity_opts(p)
+    _select_opts(p, default="none",
+                 help_select="none (default): HiPro's tree alone, one model; per-task: also train the flat "
+                             "two-level tree and CoOp per task and keep, task by task, the one with the best "
+                             "validation score (the protocol's HiPro: 3x the training; needs a val split)")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a split")
     _common(p)
@@ -370,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _select_opts(p: argparse.ArgumentParser, help_select: str) -> None:
-    p.add_argument("--select", choices=["none", "per-task"], default=DEFAULT_PROTOCOL_SELECT, help=help_select)
+def _select_opts(p: argparse.ArgumentParser, help_select: str, default: str = DEFAULT_PROTOCOL_SELECT) -> None:
+    p.add_argument("--select", choices=["none", "per-task"], default=default, help=help_select)
     p.add_argument("--select-by", choices=list(SELECT_CRITERIA), default=DEFAULT_SELECT_BY,
                    help=f"what --select per-task compares on the validation split (default {DEFAULT_SELECT_BY}): "
                         "accuracy (ties: HiPro, then two-level), accuracy with ties broken by the lower "
@@ -491,6 +495,10 @@ class _Ctx:
         tree = getattr(a, "tree", None)
         if tree not in (None, "auto") and tasks is not None:
             self._given_tree = self.pipeline.load_tree(tree, tasks)  # checked here, used by _resolve_tree
+        if command == "train" and a.select == "per-task" and not any(t.splits.get("val")
+                                                                    for t in self._spec.tasks.values()):
+            raise CliError(f"--select per-task chooses on the validation split: no task of the spec {a.spec} "
+                           "has a val split (give one, or pass --select none)")
         if command == "eval" and not any(t.splits.get(a.split) for t in self._spec.tasks.values()):
             raise CliError(f"--split {a.split}: no task of the spec {a.spec} has a {a.split} split")
         if getattr(a, "checkpoint", None):
@@ -945,24 +953,37 @@ def _train_and_eval(ctx: _Ctx, tree):
     feats = ctx.features()
     ctx.say(f"training HiPro on {len(feats.tasks)} tasks ...")
     if ctx.run.resumed:
-        done = ctx.pipeline.last_checkpoint_epoch(_ckpt_path(ctx))
-        note = (f"resumed from the checkpoint after epoch {done + 1}" if done is not None
-                else "resumed before the first checkpoint: training from epoch 1")
+        if a.select == "per-task":  # each candidate resumes from its own checkpoint folder
+            done = {c: ctx.pipeline.last_checkpoint_epoch(selection.candidate_dir(_ckpt_path(ctx), c))
+                    for c in baselines.SELECT_CANDIDATES}
+            note = "resumed: " + ", ".join(f"{c} from epoch 1" if d is None else f"{c} after epoch {d + 1}"
+                                           for c, d in done.items())
+        else:
+            done = ctx.pipeline.last_checkpoint_epoch(_ckpt_path(ctx))
+            note = (f"resumed from the checkpoint after epoch {done + 1}" if done is not None
+                    else "resumed before the first checkpoint: training from epoch 1")
         ctx.say(note)
         ctx.run.log("resume", checkpoint_epoch=done)
         ctx.run.report.add("Resumed", note + " (the result equals an uninterrupted run).")
-    model, result = ctx.pipeline.train_hipro(
-        ctx.clip(), feats, tree, n_ctx=a.n_ctx, combine=a.combine, ctx_init=a.ctx_init, seed=a.seed,
-        device=ctx.device, train_overrides=ctx.train_overrides(), checkpoint_dir=_ckpt_path(ctx),
-        progress=ctx.progress, resume=ctx.run.resumed, hipro_options=ctx.hipro_options())
-    hist = _log_fit(ctx, result)
-
-    png = plots.plot_curves(hist, ctx.run.path("training.png"), keys=("loss", "val_mean"))
-    if png:
-        ctx.run.report.add_figure("Training", png)
     provenance = {"spec": str(a.spec), "model": ctx.clip().name, "seed": a.seed, "shots": a.shots,
                   **export.image_tower_info(ctx.clip().model)}  # eval / export say if theirs differs
-    ckpt = ctx.pipeline.save_model(model, _ckpt_path(ctx), provenance, result)
+    common = dict(n_ctx=a.n_ctx, combine=a.combine, ctx_init=a.ctx_init, seed=a.seed, device=ctx.device,
+                  train_overrides=ctx.train_overrides(), checkpoint_dir=_ckpt_path(ctx), progress=ctx.progress,
+                  resume=ctx.run.resumed, hipro_options=ctx.hipro_options())
+    if a.select == "per-task":
+        def on_candidate(cand, _model, result):
+            ctx.say(f"candidate {cand} trained")
+            _training_curves(ctx, result, tag=f"train_{cand}", title=f"Training: {cand}",
+                             fname=f"training-{cand}.png")
+
+        model, _ = ctx.pipeline.train_selected(ctx.clip(), feats, tree, select_by=a.select_by,
+                                               provenance=provenance, on_candidate=on_candidate, **common)
+        _selection_section(ctx, model.selection)
+    else:
+        model, result = ctx.pipeline.train_hipro(ctx.clip(), feats, tree, **common)
+        _training_curves(ctx, result)
+        ctx.pipeline.save_model(model, _ckpt_path(ctx), provenance, result)
+    ckpt = _ckpt_path(ctx)
     ctx.run.log("checkpoint", path=str(ckpt))
     _report_missing(ctx, feats, "test")
     acc = ctx.pipeline.evaluate_model(model, feats.test)
@@ -971,6 +992,30 @@ def _train_and_eval(ctx: _Ctx, tree):
     ctx.say("test accuracy (%): " + _fmt_acc(acc))
     ctx.say(f"checkpoint: {ckpt}")
     return model, acc
+
+
+def _training_curves(ctx: _Ctx, result, tag: str = "train", title: str = "Training",
+                     fname: str = "training.png") -> None:
+    hist = _log_fit(ctx, result, tag)
+    png = plots.plot_curves(hist, ctx.run.path(fname), keys=("loss", "val_mean"))
+    if png:
+        ctx.run.report.add_figure(title, png)
+
+
+def _selection_section(ctx: _Ctx, chosen) -> None:
+    """Which candidate each task kept, and the validation scores it was chosen on."""
+    ctx.run.log("selection", select_by=chosen.select_by, choices=chosen.choices)
+    ctx.say("per-task selection (" + chosen.select_by + " on val): "
+            + ", ".join(f"{t} -> {c}" for t, c in chosen.choices.items()))
+    score = chosen.val_loss if chosen.select_by == "loss" else chosen.val
+    unit = "cross-entropy" if chosen.select_by == "loss" else "accuracy, %"
+    head = ["task", "kept", *chosen.candidates]
+    rows = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(chosen.candidates)) + "|"]
+    for task, kept in chosen.choices.items():
+        cells = [(f"{score[c][task]:.4f}" if chosen.select_by == "loss" else f"{100 * score[c][task]:.2f}")
+                 if task in score[c] else "–" for c in chosen.candidates]
+        rows.append("| " + " | ".join([task, kept, *cells]) + " |")
+    ctx.run.report.add(f"Per-task selection (validation {unit})", "\n".join(rows))
 
 
 def cmd_train(ctx: _Ctx) -> int:

@@ -31,6 +31,7 @@ from ..method import affinity as aff
 from ..method import baselines, training
 from ..method import checkpoint as ckpt
 from ..method import protocol
+from ..method import selection as sel
 from ..method.export import image_tower_info
 from ..method.model import HiProModel
 from ..method.tree import TaskTree
@@ -40,7 +41,7 @@ from .report import Report
 
 __all__ = [
     "Run", "TaskFeatures", "resolve_device", "register_model_config", "load_model", "cache_features",
-    "compute_affinity", "build_tree", "train_hipro", "evaluate_model", "save_model", "load_model_checkpoint",
+    "compute_affinity", "build_tree", "train_hipro", "train_selected", "evaluate_model", "save_model", "load_model_checkpoint",
     "run_compare", "export_bundled",
 ]
 
@@ -696,8 +697,52 @@ def train_hipro(clip, feats: TaskFeatures, tree, *, n_ctx=16, combine: str = DEF
     return model, result
 
 
+def train_selected(clip, feats: TaskFeatures, tree, *, n_ctx=16, combine: str = DEFAULT_COMBINE,
+                   ctx_init: str | None = None, seed: int = 0, device: str = "cpu",
+                   select_by: str = baselines.DEFAULT_SELECT_BY, train_overrides: Mapping[str, Any] | None = None,
+                   checkpoint_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
+                   hipro_options: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
+                   on_candidate: Callable[[str, Any, Any], None] | None = None):
+    """The protocol's HiPro as one product: train every candidate of
+    baselines.SELECT_CANDIDATES (HiPro on `tree`, two-level, CoOp per task; the
+    models compare(select="per-task") trains, with the same seed) and choose per
+    task on the validation split (method.selection.choose).
+
+    With `checkpoint_dir`, candidate c checkpoints into <checkpoint_dir>/<c>
+    (its best contexts saved there with `provenance`), and the selection is
+    written last as <checkpoint_dir>/selection.json; resume=True continues each
+    candidate from its own checkpoint (a finished one is loaded, not retrained).
+    on_candidate(name, model, FitResult) is called after each candidate's fit.
+    Returns (SelectedModel, {candidate: FitResult})."""
+    if not feats.val:
+        raise InvalidInputError("per-task selection chooses on the validation split: the spec has none "
+                                "(train HiPro's tree alone instead)")
+    options = dict(hipro_options or {})
+    models, results = {}, {}
+    for cand in baselines.SELECT_CANDIDATES:
+        model = baselines.build_method(cand, clip, feats.tasks, tree, n_ctx, combine, seed=seed,
+                                       ctx_init=ctx_init, **dict(options)).to(device)
+        sub = sel.candidate_dir(checkpoint_dir, cand) if checkpoint_dir else None
+        overrides = train_config_overrides(getattr(training, "TrainConfig", None),
+                                           {**(train_overrides or {}), "seed": seed, "progress": progress,
+                                            "checkpoint_dir": str(sub) if sub else None, "resume": bool(resume)})
+        result = training.fit(model, feats.train_for_fit(), feats.val, **overrides)
+        if sub is not None:
+            save_model(model, sub, {**dict(provenance or {}), "candidate": cand}, result)
+        if on_candidate is not None:
+            on_candidate(cand, model, result)
+        models[cand], results[cand] = model, result
+    chosen = sel.choose(models, feats.val, select_by, batch_size=result.config.eval_batch_size, extra=provenance)
+    if checkpoint_dir and dist_group.is_main():
+        sel.save_selection(checkpoint_dir, chosen)
+    dist_group.barrier()
+    return sel.SelectedModel(models, chosen), results
+
+
 def evaluate_model(model, data: Split) -> dict[str, float]:
-    return {k: float(v) for k, v in training.evaluate(model, data).items()}
+    """Per-task accuracy of a HiProModel or a SelectedModel (each task by its chosen candidate)."""
+    scores = model.evaluate(data) if isinstance(model, sel.SelectedModel) else training.evaluate(model, data)
+    return {k: float(v) for k, v in scores.items()}
 
 
 def save_model(model, directory: str | Path, extra: Mapping[str, Any] | None = None, result=None) -> Path:
@@ -720,11 +765,19 @@ def save_model(model, directory: str | Path, extra: Mapping[str, Any] | None = N
     return directory
 
 
+SELECTION = "selection"  # checkpoint_location's kind of a selection directory (hipro train --select per-task)
+
+
 def checkpoint_location(path: str | Path) -> tuple[Path, str]:
-    """A checkpoint directory (its `best`, else `last`) or a <kind>.json file."""
+    """A checkpoint directory (its `best`, else `last`), a <kind>.json file, or a
+    selection directory (kind SELECTION; its selection.json may be named too)."""
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"checkpoint not found: {path}")
+    if path.is_file() and path.name == sel.SELECTION_FILE:
+        return path.parent, SELECTION
+    if path.is_dir() and sel.has_selection(path):
+        return path, SELECTION
     if path.is_file():
         kind = path.stem
         if path.suffix != ".json" or kind not in ckpt.KINDS:
@@ -740,8 +793,15 @@ def checkpoint_location(path: str | Path) -> tuple[Path, str]:
 
 
 def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
-    """Rebuild the HiProModel a checkpoint was trained as, on `clip`, with its contexts."""
+    """Rebuild the HiProModel a checkpoint was trained as, on `clip`, with its
+    contexts; of a selection directory, the SelectedModel (every candidate
+    rebuilt from its own checkpoint)."""
     directory, kind = checkpoint_location(path)
+    if kind == SELECTION:
+        chosen = sel.load_selection(directory)
+        models = {c: load_model_checkpoint(_candidate_checkpoint(directory, c), clip, device)
+                  for c in chosen.candidates}
+        return sel.SelectedModel(models, chosen)
     record = ckpt.load_checkpoint(directory, None, kind=kind)
     cfg = record.model_config
     width = getattr(getattr(clip.model, "token_embedding", None), "weight", None)
@@ -793,8 +853,14 @@ def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]
     """check_model_matches, and load_model_checkpoint's width check against the
     config of model `model`, from the checkpoint's record alone, before any model
     is loaded (a command can refuse before it opens its run directory). Returns
-    the record's provenance (`extra`: what `hipro train` recorded, e.g. shots, seed)."""
+    the record's provenance (`extra`: what `hipro train` recorded, e.g. shots, seed);
+    of a selection directory, every candidate is checked and the selection's is returned."""
     directory, kind = checkpoint_location(path)
+    if kind == SELECTION:
+        chosen = sel.load_selection(directory)
+        for c in chosen.candidates:
+            check_checkpoint_matches(_candidate_checkpoint(directory, c), tasks, where, model)
+        return dict(chosen.extra)
     record = ckpt.load_checkpoint(directory, None, kind=kind)
     if tasks is not None:
         trained = record.model_config.get("tasks")
@@ -807,6 +873,13 @@ def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]
         raise InvalidInputError(f"checkpoint {directory} was trained on a text tower of width {trained_width}, "
                                 f"model {model!r} has width {width} (pass the same --model)")
     return dict(record.extra or {})
+
+
+def _candidate_checkpoint(directory: Path, candidate: str) -> Path:
+    sub = sel.candidate_dir(directory, candidate)
+    if not sub.is_dir():
+        raise CheckpointError(f"selection {directory}: candidate {candidate!r} has no checkpoint folder {sub}")
+    return sub
 
 
 def _check_trained_tasks(trained: Mapping[str, Sequence[str]], tasks: Mapping[str, Sequence[str]],

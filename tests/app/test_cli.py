@@ -266,6 +266,91 @@ def test_train_eval_export(world, tmp_path, capsys):
     assert "texture" in _one_error_line(capsys)
 
 
+def test_train_select_per_task_saves_evaluates_and_exports_the_chosen_candidates(world, tmp_path, capsys):
+    """--select per-task: the three candidates each checkpoint into their own
+    folder, selection.json records the choice (the one choose_per_task makes
+    from the recorded validation scores); eval and export of the checkpoints
+    folder use, task by task, the chosen candidate's model; its HiPro candidate
+    is the model --select none trains; a resume after an interruption between
+    candidates ends where an uninterrupted run does."""
+    from hipro_fast.method.baselines import SELECT_CANDIDATES, choose_per_task
+    from hipro_fast.method.export import Classifier
+
+    common = ["--tree", '[["shapes", "texture"], "scenes"]', "--shots", "2", "--epochs", "2", "--n-ctx", "2"]
+    run = tmp_path / "sel"
+    assert _run(world, "train", *common, "--select", "per-task", run_dir=run) == 0
+    out = capsys.readouterr().out
+    ck = run / "checkpoints"
+    record = json.loads((ck / "selection.json").read_text())
+    assert record["candidates"] == list(SELECT_CANDIDATES) and record["select_by"] == "loss"
+    scores = {c: {"val": record["val"][c], "val_loss": record["val_loss"][c]} for c in SELECT_CANDIDATES}
+    assert set(record["choices"]) == set(TASKS) and record["choices"] == choose_per_task(scores, "loss")
+    assert record["extra"]["seed"] == 0 and record["extra"]["shots"] == 2
+    assert "per-task selection (loss on val): " in out
+    for c in SELECT_CANDIDATES:
+        assert (ck / c / "best.json").exists() and (run / f"training-{c}.png").exists()
+    assert len(_events(run, "train_hipro_epoch")) == 2 and _events(run, "selection")[0]["choices"] == \
+        record["choices"]
+    assert "Per-task selection (validation cross-entropy)" in (run / "report.md").read_text()
+    acc = json.loads((run / "test_accuracy.json").read_text())
+
+    # each candidate alone, and the selection through eval: task by task the chosen candidate's accuracy
+    per_candidate = {}
+    for c in SELECT_CANDIDATES:
+        assert _run(world, "eval", "--checkpoint", str(ck / c), "--shots", "2", run_dir=tmp_path / f"ev-{c}") == 0
+        per_candidate[c] = json.loads((tmp_path / f"ev-{c}" / "test_accuracy.json").read_text())
+    assert acc == {t: per_candidate[c][t] for t, c in record["choices"].items()}
+    assert _run(world, "eval", "--checkpoint", str(ck), "--shots", "2", run_dir=tmp_path / "ev") == 0
+    assert json.loads((tmp_path / "ev" / "test_accuracy.json").read_text()) == acc
+
+    # export: each task's weights are its candidate's (exported alone for comparison)
+    assert _run(world, "export", "--checkpoint", str(ck / "selection.json"), "--out", str(tmp_path / "sel.safetensors"),
+                spec=False, run_dir=tmp_path / "ex") == 0
+    clf = Classifier.load(tmp_path / "sel.safetensors")
+    assert clf.config["selection"]["choices"] == record["choices"]
+    for c in set(record["choices"].values()):
+        assert _run(world, "export", "--checkpoint", str(ck / c), "--out", str(tmp_path / f"{c}.safetensors"), spec=False,
+                    run_dir=tmp_path / f"ex-{c}") == 0
+        alone = Classifier.load(tmp_path / f"{c}.safetensors")
+        for t in (t for t, kept in record["choices"].items() if kept == c):
+            assert torch.equal(clf.weights[t], alone.weights[t])
+
+    # the HiPro candidate is exactly what --select none trains
+    assert _run(world, "train", *common, run_dir=tmp_path / "tree-alone") == 0
+    assert _run(world, "eval", "--checkpoint", str(tmp_path / "tree-alone" / "checkpoints"), "--shots", "2",
+                "--split", "val", run_dir=tmp_path / "ev-alone") == 0
+    assert json.loads((tmp_path / "ev-alone" / "val_accuracy.json").read_text()) == record["val"]["hipro"]
+
+    # interrupted after the first candidate: --resume trains the rest and chooses as before
+    (ck / "selection.json").unlink()
+    for c in SELECT_CANDIDATES[1:]:
+        shutil.rmtree(ck / c)
+    first_tensors = {k: v for k, v in _snapshot(ck / "hipro").items() if k.endswith(".safetensors")}
+    capsys.readouterr()
+    assert _run(world, "train", *common, "--select", "per-task", "--resume", run_dir=run) == 0
+    assert {k: v for k, v in _snapshot(ck / "hipro").items() if k.endswith(".safetensors")} == first_tensors
+    assert "resumed: hipro after epoch 2, two-level from epoch 1, coop-per-task from epoch 1" in \
+        capsys.readouterr().out
+    assert json.loads((ck / "selection.json").read_text()) == record
+    assert json.loads((run / "test_accuracy.json").read_text()) == acc
+
+    # a selection that lost a candidate's folder is refused by name, before a run directory is made
+    shutil.rmtree(ck / "two-level")
+    capsys.readouterr()
+    assert _run(world, "eval", "--checkpoint", str(ck), "--shots", "2", run_dir=tmp_path / "ev-broken") == 1
+    assert "candidate 'two-level' has no checkpoint folder" in _one_error_line(capsys)
+    assert not (tmp_path / "ev-broken").exists()
+
+    # without a val split in the spec: refused before anything is written
+    no_val = _world_spec(world, name="noval.toml", replace=("split = {val = 0.2, test = 0.34, seed = 0}",
+                                                            "split = {test = 0.34, seed = 0}"))
+    capsys.readouterr()
+    assert _run(world, "train", "--spec", str(no_val), *common, "--select", "per-task",
+                run_dir=tmp_path / "noval") == 1
+    assert "--select per-task chooses on the validation split: no task of the spec" in _one_error_line(capsys)
+    assert not (tmp_path / "noval").exists()
+
+
 def test_compare_select_by_reaches_the_selection(world, tmp_path, capsys):
     """--select-by: the criterion reaches the selection (the JSON and the summary
     name it; loss by default), and each task's pick is the one that criterion

@@ -198,3 +198,12 @@ def test_pretrained_tags_are_checked_as_open_clip_reads_them():
     assert pipeline.configured_text_width("ViT-B-32") == 512
     assert pipeline.configured_text_width("hipro-tiny-clip") == 128
     assert pipeline.configured_text_width("hf-hub:someone/some-clip") is None
+
+
+def test_train_selected_needs_a_validation_split():
+    """Per-task selection chooses on val: without one it is refused before any training."""
+    from types import SimpleNamespace
+
+    feats = SimpleNamespace(tasks={"a": ["x", "y"]}, val={}, train_for_fit=lambda: pytest.fail("trained"))
+    with pytest.raises(ValueError, match="chooses on the validation split: the spec has none"):
+        pipeline.train_selected(None, feats, None)

@@ -127,6 +127,29 @@ def test_two_node_launch_trains_like_one_process(world, tmp_path, one_process_tr
     assert len(_events(run, "start")) == 1  # one writer
 
 
+def test_per_task_selection_over_two_processes_equals_one_process(world, tmp_path):
+    """`hipro train --select per-task --nproc 2`: every candidate trains as in one
+    process (contexts within the bound), the same choice is written once, and
+    the test accuracy is the same."""
+    from hipro_fast.method.baselines import SELECT_CANDIDATES
+
+    argv = [*TRAIN, "--select", "per-task"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(world, argv, one)) == 0
+    proc = run([sys.executable, "-m", "hipro_fast.cli", *_args(world, argv, two), "--nproc", "2"], timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for cand in SELECT_CANDIDATES:
+        a = ckpt.load_checkpoint(one / "checkpoints" / cand, None, kind="last").contexts
+        b = ckpt.load_checkpoint(two / "checkpoints" / cand, None, kind="last").contexts
+        assert a.keys() == b.keys()
+        for k in a:
+            assert float((a[k] - b[k]).abs().max() / a[k].abs().max()) <= REL_BOUND, (cand, k)
+    picks = [json.loads((r / "checkpoints" / "selection.json").read_text())["choices"] for r in (one, two)]
+    assert picks[0] == picks[1] and set(picks[0]) == {"shapes", "texture", "scenes"}
+    assert json.loads((two / "test_accuracy.json").read_text()) == json.loads((one / "test_accuracy.json").read_text())
+    assert len(_events(two, "selection")) == 1  # one writer
+
+
 def test_protocol_grid_over_two_processes_equals_one_process(world, tmp_path):
     """`hipro compare --shots 1 --seeds 0,1,2 --nproc 2` splits the 3 draws between
     the ranks (--parallel draws, the default; rank 1 idles in the second round)
