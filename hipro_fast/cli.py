@@ -57,7 +57,7 @@ from .method.grouping import LINKAGES
 from .method.training import FULL_BATCH, OPTIMIZERS, TrainConfig
 from .method.baselines import DEFAULT_HIPRO_OPTIONS, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, SELECT_CRITERIA
 from .method.model import PATH_WEIGHTS, validate_tasks
-from .method.protocol import PARALLEL_MODES, check_shot_counts
+from .method.protocol import PARALLEL_MODES, check_shot_counts, val_shots_for
 from .usage import OneLineUsageParser, float_above
 from .usage import finite_float as _float
 from .usage import int_at_least as _int_at_least
@@ -495,10 +495,8 @@ class _Ctx:
         tree = getattr(a, "tree", None)
         if tree not in (None, "auto") and tasks is not None:
             self._given_tree = self.pipeline.load_tree(tree, tasks)  # checked here, used by _resolve_tree
-        if command == "train" and a.select == "per-task" and not any(t.splits.get("val")
-                                                                    for t in self._spec.tasks.values()):
-            raise CliError(f"--select per-task chooses on the validation split: no task of the spec {a.spec} "
-                           "has a val split (give one, or pass --select none)")
+        if command == "train" and a.select == "per-task":
+            self._check_selection_has_val()
         if command == "eval" and not any(t.splits.get(a.split) for t in self._spec.tasks.values()):
             raise CliError(f"--split {a.split}: no task of the spec {a.spec} has a {a.split} split")
         if getattr(a, "checkpoint", None):
@@ -573,6 +571,33 @@ class _Ctx:
                 raise CliError(f"--methods {choosing[0]} chooses on a validation split, and with --shots 0 that is "
                                f"the spec's own: no task has one (add a val split to the spec, or leave "
                                f"{choosing[0]} out)")
+
+    def _check_selection_has_val(self) -> None:
+        """hipro train --select per-task chooses on validation data: a task without
+        a val split holds out min(K, 4) of its training images per class (the
+        protocol's rule), so each class needs K + min(K, 4) of them; with
+        --shots 0 (every training image drawn) the spec's val split must exist."""
+        a = self.args
+        no_val = [(n, t) for n, t in self._spec.tasks.items() if not t.splits.get("val")]
+        if not no_val:
+            return
+        if not a.shots:
+            raise CliError(f"--select per-task chooses on a validation split, and with --shots 0 every training "
+                           f"image is drawn: task {no_val[0][0]!r} has no val split (give it one, or pass "
+                           "--select none)")
+        for name, task in no_val:
+            counts = [0] * len(task.classes)
+            for r in task.splits.get("train") or []:
+                counts[r.label] += 1
+            check_shot_counts(name, task.classes, counts, None, a.shots)
+
+    def val_from_train(self) -> int:
+        """Validation images per class held out of a task's training images when it
+        has no val split: min(K, 4) under hipro train --select per-task, else 0."""
+        a = self.args
+        if getattr(a, "command", None) == "train" and getattr(a, "select", "none") == "per-task" and a.shots:
+            return val_shots_for(a.shots)
+        return 0
 
     def _check_overwrite_spares_inputs(self, run_dir: Path) -> None:
         """--overwrite empties --run-dir: refuse when an input of this command lies inside it."""
@@ -697,7 +722,8 @@ class _Ctx:
             self._feats = self.pipeline.cache_features(
                 clip, spec, shots=None if self.shot_grid else (_single_shots(a.shots) or None), seed=a.seed, cache_dir=self.cache_dir, device=self.device,
                 views=a.aug_views, skip_bad_images=a.skip_bad_images, progress=self.progress,
-                batch_size=a.batch_size, num_workers=a.workers, splits=splits, log=self.run.log)
+                batch_size=a.batch_size, num_workers=a.workers, splits=splits, log=self.run.log,
+                val_from_train=self.val_from_train())
             f = self._feats
             counts: dict[str, int] = {}
             for s in f.status.values():
@@ -971,6 +997,13 @@ def _train_and_eval(ctx: _Ctx, tree):
                   train_overrides=ctx.train_overrides(), checkpoint_dir=_ckpt_path(ctx), progress=ctx.progress,
                   resume=ctx.run.resumed, hipro_options=ctx.hipro_options())
     if a.select == "per-task":
+        held = [t for t in feats.tasks if not ctx.spec().tasks[t].splits.get("val")]
+        if held:
+            ctx.say(f"validation: {ctx.val_from_train()} training images per class held out (not drawn) for "
+                    f"the {len(held)} task(s) without a val split")
+            ctx.run.report.add("Validation", f"{ctx.val_from_train()} images per class of the training images "
+                               f"the draw left, for {', '.join(held)} (no val split in the spec).")
+
         def on_candidate(cand, _model, result):
             ctx.say(f"candidate {cand} trained")
             _training_curves(ctx, result, tag=f"train_{cand}", title=f"Training: {cand}",

@@ -556,12 +556,37 @@ def _check_classes_left(task: str, split: str, classes: Sequence[str], records, 
     warnings.warn(what + f": its {split} accuracy leaves that class out", SkippedClassWarning, stacklevel=3)
 
 
+def held_out_val(task, shots: int, seed: int, per_class: int) -> list:
+    """`per_class` validation records per class of `task` (a TaskData) from its
+    training records that few_shot(shots, seed) did not draw; SpecError naming
+    the class when too few are left (no silent fallback: the choice would rest
+    on fewer images than it says)."""
+    drawn = {r.path for r in few_shot(task.splits["train"], shots, seed, task=task.name, classes=task.classes)}
+    rest = [r for r in task.splits["train"] if r.path not in drawn]
+    for label, cname in enumerate(task.classes):
+        left = sum(r.label == label for r in rest)
+        if left < per_class:
+            raise SpecError(f"task {task.name!r}, class {cname!r}: {left} training image(s) left after the "
+                            f"{shots}-shot draw, but {per_class} are held out for validation; lower --shots "
+                            "or give the task a val split")
+    return few_shot(rest, per_class, seed, task=f"{task.name}/held-out-val", classes=task.classes)
+
+
 def cache_features(clip, spec: MultiTaskSpec, *, shots: int | None = 16, seed: int = 0,
                    cache_dir: str | Path | None = None, device: str | None = None, views: int = 0,
                    skip_bad_images: bool = False, progress: bool = True, batch_size: int = 128,
                    num_workers: int | None = None, splits: Sequence[str] = ("train", "val", "test"),
-                   log=None) -> TaskFeatures:
-    """Encode (or load from the cache) the few-shot training draw and the val/test splits."""
+                   log=None, val_from_train: int = 0) -> TaskFeatures:
+    """Encode (or load from the cache) the few-shot training draw and the val/test splits.
+
+    val_from_train: for a task without a val split, hold out this many images per
+    class of its training images left out of the few-shot draw as its validation
+    split (the protocol's rule, min(K, 4); seeded by (task, seed), independent of
+    the draw's stream); 0 leaves such a task without validation. Needs shots >= 1.
+    """
+    if val_from_train and not shots:
+        raise InvalidInputError("val_from_train holds out training images the few-shot draw left: it needs "
+                                "shots >= 1 (with every training image drawn none is left)")
 
     fc = FeatureCache(clip, cache_dir, device=device, batch_size=batch_size, num_workers=num_workers,
                       skip_bad_images=skip_bad_images, progress=progress)
@@ -573,6 +598,8 @@ def cache_features(clip, spec: MultiTaskSpec, *, shots: int | None = 16, seed: i
             if split == "train":
                 records = few_shot(records, shots, seed, task=name, classes=task.classes)
                 tag, v = f"{name}/train/{shot_tag}", views
+            elif split == "val" and not records and val_from_train:
+                records, tag, v = held_out_val(task, shots, seed, val_from_train), f"{name}/val/{shot_tag}", 0
             else:
                 tag, v = f"{name}/{split}", 0
             if not records:

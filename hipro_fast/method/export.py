@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from ..engine.fingerprint import image_side_digest, tensors_digest
 from ..errors import InvalidInputError, MissingFileError
 from ..files import atomic_write_bytes
 from .model import HiProModel, TaskSpecError, image_features_of, json_tensor, tensor_json, validate_tasks
+
+if TYPE_CHECKING:  # selection imports training, which an export does not need at run time
+    from .selection import SelectedModel
 
 FORMAT = "hipro_fast.classifier"
 VERSION = "1"
@@ -74,10 +77,14 @@ def image_tower_info(clip_model: torch.nn.Module) -> dict[str, str]:
     return {"image_tower": image_side_digest(clip_model)[:16]} if getattr(clip_model, "visual", None) is not None else {}
 
 
-def export_classifier(model: HiProModel, path: str | Path,
+def export_classifier(model: HiProModel | SelectedModel, path: str | Path,
                       text_features: Mapping[str, torch.Tensor] | None = None,
                       clip_info: Mapping[str, Any] | None = None) -> Path:
     """Write the model's per-task classifier weights to `path` (a .safetensors file).
+
+    model: a HiProModel, or a method.selection.SelectedModel (each task's weights
+        then come from its chosen candidate, and the metadata's model config
+        records the choice and every candidate's config).
 
     text_features: {task: [C_t, E]} to write instead of model.text_features()
         (checked: every task, that shape, finite, L2-normalised rows).

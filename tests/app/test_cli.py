@@ -341,14 +341,25 @@ def test_train_select_per_task_saves_evaluates_and_exports_the_chosen_candidates
     assert "candidate 'two-level' has no checkpoint folder" in _one_error_line(capsys)
     assert not (tmp_path / "ev-broken").exists()
 
-    # without a val split in the spec: refused before anything is written
+    # without a val split in the spec, min(K, 4) training images per class the draw left are held out
     no_val = _world_spec(world, name="noval.toml", replace=("split = {val = 0.2, test = 0.34, seed = 0}",
                                                             "split = {test = 0.34, seed = 0}"))
-    capsys.readouterr()
     assert _run(world, "train", "--spec", str(no_val), *common, "--select", "per-task",
-                run_dir=tmp_path / "noval") == 1
-    assert "--select per-task chooses on the validation split: no task of the spec" in _one_error_line(capsys)
-    assert not (tmp_path / "noval").exists()
+                run_dir=tmp_path / "noval") == 0
+    rows = {r["task"]: r for r in json.loads((tmp_path / "noval" / "data.json").read_text())}
+    assert all(rows[t]["val"] == 2 * len(TASKS[t]) and rows[t]["train"] == 2 * len(TASKS[t]) for t in TASKS)
+    held = json.loads((tmp_path / "noval" / "checkpoints" / "selection.json").read_text())
+    assert set(held["val"]["hipro"]) == set(TASKS)
+    assert "held out" in capsys.readouterr().out
+    # refused before anything is written: --shots 0 leaves nothing to hold out; 3 shots + 3 held out exceed
+    # the 4 training images per class
+    for shots, says in (("0", "with --shots 0 every training image is drawn: task 'shapes' has no val split"),
+                        ("3", "task 'shapes', class 'green': 4 training images, but 3 shots + 3 validation shots "
+                              "need 6")):
+        assert _run(world, "train", "--spec", str(no_val), *common, "--shots", shots, "--select", "per-task",
+                    run_dir=tmp_path / f"noval{shots}") == 1
+        assert says in _one_error_line(capsys)
+        assert not (tmp_path / f"noval{shots}").exists()
 
 
 def test_compare_select_by_reaches_the_selection(world, tmp_path, capsys):

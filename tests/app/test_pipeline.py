@@ -207,3 +207,25 @@ def test_train_selected_needs_a_validation_split():
     feats = SimpleNamespace(tasks={"a": ["x", "y"]}, val={}, train_for_fit=lambda: pytest.fail("trained"))
     with pytest.raises(ValueError, match="chooses on the validation split: the spec has none"):
         pipeline.train_selected(None, feats, None)
+
+
+def test_held_out_val_takes_images_the_draw_left_per_class_or_names_the_short_class():
+    """hipro train --select per-task on a task without a val split: min(K, 4) images
+    per class from the training images the K-shot draw did not take, seeded,
+    disjoint from the draw; a class with too few left is refused by name."""
+    from hipro_fast.data.tasks_spec import ImageRecord, SpecError, TaskData, few_shot
+
+    train = [ImageRecord(f"/img/{c}{i}.png", label) for label, c in enumerate("ab") for i in range(7)]
+    task = TaskData("letters", ["a", "b"], ["a", "b"], {"train": train, "val": [], "test": []})
+    drawn = {r.path for r in few_shot(train, 3, 5, task="letters", classes=["a", "b"])}
+    val = pipeline.held_out_val(task, 3, 5, 3)
+    assert [sum(r.label == k for r in val) for k in (0, 1)] == [3, 3]
+    assert not drawn & {r.path for r in val} and len(set(r.path for r in val)) == 6
+    assert pipeline.held_out_val(task, 3, 5, 3) == val  # a function of (task, shots, seed)
+    assert {r.path for r in pipeline.held_out_val(task, 3, 6, 3)} != {r.path for r in val}
+    assert len(pipeline.held_out_val(task, 3, 5, 4)) == 8  # exactly what is left
+    with pytest.raises(SpecError, match="task 'letters', class 'a': 4 training image\\(s\\) left after the 3-shot "
+                                        "draw, but 5 are held out for validation"):
+        pipeline.held_out_val(task, 3, 5, 5)
+    with pytest.raises(ValueError, match="val_from_train holds out training images"):
+        pipeline.cache_features(None, None, shots=0, val_from_train=4)
