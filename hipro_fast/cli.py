@@ -833,15 +833,17 @@ def _resolve_tree(ctx: _Ctx, spec: str):
     return tree
 
 
-def _log_fit(ctx: _Ctx, result, tag: str = "train") -> list[dict]:
-    """Record a FitResult's history as metrics lines; returns the history."""
+def _log_fit(ctx: _Ctx, result, tag: str = "train", skip: int = 0) -> list[dict]:
+    """Record a FitResult's history as metrics lines (but the first `skip` epochs,
+    already logged); returns the history."""
     hist = getattr(result, "history", None) or []
     rows = []
     for i, h in enumerate(hist):
         rec = dict(h) if isinstance(h, dict) else {"value": h}
         rec.setdefault("epoch", i + 1)
         rows.append(rec)
-        ctx.run.log(f"{tag}_epoch", **rec)
+        if i >= skip:
+            ctx.run.log(f"{tag}_epoch", **rec)
     return rows
 
 
@@ -1006,8 +1008,9 @@ def _train_and_eval(ctx: _Ctx, tree):
 
         def on_candidate(cand, _model, result):
             ctx.say(f"candidate {cand} trained")
+            # a candidate that finished before an interruption was logged then: its epochs are not logged twice
             _training_curves(ctx, result, tag=f"train_{cand}", title=f"Training: {cand}",
-                             fname=f"training-{cand}.png")
+                             fname=f"training-{cand}.png", skip=ctx.run.logged(f"train_{cand}_epoch"))
 
         model, _ = ctx.pipeline.train_selected(ctx.clip(), feats, tree, select_by=a.select_by,
                                                provenance=provenance, on_candidate=on_candidate, **common)
@@ -1028,8 +1031,8 @@ def _train_and_eval(ctx: _Ctx, tree):
 
 
 def _training_curves(ctx: _Ctx, result, tag: str = "train", title: str = "Training",
-                     fname: str = "training.png") -> None:
-    hist = _log_fit(ctx, result, tag)
+                     fname: str = "training.png", skip: int = 0) -> None:
+    hist = _log_fit(ctx, result, tag, skip)
     png = plots.plot_curves(hist, ctx.run.path(fname), keys=("loss", "val_mean"))
     if png:
         ctx.run.report.add_figure(title, png)

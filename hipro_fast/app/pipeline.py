@@ -180,6 +180,11 @@ def spec_data_digest(spec: MultiTaskSpec) -> str:
     return h.hexdigest()[:16]
 
 
+# options a run directory's config.json may predate, with the value their absence meant
+# (hipro train had no --select before session 14: it trained the tree alone)
+IMPLIED_BEFORE_RECORDED = {"select": "none"}
+
+
 def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], directory: Path) -> None:
     """Raise RunDirError naming the first option (other than RESUME_FREE_KEYS) whose
     value differs between the run's config.json and this command: a resumed run
@@ -187,6 +192,7 @@ def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], dir
     when both record it; a run that predates the record compares the options as given."""
     now = json.loads(json.dumps(dict(config), default=_json_default))
     recorded = isinstance(saved.get("train_recipe"), dict) and isinstance(now.get("train_recipe"), dict)
+    saved = {**{k: v for k, v in IMPLIED_BEFORE_RECORDED.items() if k in now}, **saved}
     for key in now:
         if key in RESUME_FREE_KEYS or key not in saved or saved[key] == now[key]:
             continue
@@ -374,6 +380,20 @@ class Run:
             raise
         with os.fdopen(fd, "ab") as f:  # closes fd; writes the whole line
             f.write(line)
+
+    def logged(self, event: str) -> int:
+        """How many `event` lines metrics.jsonl holds (a resumed run's earlier ones included)."""
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return 0
+        count = 0
+        for line in lines:
+            try:
+                count += json.loads(line).get("event") == event
+            except (json.JSONDecodeError, AttributeError):  # a line a killed writer cut short
+                continue
+        return count
 
     def write_json(self, name: str, obj: Any) -> Path:
         return dump_json(obj, self.path(name))
@@ -745,6 +765,8 @@ def train_selected(clip, feats: TaskFeatures, tree, *, n_ctx=16, combine: str = 
         raise InvalidInputError("per-task selection chooses on the validation split: the spec has none "
                                 "(train HiPro's tree alone instead)")
     options = dict(hipro_options or {})
+    if checkpoint_dir and dist_group.is_main():  # written again last: present only once the selection is complete
+        (Path(checkpoint_dir) / sel.SELECTION_FILE).unlink(missing_ok=True)
     models, results = {}, {}
     for cand in baselines.SELECT_CANDIDATES:
         model = baselines.build_method(cand, clip, feats.tasks, tree, n_ctx, combine, seed=seed,
@@ -754,15 +776,15 @@ def train_selected(clip, feats: TaskFeatures, tree, *, n_ctx=16, combine: str = 
                                            {**(train_overrides or {}), "seed": seed, "progress": progress,
                                             "checkpoint_dir": str(sub) if sub else None, "resume": bool(resume)})
         result = training.fit(model, feats.train_for_fit(), feats.val, **overrides)
-        if sub is not None:
-            save_model(model, sub, {**dict(provenance or {}), "candidate": cand}, result)
+        if sub is not None:  # rank 0 writes; a failed write stops every rank (not a wait at the next collective)
+            dist_group.main_first(lambda: save_model(model, sub, {**dict(provenance or {}), "candidate": cand},
+                                                     result), f" saving candidate {cand}")
         if on_candidate is not None:
             on_candidate(cand, model, result)
         models[cand], results[cand] = model, result
     chosen = sel.choose(models, feats.val, select_by, batch_size=result.config.eval_batch_size, extra=provenance)
-    if checkpoint_dir and dist_group.is_main():
-        sel.save_selection(checkpoint_dir, chosen)
-    dist_group.barrier()
+    if checkpoint_dir:
+        dist_group.main_first(lambda: sel.save_selection(checkpoint_dir, chosen), " writing the selection")
     return sel.SelectedModel(models, chosen), results
 
 
@@ -816,6 +838,10 @@ def checkpoint_location(path: str | Path) -> tuple[Path, str]:
     hint = ""
     if any(ckpt.has_checkpoint(path / "checkpoints", k) for k in ("best", "last")):
         hint = f"; it is a run directory: its checkpoint is {path / 'checkpoints'}"
+    elif any(ckpt.has_checkpoint(sel.candidate_dir(path, c), k) for c in baselines.SELECT_CANDIDATES
+             for k in ("best", "last")):
+        hint = (f"; it holds candidate folders of a `hipro train --select per-task` run that did not finish "
+                f"(no {sel.SELECTION_FILE}): resume that run, or evaluate one candidate's folder")
     raise MissingFileError(f"no checkpoint in {path} (best.json / last.json not found){hint}")
 
 
@@ -825,7 +851,7 @@ def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
     rebuilt from its own checkpoint)."""
     directory, kind = checkpoint_location(path)
     if kind == SELECTION:
-        chosen = sel.load_selection(directory)
+        chosen = check_selection_candidates(directory)
         models = {c: load_model_checkpoint(_candidate_checkpoint(directory, c), clip, device)
                   for c in chosen.candidates}
         return sel.SelectedModel(models, chosen)
@@ -884,7 +910,7 @@ def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]
     of a selection directory, every candidate is checked and the selection's is returned."""
     directory, kind = checkpoint_location(path)
     if kind == SELECTION:
-        chosen = sel.load_selection(directory)
+        chosen = check_selection_candidates(directory)
         for c in chosen.candidates:
             check_checkpoint_matches(_candidate_checkpoint(directory, c), tasks, where, model)
         return dict(chosen.extra)
@@ -900,6 +926,40 @@ def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]
         raise InvalidInputError(f"checkpoint {directory} was trained on a text tower of width {trained_width}, "
                                 f"model {model!r} has width {width} (pass the same --model)")
     return dict(record.extra or {})
+
+
+# provenance every candidate of a selection shares with it (what hipro train records)
+_SHARED_PROVENANCE = ("spec", "model", "seed", "shots", "image_tower")
+
+
+def check_selection_candidates(directory: str | Path) -> "sel.Selection":
+    """The selection record of `directory`, checked against its candidate folders
+    from their records alone: each was trained as that candidate
+    (its recorded `candidate`), on the selection's draw (spec, model, seed,
+    shots, image tower, where recorded), over exactly the tasks it chose for.
+    CheckpointError naming the folder otherwise (a folder copied in from another
+    run would be scored with choices made for other models)."""
+    directory = Path(directory)
+    chosen = sel.load_selection(directory)
+    for c in chosen.candidates:
+        sub = _candidate_checkpoint(directory, c)
+        sub_dir, kind = checkpoint_location(sub)
+        record = ckpt.load_checkpoint(sub_dir, None, kind=kind)
+        extra = dict(record.extra or {})
+        if "candidate" in extra and extra["candidate"] != c:
+            raise CheckpointError(f"selection {directory}: folder {sub} holds candidate {extra['candidate']!r}, "
+                                  f"not {c!r}")
+        for key in _SHARED_PROVENANCE:
+            if key in extra and key in chosen.extra and extra[key] != chosen.extra[key]:
+                raise CheckpointError(f"selection {directory}: candidate {c!r} ({sub}) was trained with {key} "
+                                      f"{extra[key]!r}, the selection with {chosen.extra[key]!r}: it is another "
+                                      "run's model")
+        trained = record.model_config.get("tasks")
+        if not isinstance(trained, Mapping) or sorted(trained) != sorted(chosen.choices):
+            raise CheckpointError(f"selection {directory}: candidate {c!r} ({sub}) has tasks "
+                                  f"{sorted(trained) if isinstance(trained, Mapping) else None}, the selection "
+                                  f"chose for {sorted(chosen.choices)}"[:400])
+    return chosen
 
 
 def _candidate_checkpoint(directory: Path, candidate: str) -> Path:

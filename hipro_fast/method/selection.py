@@ -61,14 +61,15 @@ class Selection:
         """The record checked: CheckpointError naming `where` and the field otherwise."""
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise CheckpointError(f"{where}: not a hipro_fast selection record")
-        if record.get("version") != VERSION:
+        if type(record.get("version")) is not int or record.get("version") != VERSION:
             raise CheckpointError(f"{where}: selection version {record.get('version')!r}, expected {VERSION}")
         if record.get("select_by") not in SELECT_CRITERIA:
             raise CheckpointError(f"{where}: 'select_by' must be one of {SELECT_CRITERIA}, "
                                   f"got {record.get('select_by')!r}")
         cands = record.get("candidates")
         if not (isinstance(cands, list) and cands and all(isinstance(c, str) for c in cands)
-                and len(set(cands)) == len(cands)) or any(Path(c).name != c or c in (".", "..") for c in cands):
+                and len(set(cands)) == len(cands)) or any(not c or Path(c).name != c or c in (".", "..")
+                                                          for c in cands):
             raise CheckpointError(f"{where}: 'candidates' must be distinct folder names, got {cands!r}"[:300])
         choices = record.get("choices")
         if not isinstance(choices, dict) or not choices:
@@ -81,6 +82,12 @@ class Selection:
             value = record.get(key)
             if not isinstance(value, dict) or any(not isinstance(v, dict) for v in value.values()):
                 raise CheckpointError(f"{where}: {key!r} must map each candidate to per-task scores")
+            for c, v in value.items():
+                bad = [t for t, x in v.items() if isinstance(x, bool) or not isinstance(x, (int, float))]
+                if c not in cands or bad:
+                    what = f"candidate {c!r} is not in 'candidates'" if c not in cands else \
+                        f"task {bad[0]!r}'s score {v[bad[0]]!r} is not a number"
+                    raise CheckpointError(f"{where}: {key!r}: {what}"[:300])
             scores[key] = {c: {t: float(s) for t, s in v.items()} for c, v in value.items()}
         extra = record.get("extra", {})
         if not isinstance(extra, dict):

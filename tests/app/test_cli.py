@@ -327,19 +327,37 @@ def test_train_select_per_task_saves_evaluates_and_exports_the_chosen_candidates
         shutil.rmtree(ck / c)
     first_tensors = {k: v for k, v in _snapshot(ck / "hipro").items() if k.endswith(".safetensors")}
     capsys.readouterr()
+    assert _run(world, "eval", "--checkpoint", str(ck), "--shots", "2", run_dir=tmp_path / "ev-unfinished") == 1
+    assert "candidate folders of a `hipro train --select per-task` run that did not finish" in \
+        _one_error_line(capsys)
     assert _run(world, "train", *common, "--select", "per-task", "--resume", run_dir=run) == 0
     assert {k: v for k, v in _snapshot(ck / "hipro").items() if k.endswith(".safetensors")} == first_tensors
     assert "resumed: hipro after epoch 2, two-level from epoch 1, coop-per-task from epoch 1" in \
         capsys.readouterr().out
     assert json.loads((ck / "selection.json").read_text()) == record
     assert json.loads((run / "test_accuracy.json").read_text()) == acc
+    assert [len(_events(run, f"train_{c}_epoch")) for c in SELECT_CANDIDATES] == [2, 2, 2]  # none logged twice
 
-    # a selection that lost a candidate's folder is refused by name, before a run directory is made
-    shutil.rmtree(ck / "two-level")
-    capsys.readouterr()
-    assert _run(world, "eval", "--checkpoint", str(ck), "--shots", "2", run_dir=tmp_path / "ev-broken") == 1
-    assert "candidate 'two-level' has no checkpoint folder" in _one_error_line(capsys)
-    assert not (tmp_path / "ev-broken").exists()
+    # candidate folders that are not the selection's are refused by name, before a run directory is made
+    broken = tmp_path / "broken"
+    shutil.copytree(ck, broken)
+    shutil.rmtree(broken / "hipro")
+    shutil.copytree(ck / "coop-per-task", broken / "hipro")
+    other_seed = tmp_path / "other-seed"
+    shutil.copytree(ck, other_seed)
+    edited = json.loads((other_seed / "selection.json").read_text())
+    (other_seed / "selection.json").write_text(json.dumps({**edited, "extra": {**edited["extra"], "seed": 7}}))
+    lost = tmp_path / "lost"
+    shutil.copytree(ck, lost)
+    shutil.rmtree(lost / "two-level")
+    for folder, says in ((broken, f"folder {broken / 'hipro'} holds candidate 'coop-per-task', not 'hipro'"),
+                         (other_seed, "candidate 'hipro' (" + str(other_seed / "hipro") + ") was trained with seed "
+                                      "0, the selection with 7"),
+                         (lost, "candidate 'two-level' has no checkpoint folder")):
+        capsys.readouterr()
+        assert _run(world, "eval", "--checkpoint", str(folder), "--shots", "2", run_dir=tmp_path / "ev-bad") == 1
+        assert says in _one_error_line(capsys)
+        assert not (tmp_path / "ev-bad").exists()
 
     # without a val split in the spec, min(K, 4) training images per class the draw left are held out
     no_val = _world_spec(world, name="noval.toml", replace=("split = {val = 0.2, test = 0.34, seed = 0}",
@@ -360,6 +378,24 @@ def test_train_select_per_task_saves_evaluates_and_exports_the_chosen_candidates
                     run_dir=tmp_path / f"noval{shots}") == 1
         assert says in _one_error_line(capsys)
         assert not (tmp_path / f"noval{shots}").exists()
+
+
+def test_train_select_per_task_holds_out_min_k_4_images_per_class(world, tmp_path):
+    """Without a val split, --select per-task holds out min(K, 4) training images
+    per class (4 at 5 shots, not 5)."""
+    root = tmp_path / "big"
+    for t, classes in (("shapes", ["red", "green"]), ("scenes", ["day", "night"])):
+        for c in classes:
+            for i in range(10):
+                _png(root / t / c / f"{i}.png", seed=zlib.crc32(f"big/{t}/{c}/{i}".encode()))
+    spec = root / "tasks.toml"
+    spec.write_text("".join(f'[[task]]\nname = "{t}"\nimages = "{t}"\nsplit = {{test = 0.1, seed = 0}}\n\n'
+                            for t in ("shapes", "scenes")))
+    run = tmp_path / "run"
+    assert _run(world, "train", "--spec", str(spec), "--tree", "flat", "--shots", "5", "--epochs", "1", "--n-ctx",
+                "2", "--select", "per-task", run_dir=run) == 0
+    rows = {r["task"]: r for r in json.loads((run / "data.json").read_text())}
+    assert {t: (r["train"], r["val"]) for t, r in rows.items()} == {"shapes": (10, 8), "scenes": (10, 8)}
 
 
 def test_compare_select_by_reaches_the_selection(world, tmp_path, capsys):

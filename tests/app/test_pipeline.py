@@ -229,3 +229,14 @@ def test_held_out_val_takes_images_the_draw_left_per_class_or_names_the_short_cl
         pipeline.held_out_val(task, 3, 5, 5)
     with pytest.raises(ValueError, match="val_from_train holds out training images"):
         pipeline.cache_features(None, None, shots=0, val_from_train=4)
+
+
+def test_a_train_run_from_before_select_resumes_only_as_the_tree_alone(tmp_path):
+    """config.json of a `hipro train` run older than --select has no "select": it
+    trained the tree alone, so a resume with --select per-task is refused by name."""
+    from hipro_fast.errors import RunDirError
+
+    saved = {"command": "train", "seed": 0}
+    pipeline.check_resume_config(saved, {**saved, "select": "none", "select_by": "loss"}, tmp_path)
+    with pytest.raises(RunDirError, match="--select was 'none' in that run, now 'per-task'"):
+        pipeline.check_resume_config(saved, {**saved, "select": "per-task", "select_by": "loss"}, tmp_path)

@@ -134,6 +134,11 @@ def test_the_selection_record_round_trips_and_a_bad_one_is_refused_by_name(train
         ({**good, "choices": {}}, "'choices' must map each task to a candidate"),
         ({**good, "val_loss": [1.0]}, "'val_loss' must map each candidate to per-task scores"),
         ({**good, "extra": 3}, "'extra' must be a JSON object"),
+        ({**good, "version": True}, "selection version True, expected 1"),
+        ({**good, "candidates": ["", "hipro"]}, "'candidates' must be distinct folder names"),
+        ({**good, "val": {**good["val"], "hipro": {"animals": "x"}}},
+         "'val': task 'animals'\\'s score 'x' is not a number"),
+        ({**good, "val_loss": {**good["val_loss"], "coop": {}}}, "'val_loss': candidate 'coop' is not in"),
     ]
     for record, says in bad_records:
         path.write_text(json.dumps(record))
