@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     _select_opts(p, default="none",
                  help_select="none (default): HiPro's tree alone, one model; per-task: also train the flat "
                              "two-level tree and CoOp per task and keep, task by task, the one with the best "
-                             "validation score (the protocol's HiPro: 3x the training; needs a val split)")
+                             "validation score (the protocol's HiPro: 3x the training; a task without a val split holds "
+                             "out min(K, 4) of its training images per class the draw left)")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a split")
     _common(p)

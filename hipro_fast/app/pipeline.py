@@ -41,8 +41,8 @@ from .report import Report
 
 __all__ = [
     "Run", "TaskFeatures", "resolve_device", "register_model_config", "load_model", "cache_features",
-    "compute_affinity", "build_tree", "train_hipro", "train_selected", "evaluate_model", "save_model", "load_model_checkpoint",
-    "run_compare", "export_bundled",
+    "compute_affinity", "build_tree", "train_hipro", "train_selected", "evaluate_model", "save_model",
+    "load_model_checkpoint", "run_compare", "export_bundled",
 ]
 
 Split = dict[str, tuple[torch.Tensor, torch.Tensor]]
