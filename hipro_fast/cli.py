@@ -7,6 +7,7 @@
     hipro eval     --spec tasks.toml --checkpoint ckpt
     hipro compare  --spec tasks.toml          HiPro vs. baselines table
     hipro export   --checkpoint ckpt --out classifier.safetensors
+    hipro predict  --classifier classifier.safetensors --task T images/   top-k classes to CSV
     hipro bench    [bench options]            text-engine benchmark (hipro_fast.bench.cpu;
                                               with --device cuda: hipro_fast.bench.gpu)
     hipro demo                                all of the above on the bundled benchmark
@@ -48,6 +49,9 @@ from .data.feature_cache import default_cache_dir
 from .distributed import group as dist_group
 from .distributed.launch import run_under_torchrun, without_option
 from .data.tasks_spec import load_spec
+from .data.image_paths import find_images
+from .app.predict import predict_images
+from .files import atomic_write_text
 from .engine.prompt_forest import COMBINE_MODES, DEFAULT_COMBINE
 from .engine.text_tower import ATTENTION_BACKENDS
 from .errors import CliError, ForestError, HiproError, InvalidInputError, MissingFileError
@@ -358,6 +362,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output .safetensors path (default: <run-dir>/classifier.safetensors); an existing "
                         "file is replaced only with --overwrite")
 
+    p = sub.add_parser("predict", help="classify images with a classifier or checkpoint (top-k classes to CSV)")
+    _common(p, spec=False, data=False)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--classifier", default=None, help=".safetensors classifier from `hipro export`")
+    source.add_argument("--checkpoint", default=None,
+                        help="checkpoint folder from `hipro train` (<run>/checkpoints, a --select per-task one "
+                             "too) or its best.json")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--task", default=None, help="the task whose classes to predict (needed when there are several)")
+    p.add_argument("--top-k", type=_POSITIVE, default=1, help="classes per image, most probable first (default 1)")
+    p.add_argument("--out", default=None,
+                   help="CSV to write (default: <run-dir>/predictions.csv); an existing file is replaced only "
+                        "with --overwrite")
+    p.add_argument("--batch-size", type=_POSITIVE, default=128, help="images per encoding batch")
+    p.add_argument("--workers", type=_NONNEG, default=None, help="data-loading workers (default: 0 on CPU)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip (and list) images that cannot be decoded instead of failing")
+
     p = sub.add_parser("bench", help="text-engine benchmark (options go to hipro_fast.bench.cpu)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
 
@@ -517,6 +539,8 @@ class _Ctx:
             if tasks is not None and sorted(names) != sorted(tasks):
                 raise CliError(f"--affinity {a.affinity} is over tasks {', '.join(names)}; the --spec has "
                                f"{', '.join(tasks)}")
+        if command == "predict":
+            self._check_predict_inputs()
         if command == "export" and a.out:
             _check_export_out(Path(a.out), overwrite=bool(a.overwrite))
             ckpt_dir, _ = self.pipeline.checkpoint_location(a.checkpoint)
@@ -573,6 +597,29 @@ class _Ctx:
                                f"the spec's own: no task has one (add a val split to the spec, or leave "
                                f"{choosing[0]} out)")
 
+    def _check_predict_inputs(self) -> None:
+        """hipro predict: the classifier (loaded here), --task and --top-k against
+        its tasks and classes, the images (listed here), --out."""
+        a = self.args
+        if a.classifier:
+            self._classifier = export.Classifier.load(a.classifier)
+            tasks = {t: self._classifier.class_names(t) for t in self._classifier.tasks}
+            source = f"classifier {a.classifier}"
+        else:
+            tasks = self.pipeline.checkpoint_tasks(a.checkpoint)
+            source = f"checkpoint {a.checkpoint}"
+        if a.task is None and len(tasks) > 1:
+            raise CliError(f"--task: {source} has {len(tasks)} tasks ({', '.join(tasks)}): name one")
+        task = a.task if a.task is not None else next(iter(tasks))
+        if task not in tasks:
+            raise CliError(f"--task {task}: not a task of {source} (its tasks: {', '.join(tasks)})")
+        if a.top_k > len(tasks[task]):
+            raise CliError(f"--top-k {a.top_k}: task {task!r} has {len(tasks[task])} classes")
+        self.predict_task = task
+        self.images = find_images(a.images)
+        if a.out:
+            _check_out_file(Path(a.out), overwrite=bool(a.overwrite), suffix=".csv", what="a predictions file")
+
     def _check_selection_has_val(self) -> None:
         """hipro train --select per-task chooses on validation data: a task without
         a val split holds out min(K, 4) of its training images per class (the
@@ -610,6 +657,8 @@ class _Ctx:
         tree = getattr(a, "tree", None)
         if tree and tree not in ("auto", "flat") and not tree.lstrip().startswith(("[", "{")):
             inputs.append(("--tree", tree))
+        inputs.append(("--classifier", getattr(a, "classifier", None)))
+        inputs += [("the image path", p) for p in getattr(a, "images", None) or []]
         if self._spec is not None:
             folders = {str(Path(r.path).parent) for task in self._spec.tasks.values()
                        for recs in task.splits.values() for r in recs}
@@ -966,10 +1015,14 @@ def _warn_other_training_draw(a: argparse.Namespace, trained: dict) -> None:
 
 
 def _check_export_out(out: Path, overwrite: bool) -> None:
+    _check_out_file(out, overwrite, ".safetensors", "a classifier file")
+
+
+def _check_out_file(out: Path, overwrite: bool, suffix: str, what: str) -> None:
     if out.is_dir():
         raise CliError(f"--out {out}: is a folder, not a file")
-    if out.suffix != ".safetensors":
-        raise CliError(f"--out {out}: a classifier file is .safetensors (name it <something>.safetensors)")
+    if out.suffix != suffix:
+        raise CliError(f"--out {out}: {what} is {suffix} (name it <something>{suffix})")
     if out.exists() and not overwrite:
         raise CliError(f"--out {out} exists: pass --overwrite to replace it, or choose another path")
     for p in out.parents:  # the folder it goes into: an existing file above it is named with --out's value
@@ -1205,6 +1258,34 @@ def cmd_export(ctx: _Ctx) -> int:
     return 0
 
 
+def cmd_predict(ctx: _Ctx) -> int:
+    a = ctx.args
+    clip = ctx.clip()
+    clip_info = {"name": clip.name, "pretrained": clip.pretrained, **export.image_tower_info(clip.model)}
+    if a.classifier:
+        clf = ctx._classifier
+        ctx.pipeline.warn_if_classifier_from_other_image_tower(a.classifier, clf, clip)
+    else:  # the classifier export would write, in memory (a checkpoint's own tower warning comes with it)
+        clf = export.classifier_of(ctx.pipeline.load_model_checkpoint(a.checkpoint, clip, ctx.device), clip_info)
+    task = ctx.predict_task
+    ctx.say(f"classifying {len(ctx.images)} images for task {task!r} ...")
+    preds = predict_images(clip, clf, task, ctx.images, top_k=a.top_k, device=ctx.device, batch_size=a.batch_size,
+                           num_workers=a.workers, skip_bad_images=a.skip_bad_images, progress=ctx.progress)
+    out = Path(a.out) if a.out else ctx.run.path("predictions.csv")
+    atomic_write_text(out, preds.to_csv())
+    counts = preds.counts()
+    ctx.run.log("predict", task=task, images=len(preds.paths), skipped=preds.skipped, out=str(out), counts=counts)
+    ctx.run.report.add(f"Predictions for task {task}", f"{len(preds.paths)} images, written to `{out}`.\n\n"
+                       + "| top-1 class | images |\n|---|---:|\n"
+                       + "\n".join(f"| {c} | {n} |" for c, n in counts.items()))
+    if preds.skipped:
+        warnings.warn(f"{len(preds.skipped)} image(s) could not be decoded and were not classified (first: "
+                      f"{preds.skipped[0]}); they are listed in metrics.jsonl")
+    ctx.say(f"{len(preds.paths)} images classified: {out}")
+    ctx.finish()
+    return 0
+
+
 def _export_bundled_once(ctx: _Ctx, data_dir: Path, seed: int) -> Path:
     """The bundled images in data_dir. Under torchrun rank 0 writes them first
     (its failure stops every rank, naming it); then the first process of each
@@ -1273,7 +1354,7 @@ DIST_COMMANDS = ("cache", "train", "eval", "compare", "affinity", "tree", "demo"
 # The commands that read --spec (tree only without --affinity): checked before the run directory opens.
 SPEC_COMMANDS = ("cache", "affinity", "train", "eval", "compare")
 COMMANDS = {"cache": cmd_cache, "affinity": cmd_affinity, "tree": cmd_tree, "train": cmd_train, "eval": cmd_eval,
-            "compare": cmd_compare, "export": cmd_export, "demo": cmd_demo}
+            "compare": cmd_compare, "export": cmd_export, "predict": cmd_predict, "demo": cmd_demo}
 
 
 # ------------------------------------------------------------------ entry point

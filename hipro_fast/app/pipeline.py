@@ -867,15 +867,33 @@ def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
     return model
 
 
-def _warn_if_other_image_tower(directory: Path, trained_on: Any, clip) -> None:
+def _warn_if_other_image_tower(directory: Path, trained_on: Any, clip, what: str = "checkpoint") -> None:
     """The text tower is checked with the contexts; the image tower, whose
     features the contexts were fit to, is only recorded (by `hipro train`) and
     may differ in dtype alone, so a difference is said, not refused."""
     now = image_tower_info(clip.model).get("image_tower")
     if isinstance(trained_on, str) and now is not None and now != trained_on:
-        warnings.warn(f"checkpoint {directory} was trained on image features of tower {trained_on}; model "
+        warnings.warn(f"{what} {directory} was trained on image features of tower {trained_on}; model "
                       f"{clip.name!r} has image tower {now} (other weights, or another dtype): its image features "
                       "are not those the contexts were fit to")
+
+
+def warn_if_classifier_from_other_image_tower(path: str | Path, classifier, clip) -> None:
+    """The warning load_model_checkpoint gives, for an exported Classifier (its clip_info)."""
+    _warn_if_other_image_tower(Path(path), classifier.clip_info.get("image_tower"), clip, what="classifier")
+
+
+def checkpoint_tasks(path: str | Path) -> dict[str, list[str]]:
+    """{task: classes} a checkpoint (or a selection) was trained on, from its
+    record alone (a command checks --task before it loads anything)."""
+    directory, kind = checkpoint_location(path)
+    if kind == SELECTION:
+        chosen = check_selection_candidates(directory)
+        return checkpoint_tasks(_candidate_checkpoint(directory, chosen.candidates[0]))
+    trained = ckpt.load_checkpoint(directory, None, kind=kind).model_config.get("tasks")
+    if not isinstance(trained, Mapping):
+        raise CheckpointError(f"checkpoint {directory}: its record names no tasks")
+    return {str(t): list(c) for t, c in trained.items()}
 
 
 def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = "the spec") -> None:

@@ -77,6 +77,16 @@ def image_tower_info(clip_model: torch.nn.Module) -> dict[str, str]:
     return {"image_tower": image_side_digest(clip_model)[:16]} if getattr(clip_model, "visual", None) is not None else {}
 
 
+def classifier_of(model: HiProModel | SelectedModel, clip_info: Mapping[str, Any] | None = None) -> Classifier:
+    """The Classifier export_classifier would write for `model`, in memory (on the
+    CPU, fp32): its text features computed once. clip_info as for export_classifier."""
+    with torch.no_grad():
+        feats = {t: f.detach().float().cpu().contiguous() for t, f in model.text_features().items()}
+    scale = model.logit_scale.detach().float().cpu().reshape(())
+    info = image_tower_info(model.clip) if clip_info is None else clip_info
+    return Classifier(feats, scale, {t: list(c) for t, c in model.tasks.items()}, model.config(), info)
+
+
 def export_classifier(model: HiProModel | SelectedModel, path: str | Path,
                       text_features: Mapping[str, torch.Tensor] | None = None,
                       clip_info: Mapping[str, Any] | None = None) -> Path:

@@ -380,6 +380,59 @@ def test_train_select_per_task_saves_evaluates_and_exports_the_chosen_candidates
         assert not (tmp_path / f"noval{shots}").exists()
 
 
+def test_predict_classifies_images_as_eval_scores_them(world, tmp_path, capsys):
+    """hipro predict on the test split's images, given as files: the share of
+    predictions that match each image's class folder is eval's test accuracy;
+    the checkpoint and the classifier exported from it predict alike; bad
+    options are refused in one line before a run directory is made."""
+    import csv
+
+    from hipro_fast.data.tasks_spec import load_spec
+
+    common = ["--tree", '[["shapes", "texture"], "scenes"]', "--shots", "2", "--epochs", "2", "--n-ctx", "2"]
+    train_dir = tmp_path / "train"
+    assert _run(world, "train", *common, run_dir=train_dir) == 0
+    acc = json.loads((train_dir / "test_accuracy.json").read_text())
+    clf = tmp_path / "clf.safetensors"
+    assert _run(world, "export", "--checkpoint", str(train_dir / "checkpoints"), "--out", str(clf), spec=False,
+                run_dir=tmp_path / "ex") == 0
+    spec = load_spec(world["spec"])
+    for task in ("texture", "scenes"):
+        records = spec.tasks[task].splits["test"]
+        truth = {r.path: spec.tasks[task].classes[r.label] for r in records}
+        got = {}
+        for how in ("--classifier", "--checkpoint"):
+            source = str(clf) if how == "--classifier" else str(train_dir / "checkpoints")
+            out = tmp_path / f"{task}{how}.csv"
+            assert _run(world, "predict", how, source, "--task", task, "--top-k", "2", *truth, "--out", str(out),
+                        spec=False, run_dir=tmp_path / f"pr-{task}{how}") == 0
+            rows = list(csv.DictReader(out.open()))
+            assert [r["path"] for r in rows] == list(truth)
+            assert all(float(r["probability"]) >= float(r["probability_2"]) for r in rows)
+            got[how] = [(r["class"], r["class_2"]) for r in rows]
+            hits = sum(r["class"] == truth[r["path"]] for r in rows)
+            assert hits / len(rows) == pytest.approx(acc[task], abs=1e-12)
+        assert got["--classifier"] == got["--checkpoint"]
+    assert _events(tmp_path / "pr-scenes--checkpoint", "predict")[0]["images"] == len(truth)
+
+    folder = str(world["root"] / "data" / "texture")
+    cases = [(["--classifier", str(clf), folder], "--task: classifier"),
+             (["--classifier", str(clf), "--task", "shapes", "--top-k", "3", folder],
+              "--top-k 3: task 'shapes' has 2 classes"),
+             (["--checkpoint", str(train_dir / "checkpoints"), "--task", "weather", folder],
+              "--task weather: not a task of checkpoint"),
+             (["--classifier", str(clf), "--task", "shapes", folder, "--out", str(tmp_path / "p.txt")],
+              "a predictions file is .csv"),
+             (["--classifier", str(clf), "--task", "shapes", str(tmp_path / "nope")], "not found"),
+             (["--classifier", str(tmp_path / "nope.safetensors"), "--task", "shapes", folder],
+              "classifier file not found")]
+    for i, (argv, says) in enumerate(cases):
+        capsys.readouterr()
+        assert _run(world, "predict", *argv, spec=False, run_dir=tmp_path / f"bad{i}") == 1
+        assert says in _one_error_line(capsys), argv
+        assert not (tmp_path / f"bad{i}").exists()
+
+
 def test_train_select_per_task_holds_out_min_k_4_images_per_class(world, tmp_path):
     """Without a val split, --select per-task holds out min(K, 4) training images
     per class (4 at 5 shots, not 5)."""
