@@ -173,6 +173,10 @@ MUTATIONS = [
              '"checkpoint_dir": str(sub) if sub else None, "resume": bool(resume)})',
              '"checkpoint_dir": str(sub) if sub else None, "resume": False})  # MUTATION',
              (("tests/app/test_cli.py", "-k", "select_per_task"),)),
+    Mutation("predict-softmax-over-images", "hipro predict normalises the probabilities over the images, "
+             "not over the task's classes", "hipro_fast/app/predict.py",
+             "logits(task, enc.features).softmax(dim=1)", "logits(task, enc.features).softmax(dim=0)  # MUTATION",
+             (("tests/app/test_predict.py",),)),
     Mutation("best-of-picks-first", "coop-best-of-3 keeps restart 0 instead of the best on validation",
              "hipro_fast/method/baselines.py",
              "                chosen = choose_per_task(cands, select_by)",
