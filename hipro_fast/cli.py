@@ -605,6 +605,13 @@ class _Ctx:
             self._classifier = export.Classifier.load(a.classifier)
             tasks = {t: self._classifier.class_names(t) for t in self._classifier.tasks}
             source = f"classifier {a.classifier}"
+            model = self.pipeline.check_model_args(a.model, a.pretrained, a.model_config)
+            dim = self.pipeline.configured_embed_dim(model)
+            if dim is not None and dim != self._classifier.embed_dim:
+                trained = self._classifier.clip_info.get("name")
+                raise CliError(f"--classifier {a.classifier} scores {self._classifier.embed_dim}-dim image features, "
+                               f"model {model!r} gives {dim}-dim ones"
+                               + (f" (it was exported for model {trained!r})" if trained else ""))
         else:
             tasks = self.pipeline.checkpoint_tasks(a.checkpoint)
             source = f"checkpoint {a.checkpoint}"
@@ -617,6 +624,13 @@ class _Ctx:
             raise CliError(f"--top-k {a.top_k}: task {task!r} has {len(tasks[task])} classes")
         self.predict_task = task
         self.images = find_images(a.images)
+        run_root = Path(a.run_dir or "runs").resolve()
+        for given in a.images:
+            folder = Path(given).resolve()
+            if folder.is_dir() and (run_root == folder or folder in run_root.parents):
+                raise CliError(f"--run-dir {a.run_dir or 'runs/<timestamp>-predict'} lies inside the image folder "
+                               f"{given}: its figures (and earlier runs' there) would be classified as images; "
+                               "choose a --run-dir outside it")
         if a.out:
             _check_out_file(Path(a.out), overwrite=bool(a.overwrite), suffix=".csv", what="a predictions file")
 
@@ -659,6 +673,8 @@ class _Ctx:
             inputs.append(("--tree", tree))
         inputs.append(("--classifier", getattr(a, "classifier", None)))
         inputs += [("the image path", p) for p in getattr(a, "images", None) or []]
+        # and every image found, through links too (a link outside --run-dir may point inside it)
+        inputs += [("the image", os.path.realpath(p)) for p in getattr(self, "images", None) or []]
         if self._spec is not None:
             folders = {str(Path(r.path).parent) for task in self._spec.tasks.values()
                        for recs in task.splits.values() for r in recs}

@@ -902,21 +902,30 @@ def check_model_matches(model, tasks: Mapping[str, Sequence[str]], where: str = 
     _check_trained_tasks(model.tasks, tasks, where)
 
 
-def configured_text_width(name: str) -> int | None:
-    """The text tower width open_clip's config of model `name` gives (None when
-    the config is only known once the model is built, e.g. hf-hub: models)."""
+def _model_config(name: str) -> dict | None:
+    """open_clip's config of model `name` (None when it is only known once the
+    model is built, e.g. hf-hub: models)."""
     import open_clip
 
     if name == "hipro-tiny-clip":
         from ..data.bundled.tiny_clip import tiny_clip_config  # lazy: only this model needs it
 
-        cfg = tiny_clip_config()
-    elif open_clip.factory.parse_model_name(name)[0] is not None:
+        return tiny_clip_config()
+    if open_clip.factory.parse_model_name(name)[0] is not None:
         return None  # hf-hub: / local-dir: configs are read (or fetched) when the model is built
-    else:
-        cfg = open_clip.get_model_config(name)
-    width = ((cfg or {}).get("text_cfg") or {}).get("width")
+    return open_clip.get_model_config(name)
+
+
+def configured_text_width(name: str) -> int | None:
+    """The text tower width open_clip's config of model `name` gives (None when unknown before it is built)."""
+    width = ((_model_config(name) or {}).get("text_cfg") or {}).get("width")
     return int(width) if isinstance(width, int) else None
+
+
+def configured_embed_dim(name: str) -> int | None:
+    """The image/text embedding size open_clip's config of model `name` gives (None when unknown before it is built)."""
+    dim = (_model_config(name) or {}).get("embed_dim")
+    return int(dim) if isinstance(dim, int) and not isinstance(dim, bool) else None
 
 
 def check_checkpoint_matches(path: str | Path, tasks: Mapping[str, Sequence[str]] | None = None,

@@ -81,7 +81,8 @@ def predict_images(clip, classifier: Classifier, task: str, paths: Sequence[str]
                          skip_bad_images=skip_bad_images, progress=progress)
     enc = cache.encode(records, tag=f"predict {task}")
     with torch.no_grad():
-        probs = classifier.to(enc.features.device).logits(task, enc.features).softmax(dim=1)
+        # scored where the classifier is (the caller's module stays where it is)
+        probs = classifier.logits(task, enc.features).softmax(dim=1)
         top = probs.topk(top_k, dim=1)
     return Predictions(task, list(enc.paths), [[names[i] for i in row] for row in top.indices.tolist()],
                        top.values.tolist(), list(enc.skipped))

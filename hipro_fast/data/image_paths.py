@@ -20,13 +20,14 @@ def find_images(paths: Iterable[str | Path]) -> list[str]:
     """Absolute paths of the images `paths` name, in the given order: a file is
     taken as it is (its suffix must be an image's), a folder contributes every
     image below it (recursively, hidden files and folders left out, sorted);
-    an image named twice is kept once.
+    an image named twice (or through a link to it) is kept once, under the
+    name it was first found by (absolute, links not resolved).
 
     Raises SpecError naming the culprit: a path that does not exist, a file
     that is not an image, a broken symbolic link among a folder's images, a
     folder without images, or no path at all.
     """
-    found: list[str] = []
+    found: dict[str, str] = {}  # real path -> the name it was first found by
     given = [Path(p) for p in paths]
     if not given:
         raise SpecError("no image paths given")
@@ -35,12 +36,19 @@ def find_images(paths: Iterable[str | Path]) -> list[str]:
             what = "a broken symbolic link" if root.is_symlink() else "not found"
             raise SpecError(f"image path {root}: {what}")
         if root.is_file():
+            if root.name.startswith("."):
+                raise SpecError(f"{root} is a hidden file: name a visible image (hidden files are left out of "
+                                "folders too)")
             if not _is_image_name(root):
                 raise SpecError(f"{root} is not an image file (suffixes: {', '.join(IMG_EXTENSIONS)})")
-            found.append(str(root.resolve()))
+            found.setdefault(os.path.realpath(root), os.path.abspath(root))
             continue
         images, seen = [], set()
-        for folder, dirs, files in os.walk(root, followlinks=True):
+
+        def unreadable(err: OSError) -> None:  # a folder that cannot be listed would lose its images silently
+            raise SpecError(f"cannot list folder {err.filename}: {err.strerror}")
+
+        for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
             real = os.path.realpath(folder)
             if real in seen:  # a linked folder already walked (a link cycle would never end)
                 dirs[:] = []
@@ -54,8 +62,9 @@ def find_images(paths: Iterable[str | Path]) -> list[str]:
                 if not p.exists():  # an unmounted or moved target: the image would vanish without a word
                     raise SpecError(f"{p} is a broken symbolic link (to {os.readlink(p)}); restore its target "
                                     "or remove the link")
-                images.append(str(p.resolve()))
+                images.append(p)
         if not images:
             raise SpecError(f"folder {root} has no images (suffixes: {', '.join(IMG_EXTENSIONS)})")
-        found.extend(images)
-    return list(dict.fromkeys(found))
+        for p in images:
+            found.setdefault(os.path.realpath(p), os.path.abspath(p))
+    return list(found.values())

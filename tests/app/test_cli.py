@@ -409,14 +409,35 @@ def test_predict_classifies_images_as_eval_scores_them(world, tmp_path, capsys):
             rows = list(csv.DictReader(out.open()))
             assert [r["path"] for r in rows] == list(truth)
             assert all(float(r["probability"]) >= float(r["probability_2"]) for r in rows)
-            got[how] = [(r["class"], r["class_2"]) for r in rows]
+            got[how] = rows
             hits = sum(r["class"] == truth[r["path"]] for r in rows)
             assert hits / len(rows) == pytest.approx(acc[task], abs=1e-12)
-        assert got["--classifier"] == got["--checkpoint"]
+        assert got["--classifier"] == got["--checkpoint"]  # classes and probabilities
     assert _events(tmp_path / "pr-scenes--checkpoint", "predict")[0]["images"] == len(truth)
-
+    # a folder is searched; the default output is in the run directory; an existing --out needs --overwrite
     folder = str(world["root"] / "data" / "texture")
+    assert _run(world, "predict", "--classifier", str(clf), "--task", "texture", folder, spec=False,
+                run_dir=tmp_path / "pr-folder") == 0
+    rows = list(csv.DictReader((tmp_path / "pr-folder" / "predictions.csv").open()))
+    assert len(rows) == len(TASKS["texture"]) * 6  # every image of the folder (6 per class)
+    assert {Path(r["path"]).parent.name for r in rows} == set(TASKS["texture"])
+
+    # an image linked from outside --run-dir into it: --overwrite would delete it
+    inside = tmp_path / "pr-folder" / "kept.png"
+    shutil.copy(world["root"] / "data" / "texture" / "dots" / "0.png", inside)
+    (tmp_path / "links").mkdir()
+    os.symlink(inside, tmp_path / "links" / "x.png")
+
+    inside_cfg = tmp_path / "wide.json"
+    inside_cfg.write_text(json.dumps({**TINY_CONFIG, "embed_dim": 24}))
     cases = [(["--classifier", str(clf), folder], "--task: classifier"),
+             (["--classifier", str(clf), "--task", "shapes", folder, "--out", str(tmp_path / "texture--classifier.csv")],
+              "exists: pass --overwrite to replace it"),
+             (["--classifier", str(clf), "--task", "shapes", str(tmp_path / "links"), "--overwrite",
+               "--run-dir", str(tmp_path / "pr-folder")], f"--overwrite would delete the image {inside}"),
+             (["--classifier", str(clf), "--task", "shapes", str(tmp_path), "--run-dir", str(tmp_path / "inner")],
+              f"--run-dir {tmp_path / 'inner'} lies inside the image folder {tmp_path}"),
+
              (["--classifier", str(clf), "--task", "shapes", "--top-k", "3", folder],
               "--top-k 3: task 'shapes' has 2 classes"),
              (["--checkpoint", str(train_dir / "checkpoints"), "--task", "weather", folder],
@@ -428,9 +449,19 @@ def test_predict_classifies_images_as_eval_scores_them(world, tmp_path, capsys):
               "classifier file not found")]
     for i, (argv, says) in enumerate(cases):
         capsys.readouterr()
-        assert _run(world, "predict", *argv, spec=False, run_dir=tmp_path / f"bad{i}") == 1
+        assert _run(world, "predict", *argv, spec=False, run_dir=None if "--run-dir" in argv else tmp_path / f"bad{i}"
+                    ) == 1
         assert says in _one_error_line(capsys), argv
-        assert not (tmp_path / f"bad{i}").exists()
+        assert not (tmp_path / f"bad{i}").exists() and not (tmp_path / "inner").exists()
+    assert inside.exists()
+    # a classifier of another embedding size than --model's (here a config giving 24-dim features)
+    capsys.readouterr()
+    assert main(["predict", "--classifier", str(clf), "--task", "shapes", folder, "--model-config", str(inside_cfg),
+                 "--run-dir", str(tmp_path / "bad-dim"), "--no-progress"]) == 1
+    assert f"--classifier {clf} scores 16-dim image features, model 'wide' gives 24-dim ones (it was exported " \
+           "for model 'hipro-cli-test')" in \
+        _one_error_line(capsys)
+    assert not (tmp_path / "bad-dim").exists()
 
 
 def test_train_select_per_task_holds_out_min_k_4_images_per_class(world, tmp_path):
