@@ -43,6 +43,19 @@ def exit_status(error: ChildFailedError) -> tuple[int, str | None]:
     return 128 - code, f"hipro: error: rank {rank} was killed by {name}{hint}; the other workers were stopped"
 
 
+def signal_in(error: BaseException) -> SignalException | None:
+    """The SignalException `error` is or was raised while handling, if any. torch's
+    elastic metrics wrapper can turn one into an UnboundLocalError: a signal that
+    lands on its `start = time.time()` leaves `start` unset for its `finally`."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, SignalException):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     launcher = die_with_parent()
     os.environ[PARENT_PID_ENV] = str(os.getpid())  # for the workers (group.init_from_env)
@@ -54,7 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if line:
             print(line, file=sys.stderr)
         return code
-    except SignalException as e:  # torchrun has stopped the workers before raising it
+    except Exception as error:  # noqa: BLE001 - only a signal's is handled, the rest re-raised
+        e = signal_in(error)
+        if e is None:
+            raise
+        # torchrun stops the workers before it raises a SignalException; when torch's own bug replaced
+        # it (see signal_in), the workers' parent-death signal stops them as this process exits
         if launcher is not None and os.getppid() != launcher:  # its SIGTERM came from the kernel
             print(f"hipro: the launcher (pid {launcher}) died; the workers were stopped", file=sys.stderr)
             return 128 + int(e.sigval)

@@ -103,3 +103,32 @@ def test_a_process_whose_parent_is_already_gone_stops_at_once():
     assert orphan.returncode == -signal.SIGTERM and not out, err[-3000:]
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0 and out.split() == [str(int(signal.SIGTERM)), "False"], err[-3000:]
+
+
+def test_a_signal_that_torchs_metrics_wrapper_turned_into_another_error_still_ends_interrupted(monkeypatch, capsys):
+    """A SIGHUP landing on torch's elastic metrics wrapper's `start = time.time()`
+    surfaces as an UnboundLocalError raised while handling the SignalException
+    (seen in a full test run): it still ends in `hipro: interrupted` and 128 + N;
+    any other error is re-raised."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from hipro_fast.distributed import torchrun
+
+    def raced(argv):
+        try:
+            raise SignalException("Process 1 got signal: 1", sigval=signal.SIGHUP)
+        except SignalException:
+            raise UnboundLocalError("cannot access local variable 'start'")
+
+    monkeypatch.delenv(PARENT_PID_ENV, raising=False)  # main() sets it for its workers: restored afterwards
+    monkeypatch.setattr(torchrun, "die_with_parent", lambda: None)
+    monkeypatch.setattr(torchrun.torch_run, "main", raced)
+    assert torchrun.main(["--nproc-per-node", "1"]) == 128 + int(signal.SIGHUP)
+    assert "hipro: interrupted (SIGHUP); the workers were stopped" in capsys.readouterr().err
+
+    def unrelated(argv):
+        raise UnboundLocalError("not a signal")
+
+    monkeypatch.setattr(torchrun.torch_run, "main", unrelated)
+    with pytest.raises(UnboundLocalError, match="not a signal"):
+        torchrun.main(["--nproc-per-node", "1"])
