@@ -12,7 +12,7 @@ from .method.training import FitResult, NonFiniteLossError, TrainConfig, evaluat
 from .method.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .method.baselines import METHODS, ComparisonTable, build_method, compare
 from .method.export import Classifier, export_classifier
-from .method.selection import SelectedModel
+from .method.selection import SelectedModel, fit_selected
 from .method.affinity import task_affinity
 
 __all__ = [
@@ -20,6 +20,6 @@ __all__ = [
     "HiProModel", "TaskSpecError", "build_prompt_forest", "TextTower", "UnsupportedTextTower",
     "TaskTree", "TreeError", "fit", "evaluate", "TrainConfig", "FitResult", "NonFiniteLossError",
     "save_checkpoint", "load_checkpoint", "CheckpointError", "compare", "ComparisonTable", "build_method",
-    "METHODS", "Classifier", "export_classifier", "task_affinity", "SelectedModel",
+    "METHODS", "Classifier", "export_classifier", "task_affinity", "SelectedModel", "fit_selected",
 ]
 __version__ = "0.1.0"

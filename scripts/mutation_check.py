@@ -170,8 +170,8 @@ MUTATIONS = [
              (("tests/method/test_selection.py",),)),
     Mutation("selection-resume-retrains", "hipro train --select per-task --resume starts every candidate over",
              "hipro_fast/app/pipeline.py",
-             '"checkpoint_dir": str(sub) if sub else None, "resume": bool(resume)})',
-             '"checkpoint_dir": str(sub) if sub else None, "resume": False})  # MUTATION',
+             '"seed": seed, "progress": progress, "resume": bool(resume)}))',
+             '"seed": seed, "progress": progress, "resume": False}))  # MUTATION',
              (("tests/app/test_cli.py", "-k", "select_per_task"),)),
     Mutation("predict-softmax-over-images", "hipro predict normalises the probabilities over the images, "
              "not over the task's classes", "hipro_fast/app/predict.py",

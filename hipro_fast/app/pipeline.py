@@ -750,42 +750,31 @@ def train_selected(clip, feats: TaskFeatures, tree, *, n_ctx=16, combine: str = 
                    checkpoint_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
                    hipro_options: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
                    on_candidate: Callable[[str, Any, Any], None] | None = None):
-    """The protocol's HiPro as one product: train every candidate of
-    baselines.SELECT_CANDIDATES (HiPro on `tree`, two-level, CoOp per task; the
-    models compare(select="per-task") trains, with the same seed) and choose per
-    task on the validation split (method.selection.choose).
-
-    With `checkpoint_dir`, candidate c checkpoints into <checkpoint_dir>/<c>
-    (its best contexts saved there with `provenance`), and the selection is
-    written last as <checkpoint_dir>/selection.json; resume=True continues each
-    candidate from its own checkpoint (a finished one is loaded, not retrained).
-    on_candidate(name, model, FitResult) is called after each candidate's fit.
-    Returns (SelectedModel, {candidate: FitResult})."""
+    """method.selection.fit_selected on the cached features (train = the few-shot
+    draw, val = the spec's val split or the held-out images): the protocol's
+    HiPro as one product. With `checkpoint_dir`, each candidate's best contexts
+    are saved in <checkpoint_dir>/<candidate> with `provenance` (and the
+    candidate's name), and selection.json last; resume=True continues each
+    candidate from its own checkpoint. on_candidate(name, model, FitResult) is
+    called after each candidate's fit. Returns (SelectedModel, {candidate: FitResult})."""
     if not feats.val:
         raise InvalidInputError("per-task selection chooses on the validation split: the spec has none "
                                 "(train HiPro's tree alone instead)")
-    options = dict(hipro_options or {})
-    if checkpoint_dir and dist_group.is_main():  # written again last: present only once the selection is complete
-        (Path(checkpoint_dir) / sel.SELECTION_FILE).unlink(missing_ok=True)
-    models, results = {}, {}
-    for cand in baselines.SELECT_CANDIDATES:
-        model = baselines.build_method(cand, clip, feats.tasks, tree, n_ctx, combine, seed=seed,
-                                       ctx_init=ctx_init, **dict(options)).to(device)
-        sub = sel.candidate_dir(checkpoint_dir, cand) if checkpoint_dir else None
-        overrides = train_config_overrides(getattr(training, "TrainConfig", None),
-                                           {**(train_overrides or {}), "seed": seed, "progress": progress,
-                                            "checkpoint_dir": str(sub) if sub else None, "resume": bool(resume)})
-        result = training.fit(model, feats.train_for_fit(), feats.val, **overrides)
-        if sub is not None:  # rank 0 writes; a failed write stops every rank (not a wait at the next collective)
-            dist_group.main_first(lambda: save_model(model, sub, {**dict(provenance or {}), "candidate": cand},
-                                                     result), f" saving candidate {cand}")
+    cfg = training.TrainConfig(**train_config_overrides(training.TrainConfig, {
+        **(train_overrides or {}), "seed": seed, "progress": progress, "resume": bool(resume)}))
+
+    def after_fit(cand, model, result):
+        if checkpoint_dir:  # rank 0 writes; a failed write stops every rank (not a wait at the next collective)
+            dist_group.main_first(lambda: save_model(model, sel.candidate_dir(checkpoint_dir, cand),
+                                                     {**dict(provenance or {}), "candidate": cand}, result),
+                                  f" saving candidate {cand}")
         if on_candidate is not None:
             on_candidate(cand, model, result)
-        models[cand], results[cand] = model, result
-    chosen = sel.choose(models, feats.val, select_by, batch_size=result.config.eval_batch_size, extra=provenance)
-    if checkpoint_dir:
-        dist_group.main_first(lambda: sel.save_selection(checkpoint_dir, chosen), " writing the selection")
-    return sel.SelectedModel(models, chosen), results
+
+    return sel.fit_selected(clip, feats.tasks, feats.train_for_fit(), feats.val, tree, n_ctx=n_ctx, combine=combine,
+                            seed=seed, ctx_init=ctx_init, select_by=select_by, train_config=cfg, device=device,
+                            checkpoint_dir=checkpoint_dir, extra=provenance, after_fit=after_fit,
+                            **dict(hipro_options or {}))
 
 
 def evaluate_model(model, data: Split) -> dict[str, float]:

@@ -19,15 +19,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..distributed import group as dist_group
+from ..engine.prompt_forest import DEFAULT_COMBINE
 from ..errors import CheckpointError, InvalidInputError, TaskSpecError
 from ..files import atomic_write_text
-from .baselines import SELECT_CANDIDATES, SELECT_CRITERIA, choose_per_task
+from .baselines import DEFAULT_SELECT_BY, SELECT_CANDIDATES, SELECT_CRITERIA, build_method, choose_per_task
 from .model import HiProModel
-from .training import Data, evaluate
+from .training import Data, FitResult, TrainConfig, evaluate, fit
 
 FORMAT = "hipro_fast.selection"
 VERSION = 1
@@ -117,6 +119,54 @@ def choose(models: Mapping[str, HiProModel], val: Data, select_by: str, batch_si
     choices = {t: chosen.get(t, names[0]) for t in tasks}
     return Selection(select_by, names, choices, {c: s["val"] for c, s in scores.items()},
                      {c: s["val_loss"] for c, s in scores.items()}, dict(extra or {}))
+
+
+def fit_selected(clip, tasks: Mapping[str, Sequence[str]], train: Data, val: Data, tree, *, n_ctx: int = 16,
+                 combine: str = DEFAULT_COMBINE, seed: int = 0, ctx_init: str | None = None,
+                 select_by: str = DEFAULT_SELECT_BY, train_config: TrainConfig | None = None, tokenizer=None,
+                 device=None, checkpoint_dir: str | Path | None = None, extra: Mapping[str, Any] | None = None,
+                 after_fit: Callable[[str, HiProModel, FitResult], None] | None = None,
+                 **hipro_options: Any) -> tuple["SelectedModel", dict[str, FitResult]]:
+    """The protocol's HiPro as one model: fit every candidate of SELECT_CANDIDATES
+    (HiPro on `tree`, the flat two-level tree, CoOp per task; built by
+    baselines.build_method with `seed`, fit with `train_config` and that seed:
+    the models compare(select="per-task") trains) on `train`, choose per task on
+    `val` (choose), and return (SelectedModel, {candidate: FitResult}).
+
+    hipro_options: build_method's (HiPro's options; `attention` for every candidate).
+    device: where the models train (default: where the CLIP is).
+    checkpoint_dir: candidate c checkpoints into <checkpoint_dir>/<c> (with
+        train_config.resume, each continues from there: a finished one is
+        loaded, not retrained), and selection.json (with `extra` as provenance)
+        is written there last: it is removed first, so its presence means the
+        selection is complete.
+    after_fit(candidate, model, result): called after each fit (e.g. to save or log it).
+    """
+    if not val:
+        raise InvalidInputError("per-task selection chooses on a validation split: val is empty")
+    if select_by not in SELECT_CRITERIA:
+        raise InvalidInputError(f"select_by must be one of {SELECT_CRITERIA}, got {select_by!r}")
+    base = train_config or TrainConfig()
+    if checkpoint_dir is not None and dist_group.is_main():
+        (Path(checkpoint_dir) / SELECTION_FILE).unlink(missing_ok=True)
+    models: dict[str, HiProModel] = {}
+    results: dict[str, FitResult] = {}
+    for cand in SELECT_CANDIDATES:
+        model = build_method(cand, clip, tasks, tree, n_ctx, combine, seed=seed, tokenizer=tokenizer,
+                             ctx_init=ctx_init, **dict(hipro_options))
+        if device is not None:
+            model = model.to(device)
+        overrides: dict[str, Any] = {"seed": seed}
+        if checkpoint_dir is not None:
+            overrides["checkpoint_dir"] = str(candidate_dir(checkpoint_dir, cand))
+        results[cand] = fit(model, train, val, base, **overrides)
+        if after_fit is not None:
+            after_fit(cand, model, results[cand])
+        models[cand] = model
+    chosen = choose(models, val, select_by, batch_size=base.eval_batch_size, extra=extra)
+    if checkpoint_dir is not None:  # rank 0 writes; its failure stops every rank
+        dist_group.main_first(lambda: save_selection(checkpoint_dir, chosen), " writing the selection")
+    return SelectedModel(models, chosen), results
 
 
 def _same_tasks(models: Mapping[str, HiProModel]) -> dict[str, list[str]]:
@@ -250,4 +300,5 @@ def load_selection(directory: str | Path) -> Selection:
 
 
 __all__ = ["FORMAT", "VERSION", "SELECTION_FILE", "SELECT_CANDIDATES", "Selection", "SelectedModel", "choose",
+           "fit_selected",
            "has_selection", "candidate_dir", "save_selection", "load_selection"]

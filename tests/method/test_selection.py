@@ -150,3 +150,38 @@ def test_the_selection_record_round_trips_and_a_bad_one_is_refused_by_name(train
     path.unlink()
     with pytest.raises(CheckpointError, match="no selection.json"):
         sel.load_selection(tmp_path)
+
+
+def test_fit_selected_trains_compares_candidates_and_keeps_the_choice_on_disk(trained, tmp_path):
+    """fit_selected = the three candidates as compare builds and fits them (same
+    contexts, bit for bit) + choose; with checkpoint_dir the candidates and
+    selection.json are on disk, and a resume loads the finished candidates."""
+    import hipro_fast as hf
+    from hipro_fast.app import pipeline
+
+    models, train, val, test = trained
+    clip, tok = tiny_clip()
+    seen = []
+    selected, results = hf.fit_selected(clip, TASKS, train, val, TREE, n_ctx=N_CTX, seed=4, train_config=CFG,
+                                        tokenizer=tok, checkpoint_dir=tmp_path, extra={"seed": 4},
+                                        after_fit=lambda c, m, r: seen.append(c))
+    assert seen == list(SELECT_CANDIDATES) and list(results) == list(SELECT_CANDIDATES)
+    for cand, model in models.items():
+        mine = selected.candidates[cand].context_state()
+        assert all(torch.equal(v, model.context_state()[k]) for k, v in mine.items()), cand
+    assert selected.selection == sel.choose(models, val, "loss", extra={"seed": 4})
+    assert sel.load_selection(tmp_path) == selected.selection
+    from hipro_fast.data.clip_loading import LoadedClip
+
+    again = pipeline.load_model_checkpoint(tmp_path, LoadedClip(clip, tok, None, "tiny", None))
+    assert isinstance(again, sel.SelectedModel) and again.evaluate(test) == selected.evaluate(test)
+    # resumed: every candidate finished, so each is loaded (no checkpoint rewritten) and chooses alike
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")}
+    resumed, res2 = hf.fit_selected(clip, TASKS, train, val, TREE, n_ctx=N_CTX, seed=4, tokenizer=tok,
+                                    train_config=TrainConfig(**{**CFG.__dict__, "resume": True}),
+                                    checkpoint_dir=tmp_path, extra={"seed": 4})
+    assert resumed.selection == selected.selection
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")} == stamps and stamps
+    assert [len(r.history) for r in res2.values()] == [len(r.history) for r in results.values()]
+    with pytest.raises(ValueError, match="chooses on a validation split: val is empty"):
+        hf.fit_selected(clip, TASKS, train, {}, TREE, tokenizer=tok)
