@@ -120,7 +120,9 @@ def test_a_signal_that_torchs_metrics_wrapper_turned_into_another_error_still_en
         except SignalException:
             raise UnboundLocalError("cannot access local variable 'start'")
 
-    monkeypatch.delenv(PARENT_PID_ENV, raising=False)  # main() sets it for its workers: restored afterwards
+    # main() sets it for its workers: setenv first, so that the test's end removes it (delenv of an absent
+    # variable records nothing; left set, it made later torchrun workers take pytest for their launcher)
+    monkeypatch.setenv(PARENT_PID_ENV, "0")
     monkeypatch.setattr(torchrun, "die_with_parent", lambda: None)
     monkeypatch.setattr(torchrun.torch_run, "main", raced)
     assert torchrun.main(["--nproc-per-node", "1"]) == 128 + int(signal.SIGHUP)
