@@ -23,8 +23,9 @@ import torch
 from ..data.feature_cache import stack_views
 from ..distributed import group as dist_group
 from ..errors import DistributedError, FewShotError, InvalidInputError
-from .baselines import (BEST_OF, COOP_BEST_OF, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, METHODS, ComparisonTable,
-                        checked_seeds, compare)
+from .baselines import (BEST_OF, COOP_BEST_OF, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, METHODS,
+                        SELECT_CANDIDATES, ComparisonTable, checked_seeds, choose_per_task, compare)
+from .selection import Selection, save_selection
 from .task_data import validate_task_data
 from .training import Data, TrainConfig
 
@@ -281,7 +282,10 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
         on_run: called after each (shots, seed) with its table (progress, logs).
         pool_views / val_pool: see draw_few_shot.
         train_config.checkpoint_dir: each draw checkpoints under
-            <dir>/shots<K>-seed<S>/<method>-seed<S> (resume continues each there).
+            <dir>/shots<K>-seed<S>/<method>-seed<S> (resume continues each there);
+            with per-task selection, <dir>/shots<K>-seed<S>/selection.json then
+            records HiPro's choice among those folders, so that the folder
+            loads (hipro eval / export) as the HiPro the draw measured.
         parallel: under a process group of several ranks (torchrun), one of
             PARALLEL_MODES. "draws": rank r trains draws r, r + W, ... alone
             (in rounds of W draws; each draw's result equals a one-process
@@ -326,7 +330,11 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
             config = dataclasses.replace(config, checkpoint_dir=f"{config.checkpoint_dir}/shots{k}-seed{s}")
         if config is not None and config.progress and not main_rank:
             config = dataclasses.replace(config, progress=False)  # one rank draws the bars
-        return compare(clip, tasks, d.train, test, val=d.val or None, seeds=(s,), **{**kw, "train_config": config})
+        table = compare(clip, tasks, d.train, test, val=d.val or None, seeds=(s,), **{**kw, "train_config": config})
+        if config is not None and config.checkpoint_dir is not None and dist_group.is_main():
+            save_draw_selection(config.checkpoint_dir, table, list(tasks), k, s,
+                                kw.get("select_by", DEFAULT_SELECT_BY))
+        return table
 
     order = [(k, s) for k in shots for s in seeds]
     group = dist_group.current()
@@ -341,6 +349,26 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
             if on_run is not None:
                 on_run(key[0], key[1], table)
     return result
+
+
+def save_draw_selection(directory: str, table: ComparisonTable, tasks: Sequence[str], shots: int, seed: int,
+                        select_by: str) -> None:
+    """Write <directory>/selection.json: HiPro's per-task choice on this draw
+    among its candidates' checkpoint folders (<candidate>-seed<S>), from the
+    validation scores compare chose on (every task of `tasks`: one without
+    validation data keeps the first candidate, as in compare). Nothing without
+    per-task selection."""
+    result = table.results.get("hipro")
+    if result is None or not result.candidates:
+        return
+    scores = result.candidates[0]
+    folder = {m: f"{m}-seed{seed}" for m in SELECT_CANDIDATES}
+    picks = choose_per_task({m: scores[m] for m in SELECT_CANDIDATES}, select_by)
+    choices = {t: folder[picks.get(t, SELECT_CANDIDATES[0])] for t in tasks}
+    save_selection(directory, Selection(select_by, [folder[m] for m in SELECT_CANDIDATES], choices,
+                                        {folder[m]: dict(scores[m]["val"]) for m in SELECT_CANDIDATES},
+                                        {folder[m]: dict(scores[m]["val_loss"]) for m in SELECT_CANDIDATES},
+                                        {"shots": int(shots), "seed": int(seed), "source": "protocol"}))
 
 
 def _run_round_by_rank(keys: Sequence[tuple[int, int]], run_draw: Callable[[tuple[int, int]], ComparisonTable],

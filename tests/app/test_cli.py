@@ -499,6 +499,13 @@ def test_compare_select_by_reaches_the_selection(world, tmp_path, capsys):
                    if json.loads(ln).get("event") == "draw"]
         (picks,), (candidates,) = draw["choices"]["hipro"], draw["candidates"]["hipro"]
         assert set(picks) == set(TASKS) and picks == choose_per_task(candidates, expected)
+        # the draw's folder loads as the HiPro it measured: its selection.json names the same picks
+        saved = json.loads((run_dir / "checkpoints" / "shots1-seed0" / "selection.json").read_text())
+        assert saved["choices"] == {t: f"{m}-seed0" for t, m in picks.items()} and saved["select_by"] == expected
+        assert _run(world, "eval", "--checkpoint", str(run_dir / "checkpoints" / "shots1-seed0"), "--shots", "1",
+                    run_dir=tmp_path / f"ev-{expected}") == 0
+        assert json.loads((tmp_path / f"ev-{expected}" / "test_accuracy.json").read_text()) == \
+            pytest.approx(draw["results"]["hipro"], abs=1e-12)
     assert _run(world, "compare", "--select-by", "f1", run_dir=tmp_path / "bad") != 0
     assert "--select-by" in capsys.readouterr().err
 

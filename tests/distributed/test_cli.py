@@ -167,6 +167,10 @@ def test_protocol_grid_over_two_processes_equals_one_process(world, tmp_path):
     assert [(e["shots"], e["seed"]) for e in _events(two, "draw")] == [(1, 0), (1, 1), (1, 2)]
     for k, s in [(1, 0), (1, 1), (1, 2)]:
         assert ckpt.has_checkpoint(two / "checkpoints" / f"shots{k}-seed{s}" / f"hipro-seed{s}", "best"), (k, s)
+        # each draw's HiPro selection, written by the rank that trained the draw
+        picks = [json.loads((r / "checkpoints" / f"shots{k}-seed{s}" / "selection.json").read_text())["choices"]
+                 for r in (one, two)]
+        assert picks[0] == picks[1], (k, s)
 
 
 def test_ranks_with_different_options_fail_at_start_up(world, tmp_path):
