@@ -44,15 +44,15 @@ def exit_status(error: ChildFailedError) -> tuple[int, str | None]:
 
 
 def signal_in(error: BaseException) -> SignalException | None:
-    """The SignalException `error` is or was raised while handling, if any. torch's
-    elastic metrics wrapper can turn one into an UnboundLocalError: a signal that
-    lands on its `start = time.time()` leaves `start` unset for its `finally`."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, SignalException):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+    """`error` if it is a SignalException, or the one it replaced in torch's known
+    race: the elastic metrics wrapper turns a signal that lands on its
+    `start = time.time()` into an UnboundLocalError (its `finally` reads the
+    unset `start`) raised while handling it. Any other error is not a signal."""
+    if isinstance(error, SignalException):
+        return error
+    if (isinstance(error, UnboundLocalError) and error.__cause__ is None
+            and isinstance(error.__context__, SignalException)):
+        return error.__context__
     return None
 
 

@@ -135,7 +135,8 @@ def fit_selected(clip, tasks: Mapping[str, Sequence[str]], train: Data, val: Dat
 
     hipro_options: build_method's (HiPro's options; `attention` for every candidate).
     device: where the models train (default: where the CLIP is).
-    checkpoint_dir: candidate c checkpoints into <checkpoint_dir>/<c> (with
+    checkpoint_dir: (default: train_config.checkpoint_dir) candidate c
+        checkpoints into <checkpoint_dir>/<c> (with
         train_config.resume, each continues from there: a finished one is
         loaded, not retrained), and selection.json (with `extra` as provenance)
         is written there last: it is removed first, so its presence means the
@@ -147,8 +148,14 @@ def fit_selected(clip, tasks: Mapping[str, Sequence[str]], train: Data, val: Dat
     if select_by not in SELECT_CRITERIA:
         raise InvalidInputError(f"select_by must be one of {SELECT_CRITERIA}, got {select_by!r}")
     base = train_config or TrainConfig()
-    if checkpoint_dir is not None and dist_group.is_main():
-        (Path(checkpoint_dir) / SELECTION_FILE).unlink(missing_ok=True)
+    if base.checkpoint_dir is not None:  # one folder per candidate below it, never the same one for all three
+        if checkpoint_dir is not None and Path(checkpoint_dir) != Path(base.checkpoint_dir):
+            raise InvalidInputError(f"fit_selected: checkpoint_dir {checkpoint_dir} and train_config.checkpoint_dir "
+                                    f"{base.checkpoint_dir} differ: give one")
+        checkpoint_dir = base.checkpoint_dir
+    if checkpoint_dir is not None:
+        dist_group.main_first(lambda: (Path(checkpoint_dir) / SELECTION_FILE).unlink(missing_ok=True),
+                              " clearing the selection")
     models: dict[str, HiProModel] = {}
     results: dict[str, FitResult] = {}
     for cand in SELECT_CANDIDATES:

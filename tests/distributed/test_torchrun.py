@@ -128,9 +128,16 @@ def test_a_signal_that_torchs_metrics_wrapper_turned_into_another_error_still_en
     assert torchrun.main(["--nproc-per-node", "1"]) == 128 + int(signal.SIGHUP)
     assert "hipro: interrupted (SIGHUP); the workers were stopped" in capsys.readouterr().err
 
+    def shutdown_failed(argv):  # another error while torchrun handled a signal: its own, shown
+        try:
+            raise SignalException("Process 1 got signal: 1", sigval=signal.SIGHUP)
+        except SignalException:
+            raise RuntimeError("the workers could not be stopped")
+
     def unrelated(argv):
         raise UnboundLocalError("not a signal")
 
-    monkeypatch.setattr(torchrun.torch_run, "main", unrelated)
-    with pytest.raises(UnboundLocalError, match="not a signal"):
-        torchrun.main(["--nproc-per-node", "1"])
+    for fails, says in ((shutdown_failed, "could not be stopped"), (unrelated, "not a signal")):
+        monkeypatch.setattr(torchrun.torch_run, "main", fails)
+        with pytest.raises((RuntimeError, UnboundLocalError), match=says):
+            torchrun.main(["--nproc-per-node", "1"])

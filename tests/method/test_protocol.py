@@ -102,6 +102,26 @@ def test_protocol_selects_per_task_by_default_and_select_none_keeps_the_tree():
     assert "choices" not in plain.to_dict()["results"]["2"]
 
 
+def test_each_draws_selection_is_on_disk_only_beside_the_candidates_it_chose_among(tmp_path):
+    """With checkpoints, a draw's folder holds selection.json naming its candidate
+    folders and the picks compare made; a later run in the same folder without
+    selection removes it (it would pair the old choice with retrained models)."""
+    from hipro_fast.method.selection import SELECTION_FILE, load_selection
+
+    clip, tok = tiny_clip()
+    pool, test = _pool(per_class=10), toy_data(seed=5)
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, optimizer="adamw", batch_size=4, lr=0.05, min_steps=0,
+                      checkpoint_dir=str(tmp_path))
+    kw = dict(shots=(2,), seeds=(0,), methods=["hipro"], tree=list(TASKS), n_ctx=2, train_config=cfg)
+    chosen = run_protocol((clip, tok), TASKS, pool, test, **kw)
+    saved = load_selection(tmp_path / "shots2-seed0")
+    assert saved.candidates == ["hipro-seed0", "two-level-seed0", "coop-per-task-seed0"]
+    assert saved.choices == {t: f"{m}-seed0" for t, m in chosen.runs[(2, 0)]["hipro"].choices[0].items()}
+    assert all((tmp_path / "shots2-seed0" / c).is_dir() for c in saved.candidates)
+    run_protocol((clip, tok), TASKS, pool, test, select=None, **kw)
+    assert not (tmp_path / "shots2-seed0" / SELECTION_FILE).exists()
+
+
 def test_protocol_reports_the_best_of_3_control_as_a_baseline():
     """coop-best-of-3 is a baseline of the "hipro − best baseline" row, its
     per-task picks are in comparison.json, and the summary says what it is."""

@@ -185,3 +185,12 @@ def test_fit_selected_trains_compares_candidates_and_keeps_the_choice_on_disk(tr
     assert [len(r.history) for r in res2.values()] == [len(r.history) for r in results.values()]
     with pytest.raises(ValueError, match="chooses on a validation split: val is empty"):
         hf.fit_selected(clip, TASKS, train, {}, TREE, tokenizer=tok)
+    # train_config.checkpoint_dir (as compare takes it) is the selection's folder: one sub-folder per candidate
+    via_config = tmp_path / "via-config"
+    hf.fit_selected(clip, TASKS, train, val, TREE, n_ctx=N_CTX, seed=4, tokenizer=tok,
+                    train_config=TrainConfig(**{**CFG.__dict__, "checkpoint_dir": str(via_config)}))
+    assert sel.load_selection(via_config).choices == selected.selection.choices
+    assert sorted(p.name for p in via_config.iterdir()) == sorted([*SELECT_CANDIDATES, sel.SELECTION_FILE])
+    with pytest.raises(ValueError, match="checkpoint_dir .* and train_config.checkpoint_dir .* differ"):
+        hf.fit_selected(clip, TASKS, train, val, TREE, tokenizer=tok, checkpoint_dir=tmp_path / "a",
+                        train_config=TrainConfig(**{**CFG.__dict__, "checkpoint_dir": str(via_config)}))
