@@ -3,8 +3,10 @@
 The protocol's HiPro (`compare(select="per-task")`) takes, task by task, the
 candidate of SELECT_CANDIDATES (its tree, the flat two-level tree, CoOp per
 task) with the best validation score. This module keeps that choice beside the
-trained candidates, so that `hipro train --select per-task` saves, evaluates
-and exports the model the protocol measures. A selection directory holds
+trained candidates, so that the model the protocol measures is saved,
+evaluated, exported and used like one model: `hipro train --select per-task`
+trains it (fit_selected), and the protocol leaves one per draw
+(protocol.save_draw_selection). A selection directory holds
 
     selection.json     format, version, select_by, candidates (preference order),
                        choices (task -> candidate), the validation scores chosen
