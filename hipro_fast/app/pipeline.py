@@ -831,6 +831,16 @@ def checkpoint_location(path: str | Path) -> tuple[Path, str]:
              for k in ("best", "last")):
         hint = (f"; it holds candidate folders of a `hipro train --select per-task` run that did not finish "
                 f"(no {sel.SELECTION_FILE}): resume that run, or evaluate one candidate's folder")
+    else:  # e.g. a compare draw's folder without selection: name what it holds
+        def holds(d: Path, depth: int = 1) -> bool:  # a checkpoint or selection, or (one level down) folders of them
+            if sel.has_selection(d) or any(ckpt.has_checkpoint(d, k) for k in ("best", "last")):
+                return True
+            return depth > 0 and any(holds(sub, depth - 1) for sub in d.iterdir() if sub.is_dir())
+
+        inside = sorted(d.name for d in path.iterdir() if d.is_dir() and holds(d))
+        if inside:
+            hint = (f"; it holds the checkpoint folders {', '.join(inside[:6])}{', ...' if len(inside) > 6 else ''}"
+                    ": pass one of them")
     raise MissingFileError(f"no checkpoint in {path} (best.json / last.json not found){hint}")
 
 

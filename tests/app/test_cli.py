@@ -521,6 +521,12 @@ def test_compare_writes_table(world, tmp_path, capsys):
     summary = md.split("\n\n")[0]
     assert summary.startswith("| method | 1 shot |") and summary.strip() in out
     assert "hipro − best baseline" in summary and (run_dir / "accuracy_vs_shots.png").stat().st_size > 1000
+    # without selection a draw's folder is no checkpoint: the error names what it holds
+    for folder, holds in ((run_dir / "checkpoints", "shots1-seed0, shots1-seed1"),
+                          (run_dir / "checkpoints" / "shots1-seed0", "coop-shared-seed0, hipro-seed0")):
+        capsys.readouterr()
+        assert _run(world, "eval", "--checkpoint", str(folder), "--shots", "1", run_dir=tmp_path / "ev") == 1
+        assert f"it holds the checkpoint folders {holds}: pass one of them" in _one_error_line(capsys)
     results = json.loads((run_dir / "comparison.json").read_text())
     assert results["shots"] == [1] and results["seeds"] == [0, 1] and results["select"] is None
     by_method = results["results"]["1"]
