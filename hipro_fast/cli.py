@@ -1219,6 +1219,10 @@ def _protocol(ctx: _Ctx, tree, seeds: Sequence[int]):
     ctx.run.log("compare", table=summary, results=result.to_dict())
     ctx.say(summary)
     ctx.say(f"accuracy-vs-shots figure: {png}")
+    if result.select == "per-task" and "hipro" in result.methods:
+        k, s = max(result.shots), result.seeds[0]
+        ctx.say(f"each draw's hipro model: hipro export --checkpoint {_ckpt_path(ctx) / f'shots{k}-seed{s}'} "
+                f"--out hipro.safetensors (or eval / predict it; every shots<K>-seed<S> folder likewise)")
     return result
 
 

@@ -492,7 +492,9 @@ def test_compare_select_by_reaches_the_selection(world, tmp_path, capsys):
         flag = ["--select-by", by] if by else []
         assert _run(world, "compare", "--methods", "coop-per-task,hipro", "--tree", "flat", "--shots", "1",
                     "--seeds", "0", "--epochs", "1", "--n-ctx", "2", *flag, run_dir=run_dir) == 0
-        assert f"(by {expected})" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"(by {expected})" in out
+        assert f"each draw's hipro model: hipro export --checkpoint {run_dir / 'checkpoints' / 'shots1-seed0'}" in out
         results = json.loads((run_dir / "comparison.json").read_text())
         assert results["select"] == "per-task" and results["select_by"] == expected
         (draw,) = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
