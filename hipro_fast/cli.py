@@ -413,6 +413,14 @@ def _select_options(a: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ helpers
+def _class_counts(task, split: str) -> list[int]:
+    """Images per class (label order) of a spec task's `split`."""
+    counts = [0] * len(task.classes)
+    for r in task.splits.get(split) or []:
+        counts[r.label] += 1
+    return counts
+
+
 class _Ctx:
     """What every command needs: the run, the model, the features."""
 
@@ -578,13 +586,9 @@ class _Ctx:
         shots) fits every class, and per-task selection has a validation split."""
         if self.shot_grid:
             for name, task in self._spec.tasks.items():
-                def per_class(split):
-                    counts = [0] * len(task.classes)
-                    for r in task.splits.get(split) or []:
-                        counts[r.label] += 1
-                    return counts
-                check_shot_counts(name, task.classes, per_class("train"),
-                                  per_class("val") if task.splits.get("val") else None, max(self.shot_grid))
+                check_shot_counts(name, task.classes, _class_counts(task, "train"),
+                                  _class_counts(task, "val") if task.splits.get("val") else None,
+                                  max(self.shot_grid))
         elif command == "compare":
             # a task without a val split keeps the first candidate (compare's fallback); none at all cannot choose
             has_val = any(task.splits.get("val") for task in self._spec.tasks.values())
@@ -648,10 +652,7 @@ class _Ctx:
                            f"image is drawn: task {no_val[0][0]!r} has no val split (give it one, or pass "
                            "--select none)")
         for name, task in no_val:
-            counts = [0] * len(task.classes)
-            for r in task.splits.get("train") or []:
-                counts[r.label] += 1
-            check_shot_counts(name, task.classes, counts, None, a.shots)
+            check_shot_counts(name, task.classes, _class_counts(task, "train"), None, a.shots)
 
     def val_from_train(self) -> int:
         """Validation images per class held out of a task's training images when it

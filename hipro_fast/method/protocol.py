@@ -15,7 +15,6 @@ import math
 import numbers
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -26,7 +25,7 @@ from ..distributed import group as dist_group
 from ..errors import DistributedError, FewShotError, InvalidInputError
 from .baselines import (BEST_OF, COOP_BEST_OF, DEFAULT_PROTOCOL_SELECT, DEFAULT_SELECT_BY, METHODS,
                         SELECT_CANDIDATES, ComparisonTable, checked_seeds, choose_per_task, compare)
-from .selection import SELECTION_FILE, Selection, save_selection
+from .selection import Selection, clear_selection, save_selection
 from .task_data import validate_task_data
 from .training import Data, TrainConfig
 
@@ -333,8 +332,7 @@ def run_protocol(clip, tasks: Mapping[str, Sequence[str]], pool: Data, test: Dat
             config = dataclasses.replace(config, progress=False)  # one rank draws the bars
         saving = config is not None and config.checkpoint_dir is not None
         if saving:  # rewritten once the draw is done: present only beside the candidates it chose among
-            dist_group.main_first(lambda: (Path(config.checkpoint_dir) / SELECTION_FILE).unlink(missing_ok=True),
-                                  f" clearing the selection of the draw of {k} shots, seed {s}")
+            clear_selection(config.checkpoint_dir, f" of the draw of {k} shots, seed {s}")
         table = compare(clip, tasks, d.train, test, val=d.val or None, seeds=(s,), **{**kw, "train_config": config})
         if saving:  # rank 0 writes (each rank its own draws under "draws"); its failure stops every rank
             dist_group.main_first(lambda: save_draw_selection(config.checkpoint_dir, table, list(tasks), k, s,

@@ -156,8 +156,7 @@ def fit_selected(clip, tasks: Mapping[str, Sequence[str]], train: Data, val: Dat
                                     f"{base.checkpoint_dir} differ: give one")
         checkpoint_dir = base.checkpoint_dir
     if checkpoint_dir is not None:
-        dist_group.main_first(lambda: (Path(checkpoint_dir) / SELECTION_FILE).unlink(missing_ok=True),
-                              " clearing the selection")
+        clear_selection(checkpoint_dir)
     models: dict[str, HiProModel] = {}
     results: dict[str, FitResult] = {}
     for cand in SELECT_CANDIDATES:
@@ -294,6 +293,14 @@ def save_selection(directory: str | Path, selection: Selection) -> Path:
     return atomic_write_text(Path(directory) / SELECTION_FILE, text + "\n")
 
 
+def clear_selection(directory: str | Path, what: str = "") -> None:
+    """Remove `directory`/selection.json (rank 0; its failure stops every rank)
+    before its candidates (re)train: written again once they are done, its
+    presence keeps meaning a complete selection."""
+    dist_group.main_first(lambda: (Path(directory) / SELECTION_FILE).unlink(missing_ok=True),
+                          f" clearing the selection{what}")
+
+
 def load_selection(directory: str | Path) -> Selection:
     """The selection record of a selection directory, checked (CheckpointError
     naming the file otherwise)."""
@@ -309,5 +316,5 @@ def load_selection(directory: str | Path) -> Selection:
 
 
 __all__ = ["FORMAT", "VERSION", "SELECTION_FILE", "SELECT_CANDIDATES", "Selection", "SelectedModel", "choose",
-           "fit_selected",
+           "fit_selected", "clear_selection",
            "has_selection", "candidate_dir", "save_selection", "load_selection"]
