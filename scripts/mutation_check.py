@@ -218,10 +218,15 @@ MUTATIONS = [
              "         t < seg_offset(table, seg) + seg_length(table, seg);",
              "return seg >= 0 && seg < num_segments;",
              (("tests/ops/test_ops.py", "-k", "malformed or rejects"), ("tests/ops/test_cpp.py",)), cpp=True),
-    Mutation("assemble-backward-overwrites", "the CPU assembly backward keeps the last token's gradient of a "
-             "context row instead of summing them", "csrc/cpu/assemble_cpu.cpp",
-             "ap[r * W + w] += static_cast<acc_t>(gp[t * W + w]);",
-             "ap[r * W + w] = static_cast<acc_t>(gp[t * W + w]);",
+    Mutation("assemble-backward-overwrites", "the assembly backward keeps the last token's gradient of a "
+             "context row instead of summing them", "csrc/context_rows.h",
+             "acc[w - w0] += static_cast<acc_t>(grad_row[w]);",
+             "acc[w - w0] = static_cast<acc_t>(grad_row[w]);",
+             (("tests/ops/test_ops.py", "-k", "assemble_fuzz"),), cpp=True),
+    Mutation("assemble-backward-reversed", "the assembly backward sums a context row's tokens last to first "
+             "(not the order both devices share)", "csrc/context_rows.h",
+             "for (int64_t j = row_start[r]; j < row_start[r + 1]; ++j) {",
+             "for (int64_t j = row_start[r + 1] - 1; j >= row_start[r]; --j) {",
              (("tests/ops/test_ops.py", "-k", "assemble_fuzz"),), cpp=True),
     Mutation("tree-attention-autocast", "the CPU tree attention no longer excludes autocast around its block GEMMs",
              "csrc/cpu/tree_attention_cpu.cpp",

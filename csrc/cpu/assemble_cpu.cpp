@@ -4,8 +4,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../acc_type.h"
 #include "../checks.h"
+#include "../context_rows.h"
 #include "../tree_index.h"
 
 namespace hipro {
@@ -54,28 +58,31 @@ at::Tensor assemble_forest_cpu(const at::Tensor& ctx_table, const at::Tensor& to
 at::Tensor assemble_forest_backward_cpu(const at::Tensor& grad_out, const at::Tensor& token_ctx_row,
                                         int64_t num_ctx_rows) {
   check_assemble_backward_args(grad_out, token_ctx_row, num_ctx_rows);
-  const int64_t T = grad_out.size(0), W = grad_out.size(1);
+  const int64_t W = grad_out.size(1);
   const auto g = grad_out.contiguous();
-  const auto crow_c = token_ctx_row.contiguous();
-  check_ctx_rows(crow_c, num_ctx_rows);
-  auto acc = at::zeros({num_ctx_rows, W},
-                       grad_out.options().dtype(acc_scalar_type(grad_out.scalar_type())));
-  const int64_t* crow = crow_c.data_ptr<int64_t>();
+  check_ctx_rows(token_ctx_row.contiguous(), num_ctx_rows);
+  // The CUDA op walks the same token lists with the same summation
+  // (context_rows.h), so the two devices agree bit for bit.
+  const ContextRowTokens rows = context_row_tokens(token_ctx_row, num_ctx_rows);
+  auto grad_ctx = at::empty({num_ctx_rows, W}, grad_out.options());
+  const int64_t* order = rows.token_order.data_ptr<int64_t>();
+  const int64_t* start = rows.row_start.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "assemble_forest_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    acc_t* ap = acc.data_ptr<acc_t>();
-    // Parallel over feature columns: every row is summed in token order, so the
-    // result is deterministic whatever the thread count.
-    at::parallel_for(0, W, 64, [&](int64_t w0, int64_t w1) {
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t r = crow[t];
-        if (!token_reads_context(r)) continue;
-        for (int64_t w = w0; w < w1; ++w) ap[r * W + w] += static_cast<acc_t>(gp[t * W + w]);
+    scalar_t* out = grad_ctx.data_ptr<scalar_t>();
+    // Each output element is one sum in a fixed order: deterministic whatever
+    // the thread count.
+    at::parallel_for(0, num_ctx_rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(W, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> acc(W);
+      for (int64_t r = r0; r < r1; ++r) {
+        context_row_grad<acc_t>(gp, order, start, r, W, 0, W, acc.data());
+        for (int64_t w = 0; w < W; ++w) out[r * W + w] = static_cast<scalar_t>(acc[w]);
       }
     });
   });
-  return acc.to(grad_out.scalar_type());
+  return grad_ctx;
 }
 
 }  // namespace

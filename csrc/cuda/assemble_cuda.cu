@@ -6,10 +6,12 @@
 //             one thread per output element (grid-stride loop over T * W),
 //             the sum in fp32 (fp64 for fp64) then rounded to the dtype.
 //   backward: grad_ctx[r] = sum over tokens t with ctx_row[t] == r of grad_out[t];
-//             one thread per grad_out element adding into an fp32 (fp64 for
-//             fp64) buffer with atomicAdd (context rows may repeat), then one
-//             cast to grad_out's dtype. The atomics make the summation order,
-//             and hence the last bits, vary run to run when rows repeat.
+//             a gather, not a scatter: one thread per grad_ctx element walks
+//             its row's token list (context_rows.h, built on the device with
+//             a stable sort) in ascending token order and sums in fp32 (fp64
+//             for fp64), then rounds once. No atomics: the result is the same
+//             run after run and bitwise equal to the CPU op, which walks the
+//             same lists with the same function.
 //
 // Argument checks: check_assemble_args / check_assemble_backward_args of
 // ../checks.h, as in the CPU op. Index values: the CPU op validates them on
@@ -18,6 +20,7 @@
 // assertion instead (like ATen's own gather kernels): an out-of-range index
 // stops the kernel rather than reading out of bounds.
 #include "common.cuh"
+#include "../context_rows.h"
 
 namespace hipro {
 namespace cuda {
@@ -61,20 +64,25 @@ __global__ void assemble_forest_kernel(const scalar_t* __restrict__ ctx,
 
 template <typename scalar_t>
 __global__ void assemble_forest_backward_kernel(const scalar_t* __restrict__ grad_out,
-                                                const int64_t* __restrict__ ctx_row,
-                                                at::opmath_type<scalar_t>* __restrict__ acc,
-                                                int64_t T, int64_t W, int64_t R) {
+                                                const int64_t* __restrict__ sorted_rows,
+                                                const int64_t* __restrict__ token_order,
+                                                const int64_t* __restrict__ row_start,
+                                                scalar_t* __restrict__ grad_ctx, int64_t T,
+                                                int64_t W, int64_t R) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = T * W;
+  // The rows are sorted, so the last is the largest: one check covers every token.
+  if (blockIdx.x == 0 && threadIdx.x == 0 && T > 0) {
+    CUDA_KERNEL_ASSERT_MSG(sorted_rows[T - 1] < R,
+                           "hipro_fast.assemble_forest_backward: ctx row out of range");
+  }
+  const int64_t n = R * W;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    const int64_t t = i / W;
-    const int64_t r = ctx_row[t];
-    if (!token_reads_context(r)) continue;
-    CUDA_KERNEL_ASSERT_MSG(r < R, "hipro_fast.assemble_forest_backward: ctx row out of range");
-    const int64_t w = i - t * W;
-    atomicAdd(acc + r * W + w, static_cast<acc_t>(grad_out[i]));
+    const int64_t r = i / W, w = i - r * W;
+    acc_t sum;
+    context_row_grad<acc_t>(grad_out, token_order, row_start, r, W, w, w + 1, &sum);
+    grad_ctx[i] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -115,22 +123,20 @@ at::Tensor assemble_forest_backward_cuda(const at::Tensor& grad_out,
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t T = grad_out.size(0), W = grad_out.size(1);
   const auto g = grad_out.contiguous();
-  const auto crow = token_ctx_row.contiguous();
-  auto acc = at::zeros({num_ctx_rows, W},
-                       grad_out.options().dtype(acc_scalar_type(grad_out.scalar_type())));
-  if (T * W > 0) {  // launched even when R == 0 so a stray ctx row still asserts
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
-                                    "assemble_forest_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      assemble_forest_backward_kernel<scalar_t><<<elementwise_blocks(T * W, kThreads), kThreads,
-                                                  0, stream>>>(
-          g.data_ptr<scalar_t>(), crow.data_ptr<int64_t>(), acc.data_ptr<acc_t>(), T, W,
-          num_ctx_rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return acc.to(grad_out.scalar_type());
+  const ContextRowTokens rows = context_row_tokens(token_ctx_row, num_ctx_rows);
+  auto grad_ctx = at::empty({num_ctx_rows, W}, grad_out.options());
+  // Launched even when R * W == 0 (one block) so that a stray ctx row still asserts.
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
+                                  "assemble_forest_backward_cuda", [&] {
+    assemble_forest_backward_kernel<scalar_t>
+        <<<elementwise_blocks(num_ctx_rows * W, kThreads), kThreads, 0,
+           stream>>>(g.data_ptr<scalar_t>(), rows.sorted_rows.data_ptr<int64_t>(),
+                     rows.token_order.data_ptr<int64_t>(), rows.row_start.data_ptr<int64_t>(),
+                     grad_ctx.data_ptr<scalar_t>(), T, W, num_ctx_rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_ctx;
 }
 
 }  // namespace

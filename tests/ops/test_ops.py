@@ -353,6 +353,14 @@ def test_assemble_fuzz_rows_read_by_many_tokens(T, R, V, P, W, dtype, seed):
     truth = torch.zeros(R, W, dtype=torch.float64).index_add_(0, ctx_row[reads_ctx], grad_out[reads_ctx].double())
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(ctx.grad.double(), truth, atol=tol, rtol=tol)
+    # The documented summation order, which the CUDA op shares (context_rows.h):
+    # each row's tokens in ascending token order, from zero, in the dtype's
+    # accumulation type. Pinned bit for bit so both devices can be held to it.
+    in_order = torch.zeros(R, W, dtype=dtype)
+    for t, r in enumerate(ctx_row.tolist()):
+        if r >= 0:
+            in_order[r] += grad_out[t]
+    assert torch.equal(ctx.grad, in_order)
 
 
 @needs_ext
