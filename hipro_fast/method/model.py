@@ -209,10 +209,13 @@ class HiProModel(nn.Module):
         init = self._phrase_embedding(ctx_init) if ctx_init else None
         seed = operator.index(seed)  # a numpy integer too
         # Registered by name (state_dict keys "contexts.<node>", "path_weight_logits.path/<task>");
-        # `ctx` and `path_logits` are the same tensors by node and task, what the forward reads.
+        # `ctx` and `path_logits` look them up by node and task at every access, so what the
+        # forward reads is whatever the module holds then (torch.func.functional_call's
+        # swapped tensors, a parametrization, load_state_dict(assign=True)'s new ones).
         self.contexts = nn.ParameterDict()
         self.path_weight_logits = nn.ParameterDict()
-        self.ctx: dict[str, nn.Parameter] = {}
+        self._context_nodes: list[str] = []  # the nodes holding a context, in DFS order
+        self._path_weight_tasks: list[str] = []  # the tasks with learned path weights
         device = self.tower.token_embedding.device
         for node in nodes:
             if counts[node] == 0:
@@ -228,37 +231,35 @@ class HiProModel(nn.Module):
                 value = torch.randn(counts[node], width, generator=node_generator(seed, self.tree, node)) \
                     * CTX_INIT_STD
                 # compared with the parent's actual length: a phrase may have set it
-                if init_from_parent and parent is not None and self.ctx[parent].shape[0] == counts[node]:
-                    value = self.ctx[parent].detach().cpu().clone()
-            p = nn.Parameter(value.float().to(device))
-            self.contexts[_state_key(node)] = p
-            self.ctx[node] = p
+                parent_ctx = self.contexts[_state_key(parent)] if parent is not None else None
+                if init_from_parent and parent_ctx is not None and parent_ctx.shape[0] == counts[node]:
+                    value = parent_ctx.detach().cpu().clone()
+            self.contexts[_state_key(node)] = nn.Parameter(value.float().to(device))
+            self._context_nodes.append(node)
         if parent_prior and combine == "concat":
             raise InvalidInputError("parent_prior pulls a node's context toward its parent's, which only "
                              "compares like with like in combine='mean' (each node's own prompt)")
         # Learned path weights: per-task logits over its path's context nodes,
         # initialised so that the leaf's feature weighs `leaf_weight` and the
         # ancestors share the rest equally (a leaf-less path starts uniform).
-        self.path_logits: dict[str, nn.Parameter] = {}
         if path_weights == "learned":
             for task in self.tasks:
                 path = self.context_path(task)
                 logits = torch.zeros(len(path))
                 if len(path) > 1 and path[-1] == leaf_id(task):
                     logits[-1] = math.log(leaf_weight * (len(path) - 1) / (1 - leaf_weight))
-                p = nn.Parameter(logits.to(device))
-                self.path_weight_logits[_state_key(PATH_PREFIX + task)] = p
-                self.path_logits[task] = p
+                self.path_weight_logits[_state_key(PATH_PREFIX + task)] = nn.Parameter(logits.to(device))
+                self._path_weight_tasks.append(task)
         self.encoder = ForestEncoder(
             self.tower, tokenizer, {n: p.shape[0] for n, p in self.ctx.items()},
             {t: self.context_path(t) for t in self.tasks}, self.tasks, combine).to(device)
         self._whole_forest = self.encoder  # shard_text() may swap `encoder` for a ShardedForestEncoder
         object.__setattr__(self, "_sharded_forest", None)
-        # The tree in the state_dict, as a tensor (safetensors holds it): internal node ids are
-        # positional ("root/0"), so another tree can have this one's keys and shapes.
-        self.register_buffer("layout", json_tensor(self.tree.to_nested()).to(device))
+        # The tree and the prompt combination in the state_dict, as a tensor (safetensors holds
+        # it): internal node ids are positional ("root/0"), so another tree can have this one's
+        # keys and shapes, and a concat and a mean model have the same keys and shapes.
+        self.register_buffer("layout", json_tensor({"tree": self.tree.to_nested(), "combine": combine}).to(device))
         self.register_load_state_dict_pre_hook(_check_state_dict)
-        self.register_load_state_dict_post_hook(_rebind_learnable)
 
     def shard_text(self, rank: int, world_size: int) -> None:
         """Encode only this rank's share of the (task, class) prompts from now on;
@@ -298,13 +299,35 @@ class HiProModel(nn.Module):
     def context_parent(self, node: str) -> str | None:
         """The nearest ancestor of `node` that holds a context (None at the top)."""
         parent = self.tree.nodes[node].parent
-        while parent is not None and parent not in self.ctx:
+        while parent is not None and parent not in self._context_nodes:
             parent = self.tree.nodes[parent].parent
         return parent
 
     def context_path(self, task: str) -> list[str]:
         """Nodes on the task's root-to-leaf path that hold a context."""
-        return [n for n in self.tree.path(task) if n in self.ctx]
+        return [n for n in self.tree.path(task) if n in self._context_nodes]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A model pickled before the contexts were looked up by name held them in
+        # plain dicts; their keys are the nodes and tasks (the tensors are the
+        # registered ones, restored with the ParameterDicts).
+        old_ctx, old_paths = state.pop("ctx", None), state.pop("path_logits", None)
+        super().__setstate__(state)
+        if "_context_nodes" not in state:
+            self._context_nodes = list(old_ctx or {})
+            self._path_weight_tasks = list(old_paths or {})
+
+    @property
+    def ctx(self) -> dict[str, torch.Tensor]:
+        """{node: [n_ctx(node), width]} the context of every node that holds one,
+        as registered in `contexts` now (looked up at each access)."""
+        return {n: self.contexts[_state_key(n)] for n in self._context_nodes}
+
+    @property
+    def path_logits(self) -> dict[str, torch.Tensor]:
+        """{task: [len(context path)]} the learned path-weight logits ({} unless
+        path_weights="learned"), as registered in `path_weight_logits` now."""
+        return {t: self.path_weight_logits[_state_key(PATH_PREFIX + t)] for t in self._path_weight_tasks}
 
     def _phrase_embedding(self, phrase: str) -> torch.Tensor:
         ids = torch.tensor(self.tokenizer.encode(phrase), dtype=torch.long)
@@ -316,7 +339,6 @@ class HiProModel(nn.Module):
     # ------------------------------------------------------------ device moves
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        _rebind_learnable(self, None)  # a conversion may have replaced the registered parameters
         self.clip._apply(fn)
         device = self.tower.token_embedding.device
         self.encoder.to(device)
@@ -472,9 +494,16 @@ def _check_state_dict(model: HiProModel, state_dict, prefix, local_metadata, str
             theirs = tensor_json(layout)
         except (ValueError, UnicodeDecodeError):
             raise InvalidInputError(f"load_state_dict: {prefix}layout is not a HiProModel's tree") from None
-        if theirs != model.tree.to_nested():
-            raise InvalidInputError(f"load_state_dict: the state is of a model with another tree: {theirs!r}, "
+        # (states before the combination was recorded carry the tree alone)
+        tree, combine = (theirs.get("tree"), theirs.get("combine")) if isinstance(theirs, dict) else (theirs, None)
+        if tree != model.tree.to_nested():
+            raise InvalidInputError(f"load_state_dict: the state is of a model with another tree: {tree!r}, "
                                     f"this model's is {model.tree.to_nested()!r}")
+        if combine is not None and combine != model.combine:
+            raise InvalidInputError(f"load_state_dict: the state is of a model with combine={combine!r}, "
+                                    f"this model's is {model.combine!r} (the same contexts give other prompts)")
+        if combine is None:
+            state_dict[prefix + "layout"] = model.layout  # the older record, checked: this model's in its place
     # (torch passes strict=True to every hook whatever the caller's: a state with none of this
     # model's keys is left to torch's own missing-key rule, one with some of them is another model's)
     ours = (prefix + "contexts.", prefix + "path_weight_logits.")
@@ -515,12 +544,3 @@ def _rename_positional(model: HiProModel, state_dict, prefix: str, mine: Mapping
             if f"{prefix}_params.{i}" in state_dict:
                 state_dict[key] = state_dict.pop(f"{prefix}_params.{i}")
     state_dict.setdefault(prefix + "layout", model.layout)  # they carried no tree
-
-
-def _rebind_learnable(model: HiProModel, incompatible_keys) -> None:
-    """load_state_dict's post-hook: with assign=True the registered parameters
-    are new tensors; ctx and path_logits (what the forward reads) follow them."""
-    for node in model.ctx:
-        model.ctx[node] = model.contexts[_state_key(node)]
-    for task in model.path_logits:
-        model.path_logits[task] = model.path_weight_logits[_state_key(PATH_PREFIX + task)]

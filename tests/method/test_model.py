@@ -222,6 +222,101 @@ def test_state_dict_round_trip_names_its_contexts_and_refuses_another_models(tin
     assert torch.equal(twin.ctx["update"], odd.ctx["update"]) and torch.equal(twin.ctx["_keys"], odd.ctx["_keys"])
 
 
+def test_a_state_of_another_combination_is_refused_and_older_layouts_still_load(tiny, tokenizer):
+    from hipro_fast.method.model import json_tensor
+
+    def build(combine, seed):
+        return hf.HiProModel(tiny, TASKS, [["a", "b"], "c"], n_ctx=2, combine=combine, tokenizer=tokenizer,
+                             seed=seed, path_weights="uniform")
+
+    concat, mean = build("concat", 1), build("mean", 2)
+    assert sorted(concat.state_dict()) == sorted(mean.state_dict())  # same keys and shapes: only layout tells
+    before = {n: p.detach().clone() for n, p in mean.learnable().items()}
+    with pytest.raises(InvalidInputError, match="a model with combine='concat', this model's is 'mean'"):
+        mean.load_state_dict(concat.state_dict())
+    assert all(torch.equal(p.detach(), before[n]) for n, p in mean.learnable().items())  # nothing loaded
+    # a state from before the combination was recorded (layout = the tree alone) loads, checked by tree
+    old = {**concat.state_dict(), "layout": json_tensor([["a", "b"], "c"])}
+    twin = build("concat", 3)
+    twin.load_state_dict(old)
+    assert all(torch.equal(twin.learnable()[n], p) for n, p in concat.learnable().items())
+    with pytest.raises(InvalidInputError, match="another tree"):
+        twin.load_state_dict({**old, "layout": json_tensor([["a", "c"], "b"])})
+
+
+def test_the_forward_reads_the_registered_parameters_as_the_module_holds_them(tiny, tokenizer):
+    """functional_call's swapped tensors and parametrizations reach the forward
+    (it looks the contexts up in the ParameterDicts at each call, instead of
+    reading tensors it kept aside, which would make them silently no-ops);
+    torch.func.grad through the fused ops is refused by name, not zeros."""
+    from torch.func import functional_call, grad
+    from torch.nn.utils import parametrize
+
+    from hipro_fast.errors import UnsupportedAutogradError
+
+    model = hf.HiProModel(tiny, TASKS, [["a", "b"], "c"], n_ctx=2, tokenizer=tokenizer, path_weights="learned")
+    img = F.normalize(torch.randn(4, 24, generator=torch.Generator().manual_seed(0)), dim=-1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    swapped = {k: v + 0.5 for k, v in params.items()}
+    twin = copy.deepcopy(model)  # the reference: the swapped values loaded for real
+    with torch.no_grad():
+        before = model.logits("a", img)
+        for k, p in twin.named_parameters():
+            p.copy_(swapped[k])
+        want = twin.logits("a", img)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.logits("a", x)
+
+    wrapped = Logits(model)
+    with torch.no_grad():
+        got = functional_call(wrapped, {"m." + k: v for k, v in swapped.items()}, (img,))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert not torch.equal(got, before)
+        torch.testing.assert_close(model.logits("a", img), before, rtol=0, atol=0)  # the model itself unchanged
+
+    class Zero(torch.nn.Module):
+        def forward(self, t):
+            return torch.zeros_like(t)
+
+    parametrize.register_parametrization(model.contexts, "root", Zero())
+    try:
+        with torch.no_grad():
+            zeroed = model.logits("a", img)
+        assert torch.count_nonzero(model.ctx["root"]) == 0 and not torch.equal(zeroed, before)
+    finally:
+        parametrize.remove_parametrizations(model.contexts, "root", leave_parametrized=False)
+    torch.testing.assert_close(model.logits("a", img).detach(), before, rtol=0, atol=0)
+
+    if hf.build_info()["cpu"]:
+        with pytest.raises(UnsupportedAutogradError, match="torch.func.grad"):
+            grad(lambda p: functional_call(wrapped, p, (img,)).logsumexp(1).sum())(
+                {"m." + k: v for k, v in params.items()})
+
+
+def test_a_model_pickled_before_the_contexts_were_looked_up_by_name_unpickles(tiny, tokenizer):
+    import pickle
+
+    model = hf.HiProModel(tiny, TASKS, [["a", "b"], "c"], n_ctx=2, tokenizer=tokenizer, path_weights="learned")
+    state = model.__getstate__().copy()
+    # what such a pickle held: the tensors by node and task in plain dicts, no name lists
+    nodes, tasks = state.pop("_context_nodes"), state.pop("_path_weight_tasks")
+    state["ctx"], state["path_logits"] = dict(model.ctx), dict(model.path_logits)
+    old = hf.HiProModel.__new__(hf.HiProModel)
+    old.__setstate__(state)
+    assert list(old.ctx) == nodes and list(old.path_logits) == tasks and "ctx" not in old.__dict__
+    img = F.normalize(torch.randn(2, 24), dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(old.logits("b", img), model.logits("b", img), rtol=0, atol=0)
+        again = pickle.loads(pickle.dumps(model))
+        torch.testing.assert_close(again.logits("b", img), model.logits("b", img), rtol=0, atol=0)
+
+
 def test_a_conversion_that_replaces_the_parameters_moves_the_forward_too(tiny, tokenizer):
     own = copy.deepcopy(tiny)
     model = hf.HiProModel(own, TASKS, [["a", "b"], "c"], n_ctx=2, tokenizer=tokenizer)
