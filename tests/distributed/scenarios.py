@@ -211,6 +211,9 @@ def after_fit_on_rank_0_alone(work: str) -> dict[str, torch.Tensor]:
     alone = [None]
     if dist.get_rank() == 0:  # after fit()
         alone[0] = {f"alone/{t}": f.detach().clone() for t, f in model.text_features().items()}
+        # the contexts they came from (what the two-rank training reached, equal to one process's
+        # only up to the summation order of the gradients)
+        alone[0].update({f"alone/ctx/{n}": p.detach().clone() for n, p in model.context_state().items()})
     dist.barrier()
     evaluate(model, toy_data(seed=3, noise=1.0))
     if dist.get_rank() == 0:  # after evaluate()
