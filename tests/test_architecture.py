@@ -15,9 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hipro_fast"
 # layer and those below. The package __init__ only re-exports the public API.
 # distributed sits above the engine (it shards the forest) and below data
 # (sharded feature caching) and method (data-parallel fit/evaluate).
-LAYERS = {"errors": 0, "files": 0, "usage": 0, "ops": 1, "engine": 2, "distributed": 3, "data": 4, "method": 5, "app": 6,
+LAYERS = {"errors": 0, "files": 0, "usage": 0, "devices": 0, "ops": 1, "engine": 2, "distributed": 3, "data": 4, "method": 5, "app": 6,
           "cli": 7, "__init__": 8, "_C": 1}
-BENCH_MAY_IMPORT = {"errors", "files", "usage", "ops", "engine", "distributed", "data", "method"}
+BENCH_MAY_IMPORT = {"errors", "files", "usage", "devices", "ops", "engine", "distributed", "data", "method"}
 
 
 def module_name(path: Path) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ..devices import check_device
 from ..engine.text_tower import unsupported_text_cfg
 from ..errors import (InvalidInputError, InvalidTypeError, MissingFileError, UnsupportedTextTower,
                       WeightsMismatchError)
@@ -117,6 +118,13 @@ def load_clip(name: str = "hipro-tiny-clip", pretrained: str | Path | None = Non
     """
     import open_clip
 
+    check_device(device, "load_clip")
+    if not isinstance(name, str):
+        raise InvalidTypeError(f"load_clip: name must be a model name (str), got {type(name).__name__}")
+    if name != "hipro-tiny-clip" and open_clip.factory.parse_model_name(name)[0] is None \
+            and name not in open_clip.list_models():  # (hf-hub: / local-dir: names resolve as they load)
+        raise InvalidInputError(f"load_clip: unknown model {name!r} (an open_clip model name such as "
+                                "'ViT-B-16', see open_clip.list_models(), or 'hipro-tiny-clip')")
     if name == "hipro-tiny-clip":
         from .bundled.tiny_clip import WEIGHTS_PATH, build_tiny_clip  # lazy: only this model needs it
 

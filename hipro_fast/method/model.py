@@ -19,7 +19,7 @@ from ..distributed.sharding import ShardedForestEncoder
 from ..engine.fingerprint import text_side_digest, text_side_dtype
 from .seeding import keyed_generator
 from .tree import TaskTree, TreeError, leaf_id
-from ..errors import InvalidInputError, TaskSpecError
+from ..errors import InvalidInputError, InvalidTypeError, TaskSpecError
 
 CTX_INIT_STD = 0.02  # CoOp's N(0, 0.02) context initialisation
 PATH_WEIGHTS = ("uniform", "learned")
@@ -385,6 +385,9 @@ class HiProModel(nn.Module):
     def check_features(self, task: str, image_features: torch.Tensor) -> torch.Tensor:
         """`image_features` as a tensor, checked: a task of the model, floating
         point, [N, embed_dim]."""
+        if not isinstance(task, str):
+            raise InvalidTypeError(f"task must be a task name (str), got {type(task).__name__} "
+                                   "(arguments swapped? logits(task, image_features))")
         if task not in self.tasks:
             raise TaskSpecError(f"unknown task {task!r} (model tasks: {list(self.tasks)})")
         return image_features_of(task, image_features, self.embed_dim)
@@ -394,7 +397,13 @@ class HiProModel(nn.Module):
         """[N, n_classes(task)] scaled cosine logits of L2-normalised image features [N, E]."""
         image_features = self.check_features(task, image_features)
         feats = text_features if text_features is not None else self.text_features()
-        text = feats[task]
+        text = feats.get(task) if isinstance(feats, Mapping) else None
+        want = (len(self.tasks[task]), self.embed_dim)
+        if not torch.is_tensor(text) or tuple(text.shape) != want:
+            got = "no entry" if text is None else (f"shape {tuple(text.shape)}" if torch.is_tensor(text)
+                                                   else type(text).__name__)
+            raise InvalidInputError(f"logits: text_features[{task!r}] should be a {list(want)} tensor "
+                                    f"(the task's classes x embed_dim, as text_features() returns), got {got}")
         # fp32 at least (a bf16/fp16 tower's features are fp32 already); a float64 model stays float64
         return self.logit_scale.to(text.dtype) * image_features.to(text.dtype) @ text.t()
 

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from ..devices import check_device
 from ..distributed import group as dist_group
 from ..distributed.data_parallel import all_reduce_grads, local_part, local_range
 from ..engine.fingerprint import tensors_digest
@@ -304,10 +305,8 @@ def _resolve_config(config: TrainConfig | None, overrides: Mapping[str, Any]) ->
             raise InvalidTypeError(f"checkpoint_dir must be a path, got {type(config.checkpoint_dir).__name__}")
         strings["checkpoint_dir"] = os.fsdecode(config.checkpoint_dir)
     if config.device is not None:
-        if isinstance(config.device, bool) or not isinstance(config.device, (str, torch.device, int)):
-            raise InvalidTypeError(f"device must be a string, torch.device or CUDA index, got "
-                                   f"{type(config.device).__name__}")
-        strings["device"] = str(torch.device(config.device)) if isinstance(config.device, int) else str(config.device)
+        dev = check_device(config.device, "TrainConfig")
+        strings["device"] = str(dev) if isinstance(config.device, int) else str(config.device)
     return dataclasses.replace(config, **ints, **floats, **strings)
 
 
@@ -353,12 +352,22 @@ def _task_scores(model: HiProModel, data: Mapping[str, tuple[torch.Tensor, torch
     return {task: s / x.shape[0] for (task, (x, _)), s in zip(data.items(), reduced)}
 
 
+def _check_model(model: Any, what: str) -> None:
+    if not isinstance(model, HiProModel):
+        raise InvalidTypeError(f"{what}: model must be a HiProModel, got {type(model).__name__}")
+
+
 def evaluate(model: HiProModel, data: Data, batch_size: int = 4096, metric: str = "accuracy") -> dict[str, float]:
     """Per-task score of `data` (task -> (features, labels), any subset of the
     model's tasks): top-1 accuracy (a fraction in [0, 1]) or, with metric="loss",
     the mean cross-entropy over the task's own classes. Text features are computed once.
     Under several ranks every rank must pass the same data, bit for bit (each
-    scores its share of it): a rank given other data is refused on every rank."""
+    scores its share of it): a rank given other data is refused on every rank.
+    A SelectedModel is scored by its own evaluate (each task by its chosen candidate)."""
+    own = getattr(model, "evaluate", None)
+    if not isinstance(model, HiProModel) and callable(own):  # a SelectedModel (selection builds on this module)
+        return own(data, batch_size=batch_size, metric=metric)
+    _check_model(model, "evaluate")
     if metric not in EVAL_METRICS:
         raise InvalidInputError(f"metric must be one of {EVAL_METRICS}, got {metric!r}")
     if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size >= 1):
@@ -438,6 +447,11 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
         (the model is then left holding the best state so far, else the state
         it came with, not the NaN contexts of the failed step).
     """
+    _check_model(model, "fit")
+    if torch.is_inference_mode_enabled():
+        raise InvalidInputError("fit: called under torch.inference_mode(), where nothing can be trained "
+                                "(autograd is off and the tensors made there cannot be saved for backward); "
+                                "call it outside inference mode")
     before = model.context_state()
     try:
         return _fit(model, train, val, config, callback, **overrides)
@@ -446,6 +460,10 @@ def fit(model: HiProModel, train: Data, val: Data | None = None, config: TrainCo
         raise
     finally:
         model.shard_text(0, 1)  # a one-process model again (see HiProModel.shard_text)
+        # the gradients of some step, not of the state the model holds now: a later
+        # backward() must not add to them
+        for p in model.learnable().values():
+            p.grad = None
 
 
 def _fit(model: HiProModel, train: Data, val: Data | None, config: TrainConfig | None,

@@ -82,3 +82,14 @@ def test_loading_the_bundled_clip_does_not_claim_its_weights_are_random(caplog):
     assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
     shipped = load_file(str(WEIGHTS_PATH))["positional_embedding"]
     assert torch.equal(clip.model.positional_embedding, shipped.float())
+
+
+def test_load_clip_names_an_unknown_model_or_device_before_building_anything():
+    from hipro_fast.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"load_clip: unknown model 'NoSuchModel' \(an open_clip model name"):
+        hf.load_clip("NoSuchModel")
+    with pytest.raises(InvalidInputError, match="load_clip: 'gpu' is not a device"):
+        hf.load_clip(device="gpu")
+    with pytest.raises(TypeError, match="load_clip: name must be a model name"):
+        hf.load_clip(None)

@@ -94,6 +94,16 @@ def test_feature_dim_and_task_errors(tiny, tokenizer):
         model.logits("a", torch.randn(3, 7))
     with pytest.raises(hf.TaskSpecError, match="unknown task 'zzz'"):
         model.logits("zzz", torch.randn(3, 24))
+    with pytest.raises(TypeError, match=r"task must be a task name \(str\), got Tensor \(arguments swapped"):
+        model.logits(torch.randn(3, 24), "a")
+    img = F.normalize(torch.randn(3, 24), dim=-1)
+    with torch.no_grad():
+        feats = model.text_features()
+    torch.testing.assert_close(model.logits("a", img, feats), model.logits("a", img).detach(), rtol=0, atol=0)
+    for bad, got in (({"b": feats["b"]}, "no entry"), ({"a": feats["b"]}, r"shape \(3, 24\)"),
+                     ({"a": "x"}, "str")):
+        with pytest.raises(InvalidInputError, match=rf"text_features\['a'\] should be a \[2, 24\] tensor .*got {got}"):
+            model.logits("a", img, bad)
 
 
 def test_overflowing_prompt_names_the_task(tiny, tokenizer):

@@ -67,6 +67,7 @@ def test_selected_model_takes_each_task_from_its_candidate(trained):
     assert list(feats) == list(TASKS)
     want = {t: evaluate(models[c], {t: test[t]})[t] for t, c in choices.items()}
     assert selected.evaluate(test) == want
+    assert evaluate(selected, test) == want  # hf.evaluate takes it as it takes one HiProModel
     assert selected.evaluate({"colors": val["colors"]}, metric="loss") == \
         evaluate(models[choices["colors"]], {"colors": val["colors"]}, metric="loss")
     with pytest.raises(ValueError, match="unknown task 'weather'"):

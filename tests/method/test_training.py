@@ -282,6 +282,28 @@ def test_bad_fit_arguments_are_named_before_training(data, tmp_path):
         fit(half, train, None, **FAST)
 
 
+def test_fit_and_evaluate_refuse_what_they_cannot_run_and_fit_leaves_no_gradients(data):
+    from hipro_fast.errors import InvalidInputError, InvalidTypeError
+
+    train, val = data
+    with pytest.raises(InvalidTypeError, match="fit: model must be a HiProModel, got Linear"):
+        fit(torch.nn.Linear(2, 2), train, None, **FAST)
+    with pytest.raises(InvalidTypeError, match="evaluate: model must be a HiProModel, got Linear"):
+        evaluate(torch.nn.Linear(2, 2), val)
+    model = make_model()
+    with torch.inference_mode():
+        with pytest.raises(InvalidInputError, match=r"fit: called under torch.inference_mode\(\)"):
+            fit(model, train, None, **FAST)
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="TrainConfig: device 'cuda', but this machine has no usable CUDA"):
+            fit(model, train, None, device="cuda", **FAST)
+    with pytest.raises(InvalidInputError, match="TrainConfig: 'gpu' is not a device"):
+        fit(model, train, None, device="gpu", **FAST)
+    # the gradients of its last step are not left on the contexts, where a later backward() would add to them
+    fit(model, train, val, **{**FAST, "epochs": 2})
+    assert all(p.grad is None for p in model.learnable().values())
+
+
 def test_a_loss_that_turns_non_finite_later_leaves_the_best_state_so_far(data):
     """Diverging in epoch 1 (contexts poisoned after its first step): without val
     every finished epoch is the best so far, so the model ends at epoch 0's state."""
