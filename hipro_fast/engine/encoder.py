@@ -19,7 +19,7 @@ class ForestEncoder:
         tokenizer: open_clip SimpleTokenizer.
         node_ctx: node id -> number of context tokens (the order fixes the
             packed context table's row order).
-        task_paths: task -> node ids, root first.
+        task_paths: task -> node ids in prompt order (root first for a tree path).
         task_classes: task -> class names.
         combine: "concat" or "mean" (see hipro_fast.engine.prompt_forest).
     """
@@ -43,10 +43,16 @@ class ForestEncoder:
         weight = self.tower.text.token_embedding.weight
         if not self.node_order:
             return weight.new_zeros((0, weight.shape[1]))
+        unknown = [n for n in ctx if n not in self.node_rows]
+        if unknown:  # a misspelt node would otherwise be ignored and its intended context never used
+            raise InvalidInputError(f"context given for unknown node {unknown[0]!r} (nodes: {self.node_order})")
         for node in self.node_order:  # a wrong length would shift every later node's rows, silently
             want = (self.node_rows[node][1], weight.shape[1])
             if node not in ctx:
                 raise InvalidInputError(f"no context given for node {node!r} (nodes: {self.node_order})")
+            if not torch.is_tensor(ctx[node]) or not ctx[node].is_floating_point():
+                got = ctx[node].dtype if torch.is_tensor(ctx[node]) else type(ctx[node]).__name__
+                raise InvalidInputError(f"node {node!r}: context must be a floating-point tensor, got {got}")
             if tuple(ctx[node].shape) != want:
                 raise InvalidInputError(f"node {node!r}: context must be {list(want)} (n_ctx x width), "
                                         f"got {list(ctx[node].shape)}")

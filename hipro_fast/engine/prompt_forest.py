@@ -216,12 +216,18 @@ def _build_prompt_forest(tokenizer, context_length: int, node_ctx_rows: Mapping[
             prompt_terminal.append(node)
         return terminal_prompt[node]
 
+    pathless = [t for t in task_classes if t not in task_paths]
+    if pathless:  # its classes would be left out of the forest without a word
+        raise ForestError(f"task {pathless[0]!r} has classes but no path")
     for task, path in task_paths.items():
         if task not in task_classes:
             raise ForestError(f"task {task!r} has a path but no classes")
         names = list(task_classes[task])
         if not names:
             raise ForestError(f"task {task!r} has no classes")
+        twice = [n for i, n in enumerate(names) if n in names[:i]]
+        if twice:  # two columns of one prompt: the classifier could never tell them apart
+            raise ForestError(f"task {task!r}: class {twice[0]!r} is listed twice")
         if not path and combine == "mean":
             raise ForestError(f"task {task!r} has no context node on its path ('mean' needs one)")
         for node in path:

@@ -189,6 +189,11 @@ def _check_loaded_tensors(path: Path, weights: Mapping[str, torch.Tensor], scale
         raise InvalidInputError(f"{path}: logit_scale is {float(scale):g}, not a positive number")
 
 
+def _finite_floats(t: torch.Tensor) -> bool:
+    """Floating point and finite (a meta tensor's values are not checked: it has none)."""
+    return t.is_floating_point() and (t.device.type == "meta" or bool(torch.isfinite(t).all()))
+
+
 class Classifier(nn.Module):
     """Per-task linear heads exported from a HiProModel.
 
@@ -210,18 +215,23 @@ class Classifier(nn.Module):
         missing = [t for t in tasks if t not in classes]
         if missing:
             raise TaskSpecError(f"task {missing[0]!r} has weights but no class names")
+        validate_tasks({t: classes[t] for t in tasks})  # names, no empty task, no class twice
         dims = set()
         for t in tasks:
             w = weights[t]
-            if w.dim() != 2 or w.shape[0] != len(classes[t]):
-                raise TaskSpecError(f"task {t!r}: weight {tuple(w.shape)} does not match its "
-                                    f"{len(classes[t])} classes")
+            if not torch.is_tensor(w) or w.dim() != 2 or w.shape[0] != len(classes[t]):
+                shape = tuple(w.shape) if torch.is_tensor(w) else type(w).__name__
+                raise TaskSpecError(f"task {t!r}: weight {shape} does not match its {len(classes[t])} classes")
+            if not _finite_floats(w):
+                raise TaskSpecError(f"task {t!r}: the weights must be finite floating-point numbers ({w.dtype})")
             dims.add(int(w.shape[1]))
         if len(dims) != 1:
             raise TaskSpecError(f"the tasks' weights have different embed dims {sorted(dims)}")
         scale = torch.as_tensor(logit_scale)
         if scale.numel() != 1:
             raise TaskSpecError(f"logit_scale must be one number, got shape {tuple(scale.shape)}")
+        if not _finite_floats(scale) or (scale.device.type != "meta" and not float(scale) > 0):
+            raise TaskSpecError(f"logit_scale must be a positive finite floating-point number, got {scale}")
         self._tasks = tasks
         self._classes = {t: list(classes[t]) for t in tasks}
         self.config = dict(config or {})

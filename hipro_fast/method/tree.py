@@ -124,6 +124,8 @@ class TaskTree:
 
     def groups(self, depth: int = 1) -> dict[str, list[str]]:
         """Tasks under each node at `depth` below the root (a task shallower than that is its own group)."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise TreeError(f"groups: depth must be a whole number >= 0 (0: the root, one group), got {depth!r}")
         out: dict[str, list[str]] = {}
         for task in self.tasks:
             p = self.path(task)

@@ -33,6 +33,21 @@ def test_contexts_of_the_wrong_length_are_refused_naming_the_node(tiny_models, t
         enc({**ctx, "root": torch.randn(4, W)})
     with pytest.raises(InvalidInputError, match=r"no context given for node 'a'"):
         enc({"root": ctx["root"]})
+    # a misspelt node and an integer context used to be taken without a word
+    with pytest.raises(InvalidInputError, match=r"context given for unknown node 'aa' \(nodes: \['root', 'a'\]\)"):
+        enc({**ctx, "aa": ctx["a"]})
+    with pytest.raises(InvalidInputError, match="node 'a': context must be a floating-point tensor, got torch.int64"):
+        enc({**ctx, "a": ctx["a"].long()})
+
+
+def test_classes_without_a_path_and_a_class_listed_twice_are_refused(tiny_models, tokenizer):
+    from hipro_fast.engine.layout import ForestError
+
+    tower = TextTower(next(iter(tiny_models.values())))
+    with pytest.raises(ForestError, match="task 'u' has classes but no path"):
+        ForestEncoder(tower, tokenizer, {"root": 3}, {"t": ["root"]}, {"t": ["dog"], "u": ["cat"]})
+    with pytest.raises(ForestError, match="task 't': class 'dog' is listed twice"):
+        ForestEncoder(tower, tokenizer, {"root": 3}, {"t": ["root"]}, {"t": ["dog", "cat", "dog"]})
 
 
 def test_a_node_without_context_tokens_is_refused_up_front(tiny_models, tokenizer):

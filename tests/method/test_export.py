@@ -247,3 +247,22 @@ def test_a_heads_state_is_refused_by_a_head_of_another_task():
     old = {k: v for k, v in b.state_dict().items() if k != "layout"}  # saved before heads had a layout
     b.load_state_dict(old)
     assert torch.equal(b.weight, feats["b"])
+
+
+def test_a_classifier_built_by_hand_is_checked_as_a_loaded_one_is():
+    """The constructor refuses what Classifier.load refuses in a file: no classes,
+    a class twice, non-finite or integer weights, a scale that is not positive."""
+    w = torch.randn(2, 8)
+    ok = Classifier({"a": w}, torch.tensor(10.0), {"a": ["x", "y"]})
+    assert ok.class_names("a") == ["x", "y"]
+    Classifier({"a": w.to("meta")}, torch.tensor(10.0).to("meta"), {"a": ["x", "y"]})  # no values to check
+    for weights, scale, classes, message in (
+            ({"a": torch.zeros(0, 8)}, 10.0, {"a": []}, "task 'a' has no classes"),
+            ({"a": w}, 10.0, {"a": ["x", "x"]}, "task 'a' has duplicate class name 'x'"),
+            ({"a": w * float("nan")}, 10.0, {"a": ["x", "y"]}, r"task 'a': the weights must be finite floating"),
+            ({"a": w.long()}, 10.0, {"a": ["x", "y"]}, r"finite floating-point numbers \(torch.int64\)"),
+            ({"a": w}, -1.0, {"a": ["x", "y"]}, "logit_scale must be a positive finite floating-point number"),
+            ({"a": w}, float("inf"), {"a": ["x", "y"]}, "logit_scale must be a positive finite"),
+    ):
+        with pytest.raises(TaskSpecError, match=message):
+            Classifier(weights, torch.tensor(scale), classes)

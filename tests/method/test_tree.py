@@ -13,6 +13,10 @@ def test_nested_paths_and_ids():
     assert tree.path("e") == ["root", "root/1", "root/1/1", "task/e"]
     assert tree.depth() == 4
     assert tree.groups(1) == {"root/0": ["a", "b"], "root/1": ["c", "d", "e"]}
+    assert tree.groups(0) == {"root": ["a", "b", "c", "d", "e"]}
+    for bad in (-1, 1.5, True):  # -1 used to index the path from its end: the leaves, silently
+        with pytest.raises(TreeError, match="groups: depth must be a whole number >= 0"):
+            tree.groups(bad)
 
 
 def test_flat_list_is_root_with_leaves():
