@@ -445,6 +445,7 @@ class _Ctx:
                 raise CliError(f"hipro {command} runs in one process (under torchrun: {', '.join(DIST_COMMANDS)})")
             # Ranks that run different commands would hang in different collectives: compare first.
             dist_group.check_agreement({k: v for k, v in cfg.items() if k != "device_resolved"}, "the command line")
+        pipeline.record_file_paths(cfg)  # (after the ranks' agreement: nodes may mount a file at other paths)
         if hasattr(args, "optimizer"):
             cfg["train_recipe"] = pipeline.resolved_recipe(self._check_recipe())
         self._spec = None
@@ -556,6 +557,13 @@ class _Ctx:
             if ckpt_dir.resolve() in out.parents:
                 raise CliError(f"--out {a.out} lies inside the checkpoint folder {ckpt_dir} it is exported from: "
                                "choose a path outside it")
+        if getattr(a, "checkpoint", None) and getattr(a, "run_dir", None):
+            # its report, outputs and --overwrite would land among (or delete) the checkpoint it reads
+            ckpt_dir, _ = self.pipeline.checkpoint_location(a.checkpoint)
+            run_dir = Path(a.run_dir).resolve()
+            if run_dir == ckpt_dir.resolve() or ckpt_dir.resolve() in run_dir.parents:
+                raise CliError(f"--run-dir {a.run_dir} lies inside the checkpoint folder {ckpt_dir} this command "
+                               "reads: choose a run directory outside it")
         if self._spec is not None:
             self._check_draws_fit(command)
             self._check_outputs_outside_the_data()
@@ -982,7 +990,15 @@ def _load_affinity(path: str) -> tuple[Any, list[str]]:
         matrix, names, _ = aff.load_affinity_json(p)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise InvalidInputError(f"{p}: not an affinity.json from `hipro affinity` ({type(e).__name__}: {e})") from None
-    return matrix, list(names)
+    names = list(names)
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:
+        raise InvalidInputError(f"{p}: task name {twice[0]!r} appears twice")
+    shape = tuple(matrix.shape)  # an ndarray (load_affinity_json)
+    if shape != (len(names), len(names)):
+        raise InvalidInputError(f"{p}: the affinity matrix is {' x '.join(map(str, shape))}, but the file names "
+                                f"{len(names)} tasks")
+    return matrix, names
 
 
 def _check_folder_path(flag: str, path: Path, what: str = "folder") -> None:
@@ -1088,7 +1104,8 @@ def _train_and_eval(ctx: _Ctx, tree):
         _selection_section(ctx, model.selection)
     else:
         model, result = ctx.pipeline.train_hipro(ctx.clip(), feats, tree, **common)
-        _training_curves(ctx, result)
+        # a --resume of a run whose training had finished: its epochs were logged then
+        _training_curves(ctx, result, skip=ctx.run.logged("train_epoch"))
         ctx.pipeline.save_model(model, _ckpt_path(ctx), provenance, result)
     ckpt = _ckpt_path(ctx)
     ctx.run.log("checkpoint", path=str(ckpt))

@@ -78,9 +78,14 @@ def dump_json(obj: Any, path: str | Path) -> Path:
 
 RUN_MODES = ("new", "resume", "overwrite")
 # config.json keys that may differ when a run is resumed: where and how it runs, not what it computes.
+# options that name a file: config.json also records each one's absolute path
+# ("<option>_abspath"), and a resume compares the files, not the strings typed
+# (./spec.toml, its absolute path, or ../spec.toml from another folder)
+PATH_OPTIONS = ("spec", "tree", "affinity", "model_config", "pretrained")
+
 RESUME_FREE_KEYS = frozenset({
     "resume", "overwrite", "no_progress", "debug", "device", "device_resolved", "run_dir", "cache_dir",
-    "workers", "batch_size", "model_resolved",
+    "workers", "batch_size", "model_resolved", *(f"{key}_abspath" for key in PATH_OPTIONS),
     # a run may resume with another number of processes (same trajectory, see hipro_fast.distributed)
     "nproc", "dist_timeout", "world_size", "backend"})
 
@@ -185,6 +190,34 @@ def spec_data_digest(spec: MultiTaskSpec) -> str:
 IMPLIED_BEFORE_RECORDED = {"select": "none"}
 
 
+def _existing_path(value: Any) -> str | None:
+    """The absolute path of `value` when it names an existing file or folder
+    (--tree also takes inline JSON and names: those are not paths)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return str(Path(value).resolve()) if Path(value).exists() else None
+    except OSError:  # e.g. a name too long to be a file's
+        return None
+
+
+def record_file_paths(config: dict[str, Any]) -> None:
+    """Add "<option>_abspath" for every PATH_OPTIONS value that names an existing file or folder."""
+    for key in PATH_OPTIONS:
+        where = _existing_path(config.get(key))
+        if where is not None:
+            config[f"{key}_abspath"] = where
+
+
+def _same_file(saved: Mapping[str, Any], now: Mapping[str, Any], key: str) -> bool:
+    """Whether the file option `key` names the same file in both configs, however it was spelt."""
+    here = _existing_path(now.get(key))
+    if here is None or not isinstance(saved.get(key), str):
+        return False
+    # the recorded absolute path, else (a run before it was recorded) the old spelling from this folder
+    return saved.get(f"{key}_abspath", _existing_path(saved[key])) == here
+
+
 def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], directory: Path) -> None:
     """Raise RunDirError naming the first option (other than RESUME_FREE_KEYS) whose
     value differs between the run's config.json and this command: a resumed run
@@ -195,6 +228,8 @@ def check_resume_config(saved: Mapping[str, Any], config: Mapping[str, Any], dir
     saved = {**{k: v for k, v in IMPLIED_BEFORE_RECORDED.items() if k in now}, **saved}
     for key in now:
         if key in RESUME_FREE_KEYS or key not in saved or saved[key] == now[key]:
+            continue
+        if key in PATH_OPTIONS and _same_file(saved, now, key):
             continue
         if recorded and key in RECIPE_OPTIONS:
             continue  # compared below, as resolved
@@ -325,8 +360,10 @@ class Run:
             raise RunDirError(f"run directory {d} is not empty: {how}")
         saved = _read_run_config(d)
         if saved is None:
+            what = ("its config.json is not one hipro wrote (unreadable, cut short or edited)"
+                    if (d / "config.json").is_file() else "it holds no config.json written by hipro")
             raise RunDirError(f"refusing to {'resume' if mode == 'resume' else 'delete the contents of'} {d}: "
-                              f"it is not empty and holds no config.json written by hipro")
+                              f"it is not empty and {what}")
         if mode == "overwrite":
             if saved["command"] != self.command:
                 # e.g. `hipro export --run-dir <a compare run> --overwrite`, meant for --out: another
@@ -483,7 +520,8 @@ def load_model(name: str = "hipro-tiny-clip", pretrained: str | None = None, dev
     import logging
 
     name = check_model_args(name, pretrained, model_config)
-    if pretrained is None and model_config is None and name != "hipro-tiny-clip" and dist_group.is_main():
+    # (a --model-config model too: the config holds the architecture, not weights)
+    if pretrained is None and name != "hipro-tiny-clip" and dist_group.is_main():
         import open_clip
 
         if open_clip.factory.parse_model_name(name)[0] is None:  # hf-hub: / local-dir: bring their weights
@@ -809,6 +847,8 @@ SELECTION = "selection"  # checkpoint_location's kind of a selection directory (
 def checkpoint_location(path: str | Path) -> tuple[Path, str]:
     """A checkpoint directory (its `best`, else `last`), a <kind>.json file, or a
     selection directory (kind SELECTION; its selection.json may be named too)."""
+    if not str(path).strip():  # Path("") is ".": the current folder, never meant
+        raise InvalidInputError("--checkpoint is empty: name a checkpoint folder")
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"checkpoint not found: {path}")
@@ -863,6 +903,11 @@ def load_model_checkpoint(path: str | Path, clip, device: str = "cpu"):
     model = HiProModel.from_config(clip, cfg).to(device)
     ckpt.load_checkpoint(directory, model, kind=kind)  # checks tasks/tree/contexts, loads the contexts
     _warn_if_other_image_tower(directory, record.extra.get("image_tower"), clip)
+    progress = ckpt.epochs_trained(directory)
+    if progress is not None and progress[0] < progress[1]:
+        warnings.warn(f"checkpoint {directory} is of a run that stopped after {progress[0]} of its {progress[1]} "
+                      f"epochs (interrupted?): its {kind} contexts are not the finished model's; resume that run "
+                      "(--resume) to finish it")
     return model
 
 

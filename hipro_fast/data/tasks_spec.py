@@ -28,7 +28,9 @@ Rules:
   that ``split`` divides; ``train`` / ``val`` / ``test`` name given splits, and
   ``split`` fractions then carve missing ``val`` / ``test`` out of ``train``.
   Without ``split`` a lone ``images`` source is split ``{val = 0, test = 0.3,
-  seed = 0}``.
+  seed = 0}``, and so is a ``train`` source given without ``test``: 30 % of its
+  images become the test split (give ``test`` to keep all of them for
+  training).
 * the class set is ``classes`` when given (a list fixes the order; a table
   renames labels and its keys must be labels), else the labels of the training
   source (folders sorted by name, CSV labels in first-seen order).
@@ -332,6 +334,8 @@ def _parse_task(entry: Mapping[str, Any], base: Path, index: int) -> TaskData:
     if not isinstance(entry, Mapping):
         raise SpecError(f"task #{index + 1}: each [[task]] must be a table")
     name = entry.get("name")
+    if name is not None and not isinstance(name, str):
+        raise SpecError(f"task #{index + 1}: 'name' must be a string, got {type(name).__name__} ({name!r})"[:300])
     if not isinstance(name, str) or not name.strip():
         raise SpecError(f"task #{index + 1}: missing or empty 'name'")
     unknown = sorted(k for k in entry if k not in _TASK_KEYS)
@@ -485,8 +489,11 @@ def parse_spec(data: Mapping[str, Any], base: str | Path = ".", path: Path | Non
 def load_spec(path: str | Path) -> MultiTaskSpec:
     """Read and validate a TOML multi-task spec (see the module docstring)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise SpecError(f"spec {path}: is a folder, not a spec file (a .toml file with one [[task]] table per task)")
     if not path.is_file():
-        raise SpecError(f"spec file not found: {path}")
+        raise SpecError(f"spec file not found: {path}" if not path.exists() else
+                        f"spec {path}: not a regular file (a .toml file with one [[task]] table per task)")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

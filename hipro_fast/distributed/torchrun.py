@@ -82,4 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status > 128:
+        # Stopped by a signal: leave without the interpreter's teardown, in which a thread
+        # torch's elastic agent still runs can abort the process ("terminate called without
+        # an active exception", SIGABRT) in place of this status (seen once under SIGHUP).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

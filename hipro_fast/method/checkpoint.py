@@ -171,6 +171,19 @@ def has_checkpoint(directory: str | Path, kind: str = "last") -> bool:
     return _json_path(Path(directory), kind).exists()
 
 
+def epochs_trained(directory: str | Path) -> tuple[int, int] | None:
+    """(epochs its newest checkpoint had trained, epochs the run was to train),
+    from `last`'s record alone; None when that is not recorded or not readable.
+    Fewer than planned: an interrupted run (fit runs every epoch it is given)."""
+    path = _json_path(Path(directory), "last")
+    try:
+        record = _read_record(path)
+        planned = (record.get("train_config") or {}).get("epochs")
+        return int(record["epoch"]) + 1, int(planned)
+    except (OSError, CheckpointError, KeyError, TypeError, ValueError):
+        return None
+
+
 def clear_checkpoints(directory: str | Path) -> None:
     """Remove every kind's checkpoint from `directory` (a run that starts over in
     it): the JSON records first (a crash in between leaves no record naming a

@@ -904,6 +904,11 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(world, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     done = json.loads((killed / "checkpoints" / "last.json").read_text())["epoch"]
     assert done < 39, "the run ended before it could be killed"
+    # its checkpoint is usable, and said to be unfinished
+    half = _hipro(world, "export", "--checkpoint", str(killed / "checkpoints"), "--out", str(tmp_path / "h.safetensors"),
+                  spec=False, run_dir=tmp_path / "export-half")
+    assert half.returncode == 0, half.stderr
+    assert f"stopped after {done + 1} of its 40 epochs (interrupted?)" in half.stderr, half.stderr
 
     resumed = _hipro(world, *argv, "--resume", run_dir=killed)
     assert resumed.returncode == 0, resumed.stderr
@@ -921,6 +926,10 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(world, tmp_path):
     assert [e["mode"] for e in _events(killed, "start")] == ["new", "resume"]
     assert [e["checkpoint_epoch"] for e in _events(killed, "resume")] == [done]
     assert "Resumed" in (killed / "report.md").read_text()
+    # a --resume of the finished run (a retry loop) leaves every epoch logged once
+    again = _hipro(world, *argv, "--resume", run_dir=killed)
+    assert again.returncode == 0, again.stderr
+    assert _strip_times(_events(killed, "train_epoch")) == _strip_times(_events(whole, "train_epoch"))
 
 
 def test_compare_sigkill_then_resume_equals_the_uninterrupted_run(world, tmp_path):
@@ -1240,6 +1249,15 @@ def test_tree_from_an_affinity_of_other_tasks_is_refused(world, tmp_path, capsys
     assert _run(world, "tree", "--affinity", str(aff), run_dir=tmp_path / "t") == 1
     line = _one_error_line(capsys)
     assert "tools" in line and "--spec has" in line and not (tmp_path / "t").exists()
+    # a file that repeats a task or whose matrix does not fit its names: named, nothing written
+    for record, words in (({"tasks": ["shapes", "shapes"], "matrix": np.eye(2).tolist()},
+                           "task name 'shapes' appears twice"),
+                          ({"tasks": ["shapes", "texture", "scenes"], "matrix": np.eye(2).tolist()},
+                           "the affinity matrix is 2 x 2, but the file names 3 tasks")):
+        aff.write_text(json.dumps(record))
+        assert _run(world, "tree", "--affinity", str(aff), run_dir=tmp_path / "t") == 1
+        line = _one_error_line(capsys)
+        assert str(aff) in line and words in line and not (tmp_path / "t").exists(), line
 
 
 def test_overwrite_spares_a_csv_split_and_export_spares_its_checkpoint(world, tmp_path, capsys):
@@ -1269,6 +1287,12 @@ def test_overwrite_spares_a_csv_split_and_export_spares_its_checkpoint(world, tm
                 run_dir=tmp_path / "x") == 1
     assert "lies inside the checkpoint folder" in _one_error_line(capsys)
     assert target.read_bytes() == before
+    for command in ("export", "eval"):  # its run directory (report, classifier.safetensors) inside it too
+        for sub in (ckpt_dir / "sub", ckpt_dir):
+            argv = ["--checkpoint", str(ckpt_dir), "--overwrite"] + (["--split", "test"] if command == "eval" else [])
+            assert _run(world, command, *argv, spec=command == "eval", run_dir=sub) == 1
+            assert "--run-dir" in (line := _one_error_line(capsys)) and "lies inside the checkpoint folder" in line
+            assert not (ckpt_dir / "sub").exists() and target.read_bytes() == before
 
     # --overwrite meant for --out, with --run-dir naming another command's run: that run is kept
     # (before: export emptied the cache run to write its own log there)

@@ -240,3 +240,52 @@ def test_a_train_run_from_before_select_resumes_only_as_the_tree_alone(tmp_path)
     pipeline.check_resume_config(saved, {**saved, "select": "none", "select_by": "loss"}, tmp_path)
     with pytest.raises(RunDirError, match="--select was 'none' in that run, now 'per-task'"):
         pipeline.check_resume_config(saved, {**saved, "select": "per-task", "select_by": "loss"}, tmp_path)
+
+
+def test_a_resume_compares_the_files_its_options_name_not_their_spelling(tmp_path, monkeypatch):
+    """--spec ./tasks.toml, its absolute path, or ../tasks.toml from another
+    folder name the run's own spec: the resume goes on. Another file is refused."""
+    from hipro_fast.errors import RunDirError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tasks.toml").write_text("x")
+    (tmp_path / "data" / "other.toml").write_text("x")
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"command": "train", "spec": "data/tasks.toml"}
+    pipeline.record_file_paths(saved)
+    assert saved["spec_abspath"] == str((tmp_path / "data" / "tasks.toml").resolve())
+    for spelling in ("./data/tasks.toml", str(tmp_path / "data" / "tasks.toml"), "data/../data/tasks.toml"):
+        pipeline.check_resume_config(saved, {"command": "train", "spec": spelling}, tmp_path)
+    with pytest.raises(RunDirError, match="--spec was 'data/tasks.toml' in that run, now 'data/other.toml'"):
+        pipeline.check_resume_config(saved, {"command": "train", "spec": "data/other.toml"}, tmp_path)
+    monkeypatch.chdir(tmp_path / "runs")  # a scheduler restarting the job from another folder
+    pipeline.check_resume_config(saved, {"command": "train", "spec": "../data/tasks.toml"}, tmp_path)
+    # a run from before the absolute path was recorded: its spelling, resolved from here
+    old = {"command": "train", "spec": "../data/tasks.toml"}
+    pipeline.check_resume_config(old, {"command": "train", "spec": str(tmp_path / "data" / "tasks.toml")}, tmp_path)
+    with pytest.raises(RunDirError, match="--spec was"):
+        pipeline.check_resume_config(old, {"command": "train", "spec": "../data/other.toml"}, tmp_path)
+
+
+def test_an_empty_checkpoint_path_is_not_the_current_folder():
+    from hipro_fast.errors import InvalidInputError
+
+    for empty in ("", "  "):
+        with pytest.raises(InvalidInputError, match="--checkpoint is empty"):
+            pipeline.checkpoint_location(empty)
+
+
+def test_a_cut_short_config_json_is_named_as_such(tmp_path):
+    from hipro_fast.errors import RunDirError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"command": "tra')
+    for mode in ("resume", "overwrite"):
+        with pytest.raises(RunDirError, match="its config.json is not one hipro wrote"):
+            pipeline.Run(run, "train", {"command": "train"}, mode=mode, resumable=True)
+    (run / "config.json").unlink()
+    (run / "notes.txt").write_text("x")
+    with pytest.raises(RunDirError, match="holds no config.json written by hipro"):
+        pipeline.Run(run, "train", {"command": "train"}, mode="resume", resumable=True)

@@ -164,6 +164,20 @@ def test_a_task_without_test_images_is_kept_with_an_empty_test_split(tmp_path):
 def test_missing_spec_file(tmp_path):
     with pytest.raises(SpecError, match="spec file not found"):
         load_spec(tmp_path / "none.toml")
+    with pytest.raises(SpecError, match=r"is a folder, not a spec file"):
+        load_spec(tmp_path)
+    with pytest.raises(SpecError, match=r"not a regular file"):
+        load_spec("/dev/null")
+    with pytest.raises(SpecError, match=r"task #1: 'name' must be a string, got int \(5\)"):
+        _spec(tmp_path, '[[task]]\nname = 5\nimages = "d"\n')
+
+
+def test_a_train_source_without_test_gets_the_default_test_split(tmp_path):
+    """As the module docstring says: 30 % of a lone train source becomes the
+    test split."""
+    _folder(tmp_path / "tr", {"a": 10, "b": 10})
+    spec = _spec(tmp_path, '[[task]]\nname = "x"\ntrain = "tr"\n')
+    assert spec.tasks["x"].counts() == {"train": 14, "val": 0, "test": 6}
 
 
 def test_few_shot_is_k_per_class_seeded_and_warns_on_small_classes(tmp_path):
