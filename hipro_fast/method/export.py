@@ -333,6 +333,9 @@ class Classifier(nn.Module):
         return self.logits(task, features)
 
     def predict(self, task: str, features: torch.Tensor) -> torch.Tensor:
+        """[N] int64 class indices: the argmax of logits(task, features). The
+        features' values are not checked (that would cost a device sync per
+        call): a row with a NaN has NaN logits, and argmax calls it class 0."""
         return self.logits(task, features).argmax(dim=1)
 
     def head(self, task: str) -> "TaskHead":
