@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Sequence
 
 from torch.distributed import run as torch_run
@@ -56,6 +57,20 @@ def signal_in(error: BaseException) -> SignalException | None:
     return None
 
 
+def _launcher_died(launcher: int | None, sigval: int) -> bool:
+    """Whether the launcher that started this process is gone (so its SIGTERM was
+    the kernel's parent-death signal). That signal fires when the launcher's
+    thread that started this process exits, which can come a moment before the
+    launcher's last thread does and this process is re-parented: a SIGTERM
+    waits up to a second for that."""
+    if launcher is None:
+        return False
+    deadline = time.monotonic() + (1.0 if sigval == signal.SIGTERM else 0.0)
+    while os.getppid() == launcher and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getppid() != launcher
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     launcher = die_with_parent()
     os.environ[PARENT_PID_ENV] = str(os.getpid())  # for the workers (group.init_from_env)
@@ -73,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # torchrun stops the workers before it raises a SignalException; when torch's own bug replaced
         # it (see signal_in), the workers' parent-death signal stops them as this process exits
-        if launcher is not None and os.getppid() != launcher:  # its SIGTERM came from the kernel
+        if _launcher_died(launcher, e.sigval):  # its SIGTERM came from the kernel
             print(f"hipro: the launcher (pid {launcher}) died; the workers were stopped", file=sys.stderr)
             return 128 + int(e.sigval)
         print(f"hipro: interrupted ({signal.Signals(e.sigval).name}); the workers were stopped", file=sys.stderr)
